@@ -1,0 +1,221 @@
+"""Experiment configuration: frozen dataclasses per concern, loaded strictly from YAML.
+
+Unknown keys and wrong types raise with the dotted path of the offending key (nanoGPT's two good
+rules, without exec). ``a.b=value`` overrides are merged before validation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from shopmtl.data.schema import FeatureSpec, ScenarioSpec, Schema, TaskSpec
+
+
+class ConfigError(ValueError):
+    """A configuration file or override is invalid; the message names the key."""
+
+
+@dataclass(frozen=True)
+class SchemaConfig:
+    features: tuple[FeatureSpec, ...]
+    tasks: tuple[TaskSpec, ...]
+    scenario: ScenarioSpec | None = None
+    group: str | None = None
+
+    def build(self) -> Schema:
+        return Schema(self.features, self.tasks, self.scenario, self.group)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    schema: SchemaConfig
+    train: str
+    valid: str | None = None
+    test: str | None = None
+    valid_fraction: float = 0.1  # carved (seeded) from train when no valid file is given
+    bad_rows: Literal["fail", "quarantine"] = "fail"
+    max_bad_fraction: float = 0.05  # quarantine gives up past this share of bad rows
+    chunk_rows: int = 200_000
+    streaming: bool = False  # re-read files chunk by chunk each epoch (constant memory)
+    shuffle_buffer_chunks: int = 4
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str = "shared_bottom"
+    args: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EarlyStopping:
+    metric: str = "valid.all_tasks.auc"  # dotted path into the validation metrics
+    mode: Literal["max", "min"] = "max"
+    patience: int = 2
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 3
+    batch_size: int = 2048
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    embedding_weight_decay: float = 1e-6  # L2 on the rows a batch touches (sparse-friendly)
+    optimizer: Literal["adam", "adamw"] = "adam"
+    alpha: dict[str, float] = field(default_factory=dict)  # task -> loss weight (default 1)
+    seed: int = 0
+    threads: int = 0  # torch intra-op threads; 0 = number of cores
+    checkpoint_every: int = 0  # also checkpoint every N steps (0 = each epoch only)
+    grad_clip: float = 0.0
+    early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
+    eval_batch_size: int = 16384
+    log_every: int = 50
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    data: DataConfig
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    raw = apply_overrides(raw, overrides or [])
+    cfg = from_dict(ExperimentConfig, raw)
+    return _resolve_paths(cfg, path.parent)
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Merge ``a.b=value`` strings (values parsed as YAML) into a nested dict (copy)."""
+    import copy
+
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key.path=value")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{key}': '{p}' is not a mapping")
+        node[parts[-1]] = yaml.safe_load(value)
+    return out
+
+
+def to_dict(obj: Any) -> Any:
+    """Dataclasses -> plain JSON/YAML-able structures (tuples become lists)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {k: to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def from_dict(cls: type, data: Any, where: str = "") -> Any:
+    """Build dataclass ``cls`` from ``data``; raise ConfigError on unknown keys or bad types."""
+    return _convert(cls, data, where or cls.__name__)
+
+
+def _convert(tp: Any, value: Any, where: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        hints = typing.get_type_hints(tp)
+        fields = {f.name: f for f in dataclasses.fields(tp)}
+        unknown = sorted(set(value) - set(fields))
+        if unknown:
+            raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(fields)}")
+        kwargs = {}
+        for name, f in fields.items():
+            if name in value:
+                kwargs[name] = _convert(hints[name], value[name], f"{where}.{name}")
+            elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(f"{where}: missing required key '{name}'")
+        try:
+            return tp(**kwargs)
+        except (ValueError, KeyError) as e:
+            raise ConfigError(f"{where}: {e}") from None
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _convert(a, value, where)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if len(errors) == 1 else f"{where}: {'; '.join(errors)}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: {value!r} is not one of {list(args)}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {type(value).__name__}")
+        item_tp = args[0]
+        return tuple(_convert(item_tp, v, f"{where}[{i}]") for i, v in enumerate(value))
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+        kt, vt = args
+        return {_convert(kt, k, where): _convert(vt, v, f"{where}.{k}") for k, v in value.items()}
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true/false, got {value!r}")
+        return value
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    raise ConfigError(f"{where}: unsupported type {tp}")
+
+
+def _resolve_paths(cfg: ExperimentConfig, base: Path) -> ExperimentConfig:
+    """Data paths in a config file are relative to the file, as users expect."""
+
+    def fix(p: str | None) -> str | None:
+        if p is None or Path(p).is_absolute():
+            return p
+        return str((base / p).resolve())
+
+    data = dataclasses.replace(
+        cfg.data, train=fix(cfg.data.train), valid=fix(cfg.data.valid), test=fix(cfg.data.test)
+    )
+    return dataclasses.replace(cfg, data=data)
+
+
+def dump_config(cfg: ExperimentConfig, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

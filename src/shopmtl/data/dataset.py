@@ -1,0 +1,195 @@
+"""Batches for training: a tensor-resident table (the fast path) and a streaming source that
+re-reads files chunk by chunk (constant memory, for data larger than RAM).
+
+No per-sample Python runs in the hot loop: a batch is a handful of tensor index operations.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from shopmtl.data.encoders import Encoded, Encoders
+from shopmtl.data.ingest import BadRowLog, read_chunks
+from shopmtl.data.schema import Schema
+
+
+@dataclass
+class Batch:
+    cat: Tensor  # int64 [B, Fc], 0 = OOV
+    num: Tensor  # float32 [B, Fn]
+    seq: Tensor  # int64 [B, Fs, L], 0 = padding
+    scenario: Tensor  # int64 [B]
+    labels: Tensor  # float32 [B, T]
+    mask: Tensor  # bool [B, T]: which labels exist
+    oracle: Tensor | None = None  # float32 [B, T] true probabilities (synthetic data)
+    group: Tensor | None = None  # int64 [B] (GAUC grouping)
+
+    def __len__(self) -> int:
+        return self.scenario.shape[0]
+
+
+def _seed(seed: int, epoch: int) -> int:
+    return (seed * 1_000_003 + epoch * 7919 + 17) % (2**63 - 1)
+
+
+class TensorTable:
+    """A whole split as tensors; batches are slices of a seeded permutation."""
+
+    def __init__(self, enc: Encoded) -> None:
+        self.cat = torch.from_numpy(np.ascontiguousarray(enc.cat))
+        self.num = torch.from_numpy(np.ascontiguousarray(enc.num, dtype=np.float32))
+        self.seq = torch.from_numpy(np.ascontiguousarray(enc.seq))
+        self.scenario = torch.from_numpy(np.ascontiguousarray(enc.scenario))
+        self.labels = torch.from_numpy(np.ascontiguousarray(enc.labels, dtype=np.float32))
+        self.mask = torch.from_numpy(np.ascontiguousarray(enc.mask))
+        self.oracle = None if enc.oracle is None else torch.from_numpy(enc.oracle)
+        self.group = torch.from_numpy(np.ascontiguousarray(enc.group))
+
+    def __len__(self) -> int:
+        return self.scenario.shape[0]
+
+    def take(self, idx: Tensor) -> Batch:
+        return Batch(
+            self.cat[idx],
+            self.num[idx],
+            self.seq[idx],
+            self.scenario[idx],
+            self.labels[idx],
+            self.mask[idx],
+            None if self.oracle is None else self.oracle[idx],
+            self.group[idx],
+        )
+
+    def slice(self, start: int, stop: int) -> Batch:
+        s = slice(start, stop)
+        return Batch(
+            self.cat[s],
+            self.num[s],
+            self.seq[s],
+            self.scenario[s],
+            self.labels[s],
+            self.mask[s],
+            None if self.oracle is None else self.oracle[s],
+            self.group[s],
+        )
+
+    def num_batches(self, batch_size: int) -> int:
+        return (len(self) + batch_size - 1) // batch_size
+
+    def batches(
+        self, batch_size: int, epoch: int = 0, seed: int = 0, shuffle: bool = True, skip: int = 0
+    ) -> Iterator[Batch]:
+        """Batches of epoch ``epoch`` in a seeded order; ``skip`` resumes mid-epoch."""
+        n = len(self)
+        if shuffle:
+            g = torch.Generator().manual_seed(_seed(seed, epoch))
+            perm = torch.randperm(n, generator=g)
+        for i in range(skip, self.num_batches(batch_size)):
+            lo, hi = i * batch_size, min((i + 1) * batch_size, n)
+            yield self.take(perm[lo:hi]) if shuffle else self.slice(lo, hi)
+
+    def split(self, fraction: float, seed: int) -> tuple[TensorTable, TensorTable]:
+        """A seeded random split (rest, held-out)."""
+        g = torch.Generator().manual_seed(_seed(seed, -1))
+        perm = torch.randperm(len(self), generator=g)
+        n_out = max(1, round(fraction * len(self)))
+        return _subset(self, perm[n_out:].sort().values), _subset(self, perm[:n_out].sort().values)
+
+
+def _subset(t: TensorTable, idx: Tensor) -> TensorTable:
+    out = TensorTable.__new__(TensorTable)
+    for name in ("cat", "num", "seq", "scenario", "labels", "mask", "group"):
+        setattr(out, name, getattr(t, name)[idx])
+    out.oracle = None if t.oracle is None else t.oracle[idx]
+    return out
+
+
+class StreamingSource:
+    """Re-reads a file each epoch; shuffles within a buffer of chunks. Memory ~ buffer size.
+
+    Rows are encoded with already-fit encoders, so each epoch costs a parse of the file: the
+    price of constant memory. Order is a function of (seed, epoch) alone, so resume can skip.
+    """
+
+    def __init__(
+        self,
+        path: str | Path,
+        schema: Schema,
+        encoders: Encoders,
+        chunk_rows: int,
+        buffer_chunks: int,
+    ) -> None:
+        self.path, self.schema, self.encoders = Path(path), schema, encoders
+        self.chunk_rows, self.buffer_chunks = chunk_rows, buffer_chunks
+        self.rows = 0  # set by the caller after the fit pass
+
+    def num_batches(self, batch_size: int) -> int:
+        return (self.rows + batch_size - 1) // batch_size
+
+    def batches(
+        self, batch_size: int, epoch: int = 0, seed: int = 0, shuffle: bool = True, skip: int = 0
+    ) -> Iterator[Batch]:
+        g = torch.Generator().manual_seed(_seed(seed, epoch))
+        # bad rows were reported in the fit pass; here they are dropped again, quietly
+        log = BadRowLog("quarantine", 1.0)
+        buffer: list[Encoded] = []
+        carry: TensorTable | None = None
+        produced = 0
+
+        def drain(parts: list[Encoded], final: bool) -> Iterator[Batch]:
+            nonlocal carry, produced
+            table = TensorTable(Encoded.concat(parts))
+            if carry is not None:
+                table = _concat_tables(carry, table)
+                carry = None
+            order = torch.randperm(len(table), generator=g) if shuffle else torch.arange(len(table))
+            full = len(table) // batch_size * batch_size
+            for lo in range(0, full, batch_size):
+                if produced >= skip:
+                    yield table.take(order[lo : lo + batch_size])
+                produced += 1
+            rest = order[full:]
+            if len(rest):
+                if final:
+                    if produced >= skip:
+                        yield table.take(rest)
+                    produced += 1
+                else:
+                    carry = _subset(table, rest.sort().values)
+
+        for parsed in read_chunks(self.path, self.schema, self.chunk_rows, log):
+            buffer.append(self.encoders.transform(parsed))
+            if len(buffer) >= self.buffer_chunks:
+                yield from drain(buffer, final=False)
+                buffer = []
+        if buffer or carry is not None:
+            yield from drain(buffer or [_empty_like(carry)], final=True)
+
+
+def _concat_tables(a: TensorTable, b: TensorTable) -> TensorTable:
+    out = TensorTable.__new__(TensorTable)
+    for name in ("cat", "num", "seq", "scenario", "labels", "mask", "group"):
+        setattr(out, name, torch.cat([getattr(a, name), getattr(b, name)]))
+    out.oracle = None if a.oracle is None else torch.cat([a.oracle, b.oracle])
+    return out
+
+
+def _empty_like(t: TensorTable | None) -> Encoded:
+    assert t is not None
+    z = slice(0, 0)
+    return Encoded(
+        t.cat[z].numpy(),
+        t.num[z].numpy(),
+        t.seq[z].numpy(),
+        t.scenario[z].numpy(),
+        t.labels[z].numpy(),
+        t.mask[z].numpy(),
+        None if t.oracle is None else t.oracle[z].numpy(),
+        t.group[z].numpy(),
+    )

@@ -1,0 +1,180 @@
+"""What a dataset looks like: features, the scenario column and the tasks, as frozen dataclasses.
+
+A schema holds no tensors and no fitted state; encoders (``encoders.py``) hold what is learned
+from the training split. Tasks and scenarios are referred to by name everywhere else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from typing import Literal
+
+FeatureKind = Literal["categorical", "numeric", "sequence"]
+TaskTypeName = Literal["binary", "regression"]
+
+ALL = "all"  # name of the aggregate over every scenario in metric tables
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """One input feature.
+
+    categorical: ``vocab="learn"`` keeps values seen >= ``min_count`` times in training, others go
+    to the OOV id 0; ``vocab="hash"`` maps values to ``buckets`` stable hash buckets.
+    numeric: ``transform`` is applied before standardisation; ``fill`` replaces an empty cell (if
+    None, an empty cell is a bad row).
+    sequence: a ``sep``-joined list (a behaviour history), truncated to the last ``max_len`` items;
+    ``vocab_from`` shares the vocabulary (and embedding rows) of a categorical feature.
+    """
+
+    name: str
+    kind: FeatureKind
+    column: str | None = None
+    vocab: Literal["learn", "hash"] = "learn"
+    min_count: int = 1
+    buckets: int = 0
+    transform: Literal["none", "log1p"] = "none"
+    fill: float | None = None
+    max_len: int = 10
+    sep: str = "|"
+    vocab_from: str | None = None
+
+    @property
+    def source(self) -> str:
+        return self.column or self.name
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One prediction target.
+
+    ``scenarios``: where the task is defined (empty = everywhere), e.g. ad click only in the ad slot.
+    ``given``: another binary task that must be positive for this label to exist (conversion given
+    click). Outside its scenarios or condition a label is masked, never a negative. ``required``:
+    an empty label where the task is defined is a bad row (True) or just masked (False).
+    ``oracle_column``: the true probability, when the data is synthetic.
+    """
+
+    name: str
+    type: TaskTypeName = "binary"
+    column: str | None = None
+    scenarios: tuple[str, ...] = ()
+    given: str | None = None
+    required: bool = True
+    oracle_column: str | None = None
+
+    @property
+    def source(self) -> str:
+        return self.column or self.name
+
+
+@dataclass(frozen=True)
+class ScenarioSpec:
+    """The column that says where a request came from, and its allowed values (in id order)."""
+
+    column: str
+    values: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class Schema:
+    features: tuple[FeatureSpec, ...]
+    tasks: tuple[TaskSpec, ...]
+    scenario: ScenarioSpec | None = None
+    group: str | None = None  # column used to group rows for GAUC (the user)
+    extra_columns: tuple[str, ...] = field(default=())  # kept alongside (e.g. for reports)
+
+    def __post_init__(self) -> None:
+        names = [f.name for f in self.features]
+        _no_duplicates(names, "feature")
+        _no_duplicates([t.name for t in self.tasks], "task")
+        if not self.tasks:
+            raise ValueError("schema: at least one task is needed")
+        known_scenarios = set(self.scenario_names)
+        tasks = {t.name: t for t in self.tasks}
+        for t in self.tasks:
+            unknown = [s for s in t.scenarios if s not in known_scenarios]
+            if unknown:
+                raise ValueError(
+                    f"schema: task '{t.name}' names unknown scenarios {unknown}; "
+                    f"known: {sorted(known_scenarios)}"
+                )
+            if t.given is not None:
+                if t.given not in tasks or tasks[t.given].type != "binary":
+                    raise ValueError(
+                        f"schema: task '{t.name}' is given '{t.given}', which is not a binary task"
+                    )
+                if t.given == t.name:
+                    raise ValueError(f"schema: task '{t.name}' cannot be given itself")
+        cats = {f.name: f for f in self.features if f.kind == "categorical"}
+        for f in self.features:
+            if f.vocab_from is not None and f.vocab_from not in cats:
+                raise ValueError(
+                    f"schema: feature '{f.name}' takes its vocabulary from '{f.vocab_from}', "
+                    "which is not a categorical feature"
+                )
+            if f.vocab == "hash" and f.buckets < 2:
+                raise ValueError(f"schema: hashed feature '{f.name}' needs buckets >= 2")
+
+    @property
+    def scenario_names(self) -> tuple[str, ...]:
+        return self.scenario.values if self.scenario else (ALL,)
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.tasks)
+
+    def of_kind(self, kind: FeatureKind) -> tuple[FeatureSpec, ...]:
+        return tuple(f for f in self.features if f.kind == kind)
+
+    def task(self, name: str) -> TaskSpec:
+        for t in self.tasks:
+            if t.name == name:
+                return t
+        raise KeyError(f"unknown task '{name}'; known: {list(self.task_names)}")
+
+    def availability(self) -> dict[str, dict[str, bool]]:
+        """The scenario x task availability matrix: availability()[task][scenario]."""
+        return {
+            t.name: {s: (not t.scenarios or s in t.scenarios) for s in self.scenario_names}
+            for t in self.tasks
+        }
+
+    def only_tasks(self, names: tuple[str, ...]) -> Schema:
+        """The same inputs with a subset of tasks (single-task baselines).
+
+        A task whose ``given`` task is dropped keeps its label mask, which the encoded table
+        already holds, so only the spec changes.
+        """
+        kept = tuple(
+            t if t.given is None or t.given in names else replace(t, given=None)
+            for t in self.tasks
+            if t.name in names
+        )
+        if len(kept) != len(names):
+            missing = sorted(set(names) - set(self.task_names))
+            raise KeyError(f"unknown tasks {missing}; known: {list(self.task_names)}")
+        return Schema(self.features, kept, self.scenario, self.group, self.extra_columns)
+
+    def source_columns(self) -> list[str]:
+        """Every input column the schema reads, in a stable order."""
+        cols: list[str] = []
+        for c in (
+            [f.source for f in self.features]
+            + ([self.scenario.column] if self.scenario else [])
+            + [t.source for t in self.tasks]
+            + [t.oracle_column for t in self.tasks if t.oracle_column]
+            + ([self.group] if self.group else [])
+            + list(self.extra_columns)
+        ):
+            if c not in cols:
+                cols.append(c)
+        return cols
+
+
+def _no_duplicates(names: list[str], what: str) -> None:
+    seen: set[str] = set()
+    for n in names:
+        if n in seen:
+            raise ValueError(f"schema: duplicate {what} name '{n}'")
+        seen.add(n)

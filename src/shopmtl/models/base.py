@@ -1,0 +1,58 @@
+"""The model API every architecture implements.
+
+A model maps a ``Batch`` to one logit tensor per task name ([B] for binary tasks). It owns its
+losses (``task_losses``), so a model whose supervision is not one loss per head (ESMM) overrides
+that method and the trainer never names a model. ``shared_parameters`` tells gradient methods
+which parameters the tasks share.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from shopmtl.data.dataset import Batch
+from shopmtl.data.schema import Schema
+from shopmtl.tasks import TASK_TYPES
+
+
+class MultiTaskModel(nn.Module):
+    def __init__(self, schema: Schema) -> None:
+        super().__init__()
+        self.schema = schema
+        self.task_names = schema.task_names
+        self._task_types = [TASK_TYPES[t.type] for t in schema.tasks]
+        self._emb_l2: Tensor | None = None
+
+    def forward(self, batch: Batch) -> dict[str, Tensor]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def task_losses(self, logits: dict[str, Tensor], batch: Batch) -> Tensor:
+        """Masked loss per task, [T] in schema order."""
+        return torch.stack(
+            [
+                tt.loss(logits[name], batch.labels[:, j], batch.mask[:, j])
+                for j, (name, tt) in enumerate(zip(self.task_names, self._task_types, strict=True))
+            ]
+        )
+
+    @torch.no_grad()
+    def predict(self, batch: Batch) -> dict[str, Tensor]:
+        logits = self(batch)
+        return {
+            n: tt.activate(logits[n])
+            for n, tt in zip(self.task_names, self._task_types, strict=True)
+        }
+
+    def embedding_l2(self) -> Tensor:
+        """Mean squared norm of the embedding rows the last forward looked up (sparse L2)."""
+        if self._emb_l2 is None:
+            return torch.zeros(())
+        return self._emb_l2
+
+    def shared_parameters(self) -> list[nn.Parameter]:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def _track_l2(self, fields: Tensor) -> None:
+        if self.training:
+            self._emb_l2 = fields.square().sum(dim=(1, 2)).mean()

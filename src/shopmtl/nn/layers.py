@@ -1,0 +1,155 @@
+"""Building blocks shared by every architecture: feature embedding, MLP, feature interaction.
+
+``FeatureEmbedding`` is the only module that knows vocabulary sizes; models see fields [B, F, D].
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from shopmtl.data.dataset import Batch
+from shopmtl.data.schema import Schema
+
+
+class FeatureEmbedding(nn.Module):
+    """Every input as one D-dim field: categorical ids, mean-pooled sequences, numeric values
+    (value x learned vector, so they join the interactions), and the scenario.
+
+    All categorical vocabularies live in one table with offsets: one lookup per batch. A
+    sequence with ``vocab_from`` reads the rows of that feature (shared item/category vectors).
+    """
+
+    def __init__(self, schema: Schema, vocab_sizes: dict[str, int], dim: int) -> None:
+        super().__init__()
+        cats = schema.of_kind("categorical")
+        seqs = schema.of_kind("sequence")
+        offsets, total = {}, 0
+        for f in cats:
+            offsets[f.name] = total
+            total += vocab_sizes[f.name]
+        seq_offsets = []
+        for f in seqs:
+            if f.vocab_from:
+                seq_offsets.append(offsets[f.vocab_from])
+            else:
+                seq_offsets.append(total)
+                total += vocab_sizes[f.name]
+        self.register_buffer(
+            "cat_offsets",
+            torch.tensor([offsets[f.name] for f in cats], dtype=torch.long),
+            persistent=False,
+        )
+        self.register_buffer(
+            "seq_offsets", torch.tensor(seq_offsets, dtype=torch.long), persistent=False
+        )
+        self.table = nn.Embedding(max(total, 1), dim)
+        nn.init.normal_(self.table.weight, std=0.05)
+        n_num = len(schema.of_kind("numeric"))
+        self.num_weight = nn.Parameter(torch.randn(n_num, dim) * 0.05)
+        self.num_bias = nn.Parameter(torch.zeros(n_num, dim))
+        self.scenario = nn.Embedding(len(schema.scenario_names), dim)
+        nn.init.normal_(self.scenario.weight, std=0.05)
+        self.num_fields = len(cats) + len(seqs) + n_num + 1
+        self.dim = dim
+
+    def forward(self, batch: Batch) -> Tensor:
+        fields = [self.table(batch.cat + self.cat_offsets)]  # [B, Fc, D]
+        if batch.seq.shape[1]:
+            ids = batch.seq + self.seq_offsets[None, :, None]  # [B, Fs, L]
+            emb = self.table(ids)  # [B, Fs, L, D]
+            present = (batch.seq > 0).unsqueeze(-1).to(emb.dtype)
+            pooled = (emb * present).sum(2) / present.sum(2).clamp(min=1.0)  # [B, Fs, D]
+            fields.append(pooled)
+        if batch.num.shape[1]:
+            fields.append(batch.num.unsqueeze(-1) * self.num_weight + self.num_bias)  # [B, Fn, D]
+        fields.append(self.scenario(batch.scenario).unsqueeze(1))  # [B, 1, D]
+        return torch.cat(fields, 1)  # [B, F, D]
+
+
+class MLP(nn.Sequential):
+    """Linear -> ReLU (-> Dropout) stack; ``out_dim`` adds a final bare Linear."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        hidden: tuple[int, ...] | list[int],
+        dropout: float = 0.0,
+        out_dim: int | None = None,
+    ) -> None:
+        layers: list[nn.Module] = []
+        d = in_dim
+        for h in hidden:
+            layers += [nn.Linear(d, h), nn.ReLU()]
+            if dropout > 0:
+                layers.append(nn.Dropout(dropout))
+            d = h
+        if out_dim is not None:
+            layers.append(nn.Linear(d, out_dim))
+            d = out_dim
+        super().__init__(*layers)
+        self.out_dim = d
+
+
+class DotInteraction(nn.Module):
+    """All pairwise dot products of fields (DLRM / FM second order): [B, F, D] -> [B, F(F-1)/2].
+
+    The explicit <user, item> product is what lets a model learn user x item affinities, which
+    an MLP over concatenated embeddings learns poorly.
+    """
+
+    def __init__(self, num_fields: int) -> None:
+        super().__init__()
+        rows, cols = torch.triu_indices(num_fields, num_fields, offset=1)
+        self.register_buffer("rows", rows, persistent=False)
+        self.register_buffer("cols", cols, persistent=False)
+        self.out_dim = int(rows.numel())
+
+    def forward(self, fields: Tensor) -> Tensor:
+        gram = torch.bmm(fields, fields.transpose(1, 2))  # [B, F, F]
+        return gram[:, self.rows, self.cols]
+
+
+class CrossNetwork(nn.Module):
+    """DCN-v2 cross layers: x_{l+1} = x0 * (W x_l + b) + x_l (Wang et al., WWW 2021)."""
+
+    def __init__(self, dim: int, layers: int = 2) -> None:
+        super().__init__()
+        self.linears = nn.ModuleList(nn.Linear(dim, dim) for _ in range(layers))
+        for lin in self.linears:
+            nn.init.zeros_(lin.bias)
+            nn.init.normal_(lin.weight, std=0.01)
+        self.out_dim = dim
+
+    def forward(self, x0: Tensor) -> Tensor:
+        x = x0
+        for lin in self.linears:
+            x = x0 * lin(x) + x
+        return x
+
+
+def interaction_features(kind: str, fields: Tensor, layer: nn.Module | None) -> Tensor:
+    """The flat input of a shared bottom: concatenated fields plus their interactions."""
+    flat = fields.flatten(1)  # [B, F*D]
+    if kind == "none" or layer is None:
+        return flat
+    if kind == "dot":
+        return torch.cat([flat, layer(fields)], 1)
+    if kind == "cross":
+        return layer(flat)
+    raise ValueError(f"unknown interaction '{kind}'; valid: none, dot, cross")
+
+
+def make_interaction(
+    kind: str, num_fields: int, dim: int, cross_layers: int = 2
+) -> tuple[nn.Module | None, int]:
+    """(layer, output width) for an interaction kind."""
+    flat = num_fields * dim
+    if kind == "none":
+        return None, flat
+    if kind == "dot":
+        layer = DotInteraction(num_fields)
+        return layer, flat + layer.out_dim
+    if kind == "cross":
+        return CrossNetwork(flat, cross_layers), flat
+    raise ValueError(f"unknown interaction '{kind}'; valid: none, dot, cross")

@@ -1,0 +1,24 @@
+"""Name -> implementation tables, used only where names come in (CLI, config, serving)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from shopmtl.config import ConfigError, from_dict
+from shopmtl.data.schema import Schema
+from shopmtl.models.base import MultiTaskModel
+from shopmtl.models.shared_bottom import SharedBottom, SharedBottomConfig
+
+MODELS: dict[str, tuple[type[MultiTaskModel], type]] = {
+    "shared_bottom": (SharedBottom, SharedBottomConfig),
+}
+
+
+def build_model(
+    name: str, args: dict[str, Any], schema: Schema, vocab_sizes: dict[str, int]
+) -> MultiTaskModel:
+    if name not in MODELS:
+        raise ConfigError(f"model.name: unknown model '{name}'; valid: {sorted(MODELS)}")
+    cls, cfg_cls = MODELS[name]
+    config = from_dict(cfg_cls, dict(args), "model.args")
+    return cls(schema, vocab_sizes, config)  # type: ignore[call-arg]

@@ -1,0 +1,73 @@
+"""Predict a split and compute metrics per task x scenario (plus the ``all`` aggregate)."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+
+from shopmtl.data.dataset import TensorTable
+from shopmtl.data.schema import ALL, Schema
+from shopmtl.models.base import MultiTaskModel
+from shopmtl.tasks import TASK_TYPES
+
+
+@torch.no_grad()
+def predict_table(
+    model: MultiTaskModel, table: TensorTable, batch_size: int = 16384
+) -> dict[str, np.ndarray]:
+    model.eval()
+    outs: dict[str, list[np.ndarray]] = {n: [] for n in model.task_names}
+    for batch in table.batches(batch_size, shuffle=False):
+        for name, p in model.predict(batch).items():
+            outs[name].append(p.float().numpy())
+    return {n: (np.concatenate(v) if v else np.zeros(0, np.float32)) for n, v in outs.items()}
+
+
+def metrics_by_scenario(
+    schema: Schema, table: TensorTable, preds: dict[str, np.ndarray]
+) -> dict[str, dict[str, dict[str, float]]]:
+    """metrics[task][scenario] -> {auc, gauc, logloss, calibration, n, oracle_auc, ...}.
+
+    Only rows where the label exists count (the availability mask); a scenario where a task is
+    not defined is left out rather than reported as empty.
+    """
+    labels = table.labels.numpy()
+    mask = table.mask.numpy()
+    scen = table.scenario.numpy()
+    group = table.group.numpy() if schema.group else None
+    oracle = table.oracle.numpy() if table.oracle is not None else None
+    avail = schema.availability()
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for j, t in enumerate(schema.tasks):
+        tt = TASK_TYPES[t.type]
+        per: dict[str, dict[str, float]] = {}
+        scopes = [(ALL, mask[:, j])]
+        if schema.scenario is not None:
+            scopes += [
+                (s, mask[:, j] & (scen == k))
+                for k, s in enumerate(schema.scenario_names)
+                if avail[t.name][s]
+            ]
+        for name, m in scopes:
+            if not m.any():
+                continue
+            o = None
+            if oracle is not None and not np.isnan(oracle[m, j]).any():
+                o = oracle[m, j]
+            per[name] = tt.metrics(
+                labels[m, j], preds[t.name][m], group[m] if group is not None else None, o
+            )
+        out[t.name] = per
+    return out
+
+
+def summary_metric(task_metrics: dict[str, dict[str, dict[str, float]]], key: str = "auc") -> float:
+    """Mean of ``key`` over tasks on the ``all`` scope (the default early-stopping metric)."""
+    vals = [
+        m[ALL][key]
+        for m in task_metrics.values()
+        if ALL in m and key in m[ALL] and not math.isnan(m[ALL][key])
+    ]
+    return float(np.mean(vals)) if vals else math.nan
