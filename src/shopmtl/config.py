@@ -39,7 +39,10 @@ class DataConfig:
     train: str
     valid: str | None = None
     test: str | None = None
-    valid_fraction: float = 0.1  # carved (seeded) from train when no valid file is given
+    # without valid/test files, seeded random fractions of `train` are held out instead
+    valid_fraction: float = 0.1
+    test_fraction: float = 0.1
+    split_seed: int = 0
     bad_rows: Literal["fail", "quarantine"] = "fail"
     max_bad_fraction: float = 0.05  # quarantine gives up past this share of bad rows
     chunk_rows: int = 200_000

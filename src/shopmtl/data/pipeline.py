@@ -79,13 +79,20 @@ def prepare_data(
             enc.finish()
         train = TensorTable(Encoded.concat([enc.transform(p) for p in parsed]))
         del parsed
+    test = encode_file(cfg.test, schema, enc, cfg, log) if cfg.test else None
+    if test is None and cfg.test_fraction > 0:
+        if not isinstance(train, TensorTable):
+            raise DataError("data.test: streaming needs an explicit test file (or test_fraction 0)")
+        # held out before validation; the encoders were fit on these rows too (vocabularies
+        # only, no labels), which matches a model that sees every id at serving time
+        train, test = train.split(cfg.test_fraction, cfg.split_seed + 1)
     if cfg.valid is not None:
         valid = encode_file(cfg.valid, schema, enc, cfg, log)
     else:
-        assert isinstance(train, TensorTable)
-        # note: encoders saw these rows; acceptable for early stopping, not for reporting
-        train, valid = train.split(cfg.valid_fraction, seed)
-    test = encode_file(cfg.test, schema, enc, cfg, log) if cfg.test else None
+        if not isinstance(train, TensorTable):
+            raise DataError("data.valid: streaming needs an explicit validation file")
+        share = cfg.valid_fraction / max(1e-9, 1 - (cfg.test_fraction if cfg.test is None else 0))
+        train, valid = train.split(share, cfg.split_seed)
     log.check_fraction()
     qfile = log.write(Path(out_dir) / "quarantine") if out_dir is not None else None
     return PreparedData(schema, enc, train, valid, test, dict(log.counts()), qfile)
