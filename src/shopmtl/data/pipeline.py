@@ -46,7 +46,6 @@ def prepare_data(
     cfg: DataConfig,
     schema: Schema,
     out_dir: str | Path | None = None,
-    seed: int = 0,
     encoders: Encoders | None = None,
 ) -> PreparedData:
     """Read every split once; fit encoders on train only (unless given, e.g. on resume)."""
