@@ -7,6 +7,7 @@ rules, without exec). ``a.b=value`` overrides are merged before validation.
 from __future__ import annotations
 
 import dataclasses
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -20,6 +21,21 @@ from shopmtl.data.schema import FeatureSpec, ScenarioSpec, Schema, TaskSpec
 
 class ConfigError(ValueError):
     """A configuration file or override is invalid; the message names the key."""
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader that reads ``1e-3`` as a float (YAML 1.2), not as the string '1e-3'."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
+    list("-+0123456789."),
+)
+
+
+def _yaml_load(text: str) -> Any:
+    return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no arbitrary objects
 
 
 @dataclass(frozen=True)
@@ -79,6 +95,16 @@ class TrainConfig:
     early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
     eval_batch_size: int = 16384
     log_every: int = 50
+    log_grad_cosine: bool = False  # task-gradient cosines on shared params (T extra backwards)
+
+
+@dataclass(frozen=True)
+class WeightingConfig:
+    """How the task losses become one update: a loss weighting or a gradient aggregator
+    (``shopmtl weightings`` lists them). ``train.alpha`` scales the losses before it."""
+
+    name: str = "equal"
+    args: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -86,6 +112,7 @@ class ExperimentConfig:
     data: DataConfig
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    weighting: WeightingConfig = field(default_factory=WeightingConfig)
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
@@ -93,7 +120,7 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = _yaml_load(path.read_text()) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(raw, dict):
@@ -118,7 +145,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
             node = node.setdefault(p, {})
             if not isinstance(node, dict):
                 raise ConfigError(f"override '{key}': '{p}' is not a mapping")
-        node[parts[-1]] = yaml.safe_load(value)
+        node[parts[-1]] = _yaml_load(value)
     return out
 
 

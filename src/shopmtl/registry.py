@@ -6,11 +6,25 @@ from typing import Any
 
 from shopmtl.config import ConfigError, from_dict
 from shopmtl.data.schema import Schema
+from shopmtl.models.aitm import AITM, AITMConfig
 from shopmtl.models.base import MultiTaskModel
+from shopmtl.models.esmm import ESMM, ESMMConfig
+from shopmtl.models.m2m import M2M, M2MConfig
+from shopmtl.models.mmoe import MMoE, MMoEConfig
+from shopmtl.models.pepnet import PEPNet, PEPNetConfig
+from shopmtl.models.ple import PLE, PLEConfig
 from shopmtl.models.shared_bottom import SharedBottom, SharedBottomConfig
+from shopmtl.models.star import STAR, STARConfig
 
 MODELS: dict[str, tuple[type[MultiTaskModel], type]] = {
     "shared_bottom": (SharedBottom, SharedBottomConfig),
+    "mmoe": (MMoE, MMoEConfig),
+    "ple": (PLE, PLEConfig),
+    "esmm": (ESMM, ESMMConfig),
+    "aitm": (AITM, AITMConfig),
+    "star": (STAR, STARConfig),
+    "pepnet": (PEPNet, PEPNetConfig),
+    "m2m": (M2M, M2MConfig),
 }
 
 

@@ -167,13 +167,16 @@ class Encoders:
         self.numeric: dict[str, NumericEncoder] = {}
         self.sequence_vocab: dict[str, CategoricalEncoder] = {}  # own vocab of a sequence
         self._groups: dict[str, int] = {}
+        def buckets(f: FeatureSpec) -> int:  # `buckets` alone never switches hashing on
+            return f.buckets if f.vocab == "hash" else 0
+
         for f in schema.of_kind("categorical"):
-            self.categorical[f.name] = CategoricalEncoder(f.min_count, f.buckets)
+            self.categorical[f.name] = CategoricalEncoder(f.min_count, buckets(f))
         for f in schema.of_kind("numeric"):
             self.numeric[f.name] = NumericEncoder()
         for f in schema.of_kind("sequence"):
             if f.vocab_from is None:
-                self.sequence_vocab[f.name] = CategoricalEncoder(f.min_count, f.buckets)
+                self.sequence_vocab[f.name] = CategoricalEncoder(f.min_count, buckets(f))
 
     def partial_fit(self, p: Parsed) -> Encoders:
         for name, enc in self.categorical.items():

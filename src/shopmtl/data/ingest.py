@@ -11,6 +11,7 @@ echo cell values (they may be personal data); the quarantine file keeps the raw 
 from __future__ import annotations
 
 import csv
+import gzip
 import json
 import math
 from collections import Counter
@@ -24,7 +25,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
-from shopmtl.data.schema import Schema
+from shopmtl.data.schema import Schema, TaskSpec
 
 
 class DataError(ValueError):
@@ -40,7 +41,7 @@ class BadRow:
     raw: str = ""
 
     def describe(self) -> str:
-        where = "line" if self.file.endswith((".csv", ".tsv", ".txt")) else "row"
+        where = "line" if is_csv(self.file) else "row"
         col = f", column '{self.column}'" if self.column else ""
         return f"{self.file}: {where} {self.line}{col}: {self.reason}"
 
@@ -69,6 +70,7 @@ class BadRowLog:
     max_fraction: float
     rows: list[BadRow] = field(default_factory=list)
     seen: int = 0
+    blank_lines: int = 0  # skipped, not bad: reported in quarantine.json
 
     def record(self, bad: list[BadRow], total: int) -> None:
         self.seen += total
@@ -107,6 +109,7 @@ class BadRowLog:
         summary = {
             "bad_rows": len(self.rows),
             "rows_read": self.seen,
+            "blank_lines_skipped": self.blank_lines,
             "per_reason": dict(self.counts()),
         }
         (out / "quarantine.json").write_text(json.dumps(summary, indent=2))
@@ -139,7 +142,9 @@ def _csv_chunks(
     path: Path, schema: Schema, columns: list[str], chunk_rows: int, log: BadRowLog
 ) -> Iterator[Parsed]:
     delimiter = "\t" if str(path).endswith(".tsv") else ","
-    with path.open("r", errors="replace") as f:
+    # the header as pyarrow will see it: gzip decompressed, a UTF-8 byte-order mark dropped
+    opener = gzip.open if str(path).endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8-sig", errors="replace") as f:
         header = next(csv.reader([f.readline()], delimiter=delimiter), [])
     missing = [c for c in columns if c not in header]
     if missing:
@@ -166,10 +171,14 @@ def _csv_chunks(
     reader = pacsv.open_csv(
         path,
         read_options=pacsv.ReadOptions(block_size=max(1 << 20, chunk_rows * 64), use_threads=False),
-        parse_options=pacsv.ParseOptions(delimiter=delimiter, invalid_row_handler=on_invalid),
+        # blank lines are kept as all-null rows (then dropped below) so line numbers stay true
+        parse_options=pacsv.ParseOptions(
+            delimiter=delimiter, invalid_row_handler=on_invalid, ignore_empty_lines=False
+        ),
         convert_options=pacsv.ConvertOptions(
             column_types={c: pa.string() for c in header},
             strings_can_be_null=True,
+            null_values=[""],  # only an empty cell is missing: "NA" may be a real category
             include_columns=columns,
         ),
     )
@@ -184,6 +193,13 @@ def _csv_chunks(
                 if next_line not in bad_lines:
                     lines.append(next_line)
                 next_line += 1
+            blank = np.ones(table.num_rows, bool)
+            for col in table.columns:
+                blank &= col.is_null().to_numpy(zero_copy_only=False)
+            if blank.any():  # blank lines (or rows of empty cells): no data, counted
+                log.blank_lines += int(blank.sum())
+                table = table.filter(pa.array(~blank))
+                lines = [ln for ln, b in zip(lines, blank, strict=True) if not b]
             new_struct = structural[reported:]
             reported = len(structural)
             for start in range(0, table.num_rows, chunk_rows):
@@ -265,6 +281,38 @@ def _as_string(arr: pa.ChunkedArray | pa.Array) -> pa.Array:
     return arr
 
 
+def _label_values(arr: pa.ChunkedArray | pa.Array, task: TaskSpec) -> tuple[np.ndarray, np.ndarray]:
+    """A label column as float64 (NaN = missing) and its unparsable rows.
+
+    ``task.positive``: 1 where the stripped cell is one of those strings, else 0 (empty = missing).
+    ``task.threshold``: 1 where the number is >= threshold, else 0 (empty = missing).
+    """
+    if task.positive:
+        cells = pc.utf8_trim_whitespace(_as_string(arr))
+        empty = pc.fill_null(pc.equal(cells, ""), True).to_numpy(zero_copy_only=False)
+        wanted = pa.array([p.strip() for p in task.positive], pa.string())
+        hit = pc.fill_null(pc.is_in(cells, value_set=wanted), False)
+        hit = hit.to_numpy(zero_copy_only=False).astype(np.float64)
+        return np.where(empty, np.nan, hit), np.zeros(len(cells), bool)
+    vals, unparsable = _to_float(arr)
+    if task.threshold is not None:
+        vals = np.where(np.isnan(vals), np.nan, (vals >= task.threshold).astype(np.float64))
+    return vals, unparsable
+
+
+def _split_sequence(col: pa.Array, sep: str) -> pa.ListArray:
+    """'a|b' -> [a, b]. An empty cell is an empty list and empty items ('a||b') are dropped, so
+    an empty history is all padding instead of a token "" (which would get a vocabulary id)."""
+    lists = pc.split_pattern(pc.fill_null(col, ""), sep)
+    flat = pc.list_flatten(lists)
+    keep = pc.not_equal(flat, "")
+    if pc.all(keep).as_py() is not False:
+        return lists
+    parents = pc.list_parent_indices(lists).filter(keep).to_numpy(zero_copy_only=False)
+    offsets = np.searchsorted(parents, np.arange(len(lists) + 1), side="left")
+    return pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), flat.filter(keep))
+
+
 def parse_table(
     table: pa.Table, schema: Schema, lines: np.ndarray, file: str, text: bool
 ) -> tuple[Parsed, list[BadRow]]:
@@ -305,9 +353,7 @@ def parse_table(
         numeric[f.name] = np.nan_to_num(vals, nan=0.0, posinf=0.0, neginf=0.0)
     sequence: dict[str, pa.ListArray] = {}
     for f in schema.of_kind("sequence"):
-        col = _as_string(table.column(f.source))
-        col = pc.fill_null(col, "")
-        sequence[f.name] = pc.split_pattern(col, f.sep)
+        sequence[f.name] = _split_sequence(_as_string(table.column(f.source)), f.sep)
 
     # labels and the availability mask
     t_count = len(schema.tasks)
@@ -316,7 +362,7 @@ def parse_table(
     oracle = None
     scen_names = np.asarray(schema.scenario_names)
     for j, t in enumerate(schema.tasks):
-        vals, unparsable = _to_float(table.column(t.source))
+        vals, unparsable = _label_values(table.column(t.source), t)
         flag(unparsable, t.source, "non-numeric label")
         present = ~np.isnan(vals)
         defined = np.ones(n, bool)
@@ -330,7 +376,7 @@ def parse_table(
             need = defined.copy()
             if t.given is not None:
                 g = schema.task_names.index(t.given)
-                gv, _ = _to_float(table.column(schema.tasks[g].source))
+                gv, _ = _label_values(table.column(schema.tasks[g].source), schema.tasks[g])
                 need &= gv == 1.0
             flag(need & ~present & ~unparsable, t.source, "missing or NaN label")
         if t.oracle_column:
@@ -342,6 +388,7 @@ def parse_table(
         if t.given is not None:
             g = schema.task_names.index(t.given)
             mask[:, j] &= mask[:, g] & (labels[:, g] == 1.0)
+    labels = np.where(mask, labels, 0.0).astype(np.float32)  # a masked label is never a value
 
     group = _as_string(table.column(schema.group)) if schema.group else None
 

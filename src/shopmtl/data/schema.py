@@ -53,6 +53,10 @@ class TaskSpec:
     click). Outside its scenarios or condition a label is masked, never a negative. ``required``:
     an empty label where the task is defined is a bad row (True) or just masked (False).
     ``oracle_column``: the true probability, when the data is synthetic.
+    Raw labels that are not 0/1 (binary tasks only): ``positive`` lists the strings that mean 1
+    (the cell is whitespace-stripped; any other value is 0, an empty cell is missing), e.g.
+    ``("50000+.",)``; ``threshold`` makes a numeric cell 1 if it is >= the threshold, else 0
+    (e.g. a rating >= 4).
     """
 
     name: str
@@ -62,6 +66,14 @@ class TaskSpec:
     given: str | None = None
     required: bool = True
     oracle_column: str | None = None
+    positive: tuple[str, ...] = ()
+    threshold: float | None = None
+
+    def __post_init__(self) -> None:
+        if (self.positive or self.threshold is not None) and self.type != "binary":
+            raise ValueError(f"task '{self.name}': positive/threshold need type 'binary'")
+        if self.positive and self.threshold is not None:
+            raise ValueError(f"task '{self.name}': set either positive or threshold, not both")
 
     @property
     def source(self) -> str:

@@ -30,6 +30,7 @@ from shopmtl.models.base import MultiTaskModel
 from shopmtl.registry import build_model
 from shopmtl.train import checkpoint as ck
 from shopmtl.train.evaluate import metrics_by_scenario, predict_table, summary_metric
+from shopmtl.weighting import StepInfo, build_weighting, task_gradient_cosine
 
 
 class NonFiniteError(FloatingPointError):
@@ -81,7 +82,7 @@ def save_model_dir(
                 "format": 1,
                 "model": cfg.model.name,
                 "tasks": list(schema.task_names),
-                **(extra or {}),
+                **_json_safe(extra or {}),
             },
         },
     )
@@ -103,6 +104,21 @@ def load_model_dir(path: str | Path) -> tuple[MultiTaskModel, ExperimentConfig, 
         raise ck.CheckpointError(f"{path}: weights do not fit the model ({e})") from None
     model.eval()
     return model, cfg, schema, encoders
+
+
+def _non_empty(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    # safetensors cannot write an empty file; most weightings have no state
+    return tensors or {"_empty": torch.zeros(1)}
+
+
+def _json_safe(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        return {k: _json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_json_safe(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
 
 
 def _check_finite(model: MultiTaskModel) -> None:
@@ -128,6 +144,10 @@ class Trainer:
                 f"train.alpha: unknown task(s) {unknown}; tasks: {list(self.schema.task_names)}"
             )
         self.alpha = torch.tensor([cfg.train.alpha.get(n, 1.0) for n in self.schema.task_names])
+        self.weighting = build_weighting(cfg.weighting.name, cfg.weighting.args,
+                                         self.schema.task_names)
+        for group in self.weighting.param_groups(cfg.train.lr):  # e.g. uncertainty's log-vars
+            self.opt.add_param_group(group)
         self.state = LoopState()
         self.ckpt_dir = self.out / "checkpoints"
 
@@ -137,10 +157,12 @@ class Trainer:
         opt_t, opt_meta = ck.optimizer_to_tensors(self.opt)
         opt_t["rng.torch"] = torch.get_rng_state()
         name = f"ckpt-{self.state.global_step:09d}-{self.state.epoch:04d}"
-        st = {k: v for k, v in self.state.__dict__.items()}
+        # NaN (e.g. an AUC on a split with one class) is stored as null: strict JSON
+        st = _json_safe(dict(self.state.__dict__))
         path = ck.write_dir(
             self.ckpt_dir / name,
-            {"weights": self.model.state_dict(), "optimizer": opt_t},
+            {"weights": self.model.state_dict(), "optimizer": opt_t,
+             "weighting": _non_empty(self.weighting.state_dict())},
             {"state": st, "optimizer_meta": opt_meta},
         )
         ck.write_pointer(self.ckpt_dir, "latest", name)
@@ -157,35 +179,57 @@ class Trainer:
         self.model.load_state_dict(ck.read_tensors(path, "weights"))
         opt_t = ck.read_tensors(path, "optimizer")
         torch.set_rng_state(opt_t.pop("rng.torch"))
+        weighting_state = ck.read_tensors(path, "weighting")
+        weighting_state.pop("_empty", None)
+        self.weighting.load_state_dict(weighting_state)
         ck.optimizer_from_tensors(self.opt, opt_t, ck.read_json(path, "optimizer_meta"))
         self.state = LoopState(**ck.read_json(path, "state"))
         return True
 
     # -- loop --------------------------------------------------------------------------------
-    def step(self, batch: Batch) -> torch.Tensor:
+    def step(self, batch: Batch, writer: Any = None) -> torch.Tensor:
         t = self.cfg.train
         self.model.train()
+        self.weighting.train()
         logits = self.model(batch)
         losses = self.model.task_losses(logits, batch)  # [T]
-        loss = (self.alpha * losses).sum()
-        if t.embedding_weight_decay > 0:
-            loss = loss + t.embedding_weight_decay * self.model.embedding_l2()
-        if not torch.isfinite(loss):
+        if not torch.isfinite(losses).all():
             detail = ", ".join(
-                f"{n}={v:.4g}" for n, v in zip(self.schema.task_names, losses.tolist(), strict=True)
+                f"{n}={v:.4g}"
+                for n, v in zip(self.schema.task_names, losses.tolist(), strict=True)
             )
             raise NonFiniteError(
                 f"non-finite loss at epoch {self.state.epoch}, step {self.state.global_step} "
                 f"({detail}); training stopped, no checkpoint written after the last good one"
             )
+        if writer is not None and t.log_grad_cosine and self._log_now():
+            cos = task_gradient_cosine(self.alpha * losses, self.model.shared_parameters())
+            names = self.schema.task_names
+            for a in range(len(names)):
+                for b in range(a + 1, len(names)):
+                    writer.add_scalar(f"grad_cosine/{names[a]}~{names[b]}", float(cos[a, b]),
+                                      self.state.global_step + 1)
+        extra = None
+        if t.embedding_weight_decay > 0:
+            extra = t.embedding_weight_decay * self.model.embedding_l2()
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
+        info = StepInfo.from_history(self.state.global_step, self.state.epoch,
+                                     self.state.history, self.schema.task_names)
+        weights = self.weighting.backward(self.alpha * losses, self.model, info, extra)
+        if not torch.isfinite(weights).all():
+            raise NonFiniteError(f"non-finite task weights at step {self.state.global_step}")
         if t.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
             if not torch.isfinite(norm):
                 raise NonFiniteError(f"non-finite gradient at step {self.state.global_step}")
         self.opt.step()
+        if writer is not None and self._log_now():
+            for n, w in zip(self.schema.task_names, weights.tolist(), strict=True):
+                writer.add_scalar(f"task_weight/{n}", w, self.state.global_step + 1)
         return losses.detach()
+
+    def _log_now(self) -> bool:
+        return (self.state.global_step + 1) % self.cfg.train.log_every == 0
 
     def evaluate(self, split: str = "valid") -> dict[str, Any]:
         table = self.data.valid if split == "valid" else self.data.test
@@ -246,7 +290,7 @@ class Trainer:
                 for batch in train.batches(
                     t.batch_size, ep, t.seed, True, self.state.step_in_epoch
                 ):
-                    losses = self.step(batch)
+                    losses = self.step(batch, writer)
                     sums += losses
                     count += 1
                     self.state.global_step += 1
@@ -285,7 +329,9 @@ class Trainer:
                     else metric < self.state.best_metric
                 )
                 if better:
-                    self.state.best_metric, self.state.best_epoch = metric, ep + 1
+                    # a NaN metric (one-class split) is kept as None, as JSON stores it
+                    self.state.best_metric = metric if math.isfinite(metric) else None
+                    self.state.best_epoch = ep + 1
                     self.state.bad_epochs = 0
                     save_model_dir(
                         self.out / "model",
@@ -302,7 +348,9 @@ class Trainer:
                 self.state.epoch += 1
                 self.state.step_in_epoch = 0
                 self.save_checkpoint()
-                (self.out / "history.json").write_text(json.dumps(self.state.history, indent=1))
+                (self.out / "history.json").write_text(
+                    json.dumps(_json_safe(self.state.history), indent=1)
+                )
         return self.state
 
 

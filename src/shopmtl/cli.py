@@ -1,0 +1,180 @@
+"""The `shopmtl` command line. Each subcommand is a thin wrapper over the Python API."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Multi-scenario multi-task learning for e-commerce.")
+
+
+def _fail(message: str) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
+
+
+def _guard(fn):  # noqa: ANN001, ANN202 - decorator
+    """Known failure modes become one clear line and exit code 2, never a traceback."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        from shopmtl.config import ConfigError
+        from shopmtl.data.ingest import DataError
+        from shopmtl.train.checkpoint import CheckpointError
+        from shopmtl.train.trainer import NonFiniteError
+
+        try:
+            return fn(*args, **kwargs)
+        except (ConfigError, DataError, CheckpointError, NonFiniteError, FileNotFoundError,
+                KeyError) as e:
+            _fail(str(e).strip("'\""))
+
+    return wrapper
+
+
+Sets = Annotated[list[str] | None, typer.Option("--set", help="Override: key.path=value")]
+
+
+@app.command()
+@_guard
+def quickstart(
+    out: Annotated[Path, typer.Option(help="Output directory")] = Path("runs/quickstart"),
+    rows: Annotated[int, typer.Option(help="Impressions in the synthetic world")] = 2_000_000,
+    seed: Annotated[int, typer.Option(help="Seed for the world and training")] = 0,
+    baselines: Annotated[bool, typer.Option(help="Also train single-task baselines")] = True,
+) -> None:
+    """Generate the default synthetic world, train, evaluate against the oracle, report."""
+    from shopmtl.run import quickstart as run_quickstart
+
+    metrics = run_quickstart(out, rows, seed, progress=sys.stderr.isatty(), baselines=baselines)
+    _summary(metrics)
+    typer.echo(f"wrote {out / 'metrics.json'} and {out / 'report.md'}")
+
+
+def _summary(metrics: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="test metrics (multi-task)")
+    for col in ("task", "scenario", "n", "AUC", "oracle AUC", "efficiency", "logloss"):
+        table.add_column(col)
+    for task, per in metrics["test"].items():
+        for scen, m in per.items():
+            def f(k: str, m: dict = m) -> str:
+                v = m.get(k)
+                return "-" if v is None else (f"{v:.4f}" if isinstance(v, float) else str(v))
+            table.add_row(task, scen, f("n"), f("auc"), f("oracle_auc"), f("auc_efficiency"),
+                          f("logloss"))
+    Console().print(table)
+
+
+@app.command()
+@_guard
+def synth(
+    out: Annotated[Path, typer.Option(help="Output directory for the Parquet files")],
+    rows: Annotated[int, typer.Option(help="Impressions to generate")] = 1_000_000,
+    seed: Annotated[int, typer.Option()] = 0,
+    sets: Sets = None,
+) -> None:
+    """Generate a synthetic world to Parquet (chunked: constant memory at any size)."""
+    import yaml
+
+    from shopmtl.config import ConfigError, from_dict, to_dict
+    from shopmtl.data.synthetic import WorldConfig, generate
+
+    raw = to_dict(WorldConfig(rows=rows, seed=seed))
+    for item in sets or []:
+        if "=" not in item:
+            raise ConfigError(f"--set '{item}' is not key=value")
+        k, v = item.split("=", 1)
+        raw[k.removeprefix("world.")] = yaml.safe_load(v)
+    cfg = from_dict(WorldConfig, raw, "world")
+    diag = generate(cfg, out, progress=True)
+    typer.echo(json.dumps({"rows": diag["rows"],
+                           "latent_variance_share": round(diag["latent_variance_share"], 3),
+                           "click_rate": {s: round(v["click_rate"], 4)
+                                          for s, v in diag["scenarios"].items()}}, indent=1))
+    typer.echo(f"wrote {out}/train.parquet, valid.parquet, test.parquet, items.parquet, world.json")
+
+
+@app.command()
+@_guard
+def train(
+    config: Annotated[Path, typer.Argument(help="Experiment YAML")],
+    out: Annotated[Path, typer.Option(help="Output directory")] = Path("runs/train"),
+    sets: Sets = None,
+    resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint in OUT")] = False,
+    baselines: Annotated[bool, typer.Option(help="Also train single-task baselines")] = False,
+) -> None:
+    """Train (and evaluate) from a config file: bring your own data."""
+    from shopmtl.config import load_config
+    from shopmtl.run import run_experiment
+
+    cfg = load_config(config, sets or [])
+    metrics = run_experiment(cfg, out, baselines=baselines, resume=resume,
+                             progress=sys.stderr.isatty())
+    _summary(metrics)
+    typer.echo(f"wrote {out / 'metrics.json'} and {out / 'report.md'}")
+
+
+@app.command()
+@_guard
+def evaluate(
+    model_dir: Annotated[Path, typer.Argument(help="A model directory (OUT/model)")],
+    data: Annotated[Path, typer.Argument(help="CSV or Parquet file with labels")],
+    out: Annotated[Path | None, typer.Option(help="Write metrics JSON here")] = None,
+) -> None:
+    """Metrics per task x scenario of a saved model on a labelled file."""
+    from shopmtl.predict import evaluate_file
+    from shopmtl.run import clean
+
+    metrics = clean(evaluate_file(model_dir, data))
+    _summary({"test": metrics})
+    if out is not None:
+        out.write_text(json.dumps({"test": metrics}, indent=1))
+        typer.echo(f"wrote {out}")
+
+
+@app.command()
+@_guard
+def predict(
+    model_dir: Annotated[Path, typer.Argument(help="A model directory (OUT/model)")],
+    data: Annotated[Path, typer.Argument(help="CSV or Parquet file (labels not needed)")],
+    out: Annotated[Path, typer.Option(help="Output CSV of predictions")] = Path("predictions.csv"),
+    task: Annotated[list[str] | None, typer.Option(help="Only these tasks")] = None,
+) -> None:
+    """Probabilities per task for every row of a file (joined back by line number)."""
+    from shopmtl.predict import predict_file
+
+    n = predict_file(model_dir, data, out, tasks=task)
+    typer.echo(f"wrote {n} rows to {out}")
+
+
+@app.command()
+def models() -> None:
+    """List the registered architectures."""
+    from shopmtl.registry import MODELS
+
+    for name, (cls, cfg_cls) in MODELS.items():
+        doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
+        typer.echo(f"{name:16s} {doc}")
+
+
+@app.command()
+def weightings() -> None:
+    """List the loss weightings and gradient aggregators (config key `weighting.name`)."""
+    from shopmtl.weighting import WEIGHTINGS
+
+    for name, cls in WEIGHTINGS.items():
+        doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
+        typer.echo(f"{name:14s} {doc}")
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,85 @@
+"""ESMM (Ma et al., "Entire Space Multi-Task Model: An Effective Approach for Estimating
+Post-Click Conversion Rate", SIGIR 2018).
+
+A CTR tower and a CVR tower over a shared embedding. ``forward`` returns each task's own logit:
+pCTR for the parent task and pCVR = p(child | parent) for a task ``given`` it, so predictions
+mean what the labels mean. ``task_losses`` trains on the entire impression space: the parent on
+its own labels, the child through pCTCVR = pCTR * pCVR against y_parent * y_child on every
+impression where the parent label exists (a non-click is a known CTCVR negative), computed in
+log space. Chains (a given b given c) multiply along the chain (ESM^2 style); tasks outside any
+chain get an ordinary tower and loss. Each tower reads the fields plus their interactions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from shopmtl.data.dataset import Batch
+from shopmtl.data.schema import Schema
+from shopmtl.models.base import MultiTaskModel
+from shopmtl.nn.chains import GivenChains, bce_from_log_prob, shared_dense_parameters
+from shopmtl.nn.layers import MLP, FeatureEmbedding, interaction_features, make_interaction
+from shopmtl.tasks import TASK_TYPES
+
+
+@dataclass(frozen=True)
+class ESMMConfig:
+    embed_dim: int = 16
+    interaction: Literal["none", "dot", "cross"] = "dot"
+    cross_layers: int = 2
+    tower: tuple[int, ...] = (128, 64)
+    dropout: float = 0.0
+
+
+class ESMM(MultiTaskModel):
+    def __init__(
+        self, schema: Schema, vocab_sizes: dict[str, int], config: ESMMConfig = ESMMConfig()
+    ) -> None:
+        super().__init__(schema)
+        self.chains = GivenChains(schema)
+        if not self.chains.parent:
+            raise ValueError(
+                "ESMM needs a binary task with `given` (e.g. conversion given click) to model "
+                f"pCTCVR = pCTR * pCVR; tasks {list(schema.task_names)} have none. Set `given` "
+                "in the schema or use another model."
+            )
+        self.config = config
+        self.embed = FeatureEmbedding(schema, vocab_sizes, config.embed_dim)
+        self.interaction, width = make_interaction(
+            config.interaction, self.embed.num_fields, config.embed_dim, config.cross_layers
+        )
+        self.towers = nn.ModuleDict(
+            {
+                t.name: MLP(width, config.tower, config.dropout, out_dim=TASK_TYPES[t.type].out_dim)
+                for t in schema.tasks
+            }
+        )
+
+    def forward(self, batch: Batch) -> dict[str, Tensor]:
+        fields = self.embed(batch)  # [B, F, D]
+        self._track_l2(fields)
+        x = interaction_features(self.config.interaction, fields, self.interaction)  # [B, W]
+        # parent: pCTR logit; child: pCVR logit (conditional on the parent)
+        return {name: tower(x).squeeze(-1) for name, tower in self.towers.items()}  # [B] each
+
+    def task_losses(self, logits: dict[str, Tensor], batch: Batch) -> Tensor:
+        """[T]: own-label loss for tasks outside chains (CTR), pCTCVR loss for children."""
+        own = super().task_losses(logits, batch)  # [T]
+        labels, mask = self.chains.targets(batch)  # [B, T] joint
+        joint = self.chains.joint_log_probs(logits)  # name -> log pCTCVR [B]
+        return torch.stack(
+            [
+                bce_from_log_prob(joint[n], labels[:, j], mask[:, j])
+                if n in self.chains.parent
+                else own[j]
+                for j, n in enumerate(self.task_names)
+            ]
+        )
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        # the towers are separate: only the input (embedding, interaction) is shared
+        return shared_dense_parameters(self.embed, self.interaction)

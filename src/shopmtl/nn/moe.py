@@ -1,0 +1,93 @@
+"""Mixture-of-experts blocks: parallel MLP experts, softmax gates and the CGC extraction layer.
+
+``Experts`` + ``Gate`` + ``mix`` make MMoE (Ma et al., KDD 2018) and the expert view of M2M;
+``CGC`` is one extraction level of PLE (Tang et al., RecSys 2020): task-specific experts beside
+shared ones, a gate per task over its own and the shared experts, and (below the top level) a
+shared gate over every expert that feeds the next level's shared experts.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from shopmtl.nn.layers import MLP
+
+
+class Experts(nn.Module):
+    """``n`` independent MLP experts on one input: [B, in] -> [B, n, H]."""
+
+    def __init__(self, in_dim: int, n: int, hidden: tuple[int, ...], dropout: float = 0.0) -> None:
+        super().__init__()
+        if n < 1 or not hidden:
+            raise ValueError("experts: need n >= 1 and at least one hidden layer")
+        self.experts = nn.ModuleList(MLP(in_dim, hidden, dropout) for _ in range(n))
+        self.n = n
+        self.out_dim = hidden[-1]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.stack([e(x) for e in self.experts], 1)  # [B, n, H]
+
+
+class Gate(nn.Module):
+    """A softmax gate: [B, in] -> mixture weights [B, n] (rows sum to 1)."""
+
+    def __init__(self, in_dim: int, n: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(in_dim, n)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return torch.softmax(self.linear(x), -1)  # [B, n]
+
+
+def mix(experts: Tensor, weights: Tensor) -> Tensor:
+    """Gate-weighted sum of expert outputs: [B, n, H] x [B, n] -> [B, H]."""
+    return torch.einsum("bnh,bn->bh", experts, weights)  # [B, H]
+
+
+class CGC(nn.Module):
+    """One PLE extraction level (customized gate control).
+
+    Inputs: one representation per task plus one shared representation (all [B, in]). Task t's
+    gate, fed with task t's input, mixes task t's ``n_specific`` experts and the ``n_shared``
+    shared experts; with ``shared_out`` a shared gate, fed with the shared input, mixes all
+    experts into the shared representation of the next level.
+    """
+
+    def __init__(
+        self,
+        in_dim: int,
+        n_tasks: int,
+        n_specific: int,
+        n_shared: int,
+        hidden: tuple[int, ...],
+        dropout: float = 0.0,
+        shared_out: bool = True,
+    ) -> None:
+        super().__init__()
+        self.specific = nn.ModuleList(
+            Experts(in_dim, n_specific, hidden, dropout) for _ in range(n_tasks)
+        )
+        self.shared = Experts(in_dim, n_shared, hidden, dropout)
+        self.task_gates = nn.ModuleList(Gate(in_dim, n_specific + n_shared) for _ in range(n_tasks))
+        self.shared_gate = Gate(in_dim, n_tasks * n_specific + n_shared) if shared_out else None
+        self.out_dim = hidden[-1]
+
+    def forward(
+        self, task_in: list[Tensor], shared_in: Tensor
+    ) -> tuple[list[Tensor], Tensor | None]:
+        shared = self.shared(shared_in)  # [B, n_shared, H]
+        specific = [e(x) for e, x in zip(self.specific, task_in, strict=True)]  # T x [B, ns, H]
+        task_out = [
+            mix(torch.cat([s, shared], 1), g(x))  # [B, H]
+            for s, g, x in zip(specific, self.task_gates, task_in, strict=True)
+        ]
+        shared_out = None
+        if self.shared_gate is not None:
+            every = torch.cat([*specific, shared], 1)  # [B, T*ns + n_shared, H]
+            shared_out = mix(every, self.shared_gate(shared_in))  # [B, H]
+        return task_out, shared_out
+
+    def shared_parameters(self) -> list[nn.Parameter]:
+        gate = list(self.shared_gate.parameters()) if self.shared_gate is not None else []
+        return list(self.shared.parameters()) + gate

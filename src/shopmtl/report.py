@@ -1,0 +1,118 @@
+"""Human report of a run: metric table with the oracle, negative-transfer table, curves plot."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from shopmtl.data.schema import ALL
+
+
+def _f(x: Any, nd: int = 4) -> str:
+    if x is None or (isinstance(x, float) and math.isnan(x)):
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.{nd}f}"
+    return str(x)
+
+
+def metric_table(test: dict[str, dict[str, dict[str, float]]]) -> list[str]:
+    has_oracle = any("oracle_auc" in m for per in test.values() for m in per.values())
+    head = ["task", "scenario", "n", "AUC", "GAUC", "logloss", "calibration"]
+    if has_oracle:
+        head += ["oracle AUC", "AUC efficiency", "oracle logloss"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for task, per in test.items():
+        for scen, m in per.items():
+            row = [task, scen, str(m.get("n", "")), _f(m.get("auc")), _f(m.get("gauc")),
+                   _f(m.get("logloss")), _f(m.get("calibration"), 3)]
+            if has_oracle:
+                row += [_f(m.get("oracle_auc")), _f(m.get("auc_efficiency"), 3),
+                        _f(m.get("oracle_logloss"))]
+            lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def negative_transfer(multi: dict[str, dict[str, dict[str, float]]],
+                      single: dict[str, dict[str, dict[str, float]]]
+                      ) -> dict[str, dict[str, dict[str, float]]]:
+    """Multi-task minus single-task AUC per task x scenario (negative = the task was hurt)."""
+    out: dict[str, dict[str, dict[str, float]]] = {}
+    for task, per in multi.items():
+        if task not in single:
+            continue
+        out[task] = {}
+        for scen, m in per.items():
+            s = single[task].get(scen)
+            if s is None:
+                continue
+            out[task][scen] = {"multi_task_auc": m["auc"], "single_task_auc": s["auc"],
+                               "delta_auc": m["auc"] - s["auc"],
+                               "delta_logloss": m["logloss"] - s["logloss"]}
+    return out
+
+
+def transfer_table(nt: dict[str, dict[str, dict[str, float]]]) -> list[str]:
+    lines = ["| task | scenario | multi-task AUC | single-task AUC | delta AUC | delta logloss |",
+             "|---|---|---|---|---|---|"]
+    for task, per in nt.items():
+        for scen, d in per.items():
+            flag = " (hurt)" if d["delta_auc"] < -0.002 else ""
+            lines.append(f"| {task} | {scen} | {_f(d['multi_task_auc'])} | "
+                         f"{_f(d['single_task_auc'])} | {d['delta_auc']:+.4f}{flag} | "
+                         f"{d['delta_logloss']:+.4f} |")
+    return lines
+
+
+def plot_curves(histories: dict[str, list[dict[str, Any]]], path: Path) -> Path:
+    """Validation AUC and training loss per epoch, one line per run x task."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    for run, hist in histories.items():
+        if not hist:
+            continue
+        epochs = [h["epoch"] for h in hist]
+        for task in hist[0]["valid_auc"]:
+            style = "-" if run == "multi_task" else "--"
+            axes[0].plot(epochs, [h["valid_auc"][task] for h in hist], style, marker="o",
+                         label=f"{run}: {task}")
+            axes[1].plot(epochs, [h["train_loss"][task] for h in hist], style, marker="o",
+                         label=f"{run}: {task}")
+    axes[0].set_title("validation AUC")
+    axes[1].set_title("training loss (epoch mean)")
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write_report(out_dir: Path, title: str, metrics: dict[str, Any],
+                 histories: dict[str, list[dict[str, Any]]], notes: list[str] | None = None
+                 ) -> Path:
+    out_dir = Path(out_dir)
+    lines = [f"# {title}", ""]
+    lines += notes or []
+    lines += ["", "## Test metrics (multi-task model)", ""]
+    lines += metric_table(metrics["test"])
+    if metrics.get("negative_transfer"):
+        lines += ["", "## Negative transfer: multi-task minus single-task", "",
+                  "Negative delta AUC means sharing hurt the task (flagged below -0.002).", ""]
+        lines += transfer_table(metrics["negative_transfer"])
+    if histories:
+        plot_curves(histories, out_dir / "curves.png")
+        lines += ["", "## Training curves", "", "![curves](curves.png)"]
+    path = out_dir / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+__all__ = ["ALL", "negative_transfer", "write_report"]

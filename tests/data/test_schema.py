@@ -1,0 +1,138 @@
+from __future__ import annotations
+
+import pytest
+
+from shopmtl.data.schema import ALL, FeatureSpec, ScenarioSpec, Schema, TaskSpec
+
+SCEN = ScenarioSpec("scenario", ("home", "search", "ad"))
+FEATS = (FeatureSpec("user_id", "categorical"), FeatureSpec("price", "numeric"))
+
+
+def test_availability_matrix(schema: Schema) -> None:
+    assert schema.availability() == {
+        "click": {"home": True, "search": True, "ad": True},
+        "conversion": {"home": True, "search": True, "ad": True},
+        "ad_click": {"home": False, "search": False, "ad": True},
+    }
+
+
+def test_availability_with_several_scenarios_per_task() -> None:
+    s = Schema(FEATS, (TaskSpec("a", scenarios=("home", "ad")), TaskSpec("b")), SCEN)
+    assert s.availability()["a"] == {"home": True, "search": False, "ad": True}
+    assert all(s.availability()["b"].values())
+
+
+def test_without_scenario_column_there_is_one_aggregate_scenario() -> None:
+    s = Schema(FEATS, (TaskSpec("click"),))
+    assert s.scenario_names == (ALL,)
+    assert s.availability() == {"click": {ALL: True}}
+
+
+def test_task_with_unknown_scenario_raises_and_names_it() -> None:
+    with pytest.raises(ValueError, match=r"ad_click.*'moon'"):
+        Schema(FEATS, (TaskSpec("ad_click", scenarios=("ad", "moon")),), SCEN)
+
+
+def test_task_scenarios_without_scenario_column_raise() -> None:
+    with pytest.raises(ValueError, match="unknown scenarios"):
+        Schema(FEATS, (TaskSpec("ad_click", scenarios=("ad",)),))
+
+
+def test_duplicate_feature_names_raise() -> None:
+    feats = (FeatureSpec("x", "categorical"), FeatureSpec("x", "numeric"))
+    with pytest.raises(ValueError, match="duplicate feature name 'x'"):
+        Schema(feats, (TaskSpec("click"),))
+
+
+def test_duplicate_task_names_raise() -> None:
+    with pytest.raises(ValueError, match="duplicate task name 'click'"):
+        Schema(FEATS, (TaskSpec("click"), TaskSpec("click", column="other")))
+
+
+def test_no_tasks_raise() -> None:
+    with pytest.raises(ValueError, match="at least one task"):
+        Schema(FEATS, ())
+
+
+def test_given_unknown_task_raises() -> None:
+    with pytest.raises(ValueError, match=r"conversion.*'klick'"):
+        Schema(FEATS, (TaskSpec("click"), TaskSpec("conversion", given="klick")))
+
+
+def test_given_non_binary_task_raises() -> None:
+    tasks = (TaskSpec("dwell", type="regression"), TaskSpec("conversion", given="dwell"))
+    with pytest.raises(ValueError, match="not a binary task"):
+        Schema(FEATS, tasks)
+
+
+def test_given_itself_raises() -> None:
+    with pytest.raises(ValueError, match="itself"):
+        Schema(FEATS, (TaskSpec("click", given="click"),))
+
+
+def test_vocab_from_must_be_categorical() -> None:
+    feats = (*FEATS, FeatureSpec("hist", "sequence", vocab_from="price"))
+    with pytest.raises(ValueError, match=r"hist.*price"):
+        Schema(feats, (TaskSpec("click"),))
+
+
+def test_hashed_feature_needs_buckets() -> None:
+    with pytest.raises(ValueError, match="buckets"):
+        Schema((FeatureSpec("u", "categorical", vocab="hash", buckets=1),), (TaskSpec("click"),))
+
+
+def test_only_tasks_keeps_inputs_and_given_when_both_kept(schema: Schema) -> None:
+    sub = schema.only_tasks(("click", "conversion"))
+    assert sub.task_names == ("click", "conversion")
+    assert sub.task("conversion").given == "click"
+    assert sub.features == schema.features
+    assert sub.scenario == schema.scenario
+    assert sub.group == schema.group
+
+
+def test_only_tasks_drops_given_when_its_task_is_dropped(schema: Schema) -> None:
+    sub = schema.only_tasks(("conversion",))
+    assert sub.task_names == ("conversion",)
+    assert sub.task("conversion").given is None
+    # the original is untouched (frozen)
+    assert schema.task("conversion").given == "click"
+
+
+def test_only_tasks_keeps_schema_order_and_availability(schema: Schema) -> None:
+    sub = schema.only_tasks(("ad_click", "click"))
+    assert sub.task_names == ("click", "ad_click")
+    assert sub.availability()["ad_click"] == schema.availability()["ad_click"]
+
+
+def test_only_tasks_unknown_task_raises(schema: Schema) -> None:
+    with pytest.raises(KeyError, match="nope"):
+        schema.only_tasks(("click", "nope"))
+
+
+def test_task_lookup(schema: Schema) -> None:
+    assert schema.task("ad_click").scenarios == ("ad",)
+    with pytest.raises(KeyError, match="unknown task 'x'"):
+        schema.task("x")
+
+
+def test_source_columns_are_ordered_and_deduplicated(schema: Schema) -> None:
+    # user_id is both a feature and the group column: listed once
+    assert schema.source_columns() == [
+        "user_id",
+        "item_id",
+        "price",
+        "hist",
+        "scenario",
+        "click",
+        "conversion",
+        "ad_click",
+    ]
+
+
+def test_column_overrides_name_as_source() -> None:
+    s = Schema(
+        (FeatureSpec("user", "categorical", column="uid"),),
+        (TaskSpec("click", column="is_click", oracle_column="p_click"),),
+    )
+    assert s.source_columns() == ["uid", "is_click", "p_click"]
+    assert s.of_kind("categorical")[0].source == "uid"

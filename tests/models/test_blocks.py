@@ -1,0 +1,144 @@
+"""Shared blocks of the zoo: MoE gates and CGC, STAR's partitioned norm and star FC, PEPNet's
+gate unit and field lookup, M2M's meta unit."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from shopmtl.config import ConfigError
+from shopmtl.nn.layers import FeatureEmbedding
+from shopmtl.nn.moe import CGC, Experts, Gate, mix
+from shopmtl.nn.scenario import (
+    GateNU,
+    MetaLinear,
+    PartitionedNorm,
+    StarLinear,
+    feature_fields,
+)
+from shopmtl.registry import build_model
+from tests.models.tiny import VOCAB, build, tiny_batch, tiny_schema
+
+
+def test_gates_mix_experts_with_weights_summing_to_one() -> None:
+    x = torch.randn(5, 7)
+    experts, gate = Experts(7, 3, (8, 4)), Gate(7, 3)
+    e, w = experts(x), gate(x)
+    assert e.shape == (5, 3, 4) and w.shape == (5, 3)
+    torch.testing.assert_close(w.sum(1), torch.ones(5))
+    torch.testing.assert_close(mix(e, w), (e * w.unsqueeze(-1)).sum(1))
+
+
+def test_cgc_levels() -> None:
+    x = torch.randn(4, 6)
+    low, top = CGC(6, 3, 1, 2, (5,)), CGC(5, 3, 1, 2, (5,), shared_out=False)
+    tasks, shared = low([x] * 3, x)
+    assert len(tasks) == 3 and all(t.shape == (4, 5) for t in tasks) and shared.shape == (4, 5)
+    tasks, shared = top(tasks, shared)
+    assert shared is None and top.shared_gate is None
+    # a task's output does not depend on another task's specific experts
+    out = low([x] * 3, x)[0][0]
+    grads = torch.autograd.grad(out.sum(), list(low.specific[1].parameters()), allow_unused=True)
+    assert all(g is None for g in grads)
+
+
+def test_partitioned_norm_keeps_statistics_per_scenario() -> None:
+    torch.manual_seed(0)
+    norm = PartitionedNorm(3, 4, momentum=1.0)
+    scen = torch.tensor([0] * 50 + [1] * 50 + [2])  # scenario 2: one row, scenario 3: none
+    x = torch.randn(101, 3) + scen.unsqueeze(1) * 5.0
+    y = norm(x, scen)
+    for s in (0, 1):
+        rows = y[scen == s]
+        torch.testing.assert_close(rows.mean(0), torch.zeros(3), atol=1e-5, rtol=0)
+        torch.testing.assert_close(rows.std(0, unbiased=False), torch.ones(3), atol=1e-3, rtol=0)
+        torch.testing.assert_close(norm.running_mean[s], x[scen == s].mean(0))
+    # too few rows to estimate: running statistics are used and left alone
+    assert torch.equal(norm.running_mean[2:], torch.zeros(2, 3))
+    torch.testing.assert_close(y[-1], x[-1] / (1 + 1e-5) ** 0.5)
+    norm.eval()
+    torch.testing.assert_close(norm(x, scen)[:100], y[:100], atol=0.05, rtol=0)
+
+
+def test_star_linear_is_shared_times_scenario_weights() -> None:
+    lin = StarLinear(4, 3, 2)
+    with torch.no_grad():
+        lin.weight_s.normal_()
+        lin.bias_s.normal_()
+    x, scen = torch.randn(6, 4), torch.tensor([0, 1, 1, 0, 1, 0])
+    expect = torch.stack(
+        [
+            x[i] @ (lin.weight * lin.weight_s[s]) + lin.bias + lin.bias_s[s]
+            for i, s in enumerate(scen.tolist())
+        ]
+    )
+    torch.testing.assert_close(lin(x, scen), expect)
+
+
+def test_star_scenario_parameters_only_touch_their_scenario() -> None:
+    model = build("star").eval()
+    batch = tiny_batch(model.schema)
+    before = model(batch)
+    with torch.no_grad():
+        model.star.layers[0].weight_s[2].mul_(3.0)
+    after = model(batch)
+    changed = before["click"] != after["click"]
+    assert torch.equal(changed, batch.scenario == 2)
+
+
+def test_gate_unit_range() -> None:
+    gate = GateNU(5, 7, 4, gamma=2.0)
+    g = gate(torch.randn(100, 5) * 10)
+    assert g.shape == (100, 7) and (g > 0).all() and (g < 2).all()
+
+
+def test_meta_linear_generates_weights_from_the_condition() -> None:
+    lin = MetaLinear(4, 3, 2)
+    with torch.no_grad():
+        lin.u.normal_()
+    x, s = torch.randn(5, 4), torch.randn(5, 2)
+    w = lin.base.weight.T + torch.einsum("bj,jio->bio", s, lin.v)  # [B, in, out] per row
+    expect = torch.einsum("bi,bio->bo", x, w) + lin.base.bias + s @ lin.u
+    torch.testing.assert_close(lin(x, s), expect)
+
+
+def test_feature_fields_match_the_embedding_layout() -> None:
+    schema = tiny_schema()
+    emb = FeatureEmbedding(schema, VOCAB, 4)
+    batch = tiny_batch(schema, n=8)
+    fields = emb(batch)  # [B, F, D]
+    item, price, query = feature_fields(schema, ("item_id", "price", "query"), "x")
+    off = VOCAB["user_id"]
+    torch.testing.assert_close(fields[:, item], emb.table(batch.cat[:, 1] + off))
+    torch.testing.assert_close(fields[:, price], batch.num[:, :1] * emb.num_weight + emb.num_bias)
+    assert query == 4 and fields.shape[1] == emb.num_fields == 7
+    with pytest.raises(ConfigError, match="nope"):
+        feature_fields(schema, ("nope",), "model.args.prior_features")
+
+
+@pytest.mark.parametrize(
+    ("name", "key"),
+    [("pepnet", "prior_features"), ("pepnet", "domain_features"), ("m2m", "domain_features")],
+)
+def test_unknown_feature_names_in_model_args_raise_config_error(name: str, key: str) -> None:
+    with pytest.raises(ConfigError, match=key):
+        build_model(name, {key: ["nope"]}, tiny_schema(), VOCAB)
+    model = build(name, **{key: ["segment"]})
+    batch = tiny_batch(model.schema, n=8)
+    assert torch.isfinite(torch.stack(list(model(batch).values()))).all()
+
+
+def test_pepnet_gates_read_the_general_embedding_through_a_stop_gradient() -> None:
+    model = build("pepnet")
+    batch = tiny_batch(model.schema, n=8)
+    seen: dict[str, torch.Tensor] = {}
+    model.epnet.register_forward_hook(lambda m, i, o: seen.__setitem__("ep", o))
+    model.ppnet[0].register_forward_hook(lambda m, i, o: seen.__setitem__("pp", o))
+    model(batch)
+    table, scen = model.embed.table.weight, model.embed.scenario.weight
+    # EPNet: the domain side (scenario) trains the gate input, the general embedding does not
+    g_table, g_scen = torch.autograd.grad(seen["ep"].sum(), [table, scen], retain_graph=True)
+    assert not g_table.any() and g_scen.any()
+    # PPNet: the priors (ids in the table) get gradient, the EPNet-gated tower input does not
+    g = torch.autograd.grad(seen["pp"].sum(), [table, *model.epnet.parameters()], allow_unused=True)
+    assert g[0].any() and all(x is None or not x.any() for x in g[1:])

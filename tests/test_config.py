@@ -1,0 +1,240 @@
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from shopmtl.config import (
+    ConfigError,
+    DataConfig,
+    ExperimentConfig,
+    apply_overrides,
+    dump_config,
+    from_dict,
+    load_config,
+)
+from shopmtl.data.schema import FeatureSpec, ScenarioSpec, Schema, TaskSpec
+
+CONFIG = """\
+data:
+  train: data/train.csv
+  valid: /abs/valid.parquet
+  bad_rows: quarantine
+  schema:
+    features:
+      - {name: user_id, kind: categorical, min_count: 2}
+      - {name: item_id, kind: categorical, vocab: hash, buckets: 1000}
+      - {name: price, kind: numeric, transform: log1p, fill: 0}
+      - {name: hist, kind: sequence, vocab_from: item_id, max_len: 20}
+    tasks:
+      - {name: click}
+      - {name: conversion, given: click}
+      - {name: ad_click, scenarios: [ad]}
+    scenario: {column: scenario, values: [home, search, ad]}
+    group: user_id
+model:
+  name: shared_bottom
+  args: {hidden: [64, 32], dropout: 0.1}
+train:
+  epochs: 2
+  lr: 0.001
+  alpha: {click: 1, conversion: 2.5}
+  early_stopping: {metric: valid.click.auc, patience: 4}
+"""
+
+
+@pytest.fixture
+def config_file(tmp_path: Path) -> Path:
+    sub = tmp_path / "experiments"
+    sub.mkdir()
+    path = sub / "exp.yaml"
+    path.write_text(CONFIG)
+    return path
+
+
+def write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "c.yaml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_load_builds_typed_dataclasses(config_file: Path) -> None:
+    cfg = load_config(config_file)
+    assert isinstance(cfg, ExperimentConfig) and isinstance(cfg.data, DataConfig)
+    assert cfg.data.bad_rows == "quarantine"
+    assert cfg.data.chunk_rows == 200_000  # default kept
+    feats = cfg.data.schema.features
+    assert isinstance(feats, tuple) and all(isinstance(f, FeatureSpec) for f in feats)
+    assert feats[1].vocab == "hash" and feats[1].buckets == 1000
+    assert feats[2].fill == 0.0 and isinstance(feats[2].fill, float)
+    assert cfg.data.schema.tasks[2] == TaskSpec("ad_click", scenarios=("ad",))
+    assert cfg.data.schema.scenario == ScenarioSpec("scenario", ("home", "search", "ad"))
+    schema = cfg.data.schema.build()
+    assert isinstance(schema, Schema)
+    assert schema.availability()["ad_click"] == {"home": False, "search": False, "ad": True}
+    assert cfg.model.args == {"hidden": [64, 32], "dropout": 0.1}
+    assert cfg.train.epochs == 2 and cfg.train.lr == 0.001
+    assert cfg.train.alpha == {"click": 1.0, "conversion": 2.5}
+    assert cfg.train.early_stopping.patience == 4
+    assert cfg.train.early_stopping.mode == "max"  # default kept
+
+
+def test_scientific_notation_is_a_number(tmp_path: Path) -> None:
+    """YAML 1.1 reads 1e-3 as a string; a learning rate written that way must still load."""
+    path = write(
+        tmp_path,
+        """\
+        data:
+          train: t.csv
+          schema: {features: [], tasks: [{name: click}]}
+        train: {lr: 1e-3, embedding_weight_decay: 1.0e-6, weight_decay: 5E-4}
+        """,
+    )
+    cfg = load_config(path, ["train.grad_clip=1e1"])
+    assert cfg.train.lr == pytest.approx(1e-3)
+    assert cfg.train.embedding_weight_decay == pytest.approx(1e-6)
+    assert cfg.train.weight_decay == pytest.approx(5e-4)
+    assert cfg.train.grad_clip == pytest.approx(10.0)
+    # integers and strings are unaffected
+    cfg = load_config(path, ["train.epochs=7", "data.split_seed=0", "model.name=1e3x"])
+    assert cfg.train.epochs == 7 and cfg.model.name == "1e3x"
+
+
+@pytest.mark.parametrize(
+    ("override", "path_in_message", "also"),
+    [
+        ("train.epoch=5", "ExperimentConfig.train", "'epoch'"),
+        ("data.chunk_row=5", "ExperimentConfig.data", "'chunk_row'"),
+        ("train.early_stopping.patienc=1", "ExperimentConfig.train.early_stopping", "'patienc'"),
+        ("bogus=1", "ExperimentConfig", "'bogus'"),
+        ("data.schema.scenario.colour=red", "ExperimentConfig.data.schema.scenario", "'colour'"),
+    ],
+)
+def test_unknown_key_raises_with_dotted_path(
+    config_file: Path, override: str, path_in_message: str, also: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(config_file, [override])
+    msg = str(info.value)
+    assert msg.startswith(f"{path_in_message}: unknown key(s)")
+    assert also in msg
+
+
+def test_unknown_key_inside_a_list_names_the_index(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """\
+        data:
+          train: t.csv
+          schema:
+            features: [{name: a, kind: numeric}, {name: b, kind: numeric, colour: red}]
+            tasks: [{name: click}]
+        """,
+    )
+    with pytest.raises(
+        ConfigError, match=r"ExperimentConfig\.data\.schema\.features\[1\]: unknown"
+    ):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("override", "dotted"),
+    [
+        ("train.epochs=five", "ExperimentConfig.train.epochs"),
+        ("train.epochs=2.5", "ExperimentConfig.train.epochs"),
+        ("train.epochs=true", "ExperimentConfig.train.epochs"),
+        ("train.lr=fast", "ExperimentConfig.train.lr"),
+        ("train.lr=true", "ExperimentConfig.train.lr"),
+        ("data.streaming=1", "ExperimentConfig.data.streaming"),
+        ("data.valid=5", "ExperimentConfig.data.valid"),
+        ("data.bad_rows=drop", "ExperimentConfig.data.bad_rows"),
+        ("train.optimizer=sgd", "ExperimentConfig.train.optimizer"),
+        ("train.alpha.click=high", "ExperimentConfig.train.alpha.click"),
+        ("train.early_stopping=3", "ExperimentConfig.train.early_stopping"),
+        ("data.schema.scenario.values=ad", "ExperimentConfig.data.schema.scenario.values"),
+        (
+            "data.schema.tasks=[{name: c, type: ranking}]",
+            "ExperimentConfig.data.schema.tasks[0].type",
+        ),
+    ],
+)
+def test_wrong_type_raises_with_dotted_path(config_file: Path, override: str, dotted: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(config_file, [override])
+    assert str(info.value).startswith(f"{dotted}: ")
+
+
+def test_missing_required_key(tmp_path: Path) -> None:
+    path = write(tmp_path, "data: {schema: {features: [], tasks: [{name: click}]}}\n")
+    with pytest.raises(ConfigError, match=r"ExperimentConfig\.data: missing required key 'train'"):
+        load_config(path)
+
+
+def test_overrides_apply(config_file: Path) -> None:
+    cfg = load_config(
+        config_file,
+        ["train.epochs=5", "data.streaming=true", "model.args.hidden=[8]", "train.seed=3"],
+    )
+    assert cfg.train.epochs == 5 and isinstance(cfg.train.epochs, int)
+    assert cfg.data.streaming is True
+    assert cfg.model.args == {"hidden": [8], "dropout": 0.1}
+    assert cfg.train.seed == 3
+    assert cfg.train.lr == 0.001  # untouched
+
+
+def test_overrides_do_not_mutate_the_input() -> None:
+    raw = {"train": {"epochs": 1}}
+    out = apply_overrides(raw, ["train.epochs=5", "model.name=mmoe"])
+    assert out == {"train": {"epochs": 5}, "model": {"name": "mmoe"}}
+    assert raw == {"train": {"epochs": 1}}
+
+
+@pytest.mark.parametrize("override", ["train.epochs", "train.epochs.x=1"])
+def test_malformed_override_raises(config_file: Path, override: str) -> None:
+    with pytest.raises(ConfigError, match="override"):
+        load_config(config_file, [override])
+
+
+def test_relative_data_paths_resolve_against_the_config_file(
+    config_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    cfg = load_config(config_file)
+    assert cfg.data.train == str(config_file.parent.resolve() / "data" / "train.csv")
+    assert cfg.data.valid == "/abs/valid.parquet"  # absolute: untouched
+    assert cfg.data.test is None
+    cfg = load_config(config_file, ["data.test=../held/test.csv"])
+    assert cfg.data.test == str((tmp_path / "held" / "test.csv").resolve())
+
+
+def test_dump_and_reload_round_trip(config_file: Path, tmp_path: Path) -> None:
+    cfg = load_config(config_file)
+    out = tmp_path / "dumped.yaml"
+    dump_config(cfg, out)
+    assert load_config(out) == cfg
+
+
+@pytest.mark.parametrize(
+    ("text", "match"),
+    [
+        ("data: [unclosed\n", "not valid YAML"),
+        ("- a\n- b\n", "must be a mapping"),
+    ],
+)
+def test_bad_files(tmp_path: Path, text: str, match: str) -> None:
+    with pytest.raises(ConfigError, match=match):
+        load_config(write(tmp_path, text))
+
+
+def test_missing_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "nope.yaml")
+
+
+def test_from_dict_names_the_class_at_the_root() -> None:
+    with pytest.raises(ConfigError, match=r"^FeatureSpec: unknown key\(s\) \['x'\]"):
+        from_dict(FeatureSpec, {"name": "a", "kind": "numeric", "x": 1})
+    assert from_dict(FeatureSpec, {"name": "a", "kind": "numeric"}) == FeatureSpec("a", "numeric")
