@@ -51,8 +51,11 @@ class SchemaConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    schema: SchemaConfig
-    train: str
+    # either files + a schema, or `synthetic`: WorldConfig fields (e.g. {rows: 500000,
+    # scenario_shift: 1.0}); the world is generated into OUT/data and its schema is used
+    schema: SchemaConfig | None = None
+    train: str | None = None
+    synthetic: dict[str, Any] | None = None
     valid: str | None = None
     test: str | None = None
     # without valid/test files, seeded random fractions of `train` are held out instead
@@ -127,6 +130,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
         raise ConfigError(f"{path}: the top level must be a mapping")
     raw = apply_overrides(raw, overrides or [])
     cfg = from_dict(ExperimentConfig, raw)
+    if cfg.data.synthetic is None and (cfg.data.schema is None or cfg.data.train is None):
+        raise ConfigError("data: give `train` and `schema` (your files) or `synthetic` "
+                          "(a generated world)")
     return _resolve_paths(cfg, path.parent)
 
 

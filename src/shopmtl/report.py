@@ -48,9 +48,20 @@ def negative_transfer(multi: dict[str, dict[str, dict[str, float]]],
             if s is None:
                 continue
             out[task][scen] = {"multi_task_auc": m["auc"], "single_task_auc": s["auc"],
-                               "delta_auc": m["auc"] - s["auc"],
-                               "delta_logloss": m["logloss"] - s["logloss"]}
+                               "delta_auc": _minus(m["auc"], s["auc"]),
+                               "delta_logloss": _minus(m["logloss"], s["logloss"])}
     return out
+
+
+def _minus(a: float | None, b: float | None) -> float:
+    """a - b, NaN when either is missing (an AUC on a one-class slice)."""
+    if a is None or b is None:
+        return math.nan
+    return a - b
+
+
+def _signed(x: float | None) -> str:
+    return "-" if x is None or math.isnan(x) else f"{x:+.4f}"
 
 
 def transfer_table(nt: dict[str, dict[str, dict[str, float]]]) -> list[str]:
@@ -58,10 +69,11 @@ def transfer_table(nt: dict[str, dict[str, dict[str, float]]]) -> list[str]:
              "|---|---|---|---|---|---|"]
     for task, per in nt.items():
         for scen, d in per.items():
-            flag = " (hurt)" if d["delta_auc"] < -0.002 else ""
+            delta = d["delta_auc"]
+            flag = " (hurt)" if delta is not None and delta < -0.002 else ""
             lines.append(f"| {task} | {scen} | {_f(d['multi_task_auc'])} | "
-                         f"{_f(d['single_task_auc'])} | {d['delta_auc']:+.4f}{flag} | "
-                         f"{d['delta_logloss']:+.4f} |")
+                         f"{_f(d['single_task_auc'])} | {_signed(delta)}{flag} | "
+                         f"{_signed(d['delta_logloss'])} |")
     return lines
 
 

@@ -22,7 +22,6 @@ from shopmtl.config import (
 )
 from shopmtl.data.dataset import TensorTable
 from shopmtl.data.pipeline import PreparedData, prepare_data
-from shopmtl.data.schema import Schema
 from shopmtl.report import negative_transfer, write_report
 from shopmtl.train.evaluate import metrics_by_scenario, predict_table
 from shopmtl.train.trainer import train_model
@@ -71,8 +70,11 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, baselines: boo
     the test split, write metrics.json and report.md. Returns the metrics dict."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    dump_config(cfg, out / "config.yaml")
     t0 = time.perf_counter()
+    cfg, world = resolve_synthetic(cfg, out / "data", log)
+    if world is not None:
+        extra = {"world": world, **(extra or {})}
+    dump_config(cfg, out / "config.yaml")
     schema = cfg.data.schema.build()
     data = prepare_data(cfg.data, schema, out)
     if data.bad_rows:
@@ -124,6 +126,36 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, baselines: boo
     return metrics
 
 
+def resolve_synthetic(cfg: ExperimentConfig, data_dir: Path, log: Any = print
+                      ) -> tuple[ExperimentConfig, dict | None]:
+    """For ``data.synthetic``: generate the world once into ``data_dir`` (reused when its
+    world.json matches) and fill in the schema and file paths."""
+    if cfg.data.synthetic is None:
+        return cfg, None
+    from shopmtl.config import from_dict, to_dict
+    from shopmtl.data.synthetic import WorldConfig, default_schema, generate
+
+    wc = from_dict(WorldConfig, dict(cfg.data.synthetic), "data.synthetic")
+    meta = data_dir / "world.json"
+    world = None
+    if meta.is_file():
+        saved = json.loads(meta.read_text())
+        if saved.get("config") == clean(to_dict(wc)):
+            world = {k: v for k, v in saved.items() if k != "config"}
+    if world is None:
+        t0 = time.perf_counter()
+        world = generate(wc, data_dir)
+        log(f"synthetic world: {wc.rows:,} impressions in {time.perf_counter() - t0:.1f}s")
+    schema = default_schema(wc)
+    data = dataclasses.replace(
+        cfg.data,
+        schema=SchemaConfig(schema.features, schema.tasks, schema.scenario, schema.group),
+        train=str(data_dir / "train.parquet"), valid=str(data_dir / "valid.parquet"),
+        test=str(data_dir / "test.parquet"),
+    )
+    return dataclasses.replace(cfg, data=data), clean(world)
+
+
 def _single_es(cfg: ExperimentConfig, task: str) -> EarlyStopping:
     es = cfg.train.early_stopping
     parts = es.metric.removeprefix("valid.").split(".")
@@ -139,14 +171,10 @@ QUICKSTART_MODEL: dict[str, Any] = {"embed_dim": 16, "interaction": "dot", "bott
                                     "tower": [32], "dropout": 0.0}
 
 
-def quickstart_config(data_dir: Path, schema: Schema, seed: int) -> ExperimentConfig:
-    d = Path(data_dir)
+def quickstart_config(rows: int, seed: int) -> ExperimentConfig:
+    """The default run: the synthetic world, SharedBottom with a dot-interaction bottom."""
     return ExperimentConfig(
-        data=DataConfig(
-            schema=SchemaConfig(schema.features, schema.tasks, schema.scenario, schema.group),
-            train=str(d / "train.parquet"), valid=str(d / "valid.parquet"),
-            test=str(d / "test.parquet"),
-        ),
+        data=DataConfig(synthetic={"rows": rows, "seed": seed}),
         model=ModelConfig("shared_bottom", dict(QUICKSTART_MODEL)),
         train=TrainConfig(epochs=6, batch_size=2048, lr=2e-3, embedding_weight_decay=1e-2,
                           seed=seed, early_stopping=EarlyStopping("valid.click.all.auc", "max", 2)),
@@ -157,16 +185,9 @@ def quickstart(out_dir: str | Path, rows: int = 2_000_000, seed: int = 0, progre
                baselines: bool = True, log: Any = print) -> dict[str, Any]:
     """Generate the default synthetic world, train the multi-task model and the single-task
     baselines, and report every metric beside the oracle."""
-    from shopmtl.data.synthetic import WorldConfig, default_schema, generate
-
     torch.manual_seed(seed)
     out = Path(out_dir)
-    wc = WorldConfig(rows=rows, seed=seed)
-    t0 = time.perf_counter()
-    world = generate(wc, out / "data")
-    log(f"synthetic world: {rows:,} impressions in {time.perf_counter() - t0:.1f}s "
-        f"(latent share of click-logit variance {world['latent_variance_share']:.2f})")
-    cfg = quickstart_config(out / "data", default_schema(wc), seed)
+    out.mkdir(parents=True, exist_ok=True)
+    cfg = quickstart_config(rows, seed)
     (out / "command.txt").write_text(f"shopmtl quickstart --out {out} --rows {rows} --seed {seed}\n")
-    return run_experiment(cfg, out, baselines=baselines, progress=progress,
-                          extra={"world": world}, log=log)
+    return run_experiment(cfg, out, baselines=baselines, progress=progress, log=log)
