@@ -167,8 +167,11 @@ def test_wrong_type_raises_with_dotted_path(config_file: Path, override: str, do
 
 def test_missing_required_key(tmp_path: Path) -> None:
     path = write(tmp_path, "data: {schema: {features: [], tasks: [{name: click}]}}\n")
-    with pytest.raises(ConfigError, match=r"ExperimentConfig\.data: missing required key 'train'"):
+    with pytest.raises(ConfigError, match=r"data: give `train` and `schema`"):
         load_config(path)
+    nested = write(tmp_path, "data: {schema: {features: []}, train: x.csv}\n")
+    with pytest.raises(ConfigError, match=r"data\.schema: missing required key 'tasks'"):
+        load_config(nested)
 
 
 def test_overrides_apply(config_file: Path) -> None:

@@ -99,6 +99,10 @@ class TrainConfig:
     eval_batch_size: int = 16384
     log_every: int = 50
     log_grad_cosine: bool = False  # task-gradient cosines on shared params (T extra backwards)
+    # FGM (Miyato et al. 2017): also train on the embedding table moved by epsilon along its
+    # normalised gradient (one extra forward/backward per step)
+    adversarial: Literal["none", "fgm"] = "none"
+    adversarial_epsilon: float = 1.0
 
 
 @dataclass(frozen=True)

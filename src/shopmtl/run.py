@@ -41,11 +41,16 @@ def clean(obj: Any) -> Any:
 
 
 def _subset_table(t: TensorTable, cols: list[int]) -> TensorTable:
+    """Those task columns, and only the rows where at least one of them has a label: a row
+    without any label adds nothing to a model of these tasks (a conversion-only model trains
+    on clicked impressions, an ad-click model on the ad slot), so it is not worth a step."""
+    rows = t.mask[:, cols].any(1).nonzero().squeeze(1)
     out = TensorTable.__new__(TensorTable)
-    out.__dict__.update(t.__dict__)
-    out.labels = t.labels[:, cols].contiguous()
-    out.mask = t.mask[:, cols].contiguous()
-    out.oracle = None if t.oracle is None else t.oracle[:, cols].contiguous()
+    for name in ("cat", "num", "seq", "scenario", "group"):
+        setattr(out, name, getattr(t, name)[rows])
+    out.labels = t.labels[rows][:, cols].contiguous()
+    out.mask = t.mask[rows][:, cols].contiguous()
+    out.oracle = None if t.oracle is None else t.oracle[rows][:, cols].contiguous()
     return out
 
 

@@ -45,7 +45,7 @@ def train(name, model, batch, **args):
     return w, history
 
 
-@pytest.mark.parametrize("name", sorted(WEIGHTINGS))
+@pytest.mark.parametrize("name", sorted(set(WEIGHTINGS) - {"cagrad", "nash_mtl"}))  # extra
 def test_training_decreases_the_loss(name):
     model, batch = tiny_model(interaction="dot"), tiny_batch()
     before = total_loss(model, batch)

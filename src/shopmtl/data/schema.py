@@ -6,6 +6,7 @@ from the training split. Tasks and scenarios are referred to by name everywhere 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -25,6 +26,10 @@ class FeatureSpec:
     None, an empty cell is a bad row).
     sequence: a ``sep``-joined list (a behaviour history), truncated to the last ``max_len`` items;
     ``vocab_from`` shares the vocabulary (and embedding rows) of a categorical feature.
+    ``attend_to`` (sequence only) names that same categorical feature, the target (the candidate
+    item or category of the row): the history is pooled by DIN target attention against the
+    target's embedding instead of by its mean. It requires ``vocab_from == attend_to``, so that
+    the history and the target are rows of one table (comparable vectors).
     """
 
     name: str
@@ -38,6 +43,7 @@ class FeatureSpec:
     max_len: int = 10
     sep: str = "|"
     vocab_from: str | None = None
+    attend_to: str | None = None
 
     @property
     def source(self) -> str:
@@ -48,7 +54,8 @@ class FeatureSpec:
 class TaskSpec:
     """One prediction target.
 
-    ``scenarios``: where the task is defined (empty = everywhere), e.g. ad click only in the ad slot.
+    ``scenarios``: where the task is defined (empty = everywhere), e.g. ad click only in the ad
+    slot.
     ``given``: another binary task that must be positive for this label to exist (conversion given
     click). Outside its scenarios or condition a label is masked, never a negative. ``required``:
     an empty label where the task is defined is a bad row (True) or just masked (False).
@@ -57,6 +64,9 @@ class TaskSpec:
     (the cell is whitespace-stripped; any other value is 0, an empty cell is missing), e.g.
     ``("50000+.",)``; ``threshold`` makes a numeric cell 1 if it is >= the threshold, else 0
     (e.g. a rating >= 4).
+    Class imbalance (binary tasks only): ``pos_weight`` multiplies the loss of positive labels
+    (as ``BCEWithLogitsLoss(pos_weight=...)``); ``loss="focal"`` uses the focal loss of Lin et
+    al. (2017) with focusing parameter ``focal_gamma`` (0 is BCE) instead of BCE.
     """
 
     name: str
@@ -68,10 +78,23 @@ class TaskSpec:
     oracle_column: str | None = None
     positive: tuple[str, ...] = ()
     threshold: float | None = None
+    pos_weight: float = 1.0
+    loss: Literal["bce", "focal"] = "bce"
+    focal_gamma: float = 2.0
 
     def __post_init__(self) -> None:
         if (self.positive or self.threshold is not None) and self.type != "binary":
             raise ValueError(f"task '{self.name}': positive/threshold need type 'binary'")
+        if not (math.isfinite(self.pos_weight) and self.pos_weight > 0):
+            raise ValueError(f"task '{self.name}': pos_weight must be > 0, got {self.pos_weight}")
+        if self.loss not in ("bce", "focal"):
+            raise ValueError(f"task '{self.name}': loss is 'bce' or 'focal', not {self.loss!r}")
+        if (self.loss != "bce" or self.pos_weight != 1.0) and self.type != "binary":
+            raise ValueError(f"task '{self.name}': pos_weight/focal loss need type 'binary'")
+        if not (math.isfinite(self.focal_gamma) and self.focal_gamma >= 0):
+            raise ValueError(
+                f"task '{self.name}': focal_gamma must be >= 0, got {self.focal_gamma}"
+            )
         if self.positive and self.threshold is not None:
             raise ValueError(f"task '{self.name}': set either positive or threshold, not both")
 
@@ -125,6 +148,22 @@ class Schema:
                     f"schema: feature '{f.name}' takes its vocabulary from '{f.vocab_from}', "
                     "which is not a categorical feature"
                 )
+            if f.attend_to is not None:
+                if f.kind != "sequence":
+                    raise ValueError(
+                        f"schema: feature '{f.name}' has attend_to but is not a sequence"
+                    )
+                if f.attend_to not in cats:
+                    raise ValueError(
+                        f"schema: sequence '{f.name}' attends to '{f.attend_to}', which is not a "
+                        "categorical feature"
+                    )
+                if f.vocab_from != f.attend_to:
+                    raise ValueError(
+                        f"schema: sequence '{f.name}' attends to '{f.attend_to}' but takes its "
+                        f"vocabulary from {f.vocab_from!r}; set vocab_from: {f.attend_to} so the "
+                        "history and its target share embedding rows"
+                    )
             if f.vocab == "hash" and f.buckets < 2:
                 raise ValueError(f"schema: hashed feature '{f.name}' needs buckets >= 2")
 

@@ -31,8 +31,8 @@ class MultiTaskModel(nn.Module):
         """Masked loss per task, [T] in schema order."""
         return torch.stack(
             [
-                tt.loss(logits[name], batch.labels[:, j], batch.mask[:, j])
-                for j, (name, tt) in enumerate(zip(self.task_names, self._task_types, strict=True))
+                tt.loss(logits[t.name], batch.labels[:, j], batch.mask[:, j], t)
+                for j, (t, tt) in enumerate(zip(self.schema.tasks, self._task_types, strict=True))
             ]
         )
 

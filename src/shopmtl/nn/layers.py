@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from shopmtl.data.dataset import Batch
 from shopmtl.data.schema import Schema
+from shopmtl.nn.attention import TargetAttention
 
 
 class FeatureEmbedding(nn.Module):
@@ -18,12 +19,28 @@ class FeatureEmbedding(nn.Module):
 
     All categorical vocabularies live in one table with offsets: one lookup per batch. A
     sequence with ``vocab_from`` reads the rows of that feature (shared item/category vectors).
+    A sequence with ``attend_to`` is pooled by DIN target attention against the embedding of
+    its target feature (``nn.attention.TargetAttention``, one unit per such sequence, with
+    ``attention_hidden`` widths and optional ``attention_softmax``); the others are mean-pooled.
     """
 
-    def __init__(self, schema: Schema, vocab_sizes: dict[str, int], dim: int) -> None:
+    def __init__(
+        self,
+        schema: Schema,
+        vocab_sizes: dict[str, int],
+        dim: int,
+        attention_hidden: tuple[int, ...] = (36,),
+        attention_softmax: bool = False,
+    ) -> None:
         super().__init__()
         cats = schema.of_kind("categorical")
         seqs = schema.of_kind("sequence")
+        cat_index = {f.name: i for i, f in enumerate(cats)}
+        # (sequence position, target's categorical position) of each attended sequence
+        self.attended = [(s, cat_index[f.attend_to]) for s, f in enumerate(seqs) if f.attend_to]
+        self.attention = nn.ModuleList(
+            TargetAttention(dim, attention_hidden, attention_softmax) for _ in self.attended
+        )
         offsets, total = {}, 0
         for f in cats:
             offsets[f.name] = total
@@ -60,6 +77,11 @@ class FeatureEmbedding(nn.Module):
             emb = self.table(ids)  # [B, Fs, L, D]
             present = (batch.seq > 0).unsqueeze(-1).to(emb.dtype)
             pooled = (emb * present).sum(2) / present.sum(2).clamp(min=1.0)  # [B, Fs, D]
+            if self.attended:
+                cols = list(pooled.unbind(1))
+                for (s, c), unit in zip(self.attended, self.attention, strict=True):
+                    cols[s] = unit(fields[0][:, c], emb[:, s], batch.seq[:, s] > 0)  # [B, D]
+                pooled = torch.stack(cols, 1)
             fields.append(pooled)
         if batch.num.shape[1]:
             fields.append(batch.num.unsqueeze(-1) * self.num_weight + self.num_bias)  # [B, Fn, D]

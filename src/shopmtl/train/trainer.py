@@ -29,6 +29,7 @@ from shopmtl.data.schema import Schema
 from shopmtl.models.base import MultiTaskModel
 from shopmtl.registry import build_model
 from shopmtl.train import checkpoint as ck
+from shopmtl.train.adversarial import fgm_backward
 from shopmtl.train.evaluate import metrics_by_scenario, predict_table, summary_metric
 from shopmtl.weighting import StepInfo, build_weighting, task_gradient_cosine
 
@@ -218,6 +219,10 @@ class Trainer:
         weights = self.weighting.backward(self.alpha * losses, self.model, info, extra)
         if not torch.isfinite(weights).all():
             raise NonFiniteError(f"non-finite task weights at step {self.state.global_step}")
+        if t.adversarial == "fgm":  # + gradient at the perturbed embeddings; table restored
+            adv = fgm_backward(self.model, batch, self.alpha * weights, t.adversarial_epsilon)
+            if adv is not None and not torch.isfinite(adv).all():
+                raise NonFiniteError(f"non-finite FGM loss at step {self.state.global_step}")
         if t.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
             if not torch.isfinite(norm):
