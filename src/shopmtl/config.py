@@ -87,6 +87,7 @@ class TrainConfig:
     epochs: int = 3
     batch_size: int = 2048
     lr: float = 2e-3
+    lr_decay: float = 1.0  # lr of epoch e is lr * lr_decay**e (a function of e: resume-safe)
     weight_decay: float = 0.0
     embedding_weight_decay: float = 1e-6  # L2 on the rows a batch touches (sparse-friendly)
     optimizer: Literal["adam", "adamw"] = "adam"

@@ -20,7 +20,8 @@ from shopmtl.train.trainer import load_model_dir
 
 def evaluate_file(model_dir: str | Path, path: str | Path) -> dict:
     model, cfg, schema, encoders = load_model_dir(model_dir)
-    log = BadRowLog(cfg.data.bad_rows, cfg.data.max_bad_fraction)
+    # metrics over silently fewer rows would mislead: any bad row stops evaluation
+    log = BadRowLog("fail", 0.0)
     parts = [encoders.transform(p) for p in read_chunks(path, schema, cfg.data.chunk_rows, log)]
     if not parts:
         raise DataError(f"{Path(path).name}: no usable rows")

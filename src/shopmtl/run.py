@@ -181,12 +181,13 @@ def quickstart_config(rows: int, seed: int) -> ExperimentConfig:
     return ExperimentConfig(
         data=DataConfig(synthetic={"rows": rows, "seed": seed}),
         model=ModelConfig("shared_bottom", dict(QUICKSTART_MODEL)),
-        train=TrainConfig(epochs=6, batch_size=2048, lr=2e-3, embedding_weight_decay=1e-2,
-                          seed=seed, early_stopping=EarlyStopping("valid.click.all.auc", "max", 2)),
+        train=TrainConfig(epochs=4, batch_size=2048, lr=2e-3, lr_decay=0.5,
+                          embedding_weight_decay=1e-2, seed=seed,
+                          early_stopping=EarlyStopping("valid.click.all.auc", "max", 1)),
     )
 
 
-def quickstart(out_dir: str | Path, rows: int = 2_000_000, seed: int = 0, progress: bool = True,
+def quickstart(out_dir: str | Path, rows: int = 4_000_000, seed: int = 0, progress: bool = True,
                baselines: bool = True, log: Any = print) -> dict[str, Any]:
     """Generate the default synthetic world, train the multi-task model and the single-task
     baselines, and report every metric beside the oracle."""

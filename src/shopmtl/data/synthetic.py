@@ -36,27 +36,27 @@ SPLITS = ("train", "valid", "test")
 
 @dataclass(frozen=True)
 class WorldConfig:
-    rows: int = 1_000_000
+    rows: int = 4_000_000
     seed: int = 0
-    n_users: int = 12_000
-    n_items: int = 3_000
+    n_users: int = 3_000
+    n_items: int = 1_500
     n_top_categories: int = 8
     leaves_per_top: int = 5
     n_brands: int = 96
     n_segments: int = 6
-    latent_dim: int = 8
+    latent_dim: int = 4
     n_days: int = 30
     split_days: tuple[int, int] = (24, 27)  # train < 24 <= valid < 27 <= test
     scenarios: tuple[str, ...] = ("home_feed", "search", "ad_slot", "product_page")
     traffic: tuple[float, ...] = (0.45, 0.25, 0.15, 0.15)
-    click_base: tuple[float, ...] = (-3.6, -2.9, -4.1, -3.3)
-    position_decay: tuple[float, ...] = (0.05, 0.12, 0.2, 0.08)
+    click_base: tuple[float, ...] = (-3.6, -3.1, -3.9, -3.3)
+    position_decay: tuple[float, ...] = (0.05, 0.12, 0.12, 0.08)
     max_position: tuple[int, ...] = (20, 20, 4, 10)
     personalised: tuple[float, ...] = (0.6, 0.8, 0.4, 0.5)  # share of impressions by taste
-    segment_category_scale: float = 0.5
-    user_bias_scale: float = 0.45
-    item_bias_scale: float = 0.45
-    affinity_scale: float = 0.75
+    segment_category_scale: float = 0.7
+    user_bias_scale: float = 0.3
+    item_bias_scale: float = 0.5
+    affinity_scale: float = 0.6
     scenario_shift: float = 0.3
     task_correlation: float = 0.7
     ad_correlation: float = 0.6
@@ -65,7 +65,7 @@ class WorldConfig:
     activity_sigma: float = 1.0  # lognormal user activity: heavy tail
     popularity_exponent: float = 0.9  # Zipf item popularity
     cold_start_fraction: float = 0.06  # items launched on the first test day
-    cold_start_share: float = 0.08  # share of test impressions that show new items
+    cold_start_share: float = 0.03  # share of test impressions that show new items
     history_len: int = 10
     chunk_rows: int = 500_000
 
@@ -186,7 +186,9 @@ def build_world(cfg: WorldConfig) -> World:
     # observable segment x category affinity; scenario-specific taste directions
     a["A"] = rng.normal(0, cfg.segment_category_scale, (cfg.n_segments, n_top))
     a["price_sens"] = rng.uniform(0.1, 0.6, cfg.n_segments)
-    a["d_s"] = rng.normal(0, 1, (len(cfg.scenarios), k))
+    # scenario-specific taste flips the sign of some latent dimensions: every scenario's shift
+    # term then has the same variance, (scenario_shift * affinity_scale)^2
+    a["d_s"] = rng.choice([-1.0, 1.0], (len(cfg.scenarios), k))
     # where a personalised slot draws its category from: segment taste + the user's own taste
     c_top = np.stack([c_leaf[a["leaf_top"] == t].mean(0) for t in range(n_top)])
     pref = a["A"][a["segment"]] + 0.8 * (a["u_lat"] @ c_top.T)  # [U, top]

@@ -284,6 +284,8 @@ class Trainer:
         with bar:
             while self.state.epoch < t.epochs and not self.state.stopped:
                 ep = self.state.epoch
+                for group in self.opt.param_groups[:1]:  # the model's group, not a weighting's
+                    group["lr"] = t.lr * t.lr_decay**ep
                 job = bar.add_task(
                     f"epoch {ep + 1}/{t.epochs}",
                     total=n_batches,
