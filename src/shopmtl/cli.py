@@ -18,12 +18,12 @@ def _fail(message: str) -> None:
     raise typer.Exit(2)
 
 
-def _guard(fn):  # noqa: ANN001, ANN202 - decorator
+def _guard(fn):
     """Known failure modes become one clear line and exit code 2, never a traceback."""
     import functools
 
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+    def wrapper(*args, **kwargs):
         from shopmtl.config import ConfigError
         from shopmtl.data.ingest import DataError
         from shopmtl.train.checkpoint import CheckpointError
@@ -45,7 +45,7 @@ Sets = Annotated[list[str] | None, typer.Option("--set", help="Override: key.pat
 @_guard
 def quickstart(
     out: Annotated[Path, typer.Option(help="Output directory")] = Path("runs/quickstart"),
-    rows: Annotated[int, typer.Option(help="Impressions in the synthetic world")] = 2_000_000,
+    rows: Annotated[int, typer.Option(help="Impressions in the synthetic world")] = 4_000_000,
     seed: Annotated[int, typer.Option(help="Seed for the world and training")] = 0,
     baselines: Annotated[bool, typer.Option(help="Also train single-task baselines")] = True,
 ) -> None:
@@ -109,7 +109,7 @@ def train(
     config: Annotated[Path, typer.Argument(help="Experiment YAML")],
     out: Annotated[Path, typer.Option(help="Output directory")] = Path("runs/train"),
     sets: Sets = None,
-    resume: Annotated[bool, typer.Option(help="Continue from the latest checkpoint in OUT")] = False,
+    resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in OUT")] = False,
     baselines: Annotated[bool, typer.Option(help="Also train single-task baselines")] = False,
 ) -> None:
     """Train (and evaluate) from a config file: bring your own data."""
@@ -161,7 +161,7 @@ def models() -> None:
     """List the registered architectures."""
     from shopmtl.registry import MODELS
 
-    for name, (cls, cfg_cls) in MODELS.items():
+    for name, (cls, _config) in MODELS.items():
         doc = (sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
         typer.echo(f"{name:16s} {doc}")
 
@@ -174,6 +174,47 @@ def weightings() -> None:
     for name, cls in WEIGHTINGS.items():
         doc = (cls.__doc__ or sys.modules[cls.__module__].__doc__ or "").strip().splitlines()[0]
         typer.echo(f"{name:14s} {doc}")
+
+
+@app.command()
+@_guard
+def compare(
+    config: Annotated[Path, typer.Argument(help="Experiment YAML (data, budget, baseline model)")],
+    seeds: Annotated[int, typer.Option(help="Training seeds: train.seed, +1, ... (same data)")] = 3,
+    models: Annotated[str | None, typer.Option(help="Comma-separated models (default: the "
+                                               "config's)")] = None,
+    weightings: Annotated[str | None, typer.Option(help="Comma-separated weightings (default: "
+                                                   "the config's)")] = None,
+    out: Annotated[Path, typer.Option(help="Output directory")] = Path("runs/compare"),
+    sets: Sets = None,
+    model_sets: Annotated[list[str] | None, typer.Option(
+        "--model-set", help="One model's args: model.key=value (e.g. star.star=[64])")] = None,
+    reuse: Annotated[bool, typer.Option(help="Reuse finished runs in OUT with the same "
+                                        "config")] = True,
+) -> None:
+    """Single-task baselines vs model x weighting combinations over seeds: mean ± std test
+    AUC per task x scenario, delta to single-task, Delta_m; writes compare.json/.md/.png."""
+    import shlex
+
+    from shopmtl.compare import parse_model_sets, parse_names, run_compare
+    from shopmtl.config import load_config
+
+    cfg = load_config(config, sets or [])
+    args = [str(config), "--seeds", str(seeds)]
+    args += ["--models", models] if models else []
+    args += ["--weightings", weightings] if weightings else []
+    args += ["--out", str(out)] + [a for s in sets or [] for a in ("--set", s)]
+    args += [a for s in model_sets or [] for a in ("--model-set", s)]
+    command = "shopmtl compare " + shlex.join(args)
+    result = run_compare(cfg, out, seeds=seeds,
+                         models=parse_names(models, cfg.model.name),
+                         weightings=parse_names(weightings, cfg.weighting.name),
+                         model_sets=parse_model_sets(model_sets), command=command,
+                         progress=sys.stderr.isatty(), reuse=reuse)
+    for name, c in result["combinations"].items():
+        dm = (c.get("delta_m") or {}).get("value")
+        typer.echo(f"{name:28s} Delta_m {'-' if dm is None else f'{dm:+.2f}%'}")
+    typer.echo(f"wrote {out / 'compare.json'} and {out / 'compare.md'}")
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ def predict_file(model_dir: str | Path, path: str | Path, out: str | Path,
     """Write ``line, <task>...`` probabilities; label columns may be absent. Bad rows fail."""
     import dataclasses
 
-    model, cfg, schema, encoders = load_model_dir(model_dir)
+    model, _cfg, schema, encoders = load_model_dir(model_dir)
     path = Path(path)
     wanted = list(tasks or schema.task_names)
     unknown = [t for t in wanted if t not in schema.task_names]

@@ -84,7 +84,8 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, baselines: boo
     data = prepare_data(cfg.data, schema, out)
     if data.bad_rows:
         log(f"quarantined bad rows: {data.bad_rows} -> {data.quarantine_file}")
-    log(f"data ready: {len(data.train) if isinstance(data.train, TensorTable) else data.train.rows:,}"
+    rows = len(data.train) if isinstance(data.train, TensorTable) else data.train.rows
+    log(f"data ready: {rows:,}"
         f" training rows ({time.perf_counter() - t0:.1f}s)")
     metrics: dict[str, Any] = {"tasks": list(schema.task_names),
                                "scenarios": list(schema.scenario_names),
@@ -110,7 +111,8 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, baselines: boo
             scfg = dataclasses.replace(cfg, data=dataclasses.replace(
                 cfg.data, schema=SchemaConfig(sub.schema.features, sub.schema.tasks,
                                               sub.schema.scenario, sub.schema.group)),
-                train=dataclasses.replace(cfg.train, alpha={}, early_stopping=_single_es(cfg, task)))
+                train=dataclasses.replace(cfg.train, alpha={},
+                                          early_stopping=_single_es(cfg, task)))
             t2 = time.perf_counter()
             smodel, sstate = train_model(scfg, sub, out / "single_task" / task, progress=progress)
             histories[f"single:{task}"] = sstate.history
@@ -195,5 +197,6 @@ def quickstart(out_dir: str | Path, rows: int = 4_000_000, seed: int = 0, progre
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     cfg = quickstart_config(rows, seed)
-    (out / "command.txt").write_text(f"shopmtl quickstart --out {out} --rows {rows} --seed {seed}\n")
+    command = f"shopmtl quickstart --out {out} --rows {rows} --seed {seed}\n"
+    (out / "command.txt").write_text(command)
     return run_experiment(cfg, out, baselines=baselines, progress=progress, log=log)

@@ -1,0 +1,92 @@
+"""Smoke test of the shopmtl side of the peer benchmark (bench/run_all.py): the split, the
+shared metric, one shopmtl run and one minimal-reference run on census for a single epoch, each
+in its own process as in the real harness, and the report. No peers venv needed; seconds."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bench.peers import common as C
+from bench.peers.prepare import DATASETS, checksum, split_ids
+from bench.peers.report import render
+
+pytestmark = pytest.mark.skipif(
+    not (DATASETS / "census_income_kdd" / "SOURCE.md").is_file(),
+    reason="shared/datasets not checked out beside the repository")
+
+
+def test_split_is_seeded_disjoint_and_complete() -> None:
+    a, b = split_ids(1000), split_ids(1000)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    assert [len(a[k]) for k in ("train", "valid", "test")] == [800, 100, 100]
+    assert np.array_equal(np.sort(np.concatenate(list(a.values()))), np.arange(1000))
+    assert checksum(a["test"]) == checksum(a["test"][::-1]) != checksum(a["valid"])
+
+
+def test_auc_matches_pairwise_definition() -> None:
+    rng = np.random.default_rng(0)
+    y = rng.random(300) < 0.3
+    p = np.round(rng.random(300), 1)  # many ties
+    pos, neg = p[y], p[~y]
+    pairs = (pos[:, None] > neg[None, :]).mean() + 0.5 * (pos[:, None] == neg[None, :]).mean()
+    assert C.auc(y, p) == pytest.approx(pairs)
+    assert C.auc(np.ones(3), np.arange(3.0)) != C.auc(np.ones(3), np.arange(3.0))  # NaN
+
+
+@pytest.fixture(scope="module")
+def census(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from bench.peers.prepare import prepare
+
+    work = tmp_path_factory.mktemp("bench")
+    meta = prepare("census", work)
+    assert meta["rows"] == {"test": 1995, "valid": 1995, "train": 15963}
+    return work
+
+
+def _run(module: str, census: Path, library: str, variant: str) -> dict:
+    from bench.run_all import run_child
+
+    spec = {"library": library, "variant": variant, "model": "mmoe", "dataset": "census",
+            "batch": 2048, "seed": 0, "epochs": 1, "data_dir": str(census / "census"),
+            "out": str(census / f"{library}-{variant}.json")}
+    path = census / f"{library}-{variant}.spec.json"
+    path.write_text(json.dumps(spec))
+    rc, rss, _ = run_child([sys.executable, "-m", module, str(path)],
+                           census / f"{library}-{variant}.log", timeout=300)
+    assert rc == 0, (census / f"{library}-{variant}.log").read_text()[-3000:]
+    rec = json.loads(Path(spec["out"]).read_text())
+    rec.update(peak_rss_mb=rss, load_average=[0.0, 0.0])
+    return rec
+
+
+def test_shopmtl_and_minimal_runs_and_report(census: Path) -> None:
+    runs = [_run("bench.peers.run_shopmtl", census, "shopmtl", "matched"),
+            _run("bench.peers.run_minimal", census, "minimal", "matched")]
+    for r in runs:
+        assert set(r["auc"]) == {"income_50k", "never_married"}
+        assert all(0 <= v <= 1 for v in r["auc"].values())
+        assert r["auc"]["never_married"] > 0.6  # learnt even in one epoch
+        assert r["train_samples_per_s"] > 0 and r["infer_samples_per_s"] > 0
+        assert r["peak_rss_mb"] > 50 and r["params"] > 0 and r["threads"] == C.THREADS
+    shop = runs[0]
+    # matched shopmtl MMoE: 39 fields x 16 -> 4 experts [64] (+ gates, towers [32])
+    assert shop["flops_per_sample"] == 6 * (4 * 624 * 64 + 2 * 624 * 4 + 2 * (64 * 32 + 32))
+    meta = json.loads((census / "census" / "meta.json").read_text())
+    doc = {"env": {"command": ".venv/bin/python bench/run_all.py --quick", "started": "now",
+                   "cpu": "test", "cores": 2, "threads": 2, "torch_main": "x",
+                   "python": "3", "load_average_start": 0.0, "quick": True},
+           "datasets": {"census": {k: meta[k] for k in ("rows", "split_sha256", "split_seed",
+                                                        "tasks")}},
+           "hyperparameters": {"embed_dim": 16, "n_experts": 4, "expert": [64], "tower": [32],
+                               "ple": {"levels": 2, "shared": 2, "specific": 2},
+                               "esmm_tower": [64, 32], "lr": 1e-3, "epochs": {"census": 1}},
+           "ceiling": {"matmul_start": {"gflops": 100.0, "load_average": 0.0}},
+           "runs": runs}
+    text = render(doc)
+    assert "| census | mmoe | 2048 | shopmtl |" in text
+    assert meta["split_sha256"]["test"] in text
