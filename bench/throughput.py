@@ -47,7 +47,8 @@ def bench_model(name: str, data, schema, batch: int, steps: int, repeats: int) -
     cfg = ExperimentConfig(
         data=DataConfig(schema=SchemaConfig(schema.features, schema.tasks, schema.scenario,
                                             schema.group), train="unused"),
-        model=ModelConfig(name, dict(QUICKSTART_MODEL)),
+        # the quickstart's SharedBottom; other models with their own defaults
+        model=ModelConfig(name, dict(QUICKSTART_MODEL) if name == "shared_bottom" else {}),
         train=TrainConfig(batch_size=batch, embedding_weight_decay=1e-2),
     )
     with tempfile.TemporaryDirectory() as tmp:
