@@ -179,13 +179,14 @@ def _describe(name: str, cfg: ExperimentConfig) -> str:
 
 
 def render(results: dict[str, dict[str, Any]], b: Budget, command: str, minutes: float,
-           jobs: int) -> str:
+           jobs: int, fresh: bool) -> str:
     lines = [START, "", "Regenerate (overwrites only this block; runs already in "
              "`runs/models_table` with the same config are reused, `--fresh` retrains):", "",
              "```bash", command, "```", "",
-             f"Last regeneration: {minutes:.1f} min wall clock with `--jobs {jobs}` (datasets "
-             "in parallel, one thread each), including runs reused from an earlier "
-             "regeneration, if any.", "",
+             f"Last regeneration: {minutes:.1f} min wall clock on this machine with "
+             f"`--jobs {jobs}` (datasets in parallel, one thread each)"
+             + (", `--fresh` (every run retrained)." if fresh else
+                ", reusing the runs already in the work directory."), "",
              "Test AUC, mean ± sample std over seeds (training seed only; the data is fixed). "
              "Delta_m = 100 · mean over tasks of (AUC - single-task AUC) / single-task AUC, "
              "± its std over seeds. ▼: worse than single-task by more than "
@@ -242,7 +243,7 @@ def main(argv: list[str] | None = None) -> None:
     cmd = [".venv/bin/python", "bench/models_table.py"] + (["--quick"] if args.quick else [])
     if args.datasets != ",".join(DATASETS):
         cmd += ["--datasets", args.datasets]
-    write(args.out, render(results, b, shlex.join(cmd), minutes, args.jobs))
+    write(args.out, render(results, b, shlex.join(cmd), minutes, args.jobs, args.fresh))
     print(f"wrote {args.out} ({minutes:.1f} min)")
 
 

@@ -101,6 +101,7 @@ def parse_model_sets(items: list[str] | None) -> dict[str, dict[str, Any]]:
 
 def model_args(name: str, cfg: ExperimentConfig,
                model_sets: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The arguments model ``name`` runs with in a comparison (see the module docstring)."""
     if name == cfg.model.name:
         args = dict(cfg.model.args)
     else:
@@ -310,7 +311,7 @@ def run_compare(cfg: ExperimentConfig, out_dir: str | Path, *, seeds: int = 3,
                 models: list[str] | None = None, weightings: list[str] | None = None,
                 combinations: list[Combination] | None = None,
                 model_sets: dict[str, dict[str, Any]] | None = None, command: str | None = None,
-                progress: bool = False, reuse: bool = True, log: Any = print,
+                progress: bool = False, reuse: bool = True, log: Any = None,
                 prepared: tuple[ExperimentConfig, PreparedData, dict | None] | None = None,
                 ) -> dict[str, Any]:
     """Train single-task baselines and every model x weighting combination (or the explicit
@@ -318,6 +319,7 @@ def run_compare(cfg: ExperimentConfig, out_dir: str | Path, *, seeds: int = 3,
     write compare.json/.md/.png. ``prepared`` skips the data preparation (from prepare_once)."""
     from shopmtl.run import clean, restrict
 
+    log = log or _print
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if seeds < 1:
@@ -382,6 +384,10 @@ def run_compare(cfg: ExperimentConfig, out_dir: str | Path, *, seeds: int = 3,
     (out / "compare.json").write_text(json.dumps(result, indent=1, allow_nan=False))
     write_markdown(out, result)
     return result
+
+
+def _print(line: str) -> None:
+    print(line, flush=True)  # progress lines show up at once in a redirected log
 
 
 # -- report -----------------------------------------------------------------------------------
