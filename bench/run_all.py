@@ -92,11 +92,12 @@ def plan(quick: bool, seeds: int, peers: bool) -> list[dict[str, Any]]:
     return runs
 
 
-def run_child(cmd: list[str], log: Path, timeout: float) -> tuple[int, float, float]:
-    """(exit code, peak RSS MB of the child from wait4, wall seconds)."""
+def run_child(cmd: list[str], log: Path, timeout: float,
+              env: dict[str, str] | None = None) -> tuple[int, float, float]:
+    """(exit code, peak RSS MB of the child from wait4, wall seconds); env: C.child_env()."""
     t0 = time.perf_counter()
     with log.open("w") as f:
-        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=C.child_env(),
+        p = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env or C.child_env(),
                              cwd=log.parent)
         while True:
             pid, status, usage = os.wait4(p.pid, os.WNOHANG)

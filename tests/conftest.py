@@ -102,6 +102,17 @@ class Ecom:
         return expected_labels_and_mask(rows)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _offline_text_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """No hub access ever (a hub id must fail fast), and text vectors cached in a session
+    folder instead of the user's cache."""
+    import os
+
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    os.environ["TRANSFORMERS_OFFLINE"] = "1"
+    os.environ["SHOPMTL_CACHE_DIR"] = str(tmp_path_factory.mktemp("shopmtl_cache"))
+
+
 @pytest.fixture
 def seed() -> int:
     """Seed every RNG the code under test might touch; returns the seed."""

@@ -54,3 +54,16 @@ def cli(*args: str, check: bool = False, timeout: float = 600) -> subprocess.Com
     if check and proc.returncode != 0:
         raise AssertionError(f"shopmtl {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}")
     return proc
+
+
+def content_world(out: Path, rows: int = 6_000, content: tuple[str, ...] = ("title", "image")):
+    """A tiny synthetic world with item content features, prepared (encoded) in memory."""
+    from shopmtl.config import DataConfig
+    from shopmtl.data.pipeline import prepare_data
+    from shopmtl.data.synthetic import content_schema
+
+    cfg = small_world(out, rows=rows, n_users=100, n_items=60, cold_start_share=0.3)
+    schema = content_schema(cfg, out / "items.parquet", content)
+    data_cfg = DataConfig(train=str(out / "train.parquet"), valid=str(out / "valid.parquet"),
+                          test=str(out / "test.parquet"))
+    return prepare_data(data_cfg, schema)

@@ -1,10 +1,12 @@
 """Smoke test of the shopmtl side of the peer benchmark (bench/run_all.py): the split, the
 shared metric, one shopmtl run and one minimal-reference run on census for a single epoch, each
-in its own process as in the real harness, and the report. No peers venv needed; seconds."""
+in its own process as in the real harness, and the report. No peers venv needed; seconds.
+And the scaling benchmark (bench/scaling.py) at two tiny sizes, writing to tmp paths only."""
 
 from __future__ import annotations
 
 import json
+import subprocess
 import sys
 from pathlib import Path
 
@@ -15,11 +17,12 @@ from bench.peers import common as C
 from bench.peers.prepare import DATASETS, checksum, split_ids
 from bench.peers.report import render
 
-pytestmark = pytest.mark.skipif(
+needs_datasets = pytest.mark.skipif(
     not (DATASETS / "census_income_kdd" / "SOURCE.md").is_file(),
     reason="shared/datasets not checked out beside the repository")
 
 
+@needs_datasets
 def test_split_is_seeded_disjoint_and_complete() -> None:
     a, b = split_ids(1000), split_ids(1000)
     assert all(np.array_equal(a[k], b[k]) for k in a)
@@ -28,6 +31,7 @@ def test_split_is_seeded_disjoint_and_complete() -> None:
     assert checksum(a["test"]) == checksum(a["test"][::-1]) != checksum(a["valid"])
 
 
+@needs_datasets
 def test_auc_matches_pairwise_definition() -> None:
     rng = np.random.default_rng(0)
     y = rng.random(300) < 0.3
@@ -64,6 +68,7 @@ def _run(module: str, census: Path, library: str, variant: str) -> dict:
     return rec
 
 
+@needs_datasets
 def test_shopmtl_and_minimal_runs_and_report(census: Path) -> None:
     runs = [_run("bench.peers.run_shopmtl", census, "shopmtl", "matched"),
             _run("bench.peers.run_minimal", census, "minimal", "matched")]
@@ -90,3 +95,53 @@ def test_shopmtl_and_minimal_runs_and_report(census: Path) -> None:
     text = render(doc)
     assert "| census | mmoe | 2048 | shopmtl |" in text
     assert meta["split_sha256"]["test"] in text
+
+
+def test_scaling_benchmark_writes_json_and_docs_block(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    import bench.peers.report as report
+    from bench.scaling import END, START, render_block, splice
+
+    repo = Path(__file__).resolve().parents[1]
+    out, docs = tmp_path / "scaling.json", tmp_path / "BENCHMARKS.md"
+    docs.write_text("# Benchmarks\n\nthe peers' report\n")
+    cmd = [sys.executable, "bench/scaling.py", "--rows", "20000,40000", "--out", str(out),
+           "--docs", str(docs), "--workdir", str(tmp_path / "work")]
+    proc = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    doc = json.loads(out.read_text())
+    env = doc["env"]
+    assert env["command"].startswith(".venv/bin/python bench/scaling.py --rows 20000,40000")
+    assert env["threads"] == 2 and env["cores"] >= 1 and env["cpu"]
+    assert [r["rows"] for r in doc["results"]] == [20000, 40000]
+    for r in doc["results"]:
+        assert 0 < r["valid_rows"] < r["train_rows"] < r["rows"]
+        assert r["epoch_seconds"] > 0 and r["child_wall_seconds"] > r["epoch_seconds"]
+        assert r["samples_per_s"] == pytest.approx(r["train_rows"] / r["epoch_seconds"])
+        assert r["peak_rss_mb"] > 50 and r["peak_rss_self_mb"] > 50
+        assert r["threads"] == 2 and len(r["load_average"]) == 2
+        assert set(r["valid_auc"]) == {"click", "conversion", "ad_click"}
+        assert r["time_per_row_ratio"] > 0 and r["peak_rss_ratio"] > 0
+    assert doc["results"][0]["time_per_row_ratio"] == doc["results"][0]["peak_rss_ratio"] == 1
+    # the block was appended between its markers; the rest of the file is kept
+    text = docs.read_text()
+    assert text.startswith("# Benchmarks\n\nthe peers' report\n")
+    assert text.count(START) == text.count(END) == 1
+    block = text[text.index(START):text.index(END) + len(END)]
+    assert block == render_block(doc)
+    assert "## Scaling: streamed training" in block and env["command"] in block
+    assert "| 40,000 |" in block and "time/row ÷ smallest" in block
+    # a rerun replaces only the block
+    assert splice(text.replace("| 40,000 |", "| old |"), block) == text
+    # bench/run_all.py's regeneration (report.render) renders the block from the JSON
+    monkeypatch.setattr(report, "SCALING", out)
+    regenerated = report.render({
+        "env": {"command": "x", "started": "now", "cpu": "test", "cores": 2, "threads": 2,
+                "torch_main": "x", "python": "3", "load_average_start": 0.0, "quick": True},
+        "datasets": {"census": {"rows": {}, "split_sha256": {}, "split_seed": 0,
+                                "tasks": ["a", "b"]}},
+        "hyperparameters": {"embed_dim": 16, "n_experts": 4, "expert": [64], "tower": [32],
+                            "ple": {"levels": 2, "shared": 2, "specific": 2},
+                            "esmm_tower": [64, 32], "lr": 1e-3, "epochs": {"census": 1}},
+        "ceiling": {"matmul_start": {"gflops": 100.0, "load_average": 0.0}}, "runs": []})
+    assert block in regenerated

@@ -89,3 +89,9 @@ def test_census_string_labels_and_learning(tmp_path):
     assert metrics["income_50k"]["all"]["auc"] > 0.88
     assert metrics["never_married"]["all"]["auc"] > 0.95
     assert set(metrics["income_50k"]) == {"all", "Female", "Male"}  # the pseudo-scenario
+
+
+def test_quickstart_yaml_is_the_quickstart_config():
+    from shopmtl.run import quickstart_config
+
+    assert load_config(EXAMPLES / "quickstart.yaml") == quickstart_config(4_000_000, 0)

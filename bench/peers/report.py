@@ -1,9 +1,11 @@
 """docs/BENCHMARKS.md from bench/results/peers.json (``render``): tables of mean ± std over seeds,
-per-seed ratios (contenders of a seed ran back to back), the ceilings, the live profile, and the
-hand-written findings in bench/peers/findings.md."""
+per-seed ratios (contenders of a seed ran back to back), the ceilings, the live profile, the
+hand-written findings in bench/peers/findings.md, and last the scaling block rendered from
+bench/results/scaling.json (written by bench/scaling.py) so that regenerating keeps it."""
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from collections import defaultdict
@@ -11,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 FINDINGS = Path(__file__).with_name("findings.md")
+SCALING = Path(__file__).resolve().parents[1] / "results" / "scaling.json"
 ORDER = ["shopmtl", "shopmtl (default: dot)", "torch-rechub", "deepctr-torch", "minimal"]
 PEERS = ["torch-rechub", "deepctr-torch"]
 MODELS = ["shared_bottom", "mmoe", "ple", "esmm"]
@@ -353,4 +356,8 @@ def render(doc: dict[str, Any]) -> str:
         lines.append("")
     if FINDINGS.is_file():
         lines += [FINDINGS.read_text().rstrip(), ""]
+    if SCALING.is_file():  # bench/scaling.py's section, between its markers
+        from bench.scaling import render_block
+
+        lines += [render_block(json.loads(SCALING.read_text())), ""]
     return "\n".join(lines)

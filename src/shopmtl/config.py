@@ -16,7 +16,14 @@ from typing import Any, Literal
 
 import yaml
 
-from shopmtl.data.schema import FeatureSpec, ScenarioSpec, Schema, TaskSpec
+from shopmtl.data.schema import (
+    CONTENT_KINDS,
+    DEFAULT_TEXT_ENCODER,
+    FeatureSpec,
+    ScenarioSpec,
+    Schema,
+    TaskSpec,
+)
 
 
 class ConfigError(ValueError):
@@ -44,9 +51,10 @@ class SchemaConfig:
     tasks: tuple[TaskSpec, ...]
     scenario: ScenarioSpec | None = None
     group: str | None = None
+    slices: tuple[str, ...] = ()  # 0/1 columns: test metrics also on the rows where each is 1
 
     def build(self) -> Schema:
-        return Schema(self.features, self.tasks, self.scenario, self.group)
+        return Schema(self.features, self.tasks, self.scenario, self.group, slices=self.slices)
 
 
 @dataclass(frozen=True)
@@ -56,6 +64,9 @@ class DataConfig:
     schema: SchemaConfig | None = None
     train: str | None = None
     synthetic: dict[str, Any] | None = None
+    # synthetic only: item content features from the world's catalog (items.parquet), keyed by
+    # item_id: `title` (text, frozen MiniLM) and/or `image` (16x16 rendered images)
+    content: tuple[Literal["title", "image"], ...] = ()
     valid: str | None = None
     test: str | None = None
     # without valid/test files, seeded random fractions of `train` are held out instead
@@ -91,6 +102,10 @@ class TrainConfig:
     weight_decay: float = 0.0
     embedding_weight_decay: float = 1e-6  # L2 on the rows a batch touches (sparse-friendly)
     optimizer: Literal["adam", "adamw"] = "adam"
+    # start each binary task's output bias at logit(its positive rate in the training data)
+    # (regression: the label mean), so the first steps rank instead of shifting every
+    # prediction from 0.5 towards the base rate (in-memory training data only)
+    output_bias_prior: bool = True
     alpha: dict[str, float] = field(default_factory=dict)  # task -> loss weight (default 1)
     seed: int = 0
     threads: int = 0  # torch intra-op threads; 0 = number of cores
@@ -104,6 +119,10 @@ class TrainConfig:
     # normalised gradient (one extra forward/backward per step)
     adversarial: Literal["none", "fgm"] = "none"
     adversarial_epsilon: float = 1.0
+    # id dropout (DropoutNet, Volkovs et al., NeurIPS 2017): categorical feature -> probability
+    # that a training row sees the OOV id instead of its own, e.g. {item_id: 0.3}; the model
+    # then learns to score an item from its other (content) features, as it must for new items
+    id_dropout: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -138,6 +157,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
     if cfg.data.synthetic is None and (cfg.data.schema is None or cfg.data.train is None):
         raise ConfigError("data: give `train` and `schema` (your files) or `synthetic` "
                           "(a generated world)")
+    if cfg.data.content and cfg.data.synthetic is None:
+        raise ConfigError("data.content: only for a synthetic world; with your own files, add "
+                          "text/image/vector features to data.schema.features (docs/CONTENT.md)")
     return _resolve_paths(cfg, path.parent)
 
 
@@ -252,8 +274,23 @@ def _resolve_paths(cfg: ExperimentConfig, base: Path) -> ExperimentConfig:
             return p
         return str((base / p).resolve())
 
+    schema = cfg.data.schema
+    if schema is not None and schema.features:
+        # a content feature's catalog (and a local encoder directory) are data paths too
+        features = tuple(
+            dataclasses.replace(
+                f,
+                table=fix(f.table),
+                encoder=f.encoder if f.encoder == DEFAULT_TEXT_ENCODER else fix(f.encoder),
+            )
+            if f.kind in CONTENT_KINDS
+            else f
+            for f in schema.features
+        )
+        schema = dataclasses.replace(schema, features=features)
     data = dataclasses.replace(
-        cfg.data, train=fix(cfg.data.train), valid=fix(cfg.data.valid), test=fix(cfg.data.test)
+        cfg.data, train=fix(cfg.data.train), valid=fix(cfg.data.valid), test=fix(cfg.data.test),
+        schema=schema,
     )
     return dataclasses.replace(cfg, data=data)
 

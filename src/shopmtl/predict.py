@@ -19,7 +19,10 @@ from shopmtl.train.trainer import load_model_dir
 
 
 def evaluate_file(model_dir: str | Path, path: str | Path) -> dict:
+    import dataclasses
+
     model, cfg, schema, encoders = load_model_dir(model_dir)
+    schema = dataclasses.replace(schema, slices=())  # slice columns are not needed here
     # metrics over silently fewer rows would mislead: any bad row stops evaluation
     log = BadRowLog("fail", 0.0)
     parts = [encoders.transform(p) for p in read_chunks(path, schema, cfg.data.chunk_rows, log)]
@@ -53,7 +56,7 @@ def predict_file(model_dir: str | Path, path: str | Path, out: str | Path,
         raise DataError(f"--task: unknown task(s) {unknown}; this model has "
                         f"{list(schema.task_names)}")
     # labels are optional when predicting: absent columns become nulls, none is required
-    loose = dataclasses.replace(schema, tasks=tuple(
+    loose = dataclasses.replace(schema, slices=(), tasks=tuple(
         dataclasses.replace(t, required=False) for t in schema.tasks))
     table, text = _read_for_predict(path, schema)
     for col in [t.source for t in schema.tasks] + [t.oracle_column for t in schema.tasks

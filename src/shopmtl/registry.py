@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from torch import Tensor
+
 from shopmtl.config import ConfigError, from_dict
 from shopmtl.data.schema import Schema
 from shopmtl.models.aitm import AITM, AITMConfig
@@ -15,6 +17,7 @@ from shopmtl.models.pepnet import PEPNet, PEPNetConfig
 from shopmtl.models.ple import PLE, PLEConfig
 from shopmtl.models.shared_bottom import SharedBottom, SharedBottomConfig
 from shopmtl.models.star import STAR, STARConfig
+from shopmtl.nn.layers import FeatureEmbedding
 
 MODELS: dict[str, tuple[type[MultiTaskModel], type]] = {
     "shared_bottom": (SharedBottom, SharedBottomConfig),
@@ -29,10 +32,21 @@ MODELS: dict[str, tuple[type[MultiTaskModel], type]] = {
 
 
 def build_model(
-    name: str, args: dict[str, Any], schema: Schema, vocab_sizes: dict[str, int]
+    name: str,
+    args: dict[str, Any],
+    schema: Schema,
+    vocab_sizes: dict[str, int],
+    content: dict[str, Tensor] | None = None,
 ) -> MultiTaskModel:
+    """``content``: the fitted content matrices (``Encoders.content_tensors()``), copied into
+    every ``FeatureEmbedding`` of the model; needed only when the schema has content features."""
     if name not in MODELS:
         raise ConfigError(f"model.name: unknown model '{name}'; valid: {sorted(MODELS)}")
     cls, cfg_cls = MODELS[name]
     config = from_dict(cfg_cls, dict(args), "model.args")
-    return cls(schema, vocab_sizes, config)  # type: ignore[call-arg]
+    model = cls(schema, vocab_sizes, config)  # type: ignore[call-arg]
+    if content is not None:
+        for m in model.modules():
+            if isinstance(m, FeatureEmbedding):
+                m.load_content(content)
+    return model

@@ -115,6 +115,11 @@ def write_report(out_dir: Path, title: str, metrics: dict[str, Any],
     lines += notes or []
     lines += ["", "## Test metrics (multi-task model)", ""]
     lines += metric_table(metrics["test"])
+    for name, per_task in (metrics.get("slices") or {}).items():
+        lines += ["", f"## Test metrics on the slice `{name}` == 1", "",
+                  "The same model, evaluated only on the test rows where this column is 1 "
+                  "(is_new_item: cold-start items, unseen in training).", ""]
+        lines += metric_table(per_task)
     if metrics.get("negative_transfer"):
         lines += ["", "## Negative transfer: multi-task minus single-task", "",
                   "Negative delta AUC means sharing hurt the task (flagged below -0.002).", ""]

@@ -29,6 +29,48 @@ def test_gates_mix_experts_with_weights_summing_to_one() -> None:
     torch.testing.assert_close(mix(e, w), (e * w.unsqueeze(-1)).sum(1))
 
 
+def test_packed_experts_are_independent_mlps() -> None:
+    # expert k of the packed module equals an MLP built from its slices of the weights
+    torch.manual_seed(0)
+    experts = Experts(7, 3, (8, 5, 4))
+    x = torch.randn(6, 7)
+    out = experts(x)  # [6, 3, 4]
+    w0 = experts.first.weight.view(3, 8, 7)
+    b0 = experts.first.bias.view(3, 8)
+    for k in range(3):
+        h = torch.relu(x @ w0[k].T + b0[k])
+        for w, b in zip(experts.weights, experts.biases, strict=True):
+            h = torch.relu(h @ w[k] + b[k])
+        torch.testing.assert_close(out[:, k], h)
+    # expert 1's output does not depend on expert 0's deeper weights
+    grads = torch.autograd.grad(out[:, 1].sum(), experts.weights[0])
+    assert grads[0][0].abs().sum() == 0 and grads[0][1].abs().sum() > 0
+    # one layer: a single packed Linear
+    assert Experts(7, 2, (5,))(x).shape == (6, 2, 5)
+
+
+def test_mix_matches_the_einsum() -> None:
+    e, w = torch.randn(4, 3, 5), torch.softmax(torch.randn(4, 3), -1)
+    torch.testing.assert_close(mix(e, w), torch.einsum("bnh,bn->bh", e, w))
+
+
+@pytest.mark.parametrize("name", ["shared_bottom", "mmoe", "ple", "esmm"])
+def test_input_norm_batch_normalises_the_bottom_input(name: str) -> None:
+    model = build(name, input_norm="batch")
+    norm = model.input_norm
+    assert isinstance(norm, torch.nn.BatchNorm1d)
+    assert set(map(id, norm.parameters())) <= set(map(id, model.shared_parameters()))
+    batch = tiny_batch(model.schema)
+    model.train()
+    model(batch)
+    assert norm.num_batches_tracked.item() == 1 and norm.running_var.ne(1).any()
+    model.eval()  # inference uses the running statistics: a single row gets a finite output
+    one = model(tiny_batch(model.schema, n=1))
+    assert all(torch.isfinite(v).all() for v in one.values())
+    assert isinstance(build(name).input_norm, torch.nn.BatchNorm1d)  # the default
+    assert isinstance(build(name, input_norm="none").input_norm, torch.nn.Identity)
+
+
 def test_cgc_levels() -> None:
     x = torch.randn(4, 6)
     low, top = CGC(6, 3, 1, 2, (5,)), CGC(5, 3, 1, 2, (5,), shared_out=False)

@@ -3,6 +3,7 @@ checkpoints are verified on load."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -141,3 +142,99 @@ def test_env_has_no_unsafe_loading() -> None:
     assert "weights_only=False" not in text
     assert "torch.load(" not in text
     assert os.environ.get("TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD") is None
+
+
+def test_content_model_round_trips_through_its_directory(tmp_path: Path) -> None:
+    """A model with text + image fields: the model directory holds the catalog matrices once
+    (content.safetensors, not in the weights), and a reloaded model predicts identically."""
+    from shopmtl.config import DataConfig, EarlyStopping, ExperimentConfig, ModelConfig, TrainConfig
+    from shopmtl.predict import evaluate_file
+    from shopmtl.run import run_experiment
+    from shopmtl.train.evaluate import predict_table
+
+    world = {"rows": 8_000, "n_users": 100, "n_items": 60, "chunk_rows": 8_000,
+             "cold_start_share": 0.3}
+    cfg = ExperimentConfig(
+        data=DataConfig(synthetic=world, content=("title", "image")),
+        model=ModelConfig("mmoe", {"embed_dim": 8, "n_experts": 2, "expert": [16], "tower": [8]}),
+        train=TrainConfig(epochs=2, batch_size=256, threads=1,
+                          early_stopping=EarlyStopping("valid.click.all.auc", "max", 2)),
+    )
+    out = tmp_path / "run"
+    metrics = run_experiment(cfg, out, progress=False, log=lambda *_: None)
+    cold = metrics["slices"]["is_new_item"]["click"]["all"]
+    assert cold["n"] > 0 and cold["auc"] is not None
+    assert "slice `is_new_item`" in (out / "report.md").read_text()
+    weights = _weights(out / "model")
+    assert not any("content__" in k for k in weights)  # the matrices are saved once, beside
+    content = load_file(str(out / "model" / "content.safetensors"))
+    assert content["image.values"].dtype == torch.uint8 and content["title.values"].shape[1] == 384
+
+    model, _, schema, encoders = load_model_dir(out / "model")
+    again = evaluate_file(out / "model", out / "data" / "test.parquet")
+    assert again["click"]["all"]["auc"] == pytest.approx(metrics["test"]["click"]["all"]["auc"])
+    data = prepare_data(cfg.data.__class__(test=str(out / "data" / "test.parquet"),
+                                           train=str(out / "data" / "train.parquet"),
+                                           valid=str(out / "data" / "valid.parquet")),
+                        schema, encoders=encoders)
+    first = predict_table(model, data.test)
+    reloaded, *_ = load_model_dir(out / "model")
+    second = predict_table(reloaded, data.test)
+    for task in first:
+        assert torch.equal(torch.from_numpy(first[task]), torch.from_numpy(second[task]))
+
+
+def test_id_dropout_replaces_ids_by_oov_at_its_rate() -> None:
+    from shopmtl.config import ConfigError
+    from shopmtl.data.dataset import Batch
+    from shopmtl.data.schema import FeatureSpec, Schema, TaskSpec
+    from shopmtl.train.trainer import _id_dropout_table, drop_ids
+
+    schema = Schema((FeatureSpec("user_id", "categorical"), FeatureSpec("item_id", "categorical")),
+                    (TaskSpec("click"),))
+    probs = _id_dropout_table({"item_id": 0.3}, schema)
+    assert probs.tolist() == pytest.approx([0.0, 0.3])
+    n = 20_000
+    batch = Batch(torch.ones(n, 2, dtype=torch.long), torch.zeros(n, 0),
+                  torch.zeros(n, 0, 0, dtype=torch.long), torch.zeros(n, dtype=torch.long),
+                  torch.zeros(n, 1), torch.ones(n, 1, dtype=torch.bool))
+    torch.manual_seed(0)
+    dropped = drop_ids(batch, probs)
+    assert (dropped.cat[:, 0] == 1).all()
+    assert (dropped.cat[:, 1] == 0).float().mean().item() == pytest.approx(0.3, abs=0.02)
+    assert (batch.cat == 1).all()  # the table's rows are not modified
+    with pytest.raises(ConfigError, match="not categorical"):
+        _id_dropout_table({"price": 0.1}, schema)
+    with pytest.raises(ConfigError, match=r"\[0, 1\)"):
+        _id_dropout_table({"item_id": 1.0}, schema)
+
+
+def test_output_bias_starts_at_each_task_label_prior(world: Path, tmp_path: Path) -> None:
+    import math
+
+    from shopmtl.train.trainer import label_priors
+
+    cfg = load_config(world_config_yaml(world, tmp_path / "exp.yaml", epochs=1))
+    data = prepare_data(cfg.data, cfg.data.schema.build(), tmp_path / "prep")
+    priors = label_priors(data.train, data.schema)
+    for j, task in enumerate(data.schema.tasks):
+        m = data.train.mask[:, j]
+        rate = float(data.train.labels[m, j].double().mean())
+        assert 0.0 < rate < 0.5
+        assert priors[task.name] == pytest.approx(math.log(rate / (1 - rate)), abs=1e-9)
+    trainer = Trainer(cfg, data, tmp_path / "run", progress=False)
+    layers = trainer.model.output_layers()
+    assert set(layers) == set(data.schema.task_names)
+    for name, layer in layers.items():
+        assert layer.bias.item() == pytest.approx(priors[name], abs=1e-6)
+    # the untrained model already predicts each task's base rate on average
+    batch = data.train.slice(0, 4096)
+    trainer.model.eval()
+    probs = trainer.model.predict(batch)
+    for j, name in enumerate(data.schema.task_names):
+        m = batch.mask[:, j]
+        assert probs[name][m].mean().item() == pytest.approx(batch.labels[m, j].mean().item(),
+                                                             abs=0.05)
+    off = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, output_bias_prior=False))
+    plain = Trainer(off, data, tmp_path / "plain", progress=False).model.output_layers()
+    assert all(abs(plain[n].bias.item() - priors[n]) > 0.5 for n in priors)

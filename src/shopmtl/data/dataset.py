@@ -29,6 +29,7 @@ class Batch:
     mask: Tensor  # bool [B, T]: which labels exist
     oracle: Tensor | None = None  # float32 [B, T] true probabilities (synthetic data)
     group: Tensor | None = None  # int64 [B] (GAUC grouping)
+    content: Tensor | None = None  # int64 [B, Fx]: content rows (0 = no content)
 
     def __len__(self) -> int:
         return self.scenario.shape[0]
@@ -50,6 +51,12 @@ class TensorTable:
         self.mask = torch.from_numpy(np.ascontiguousarray(enc.mask))
         self.oracle = None if enc.oracle is None else torch.from_numpy(enc.oracle)
         self.group = torch.from_numpy(np.ascontiguousarray(enc.group))
+        n = len(enc)
+        # content rows [n, Fx] and slice flags [n, K]: zero-width when none is configured
+        content = enc.content if enc.content is not None else np.zeros((n, 0), np.int64)
+        slices = enc.slices if enc.slices is not None else np.zeros((n, 0), bool)
+        self.content = torch.from_numpy(np.ascontiguousarray(content, dtype=np.int64))
+        self.slices = torch.from_numpy(np.ascontiguousarray(slices, dtype=bool))
 
     def __len__(self) -> int:
         return self.scenario.shape[0]
@@ -64,6 +71,7 @@ class TensorTable:
             self.mask[idx],
             None if self.oracle is None else self.oracle[idx],
             self.group[idx],
+            self.content[idx] if self.content.shape[1] else None,
         )
 
     def slice(self, start: int, stop: int) -> Batch:
@@ -77,6 +85,7 @@ class TensorTable:
             self.mask[s],
             None if self.oracle is None else self.oracle[s],
             self.group[s],
+            self.content[s] if self.content.shape[1] else None,
         )
 
     def num_batches(self, batch_size: int) -> int:
@@ -102,9 +111,12 @@ class TensorTable:
         return _subset(self, perm[n_out:].sort().values), _subset(self, perm[:n_out].sort().values)
 
 
+TABLE_COLUMNS = ("cat", "num", "seq", "scenario", "labels", "mask", "group", "content", "slices")
+
+
 def _subset(t: TensorTable, idx: Tensor) -> TensorTable:
     out = TensorTable.__new__(TensorTable)
-    for name in ("cat", "num", "seq", "scenario", "labels", "mask", "group"):
+    for name in TABLE_COLUMNS:
         setattr(out, name, getattr(t, name)[idx])
     out.oracle = None if t.oracle is None else t.oracle[idx]
     return out
@@ -174,7 +186,7 @@ class StreamingSource:
 
 def _concat_tables(a: TensorTable, b: TensorTable) -> TensorTable:
     out = TensorTable.__new__(TensorTable)
-    for name in ("cat", "num", "seq", "scenario", "labels", "mask", "group"):
+    for name in TABLE_COLUMNS:
         setattr(out, name, torch.cat([getattr(a, name), getattr(b, name)]))
     out.oracle = None if a.oracle is None else torch.cat([a.oracle, b.oracle])
     return out
@@ -192,4 +204,6 @@ def _empty_like(t: TensorTable | None) -> Encoded:
         t.mask[z].numpy(),
         None if t.oracle is None else t.oracle[z].numpy(),
         t.group[z].numpy(),
+        t.content[z].numpy(),
+        t.slices[z].numpy(),
     )

@@ -16,9 +16,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import torch
 
+from shopmtl.data.content import ContentEncoder
 from shopmtl.data.ingest import Parsed
-from shopmtl.data.schema import FeatureSpec, Schema
+from shopmtl.data.schema import CONTENT_KINDS, FeatureSpec, Schema
 
 
 class CategoricalEncoder:
@@ -145,6 +147,8 @@ class Encoded:
     mask: np.ndarray  # bool [n, T]
     oracle: np.ndarray | None  # float32 [n, T]
     group: np.ndarray  # int64 [n]
+    content: np.ndarray | None = None  # int64 [n, Fx]: content rows (0 = no content)
+    slices: np.ndarray | None = None  # bool [n, K]: evaluation slice membership
 
     def __len__(self) -> int:
         return len(self.scenario)
@@ -166,7 +170,10 @@ class Encoders:
         self.categorical: dict[str, CategoricalEncoder] = {}
         self.numeric: dict[str, NumericEncoder] = {}
         self.sequence_vocab: dict[str, CategoricalEncoder] = {}  # own vocab of a sequence
+        # content features read their catalog when fit (not the training rows)
+        self.content = {f.name: ContentEncoder(f) for f in schema.content_features}
         self._groups: dict[str, int] = {}
+
         def buckets(f: FeatureSpec) -> int:  # `buckets` alone never switches hashing on
             return f.buckets if f.vocab == "hash" else 0
 
@@ -192,6 +199,8 @@ class Encoders:
             enc.finish()
         for enc in self.numeric.values():
             enc.finish()
+        for content in self.content.values():
+            content.fit()
         return self
 
     def vocab_size(self, f: FeatureSpec) -> int:
@@ -199,6 +208,8 @@ class Encoders:
             return self.categorical[f.name].size
         if f.kind == "sequence":
             return self._seq_encoder(f).size
+        if f.kind in CONTENT_KINDS:
+            return self.content[f.name].rows  # rows of the content matrices
         raise ValueError(f"feature '{f.name}' has no vocabulary")
 
     def _seq_encoder(self, f: FeatureSpec) -> CategoricalEncoder:
@@ -223,7 +234,10 @@ class Encoders:
         seq = np.zeros((n, len(seqs), max_len), np.int64)
         for j, a in enumerate(seqs):
             seq[:, j, : a.shape[1]] = a
+        rows = [self.content[f.name].transform(p.content[f.name]) for f in s.content_features]
         return Encoded(
+            content=np.stack(rows, 1) if rows else np.zeros((n, 0), np.int64),
+            slices=p.slices if p.slices is not None else np.zeros((n, 0), bool),
             cat=np.stack(cats, 1) if cats else np.zeros((n, 0), np.int64),
             num=np.stack(nums, 1) if nums else np.zeros((n, 0), np.float32),
             seq=seq,
@@ -251,13 +265,29 @@ class Encoders:
             "categorical": {k: e.to_json() for k, e in self.categorical.items()},
             "numeric": {k: e.to_json() for k, e in self.numeric.items()},
             "sequence_vocab": {k: e.to_json() for k, e in self.sequence_vocab.items()},
+            "content": {k: e.to_json() for k, e in self.content.items()},
         }
 
+    def content_tensors(self) -> dict[str, torch.Tensor]:
+        """Every content matrix as ``<feature>.<array>`` -> tensor (saved as safetensors)."""
+        return {f"{name}.{k}": t for name, e in self.content.items()
+                for k, t in e.tensors().items()}
+
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_json()))
+        """JSON at ``path``; content matrices (if any) in ``<stem>.content.safetensors``."""
+        path = Path(path)
+        path.write_text(json.dumps(self.to_json()))
+        if self.content:
+            from safetensors.torch import save_file
+
+            save_file(self.content_tensors(), str(_content_path(path)))
 
     @classmethod
-    def from_json(cls, schema: Schema, d: dict) -> Encoders:
+    def from_json(
+        cls, schema: Schema, d: dict, content: dict[str, torch.Tensor] | None = None
+    ) -> Encoders:
+        """``content``: the tensors of ``content_tensors`` (needed when the schema has content
+        features)."""
         enc = cls(schema)
         try:
             enc.categorical = {
@@ -267,6 +297,14 @@ class Encoders:
             enc.sequence_vocab = {
                 k: CategoricalEncoder.from_json(v) for k, v in d["sequence_vocab"].items()
             }
+            saved = d.get("content", {})
+            if set(saved) != set(enc.content):
+                raise ValueError("encoders: the content features do not match the schema's")
+            for f in schema.content_features:
+                prefix = f"{f.name}."
+                mine = {k.removeprefix(prefix): v for k, v in (content or {}).items()
+                        if k.startswith(prefix)}
+                enc.content[f.name] = ContentEncoder.from_json(f, saved[f.name], mine)
         except (KeyError, TypeError) as e:
             raise ValueError(f"encoders: malformed encoder file (missing {e})") from None
         expected = {f.name for f in schema.of_kind("categorical")}
@@ -276,4 +314,14 @@ class Encoders:
 
     @classmethod
     def load(cls, schema: Schema, path: str | Path) -> Encoders:
-        return cls.from_json(schema, json.loads(Path(path).read_text()))
+        path = Path(path)
+        content = None
+        if schema.content_features:
+            from safetensors.torch import load_file
+
+            content = load_file(str(_content_path(path)))
+        return cls.from_json(schema, json.loads(path.read_text()), content)
+
+
+def _content_path(path: Path) -> Path:
+    return path.with_name(f"{path.stem}.content.safetensors")

@@ -60,6 +60,8 @@ class Parsed:
     oracle: np.ndarray | None  # float32 [n, T] (NaN where absent)
     group: pa.Array | None
     lines: np.ndarray  # source line/row numbers of the kept rows
+    content: dict[str, pa.Array] = field(default_factory=dict)  # content feature -> key strings
+    slices: np.ndarray | None = None  # bool [n, K]: the rows in each evaluation slice
 
 
 @dataclass
@@ -354,6 +356,13 @@ def parse_table(
     sequence: dict[str, pa.ListArray] = {}
     for f in schema.of_kind("sequence"):
         sequence[f.name] = _split_sequence(_as_string(table.column(f.source)), f.sep)
+    content = {f.name: _as_string(table.column(f.source)) for f in schema.content_features}
+    slices = np.zeros((n, len(schema.slices)), bool)
+    for k, col in enumerate(schema.slices):
+        vals, unparsable = _to_float(table.column(col))
+        flag(unparsable | ~np.isin(np.nan_to_num(vals, nan=0.0), (0.0, 1.0)), col,
+             "slice column not 0 or 1")
+        slices[:, k] = vals == 1.0
 
     # labels and the availability mask
     t_count = len(schema.tasks)
@@ -409,12 +418,15 @@ def parse_table(
         categorical = {k: v.filter(sel) for k, v in categorical.items()}
         numeric = {k: v[keep] for k, v in numeric.items()}
         sequence = {k: v.filter(sel) for k, v in sequence.items()}
+        content = {k: v.filter(sel) for k, v in content.items()}
+        slices = slices[keep]
         scenario, labels, mask, lines = scenario[keep], labels[keep], mask[keep], lines[keep]
         oracle = oracle[keep] if oracle is not None else None
         group = group.filter(sel) if group is not None else None
         n = int(keep.sum())
     return Parsed(
-        n, categorical, numeric, sequence, scenario, labels, mask, oracle, group, lines
+        n, categorical, numeric, sequence, scenario, labels, mask, oracle, group, lines, content,
+        slices,
     ), bad
 
 

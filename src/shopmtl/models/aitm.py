@@ -152,6 +152,11 @@ class AITM(MultiTaskModel):
             losses.append(loss)
         return torch.stack(losses)
 
+    def output_layers(self) -> dict[str, nn.Linear]:
+        # only the chains' roots: a child's head is a joint probability (its label rate is
+        # conditional on the parent) and keeps the start below its parent set above
+        return {n: self.heads[n][-1] for n in self.task_names if n not in self.chains.parent}
+
     def shared_parameters(self) -> list[nn.Parameter]:
         # the towers are separate: only the input (embedding, interaction) is shared
         return shared_dense_parameters(self.embed, self.interaction)

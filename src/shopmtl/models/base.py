@@ -8,6 +8,8 @@ which parameters the tasks share.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -48,11 +50,38 @@ class MultiTaskModel(nn.Module):
         """Mean squared norm of the embedding rows the last forward looked up (sparse L2)."""
         if self._emb_l2 is None:
             return torch.zeros(())
-        return self._emb_l2
+        # computed only when the trainer asks (embedding_weight_decay > 0): the square of
+        # [B, F, D] fields is ~4% of a small model's step
+        return self._emb_l2.square().sum(dim=(1, 2)).mean()
+
+    def output_layers(self) -> dict[str, nn.Linear]:
+        """Each task's final Linear (whose bias is the task's logit prior). By default the last
+        Linear of ``self.towers[name]``; a model whose heads live elsewhere overrides this, and
+        one that sets its own priors (AITM's chain) returns {}."""
+        towers = getattr(self, "towers", None)
+        if towers is None:
+            return {}
+        out = {}
+        for name in self.task_names:
+            linears = [m for m in towers[name].modules() if isinstance(m, nn.Linear)]
+            if linears and linears[-1].out_features == 1:
+                out[name] = linears[-1]
+        return out
+
+    @torch.no_grad()
+    def init_output_bias(self, prior: dict[str, float]) -> list[str]:
+        """Set the bias of each named task's output layer; returns the tasks it set."""
+        layers = self.output_layers()
+        done = []
+        for name, value in prior.items():
+            if name in layers and math.isfinite(value):
+                layers[name].bias.fill_(value)
+                done.append(name)
+        return done
 
     def shared_parameters(self) -> list[nn.Parameter]:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def _track_l2(self, fields: Tensor) -> None:
         if self.training:
-            self._emb_l2 = fields.square().sum(dim=(1, 2)).mean()
+            self._emb_l2 = fields  # [B, F, D]; embedding_l2() reduces it on demand

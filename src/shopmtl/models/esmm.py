@@ -22,7 +22,13 @@ from shopmtl.data.dataset import Batch
 from shopmtl.data.schema import Schema
 from shopmtl.models.base import MultiTaskModel
 from shopmtl.nn.chains import GivenChains, bce_from_log_prob, shared_dense_parameters
-from shopmtl.nn.layers import MLP, FeatureEmbedding, interaction_features, make_interaction
+from shopmtl.nn.layers import (
+    MLP,
+    FeatureEmbedding,
+    interaction_features,
+    make_input_norm,
+    make_interaction,
+)
 from shopmtl.tasks import TASK_TYPES
 
 
@@ -31,6 +37,7 @@ class ESMMConfig:
     embed_dim: int = 16
     interaction: Literal["none", "dot", "cross"] = "dot"
     cross_layers: int = 2
+    input_norm: Literal["none", "batch"] = "batch"  # BatchNorm1d on the towers' input
     tower: tuple[int, ...] = (128, 64)
     dropout: float = 0.0
 
@@ -52,6 +59,7 @@ class ESMM(MultiTaskModel):
         self.interaction, width = make_interaction(
             config.interaction, self.embed.num_fields, config.embed_dim, config.cross_layers
         )
+        self.input_norm = make_input_norm(config.input_norm, width)
         self.towers = nn.ModuleDict(
             {
                 t.name: MLP(width, config.tower, config.dropout, out_dim=TASK_TYPES[t.type].out_dim)
@@ -63,6 +71,7 @@ class ESMM(MultiTaskModel):
         fields = self.embed(batch)  # [B, F, D]
         self._track_l2(fields)
         x = interaction_features(self.config.interaction, fields, self.interaction)  # [B, W]
+        x = self.input_norm(x)
         # parent: pCTR logit; child: pCVR logit (conditional on the parent)
         return {name: tower(x).squeeze(-1) for name, tower in self.towers.items()}  # [B] each
 
@@ -82,4 +91,6 @@ class ESMM(MultiTaskModel):
 
     def shared_parameters(self) -> list[nn.Parameter]:
         # the towers are separate: only the input (embedding, interaction) is shared
-        return shared_dense_parameters(self.embed, self.interaction)
+        return shared_dense_parameters(self.embed, self.interaction) + list(
+            self.input_norm.parameters()
+        )

@@ -100,6 +100,9 @@ class M2M(MultiTaskModel):
             for j, (name, tower) in enumerate(self.towers.items())
         }
 
+    def output_layers(self) -> dict[str, nn.Linear]:
+        return dict(self.outputs.items())
+
     def shared_parameters(self) -> list[nn.Parameter]:
         shared = [
             p

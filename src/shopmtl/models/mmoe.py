@@ -16,7 +16,13 @@ from torch import Tensor, nn
 from shopmtl.data.dataset import Batch
 from shopmtl.data.schema import Schema
 from shopmtl.models.base import MultiTaskModel
-from shopmtl.nn.layers import MLP, FeatureEmbedding, interaction_features, make_interaction
+from shopmtl.nn.layers import (
+    MLP,
+    FeatureEmbedding,
+    interaction_features,
+    make_input_norm,
+    make_interaction,
+)
 from shopmtl.nn.moe import Experts, Gate, mix
 from shopmtl.tasks import TASK_TYPES
 
@@ -26,6 +32,7 @@ class MMoEConfig:
     embed_dim: int = 16
     interaction: Literal["none", "dot", "cross"] = "dot"
     cross_layers: int = 2
+    input_norm: Literal["none", "batch"] = "batch"  # BatchNorm1d on the bottom's input
     n_experts: int = 4
     expert: tuple[int, ...] = (128, 64)
     tower: tuple[int, ...] = (64,)
@@ -46,6 +53,7 @@ class MMoE(MultiTaskModel):
         self.interaction, width = make_interaction(
             config.interaction, self.embed.num_fields, config.embed_dim, config.cross_layers
         )
+        self.input_norm = make_input_norm(config.input_norm, width)
         self.experts = Experts(width, config.n_experts, config.expert, config.dropout)
         self.gates = nn.ModuleDict({t.name: Gate(width, config.n_experts) for t in schema.tasks})
         self.towers = nn.ModuleDict(
@@ -64,6 +72,7 @@ class MMoE(MultiTaskModel):
         fields = self.embed(batch)  # [B, F, D]
         self._track_l2(fields)
         x = interaction_features(self.config.interaction, fields, self.interaction)  # [B, W]
+        x = self.input_norm(x)
         experts = self.experts(x)  # [B, E, H]
         return {
             name: self.towers[name](mix(experts, gate(x))).squeeze(-1)  # [B]
@@ -71,6 +80,6 @@ class MMoE(MultiTaskModel):
         }
 
     def shared_parameters(self) -> list[nn.Parameter]:
-        return list(self.experts.parameters()) + (
+        return list(self.experts.parameters()) + list(self.input_norm.parameters()) + (
             list(self.interaction.parameters()) if self.interaction is not None else []
         )

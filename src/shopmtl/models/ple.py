@@ -17,7 +17,13 @@ from torch import Tensor, nn
 from shopmtl.data.dataset import Batch
 from shopmtl.data.schema import Schema
 from shopmtl.models.base import MultiTaskModel
-from shopmtl.nn.layers import MLP, FeatureEmbedding, interaction_features, make_interaction
+from shopmtl.nn.layers import (
+    MLP,
+    FeatureEmbedding,
+    interaction_features,
+    make_input_norm,
+    make_interaction,
+)
 from shopmtl.nn.moe import CGC
 from shopmtl.tasks import TASK_TYPES
 
@@ -27,6 +33,7 @@ class PLEConfig:
     embed_dim: int = 16
     interaction: Literal["none", "dot", "cross"] = "dot"
     cross_layers: int = 2
+    input_norm: Literal["none", "batch"] = "batch"  # BatchNorm1d on the bottom's input
     levels: int = 2
     specific_experts: int = 1  # per task, per level
     shared_experts: int = 2  # per level
@@ -51,6 +58,7 @@ class PLE(MultiTaskModel):
         self.interaction, width = make_interaction(
             config.interaction, self.embed.num_fields, config.embed_dim, config.cross_layers
         )
+        self.input_norm = make_input_norm(config.input_norm, width)
         n_tasks = len(schema.tasks)
         self.levels = nn.ModuleList()
         for level in range(config.levels):
@@ -76,6 +84,7 @@ class PLE(MultiTaskModel):
         fields = self.embed(batch)  # [B, F, D]
         self._track_l2(fields)
         x = interaction_features(self.config.interaction, fields, self.interaction)  # [B, W]
+        x = self.input_norm(x)
         task_h, shared_h = [x] * len(self.task_names), x  # T x [B, W], [B, W]
         for cgc in self.levels:
             task_h, shared_h = cgc(task_h, shared_h)  # T x [B, H], [B, H] (None at the top)
@@ -86,6 +95,7 @@ class PLE(MultiTaskModel):
 
     def shared_parameters(self) -> list[nn.Parameter]:
         shared = [p for cgc in self.levels for p in cgc.shared_parameters()]
+        shared += list(self.input_norm.parameters())
         if self.interaction is not None:
             shared += list(self.interaction.parameters())
         return shared

@@ -15,7 +15,13 @@ from torch import Tensor, nn
 from shopmtl.data.dataset import Batch
 from shopmtl.data.schema import Schema
 from shopmtl.models.base import MultiTaskModel
-from shopmtl.nn.layers import MLP, FeatureEmbedding, interaction_features, make_interaction
+from shopmtl.nn.layers import (
+    MLP,
+    FeatureEmbedding,
+    interaction_features,
+    make_input_norm,
+    make_interaction,
+)
 from shopmtl.tasks import TASK_TYPES
 
 
@@ -24,6 +30,7 @@ class SharedBottomConfig:
     embed_dim: int = 16
     interaction: Literal["none", "dot", "cross"] = "dot"
     cross_layers: int = 2
+    input_norm: Literal["none", "batch"] = "batch"  # BatchNorm1d on the bottom's input
     bottom: tuple[int, ...] = (256, 128)
     tower: tuple[int, ...] = (64,)
     dropout: float = 0.0
@@ -42,6 +49,7 @@ class SharedBottom(MultiTaskModel):
         self.interaction, width = make_interaction(
             config.interaction, self.embed.num_fields, config.embed_dim, config.cross_layers
         )
+        self.input_norm = make_input_norm(config.input_norm, width)
         self.bottom = MLP(width, config.bottom, config.dropout)
         self.towers = nn.ModuleDict(
             {
@@ -58,10 +66,11 @@ class SharedBottom(MultiTaskModel):
     def forward(self, batch: Batch) -> dict[str, Tensor]:
         fields = self.embed(batch)  # [B, F, D]
         self._track_l2(fields)
-        h = self.bottom(interaction_features(self.config.interaction, fields, self.interaction))
+        x = interaction_features(self.config.interaction, fields, self.interaction)  # [B, W]
+        h = self.bottom(self.input_norm(x))
         return {name: tower(h).squeeze(-1) for name, tower in self.towers.items()}  # [B] each
 
     def shared_parameters(self) -> list[nn.Parameter]:
-        return list(self.bottom.parameters()) + (
+        return list(self.bottom.parameters()) + list(self.input_norm.parameters()) + (
             list(self.interaction.parameters()) if self.interaction is not None else []
         )

@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from shopmtl.data.dataset import Batch
 from shopmtl.data.schema import Schema
 from shopmtl.nn.attention import TargetAttention
+from shopmtl.nn.content import ContentFields
 
 
 class FeatureEmbedding(nn.Module):
@@ -22,6 +23,11 @@ class FeatureEmbedding(nn.Module):
     A sequence with ``attend_to`` is pooled by DIN target attention against the embedding of
     its target feature (``nn.attention.TargetAttention``, one unit per such sequence, with
     ``attention_hidden`` widths and optional ``attention_softmax``); the others are mean-pooled.
+
+    Content features (text, image, vector; ``nn.content.ContentFields``) add one field each,
+    after the numeric ones; the scenario is always the last field. ``content`` fills their
+    matrices (``Encoders.content_tensors()``); without it they are zeros until
+    ``load_content``. A schema without content features builds no content module at all.
     """
 
     def __init__(
@@ -31,6 +37,7 @@ class FeatureEmbedding(nn.Module):
         dim: int,
         attention_hidden: tuple[int, ...] = (36,),
         attention_softmax: bool = False,
+        content: dict[str, Tensor] | None = None,
     ) -> None:
         super().__init__()
         cats = schema.of_kind("categorical")
@@ -67,8 +74,19 @@ class FeatureEmbedding(nn.Module):
         self.num_bias = nn.Parameter(torch.zeros(n_num, dim))
         self.scenario = nn.Embedding(len(schema.scenario_names), dim)
         nn.init.normal_(self.scenario.weight, std=0.05)
-        self.num_fields = len(cats) + len(seqs) + n_num + 1
+        self.content: ContentFields | None = None
+        if schema.content_features:
+            self.content = ContentFields(schema, vocab_sizes, dim)
+            if content is not None:
+                self.content.load_content(content)
+        n_content = len(schema.content_features)
+        self.num_fields = len(cats) + len(seqs) + n_num + n_content + 1
         self.dim = dim
+
+    def load_content(self, content: dict[str, Tensor]) -> None:
+        """Fill the content matrices (a no-op for a schema without content features)."""
+        if self.content is not None:
+            self.content.load_content(content)
 
     def forward(self, batch: Batch) -> Tensor:
         fields = [self.table(batch.cat + self.cat_offsets)]  # [B, Fc, D]
@@ -85,6 +103,10 @@ class FeatureEmbedding(nn.Module):
             fields.append(pooled)
         if batch.num.shape[1]:
             fields.append(batch.num.unsqueeze(-1) * self.num_weight + self.num_bias)  # [B, Fn, D]
+        if self.content is not None:
+            if batch.content is None:
+                raise ValueError("the model has content features but the batch has no content")
+            fields.append(self.content(batch.content))  # [B, Fx, D]
         fields.append(self.scenario(batch.scenario).unsqueeze(1))  # [B, 1, D]
         return torch.cat(fields, 1)  # [B, F, D]
 
@@ -175,3 +197,18 @@ def make_interaction(
     if kind == "cross":
         return CrossNetwork(flat, cross_layers), flat
     raise ValueError(f"unknown interaction '{kind}'; valid: none, dot, cross")
+
+
+def make_input_norm(kind: str, width: int) -> nn.Module:
+    """The normalisation of a bottom's input (fields plus interactions), ``none`` or ``batch``.
+
+    BatchNorm rescales the input to unit variance per column: with small initial embeddings
+    (std 0.05) the first layer otherwise starts with tiny pre-activations, and a large-batch
+    run (few Adam steps) spends them on scale instead of ranking. Measured in
+    docs/BENCHMARKS.md; its running statistics are part of the weights (inference uses them).
+    """
+    if kind == "none":
+        return nn.Identity()
+    if kind == "batch":
+        return nn.BatchNorm1d(width)
+    raise ValueError(f"unknown input_norm '{kind}'; valid: none, batch")

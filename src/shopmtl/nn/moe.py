@@ -8,25 +8,48 @@ shared gate over every expert that feeds the next level's shared experts.
 
 from __future__ import annotations
 
+import math
+from itertools import pairwise
+
 import torch
 from torch import Tensor, nn
 
-from shopmtl.nn.layers import MLP
-
 
 class Experts(nn.Module):
-    """``n`` independent MLP experts on one input: [B, in] -> [B, n, H]."""
+    """``n`` independent MLP experts on one input: [B, in] -> [B, n, H].
+
+    Packed: the first layer of every expert is one Linear(in, n * h0), a single GEMM that reads
+    the (wide) input once instead of n skinny GEMMs; deeper layers are [n, h_in, h_out] weights
+    applied with one batched matmul. Each expert's weights are initialised as an
+    ``nn.Linear`` of the same shape would be.
+    """
 
     def __init__(self, in_dim: int, n: int, hidden: tuple[int, ...], dropout: float = 0.0) -> None:
         super().__init__()
         if n < 1 or not hidden:
             raise ValueError("experts: need n >= 1 and at least one hidden layer")
-        self.experts = nn.ModuleList(MLP(in_dim, hidden, dropout) for _ in range(n))
+        hidden = tuple(hidden)
+        self.first = nn.Linear(in_dim, n * hidden[0])
+        self.weights = nn.ParameterList()
+        self.biases = nn.ParameterList()
+        for a, b in pairwise(hidden):
+            bound = 1.0 / math.sqrt(a)  # nn.Linear's default init, per expert
+            self.weights.append(nn.Parameter(torch.empty(n, a, b).uniform_(-bound, bound)))
+            self.biases.append(nn.Parameter(torch.empty(n, 1, b).uniform_(-bound, bound)))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.n = n
+        self.hidden = hidden
         self.out_dim = hidden[-1]
 
     def forward(self, x: Tensor) -> Tensor:
-        return torch.stack([e(x) for e in self.experts], 1)  # [B, n, H]
+        b = x.shape[0]
+        h = self.dropout(torch.relu(self.first(x)))  # [B, n*h0]
+        if not len(self.weights):
+            return h.view(b, self.n, self.hidden[0])  # [B, n, H]
+        h = h.view(b, self.n, self.hidden[0]).transpose(0, 1)  # [n, B, h0]
+        for w, bias in zip(self.weights, self.biases, strict=True):
+            h = self.dropout(torch.relu(torch.baddbmm(bias, h, w)))  # [n, B, h_out]
+        return h.transpose(0, 1)  # [B, n, H]
 
 
 class Gate(nn.Module):
@@ -42,7 +65,9 @@ class Gate(nn.Module):
 
 def mix(experts: Tensor, weights: Tensor) -> Tensor:
     """Gate-weighted sum of expert outputs: [B, n, H] x [B, n] -> [B, H]."""
-    return torch.einsum("bnh,bn->bh", experts, weights)  # [B, H]
+    # a broadcast product and a sum: the einsum lowers to B tiny batched matmuls (a sixth of
+    # an MMoE step on CPU, forward and backward)
+    return (experts * weights.unsqueeze(-1)).sum(1)  # [B, H]
 
 
 class CGC(nn.Module):

@@ -28,14 +28,14 @@ from shopmtl.nn.layers import MLP
 def feature_fields(schema: Schema, names: tuple[str, ...], where: str) -> list[int]:
     """Positions of named features in ``FeatureEmbedding``'s fields [B, F, D].
 
-    The layout is categorical, sequence, numeric features (schema order each), then the scenario
-    as the last field. Unknown names raise ``ConfigError`` naming ``where``.
+    The layout is categorical, sequence, numeric, content features (schema order each), then the
+    scenario as the last field. Unknown names raise ``ConfigError`` naming ``where``.
     """
     order = [
         f.name
         for kind in ("categorical", "sequence", "numeric")
         for f in schema.of_kind(kind)  # type: ignore[arg-type]
-    ]
+    ] + [f.name for f in schema.content_features]
     unknown = [n for n in names if n not in order]
     if unknown:
         raise ConfigError(f"{where}: unknown feature(s) {unknown}; features: {order}")

@@ -57,7 +57,8 @@ def fgm_backward(
     if not epsilon > 0:
         raise ConfigError(f"train.adversarial_epsilon: must be > 0, got {epsilon}")
     table = model.embed.table.weight
-    buffers = [(b, b.detach().clone()) for b in model.buffers() if b.is_floating_point()]
+    # every buffer, integer ones too (BatchNorm's num_batches_tracked counts forwards)
+    buffers = [(b, b.detach().clone()) for b in model.buffers()]
     with fgm_perturbation(table, epsilon) as moved:
         if not moved:
             return None

@@ -7,7 +7,7 @@ import math
 import numpy as np
 import torch
 
-from shopmtl.data.dataset import TensorTable
+from shopmtl.data.dataset import TensorTable, _subset
 from shopmtl.data.schema import ALL, Schema
 from shopmtl.models.base import MultiTaskModel
 from shopmtl.tasks import TASK_TYPES
@@ -60,6 +60,22 @@ def metrics_by_scenario(
                 labels[m, j], preds[t.name][m], group[m] if group is not None else None, o
             )
         out[t.name] = per
+    return out
+
+
+def metrics_by_slice(
+    schema: Schema, table: TensorTable, preds: dict[str, np.ndarray]
+) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
+    """metrics[slice][task][scenario] over the rows where each slice column is 1 (e.g.
+    ``is_new_item``: cold-start items). A slice with no rows in ``table`` is left out."""
+    out = {}
+    for k, name in enumerate(schema.slices):
+        rows = table.slices[:, k].nonzero().squeeze(1)
+        if len(rows) == 0:
+            continue
+        sub = _subset(table, rows)
+        idx = rows.numpy()
+        out[name] = metrics_by_scenario(schema, sub, {t: p[idx] for t, p in preds.items()})
     return out
 
 
