@@ -145,3 +145,19 @@ def test_scaling_benchmark_writes_json_and_docs_block(tmp_path: Path,
                             "esmm_tower": [64, 32], "lr": 1e-3, "epochs": {"census": 1}},
         "ceiling": {"matmul_start": {"gflops": 100.0, "load_average": 0.0}}, "runs": []})
     assert block in regenerated
+
+
+def test_throughput_benchmark_prints_and_writes_samples_per_second(tmp_path):
+    out = tmp_path / "throughput.json"
+    proc = subprocess.run(
+        [sys.executable, "bench/throughput.py", "--rows", "20000", "--steps", "5",
+         "--repeats", "1", "--out", str(out)],
+        cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "shared_bottom" in proc.stdout
+    rec = json.loads(out.read_text())["results"][0]
+    assert rec["model"] == "shared_bottom"
+    train = [v for k, v in rec.items() if "train" in k and isinstance(v, (int, float))]
+    infer = [v for k, v in rec.items() if "infer" in k and isinstance(v, (int, float))]
+    assert train and infer and all(v > 0 for v in train + infer)
