@@ -154,3 +154,12 @@ def write_csv(tmp_path: Path) -> Callable[..., Path]:
         return write_csv_file(tmp_path / name, header, rows)
 
     return _write
+
+
+@pytest.fixture
+def one_thread():
+    """torch on one thread for the test (tiny batches on a shared machine), then restored."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

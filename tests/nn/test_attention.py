@@ -14,13 +14,7 @@ from shopmtl.nn.layers import FeatureEmbedding
 from shopmtl.registry import MODELS
 from tests.models.tiny import VOCAB, build, tiny_batch, tiny_schema
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _inputs(b: int = 5, n: int = 6, d: int = 4, seed: int = 0):

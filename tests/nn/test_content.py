@@ -4,7 +4,6 @@ without content features builds no content module."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pyarrow as pa
@@ -21,13 +20,21 @@ from shopmtl.registry import MODELS, build_model
 from tests.helpers import content_world
 from tests.models.tiny import SMALL
 
+pytestmark = pytest.mark.usefixtures("one_thread")
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Iterator[None]:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+
+def _train_steps(model: torch.nn.Module, batch: Batch, opt: torch.optim.Optimizer,
+                 steps: int) -> list[float]:
+    """Train ``steps`` times on one batch; the summed task loss before each step."""
+    losses = []
+    for _ in range(steps):
+        model.train()
+        loss = model.task_losses(model(batch), batch).sum()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
 
 
 @pytest.fixture(scope="module")
@@ -60,14 +67,7 @@ def test_every_model_trains_with_text_and_image_fields(name: str, data: Prepared
     assert model.embed.content is not None
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     batch = next(data.train.batches(256, seed=1))
-    losses = []
-    for _ in range(8):
-        model.train()
-        loss = model.task_losses(model(batch), batch).sum()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = _train_steps(model, batch, opt, 8)
     assert all(torch.isfinite(torch.tensor(losses)))
     assert losses[-1] < losses[0]
     tower = model.embed.content.towers["image"]
@@ -121,14 +121,7 @@ def test_lora_text_tower_trains_adapters_only(tmp_path: Path) -> None:
     assert len(lora_b) == 12 and base  # 6 layers x (query, value)
     assert not any(named[k].requires_grad for k in base)
     opt = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    losses = []
-    for _ in range(6):
-        model.train()
-        loss = model.task_losses(model(batch), batch).sum()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        losses.append(loss.item())
+    losses = _train_steps(model, batch, opt, 6)
     assert losses[-1] < losses[0]
     assert all(not torch.equal(named[k], v) for k, v in lora_b.items())
     assert all(torch.equal(named[k], v) for k, v in base.items())

@@ -30,12 +30,7 @@ from tests.models.tiny import SMALL, VOCAB, tiny_batch, tiny_schema
 EPS = 0.5
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _trainer(
@@ -47,7 +42,8 @@ def _trainer(
         train=TrainConfig(threads=1, adversarial=adversarial, adversarial_epsilon=EPS, **train),
         weighting=WeightingConfig(weighting),
     )
-    data = SimpleNamespace(schema=tiny_schema(), vocab_sizes=VOCAB)  # step() needs no tables
+    # step() needs no tables (and without a training table there is no output-bias prior)
+    data = SimpleNamespace(schema=tiny_schema(), vocab_sizes=VOCAB, train=None)
     return Trainer(cfg, data, tmp_path, progress=False)  # type: ignore[arg-type]
 
 

@@ -188,9 +188,8 @@ class Trainer:
         content = data.encoders.content_tensors() if self.schema.content_features else None
         self.model = build_model(cfg.model.name, cfg.model.args, self.schema, data.vocab_sizes,
                                  content)
-        train = getattr(data, "train", None)  # tests hand in partial data objects
-        if cfg.train.output_bias_prior and isinstance(train, TensorTable):
-            self.model.init_output_bias(label_priors(train, self.schema))
+        if cfg.train.output_bias_prior and isinstance(data.train, TensorTable):
+            self.model.init_output_bias(label_priors(data.train, self.schema))
         self.opt = make_optimizer(self.model, cfg)
         unknown = sorted(set(cfg.train.alpha) - set(self.schema.task_names))
         if unknown:
