@@ -154,7 +154,7 @@ def test_unknown_key_inside_a_list_names_the_index(tmp_path: Path) -> None:
         ("train.early_stopping=3", "ExperimentConfig.train.early_stopping"),
         ("data.schema.scenario.values=ad", "ExperimentConfig.data.schema.scenario.values"),
         (
-            "data.schema.tasks=[{name: c, type: ranking}]",
+            "data.schema.tasks=[{name: c, type: ordinal}]",
             "ExperimentConfig.data.schema.tasks[0].type",
         ),
     ],
@@ -241,3 +241,55 @@ def test_from_dict_names_the_class_at_the_root() -> None:
     with pytest.raises(ConfigError, match=r"^FeatureSpec: unknown key\(s\) \['x'\]"):
         from_dict(FeatureSpec, {"name": "a", "kind": "numeric", "x": 1})
     assert from_dict(FeatureSpec, {"name": "a", "kind": "numeric"}) == FeatureSpec("a", "numeric")
+
+
+def test_yaml_reads_the_task_type_fields(tmp_path: Path) -> None:
+    path = write(
+        tmp_path,
+        """\
+        data:
+          train: t.csv
+          schema:
+            features: [{name: user_id, kind: categorical}]
+            tasks:
+              - {name: click, loss: focal, pos_weight: 3}
+              - {name: kind, type: multiclass, n_classes: 4}
+              - {name: sales, type: quantile, quantiles: [0.1, 0.5, 0.9]}
+              - {name: rank, type: ranking, loss: pairwise, k: 5}
+            group: user_id
+        """,
+    )
+    cfg = load_config(path)
+    click, kind, sales, rank = cfg.data.schema.tasks
+    assert (click.loss, click.pos_weight) == ("focal", 3.0)
+    assert kind.n_classes == 4 and kind.resolved_loss == "cross_entropy"
+    assert sales.quantiles == (0.1, 0.5, 0.9)
+    assert (rank.loss, rank.k) == ("pairwise", 5)
+    cfg.data.schema.build()
+    out = tmp_path / "dumped.yaml"
+    dump_config(cfg, out)
+    assert load_config(out) == cfg
+
+
+@pytest.mark.parametrize(
+    ("task", "match"),
+    [
+        ("{name: sales, type: quantile}", r"tasks\[0\].*quantiles: \[0\.1, 0\.5, 0\.9\]"),
+        ("{name: kind, type: multiclass}", r"tasks\[0\].*'kind'.*n_classes >= 2"),
+        ("{name: rank, type: ranking, loss: hinge}", r"tasks\[0\]\.loss.*'hinge'"),
+        ("{name: sales, type: quantile, quantiles: 0.5}", r"tasks\[0\]\.quantiles.*list"),
+    ],
+)
+def test_yaml_task_type_errors_name_the_task(tmp_path: Path, task: str, match: str) -> None:
+    text = (
+        "data:\n  train: t.csv\n  schema:\n    features: [{name: u, kind: categorical}]\n"
+        f"    tasks: [{task}]\n"
+    )
+    with pytest.raises(ConfigError, match=match):
+        load_config(write(tmp_path, text))
+
+
+def test_regression_task_saved_with_the_old_default_loss_still_loads() -> None:
+    # configs and checkpoints written before `loss` became optional hold loss 'bce' everywhere
+    t = from_dict(TaskSpec, {"name": "dwell", "type": "regression", "loss": "bce"})
+    assert t == TaskSpec("dwell", type="regression") and t.resolved_loss == "mse"

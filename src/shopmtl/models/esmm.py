@@ -29,7 +29,7 @@ from shopmtl.nn.layers import (
     make_input_norm,
     make_interaction,
 )
-from shopmtl.tasks import TASK_TYPES
+from shopmtl.tasks import out_dim
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class ESMM(MultiTaskModel):
         self.input_norm = make_input_norm(config.input_norm, width)
         self.towers = nn.ModuleDict(
             {
-                t.name: MLP(width, config.tower, config.dropout, out_dim=TASK_TYPES[t.type].out_dim)
+                t.name: MLP(width, config.tower, config.dropout, out_dim=out_dim(t))
                 for t in schema.tasks
             }
         )

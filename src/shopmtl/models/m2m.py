@@ -24,7 +24,7 @@ from shopmtl.models.base import MultiTaskModel
 from shopmtl.nn.layers import MLP, FeatureEmbedding, interaction_features, make_interaction
 from shopmtl.nn.moe import Experts
 from shopmtl.nn.scenario import MetaLinear, MetaTower, feature_fields
-from shopmtl.tasks import TASK_TYPES
+from shopmtl.tasks import out_dim
 
 
 @dataclass(frozen=True)
@@ -77,7 +77,7 @@ class M2M(MultiTaskModel):
             {t.name: MetaTower(h, c, config.meta_layers) for t in schema.tasks}
         )
         self.outputs = nn.ModuleDict(
-            {t.name: nn.Linear(h, TASK_TYPES[t.type].out_dim) for t in schema.tasks}
+            {t.name: nn.Linear(h, out_dim(t)) for t in schema.tasks}
         )
 
     def forward(self, batch: Batch) -> dict[str, Tensor]:

@@ -24,7 +24,7 @@ from shopmtl.nn.layers import (
     make_interaction,
 )
 from shopmtl.nn.moe import Experts, Gate, mix
-from shopmtl.tasks import TASK_TYPES
+from shopmtl.tasks import out_dim
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class MMoE(MultiTaskModel):
                     self.experts.out_dim,
                     config.tower,
                     config.dropout,
-                    out_dim=TASK_TYPES[t.type].out_dim,
+                    out_dim=out_dim(t),
                 )
                 for t in schema.tasks
             }

@@ -24,7 +24,7 @@ from shopmtl.data.schema import Schema
 from shopmtl.models.base import MultiTaskModel
 from shopmtl.nn.layers import FeatureEmbedding, interaction_features, make_interaction
 from shopmtl.nn.scenario import GateNU, feature_fields
-from shopmtl.tasks import TASK_TYPES
+from shopmtl.tasks import out_dim
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ class PEPNet(MultiTaskModel):
             {
                 t.name: nn.ModuleList(
                     [nn.Linear(a, b) for a, b in pairwise(dims)]
-                    + [nn.Linear(dims[-1], TASK_TYPES[t.type].out_dim)]
+                    + [nn.Linear(dims[-1], out_dim(t))]
                 )
                 for t in schema.tasks
             }

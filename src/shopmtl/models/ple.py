@@ -25,7 +25,7 @@ from shopmtl.nn.layers import (
     make_interaction,
 )
 from shopmtl.nn.moe import CGC
-from shopmtl.tasks import TASK_TYPES
+from shopmtl.tasks import out_dim
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,7 @@ class PLE(MultiTaskModel):
             width = cgc.out_dim
         self.towers = nn.ModuleDict(
             {
-                t.name: MLP(width, config.tower, config.dropout, out_dim=TASK_TYPES[t.type].out_dim)
+                t.name: MLP(width, config.tower, config.dropout, out_dim=out_dim(t))
                 for t in schema.tasks
             }
         )

@@ -22,7 +22,7 @@ from shopmtl.nn.layers import (
     make_input_norm,
     make_interaction,
 )
-from shopmtl.tasks import TASK_TYPES
+from shopmtl.tasks import out_dim
 
 
 @dataclass(frozen=True)
@@ -57,7 +57,7 @@ class SharedBottom(MultiTaskModel):
                     self.bottom.out_dim,
                     config.tower,
                     config.dropout,
-                    out_dim=TASK_TYPES[t.type].out_dim,
+                    out_dim=out_dim(t),
                 )
                 for t in schema.tasks
             }

@@ -20,7 +20,7 @@ from shopmtl.data.schema import Schema
 from shopmtl.models.base import MultiTaskModel
 from shopmtl.nn.layers import MLP, FeatureEmbedding, interaction_features, make_interaction
 from shopmtl.nn.scenario import AuxiliaryNetwork, PartitionedNorm, StarMLP
-from shopmtl.tasks import TASK_TYPES
+from shopmtl.tasks import out_dim
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,7 @@ class STAR(MultiTaskModel):
                     self.star.out_dim,
                     config.tower,
                     config.dropout,
-                    out_dim=TASK_TYPES[t.type].out_dim,
+                    out_dim=out_dim(t),
                 )
                 for t in schema.tasks
             }
@@ -78,10 +78,11 @@ class STAR(MultiTaskModel):
             x = self.norm(x, batch.scenario)  # [B, W]
         h = self.star(x, batch.scenario)  # [B, H]
         aux = self.aux(fields[:, -1])  # [B, T] from the scenario field [B, D]
-        return {
-            name: tower(h).squeeze(-1) + aux[:, j]  # [B]
-            for j, (name, tower) in enumerate(self.towers.items())
-        }
+        out = {}
+        for j, (name, tower) in enumerate(self.towers.items()):
+            o = tower(h)  # [B, out_dim]: the scenario's prior shifts every column alike
+            out[name] = o.squeeze(-1) + aux[:, j] if o.shape[-1] == 1 else o + aux[:, j, None]
+        return out
 
     def shared_parameters(self) -> list[nn.Parameter]:
         shared = self.star.shared_parameters()

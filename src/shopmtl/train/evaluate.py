@@ -57,7 +57,8 @@ def metrics_by_scenario(
             if oracle is not None and not np.isnan(oracle[m, j]).any():
                 o = oracle[m, j]
             per[name] = tt.metrics(
-                labels[m, j], preds[t.name][m], group[m] if group is not None else None, o
+                labels[m, j], preds[t.name][m], group[m] if group is not None else None, o,
+                spec=t,
             )
         out[t.name] = per
     return out

@@ -1,0 +1,102 @@
+"""A joint model's directory: safetensors weights and the JSON needed to rebuild every head
+(manifest-verified on load, written atomically, as ``train.checkpoint``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor, nn
+
+from shopmtl.config import to_dict
+from shopmtl.data.schema import TaskSpec
+from shopmtl.joint.config import REC, JointConfig
+from shopmtl.joint.model import JointModel, RankHead, SharedText, TableHead
+from shopmtl.joint.parts import SourcePart, text_width
+from shopmtl.train import checkpoint as ck
+
+
+def save_joint_dir(path: Path, model: JointModel, cfg: JointConfig, parts: list[Any]
+                   ) -> None:
+    """Weights (safetensors) plus everything needed to rebuild the heads: task specs, id
+    sizes and numeric widths per source; the rec source's schema, encoders and catalog."""
+    tensors: dict[str, dict[str, Tensor]] = {"model": dict(model.state_dict())}
+    sources = {}
+    for p in parts:
+        if isinstance(p, SourcePart):
+            sources[p.name] = {
+                "tasks": [to_dict(t) for t in p.tasks],
+                "id_sizes": p.data.id_sizes,
+                "numeric": int(p.splits["train"].numeric.shape[1]),
+                "has_text": p.has_text,
+                "ranking": p.ranking,
+                "meta": p.data.meta,
+            }
+        else:
+            sources[p.name] = {"schema": to_dict(p.schema), "encoders": p.data.encoders.to_json(),
+                               "args": p.args}
+            if p.schema.content_features:
+                tensors["rec_content"] = p.data.encoders.content_tensors()
+    from shopmtl.run import clean
+
+    ck.write_dir(path, tensors, {
+        "config": to_dict(cfg),
+        "sources": clean(sources),
+        "meta": {"format": 1, "kind": "joint"},
+    })
+
+
+def load_joint_dir(path: str | Path) -> tuple[JointModel, JointConfig, dict[str, Any]]:
+    """Rebuild the joint model from its directory (manifest verified first). The text bank is
+    empty: ``predict`` fills it with the texts it is asked about."""
+    from shopmtl.config import from_dict
+    from shopmtl.data.encoders import Encoders
+    from shopmtl.data.schema import Schema
+    from shopmtl.registry import build_model
+
+    path = Path(path)
+    ck.verify_dir(path)
+    cfg = from_dict(JointConfig, ck.read_json(path, "config"), "joint")
+    sources = ck.read_json(path, "sources")
+    lora = cfg.text.encoder if cfg.text.mode == "lora" else None
+    text = SharedText(text_width(cfg), cfg.model, lora_encoder=lora,
+                      ngram_buckets=cfg.text.ngram_buckets)
+    heads: dict[str, nn.Module] = {}
+    rec = None
+    for name, s in sources.items():
+        if name == REC:
+            schema = from_dict(Schema, s["schema"])
+            content = ck.read_tensors(path, "rec_content") if schema.content_features else None
+            enc = Encoders.from_json(schema, s["encoders"], content)
+            sizes = {f.name: enc.vocab_size(f) for f in schema.features if f.kind != "numeric"}
+            rec = build_model(s["args"]["model"], s["args"]["model_args"], schema, sizes, content)
+            s["_schema"], s["_encoders"] = schema, enc
+            continue
+        tasks = tuple(from_dict(TaskSpec, t) for t in s["tasks"])
+        if s["ranking"]:
+            heads[name] = RankHead(tasks[0], cfg.model.text_dim, s["id_sizes"], cfg.model)
+        else:
+            wide = cfg.text.ngram_buckets if (cfg.model.wide and s["has_text"]) else 0
+            heads[name] = TableHead(tasks, cfg.model.text_dim if s["has_text"] else 0,
+                                    s["numeric"], s["id_sizes"], cfg.model, wide_buckets=wide)
+        s["_tasks"] = tasks
+    model = JointModel(text, heads, rec)
+    try:
+        model.load_state_dict(ck.read_tensors(path, "model"))
+    except RuntimeError as e:
+        raise ck.CheckpointError(f"{path}: weights do not fit the model ({e})") from None
+    model.eval()
+    return model, cfg, sources
+
+
+def task_owner(sources: dict[str, Any], task: str) -> str:
+    for name, s in sources.items():
+        names = ([t.name for t in s["_schema"].tasks] if name == REC
+                 else [t.name for t in s["_tasks"]])
+        if task in names:
+            return name
+    known = sorted(t for n, s in sources.items() for t in (
+        [x.name for x in s["_schema"].tasks] if n == REC else [x.name for x in s["_tasks"]]))
+    raise KeyError(f"unknown task {task!r}; this model answers: {known}")
+
+

@@ -1,0 +1,134 @@
+"""Configuration of a heterogeneous joint run: frozen dataclasses loaded strictly from YAML.
+
+A joint config is recognised by its top-level ``sources`` key (an ordinary experiment config
+has ``data``/``model``/``train``). Example: ``examples/joint.yaml``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from shopmtl.config import ConfigError, _yaml_load, apply_overrides, from_dict
+from shopmtl.data.schema import DEFAULT_TEXT_ENCODER
+from shopmtl.joint.sampling import SamplingMethod
+
+REC = "rec"  # the recommendation / ads source: the synthetic world through a zoo model
+
+
+@dataclass(frozen=True)
+class SourceConfig:
+    """One data source: a built-in name (``rec``, ``search``, ``bitext``, ``reviews``,
+    ``retail``) or any name with ``cls`` pointing at your own ``joint.source.Source`` class; its
+    batch size and its constructor arguments (``rec``: ``rows``, ``seed`` of the synthetic
+    world, ``model`` and ``model_args`` of the zoo model, ``content``)."""
+
+    name: str
+    cls: str | None = None  # your own source: "package.module:Class" (docs/JOINT.md)
+    batch_size: int = 128
+    args: dict[str, Any] = field(default_factory=dict)
+    max_examples: int = 0  # > 0: every split cut to n seeded random examples (a quick slice)
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ValueError(f"source '{self.name}': batch_size must be >= 1")
+        if self.max_examples < 0:
+            raise ValueError(f"source '{self.name}': max_examples must be >= 0")
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    """The shared sentence encoder: frozen with a cache (the CPU default) or LoRA-tuned."""
+
+    encoder: str = DEFAULT_TEXT_ENCODER
+    max_tokens: int = 64
+    mode: Literal["frozen", "lora"] = "frozen"
+    cache_dir: str | None = None  # default: shopmtl.data.text.default_cache_dir()
+    # hashed word n-grams beside the sentence vector (0 buckets: none); docs/JOINT.md
+    ngrams: int = 2  # uni- and bigrams
+    ngram_buckets: int = 131072
+    ngram_max: int = 256  # n-grams kept per text (the first ones)
+
+    def __post_init__(self) -> None:
+        if self.ngrams < 1 or self.ngram_buckets < 0 or self.ngram_max < 1:
+            raise ValueError("ngrams and ngram_max must be >= 1, ngram_buckets >= 0")
+
+
+@dataclass(frozen=True)
+class JointModelConfig:
+    adapter_hidden: int = 256  # the shared text adapter: width -> hidden -> text_dim
+    text_dim: int = 128
+    hidden: tuple[int, ...] = (128,)  # each source's trunk
+    id_dim: int = 16  # id embeddings (products, items, classes)
+    ngram_dim: int = 32  # width of the hashed n-gram table
+    wide: bool = True  # text sources: a linear n-gram term per task (Wide & Deep)
+    dropout: float = 0.1
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    method: SamplingMethod = "temperature"
+    temperature: float = 2.0
+
+
+@dataclass(frozen=True)
+class JointTrainConfig:
+    steps: int = 3000
+    lr: float = 2e-3
+    lr_decay: float = 1.0  # lr multiplied by this every `decay_every` steps
+    decay_every: int = 1000
+    weight_decay: float = 0.0
+    seed: int = 0
+    threads: int = 0  # 0: torch's default
+    weighting: Literal["equal", "uncertainty"] = "equal"
+    alpha: dict[str, float] = field(default_factory=dict)  # task -> loss weight (default 1)
+    log_every: int = 200
+    # > 0: score the validation splits every n steps and keep the best step's weights
+    # (``joint.train.valid_score``)
+    eval_every: int = 0
+
+    def __post_init__(self) -> None:
+        if self.steps < 1:
+            raise ValueError("steps must be >= 1")
+        if not self.lr > 0:
+            raise ValueError(f"lr must be > 0, got {self.lr}")
+
+
+@dataclass(frozen=True)
+class JointConfig:
+    sources: tuple[SourceConfig, ...]
+    text: TextConfig = TextConfig()
+    model: JointModelConfig = JointModelConfig()
+    sampling: SamplingConfig = SamplingConfig()
+    train: JointTrainConfig = JointTrainConfig()
+
+    def __post_init__(self) -> None:
+        names = [s.name for s in self.sources]
+        if not names:
+            raise ValueError("sources: name at least one source")
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"sources: duplicated {dup}")
+
+
+def is_joint_config(path: str | Path) -> bool:
+    try:
+        raw = _yaml_load(Path(path).read_text())
+    except (OSError, yaml.YAMLError):
+        return False
+    return isinstance(raw, dict) and "sources" in raw
+
+
+def load_joint_config(path: str | Path, overrides: list[str] | None = None) -> JointConfig:
+    p = Path(path)
+    try:
+        raw = _yaml_load(p.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML ({e})") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{p}: expected a mapping at the top level")
+    raw = apply_overrides(raw, overrides or [])
+    return from_dict(JointConfig, raw, "joint")

@@ -1,0 +1,419 @@
+"""The sources of a joint run, loaded: tensors, heads, batch streams, evaluation.
+
+``SourcePart`` wraps a ``joint.source.Source`` (customer service, reviews, demand, search):
+its splits become tensors whose texts are rows of one run-wide text bank (``TextIndex``).
+``RecPart`` wraps the synthetic recommendation world and a zoo model, through the ordinary data
+pipeline (encoders fitted on train, AUC per task x scenario).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import time
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from shopmtl.config import ConfigError
+from shopmtl.data.schema import ALL, TaskSpec
+from shopmtl.joint.config import REC, JointConfig, SourceConfig
+from shopmtl.joint.model import JointModel, RankHead, TableHead
+from shopmtl.joint.source import Source, SourceData, SourceSplit
+from shopmtl.tasks import TASK_TYPES
+
+
+def _sources() -> dict[str, type]:
+    # imported here: the source modules pull in scikit-learn for their baselines
+    from shopmtl.data.sources.bitext import BitextSource
+    from shopmtl.data.sources.retail import RetailDemandSource
+    from shopmtl.data.sources.reviews import ReviewsSource
+    from shopmtl.data.sources.search import SearchSource
+
+    return {"bitext": BitextSource, "reviews": ReviewsSource, "retail": RetailDemandSource,
+            "search": SearchSource}
+
+
+SOURCE_NAMES = ("rec", "search", "bitext", "reviews", "retail")
+
+def _import_source(path: str, name: str) -> type:
+    """``package.module:Class``: a user's own source, importable from the Python path."""
+    import importlib
+
+    module, _, attr = path.partition(":")
+    if not module or not attr:
+        raise ConfigError(f"source '{name}': class must be 'package.module:Class', got {path!r}")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"source '{name}': cannot import {path!r} ({e})") from None
+    for method in ("load", "metrics", "baseline"):
+        if not callable(getattr(cls, method, None)):
+            raise ConfigError(f"source '{name}': {path} has no {method}() (see "
+                             "shopmtl.joint.source.Source)")
+    return cls
+
+
+def build_source(sc: SourceConfig) -> Source:
+    known = _sources()
+    if sc.cls is not None:
+        known = {sc.name: _import_source(sc.cls, sc.name)}
+    elif sc.name not in known:
+        raise ConfigError(f"unknown source {sc.name!r}; known: {sorted([REC, *known])} (or "
+                         "give class: package.module:Class for your own)")
+    args = dict(sc.args)
+    if sc.name == "search" and isinstance(args.get("world"), dict):
+        from shopmtl.config import from_dict
+        from shopmtl.data.synthetic import WorldConfig
+
+        args["world"] = from_dict(WorldConfig, args["world"], "sources.search.args.world")
+    try:
+        return known[sc.name](**args)
+    except TypeError as e:
+        raise ConfigError(f"source '{sc.name}': bad args {sorted(sc.args)} ({e})") from None
+
+
+# -- tensors ----------------------------------------------------------------------------------
+
+
+class TextIndex:
+    """Every distinct text of a run gets one row (row 0: no text)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, int] = {}
+        self.texts: list[str] = [""]
+
+    def add(self, texts: list[str] | None) -> np.ndarray:
+        if texts is None:
+            return np.zeros(0, np.int64)
+        out = np.empty(len(texts), np.int64)
+        for i, t in enumerate(texts):
+            if not t:
+                out[i] = 0
+                continue
+            r = self.rows.get(t)
+            if r is None:
+                r = self.rows[t] = len(self.texts)
+                self.texts.append(t)
+            out[i] = r
+        return out
+
+
+def _labels(spec: TaskSpec, y: np.ndarray) -> Tensor:
+    """A label array as float32 with NaN where it is missing (multiclass: class id, -1 = none)."""
+    a = np.asarray(y)
+    if spec.type == "multiclass":
+        f = a.astype(np.float32)
+        f[a < 0] = np.nan
+        return torch.from_numpy(f)
+    return torch.from_numpy(np.asarray(a, dtype=np.float32).copy())
+
+
+@dataclass
+class SplitTensors:
+    text: Tensor  # int64 [n] text rows (zero-width when the source has no text)
+    numeric: Tensor  # float32 [n, k]
+    ids: dict[str, Tensor]
+    labels: dict[str, Tensor]
+    cand_text: Tensor | None = None  # int64 [n, L] (ranking)
+    cand_ids: dict[str, Tensor] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.numeric)
+
+    def take(self, idx: Tensor) -> SplitTensors:
+        return SplitTensors(
+            self.text[idx] if len(self.text) else self.text,
+            self.numeric[idx],
+            {k: v[idx] for k, v in self.ids.items()},
+            {k: v[idx] for k, v in self.labels.items()},
+            None if self.cand_text is None else self.cand_text[idx],
+            {k: v[idx] for k, v in self.cand_ids.items()},
+        )
+
+
+def tensorise(split: SourceSplit, texts: TextIndex) -> SplitTensors:
+    cand = None
+    if split.cand_text is not None:
+        flat = [t for row in split.cand_text for t in row]
+        cand = torch.from_numpy(texts.add(flat).reshape(len(split.cand_text), -1))
+    return SplitTensors(
+        torch.from_numpy(texts.add(split.text)),
+        torch.from_numpy(np.asarray(split.numeric, dtype=np.float32).reshape(len(split), -1)),
+        {k: torch.from_numpy(np.asarray(v, dtype=np.int64)) for k, v in split.ids.items()},
+        {},  # filled by the caller, which knows the task specs
+        cand,
+        {k: torch.from_numpy(np.asarray(v, dtype=np.int64)) for k, v in split.cand_ids.items()},
+    )
+
+
+def _epochs(n: int, batch_size: int, seed: int) -> Iterator[Tensor]:
+    """Endless shuffled index batches over n examples (a new seeded order every epoch)."""
+    epoch = 0
+    while True:
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        perm = torch.randperm(n, generator=g)
+        for lo in range(0, n, batch_size):
+            yield perm[lo : lo + batch_size]
+        epoch += 1
+
+
+# -- parts ------------------------------------------------------------------------------------
+
+
+class SourcePart:
+    """A loaded source: its data, tensors, head and batch stream."""
+
+    def __init__(self, sc: SourceConfig, source: Source, data: SourceData, texts: TextIndex,
+                 seed: int) -> None:
+        self.name = sc.name
+        self.cfg = sc
+        self.source = source
+        self.data = data
+        self.tasks = data.tasks
+        self.ranking = any(t.type == "ranking" for t in self.tasks)
+        if self.ranking and len(self.tasks) != 1:
+            raise ValueError(f"source '{self.name}': a ranking source has exactly one task")
+        self.splits: dict[str, SplitTensors] = {}
+        for s in ("train", "valid", "test"):
+            sp = data.split(s)
+            missing = [t.name for t in self.tasks if t.name not in sp.labels]
+            if missing:
+                raise ValueError(f"source '{self.name}' split '{s}': no labels for {missing}")
+            st = tensorise(sp, texts)
+            st.labels = {t.name: _labels(t, sp.labels[t.name]) for t in self.tasks}
+            self.splits[s] = st
+        self.has_text = len(self.splits["train"].text) > 0
+        self.reset(seed)
+
+    def reset(self, seed: int) -> None:
+        """Start the batch stream again (a run on loaded parts sees the same batches)."""
+        self._stream = _epochs(len(self.splits["train"]), self.cfg.batch_size, seed)
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        return tuple(t.name for t in self.tasks)
+
+    def num_batches(self) -> int:
+        return math.ceil(len(self.splits["train"]) / self.cfg.batch_size)
+
+    def build_head(self, text_dim: int, cfg: Any, ngram_buckets: int = 0) -> nn.Module:
+        if self.ranking:
+            return RankHead(self.tasks[0], text_dim, self.data.id_sizes, cfg)
+        n_num = self.splits["train"].numeric.shape[1]
+        wide = ngram_buckets if (cfg.wide and self.has_text) else 0
+        return TableHead(self.tasks, text_dim if self.has_text else 0, n_num,
+                         self.data.id_sizes, cfg, wide_buckets=wide)
+
+    def next_batch(self) -> SplitTensors:
+        return self.splits["train"].take(next(self._stream))
+
+    def logits(self, model: JointModel, b: SplitTensors) -> dict[str, Tensor]:
+        head = model.heads[self.name]
+        if self.ranking:
+            assert b.cand_text is not None
+            return head(model.text.encode(b.text), model.text.encode(b.cand_text), b.cand_ids)
+        text = model.text.encode(b.text) if self.has_text else None
+        wide = model.text.ngram_bags(b.text) if head.wide is not None else None
+        return head(text, b.numeric, b.ids, wide)
+
+    def losses(self, model: JointModel, b: SplitTensors) -> dict[str, Tensor]:
+        out = self.logits(model, b)
+        res = {}
+        for t in self.tasks:
+            y = b.labels[t.name]
+            mask = ~torch.isnan(y).all(-1) if t.type == "ranking" else ~torch.isnan(y)
+            res[t.name] = TASK_TYPES[t.type].loss(out[t.name], y, mask, t)
+        return res
+
+    @torch.no_grad()
+    def predict(self, model: JointModel, split: str, batch_size: int = 2048
+                ) -> dict[str, np.ndarray]:
+        model.eval()
+        st = self.splits[split]
+        outs: dict[str, list[np.ndarray]] = {t.name: [] for t in self.tasks}
+        for lo in range(0, len(st), batch_size):
+            b = st.take(torch.arange(lo, min(lo + batch_size, len(st))))
+            for t in self.tasks:
+                logit = self.logits(model, b)[t.name]
+                outs[t.name].append(TASK_TYPES[t.type].activate(logit).float().numpy())
+        model.train()
+        return {k: np.concatenate(v) for k, v in outs.items()}
+
+    def evaluate(self, model: JointModel, split: str) -> dict[str, dict[str, float]]:
+        preds = self.predict(model, split)
+        return {t: self.source.metrics(self.data, split, t, p) for t, p in preds.items()}
+
+
+class RecPart:
+    """The recommendation / ads source: the synthetic world through a zoo model."""
+
+    DEFAULTS: ClassVar[dict[str, Any]] = {
+        "rows": 400_000, "seed": 0, "model": "shared_bottom",
+        "model_args": {"embed_dim": 16, "interaction": "dot", "bottom": [128], "tower": [32],
+                       "dropout": 0.0, "input_norm": "none"},
+        "content": ["title"], "embedding_weight_decay": 0.01,
+    }
+
+    def __init__(self, sc: SourceConfig, out_dir: Path, text_cfg: Any, seed: int,
+                 log: Any = print) -> None:
+        from shopmtl.config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig
+        from shopmtl.data.pipeline import prepare_data
+        from shopmtl.run import resolve_synthetic
+
+        unknown = sorted(set(sc.args) - set(self.DEFAULTS))
+        if unknown:
+            raise ConfigError(f"source 'rec': unknown args {unknown}; known: "
+                             f"{sorted(self.DEFAULTS)}")
+        a = {**self.DEFAULTS, **sc.args}
+        self.name = REC
+        self.cfg = sc
+        self.args = a
+        exp = ExperimentConfig(
+            data=DataConfig(synthetic={"rows": a["rows"], "seed": a["seed"]},
+                            content=tuple(a["content"])),
+            model=ModelConfig(a["model"], dict(a["model_args"])),
+            train=TrainConfig(seed=seed),
+        )
+        exp, self.world = resolve_synthetic(exp, out_dir / "data", log)
+        self.exp = exp
+        self.schema = exp.data.schema.build()
+        self.data = prepare_data(exp.data, self.schema, out_dir)
+        self.tasks = self.schema.tasks
+        self.reset(seed)
+
+    def reset(self, seed: int) -> None:
+        self._seed = seed
+        self._epoch = 0
+        self._stream = self._batches()
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        return self.schema.task_names
+
+    def num_batches(self) -> int:
+        return self.data.train.num_batches(self.cfg.batch_size)
+
+    def build_model(self) -> nn.Module:
+        from shopmtl.registry import build_model
+        from shopmtl.train.trainer import label_priors
+
+        content = self.data.encoders.content_tensors() if self.schema.content_features else None
+        model = build_model(self.args["model"], self.args["model_args"], self.schema,
+                            self.data.vocab_sizes, content)
+        model.init_output_bias(label_priors(self.data.train, self.schema))
+        return model
+
+    def _batches(self) -> Iterator[Any]:
+        while True:
+            yield from self.data.train.batches(self.cfg.batch_size, self._epoch, self._seed)
+            self._epoch += 1
+
+    def next_batch(self) -> Any:
+        return next(self._stream)
+
+    def losses(self, model: JointModel, b: Any) -> dict[str, Tensor]:
+        rec = model.rec
+        assert rec is not None
+        vec = rec.task_losses(rec(b), b)
+        out = {t: vec[j] for j, t in enumerate(self.task_names)}
+        wd = float(self.args["embedding_weight_decay"])
+        if wd > 0:
+            out["_rec_embedding_l2"] = wd * rec.embedding_l2()
+        return out
+
+    def evaluate(self, model: JointModel, split: str) -> dict[str, dict[str, Any]]:
+        from shopmtl.train.evaluate import metrics_by_scenario, predict_table
+
+        test = self.data.test if self.data.test is not None else self.data.valid
+        table = self.data.valid if split == "valid" else test
+        assert model.rec is not None
+        res = metrics_by_scenario(self.schema, table, predict_table(model.rec, table))
+        model.train()
+        return {t: {"auc": m[ALL]["auc"], "by_scenario": {s: v["auc"] for s, v in m.items()}}
+                for t, m in res.items()}
+
+
+# -- the run ----------------------------------------------------------------------------------
+
+
+def load_parts(cfg: JointConfig, out_dir: Path, log: Any = print
+               ) -> tuple[list[Any], TextIndex, dict[str, float]]:
+    texts = TextIndex()
+    parts: list[Any] = []
+    seconds: dict[str, float] = {}
+    for sc in cfg.sources:
+        t0 = time.perf_counter()
+        if sc.name == REC:
+            parts.append(RecPart(sc, out_dir / "rec", cfg.text, cfg.train.seed, log))
+        else:
+            src = build_source(sc)
+            data = src.load()
+            if sc.max_examples:
+                data = data.sample(sc.max_examples, cfg.train.seed)
+            parts.append(SourcePart(sc, src, data, texts, cfg.train.seed))
+        seconds[sc.name] = time.perf_counter() - t0
+        log(f"source {sc.name}: {parts[-1].num_batches()} training batches "
+            f"({seconds[sc.name]:.1f}s)")
+    return parts, texts, seconds
+
+
+_WORD = re.compile(r"[a-z0-9]+(?:'[a-z]+)?")
+
+
+def hash_ngrams(texts: list[str], n: int, buckets: int, max_len: int) -> np.ndarray:
+    """Hashed word 1..n-grams of each text: int64 [len(texts), max_len], ids in 1..buckets,
+    0 = padding. crc32 of the n-gram's UTF-8 bytes: stable across runs and machines (Python's
+    ``hash`` of a str is salted per process)."""
+    out = np.zeros((len(texts), max_len), np.int64)
+    for r, text in enumerate(texts):
+        words = _WORD.findall(text.lower())
+        grams = [" ".join(words[i : i + k]) for k in range(1, n + 1)
+                 for i in range(len(words) - k + 1)][:max_len]
+        for c, g in enumerate(grams):
+            out[r, c] = zlib.crc32(g.encode()) % buckets + 1
+    return out
+
+
+@dataclass
+class TextBank:
+    """What ``SharedText.set_bank`` takes; row 0 is "no text"."""
+
+    bank: Tensor  # frozen: sentence vectors [U, W]; LoRA: token ids [U, L]
+    mask: Tensor | None = None  # LoRA: attention mask [U, L]
+    ngrams: Tensor | None = None  # hashed n-gram ids [U, N]
+
+
+def text_bank(cfg: JointConfig, texts: list[str]) -> TextBank:
+    """The bank of ``SharedText``: sentence vectors (frozen, cached) or token ids (LoRA), and
+    the hashed n-grams of every text."""
+    from shopmtl.data.text import embed_texts, tokenize
+
+    body = texts[1:]
+    t = cfg.text
+    ngrams = None
+    if t.ngram_buckets:
+        ngrams = torch.from_numpy(hash_ngrams(texts, t.ngrams, t.ngram_buckets, t.ngram_max))
+        ngrams[0] = 0
+    if t.mode == "lora":
+        ids, mask = tokenize(body, t.encoder, t.max_tokens)
+        pad = np.zeros((1, ids.shape[1]), np.int64)
+        return TextBank(torch.from_numpy(np.concatenate([pad, ids])),
+                        torch.from_numpy(np.concatenate([pad, mask])), ngrams)
+    vec = embed_texts(body, t.encoder, t.max_tokens, t.cache_dir)
+    zero = np.zeros((1, vec.shape[1]), np.float32)
+    return TextBank(torch.from_numpy(np.concatenate([zero, vec])), None, ngrams)
+
+
+def text_width(cfg: JointConfig) -> int:
+    from shopmtl.data.text import encoder_width
+
+    return encoder_width(cfg.text.encoder)
+
+

@@ -1,0 +1,127 @@
+"""Joint vs alone vs baselines: the table that says which tasks gain from sharing."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+from shopmtl.joint.config import REC, JointConfig
+from shopmtl.joint.parts import RecPart, SourcePart, load_parts
+from shopmtl.joint.train import PRIMARY, replace_steps, train_joint
+
+
+def _primary(types: dict[str, str], task: str, m: dict[str, Any] | None) -> float | None:
+    if not m:
+        return None
+    key, _ = PRIMARY[types[task]]
+    v = m.get(key)
+    return None if v is None else float(v)
+
+
+def baselines(parts: list[Any]) -> dict[str, dict[str, dict[str, Any]]]:
+    """Each source's own simple baseline on its test split (the rec source's is the ID-only
+    model, trained in ``run_joint``)."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    for p in parts:
+        if isinstance(p, SourcePart):
+            res = p.source.baseline(p.data)
+            # a source with several baselines names the one to beat "best"
+            out[p.name] = {t: (m["best"] if isinstance(m.get("best"), dict) else m)
+                           for t, m in res.items()}
+    return out
+
+
+def run_joint(cfg: JointConfig, out_dir: str | Path, *, alone: bool = False,
+              log: Any = print) -> dict[str, Any]:
+    """The joint model, each source's baseline and (``alone``) each source trained alone for
+    the number of steps it got in the joint run (the same batches seen, the same budget per
+    source); metrics.json + report.md. The rec source alone is trained twice: with its title
+    (the same model without sharing) and ID-only (the recommendation baseline)."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    parts, texts, load_s = load_parts(cfg, out, log)
+    joint = train_joint(cfg, out / "joint", log=log, shared=(parts, texts))
+    joint["seconds"]["load"] = sum(load_s.values())
+    types = joint["tasks"]
+    t0 = time.perf_counter()
+    base = baselines(parts)
+    log(f"baselines ({time.perf_counter() - t0:.1f}s)")
+    result: dict[str, Any] = {"joint": joint, "baseline": base, "alone": {}}
+    if alone:
+        for p in parts:
+            n = joint["steps_per_source"][p.name]
+            log(f"alone: {p.name} for {n} steps")
+            result["alone"][p.name] = train_joint(
+                replace_steps(cfg, n), out / "alone" / p.name, only=(p.name,), log=log,
+                save=False, shared=(parts, texts))
+        rec = next((p for p in parts if isinstance(p, RecPart)), None)
+        if rec is not None and rec.args["content"]:
+            sc = dataclasses.replace(rec.cfg, args={**rec.cfg.args, "content": []})
+            id_only = RecPart(sc, out / "rec_id_only", cfg.text, cfg.train.seed, log)
+            n = joint["steps_per_source"][REC]
+            result["rec_id_only"] = train_joint(
+                replace_steps(cfg, n), out / "alone" / "rec_id_only", log=log, save=False,
+                shared=([id_only], texts))
+    result["table"] = comparison_table(result, types)
+    from shopmtl.run import clean
+
+    result = clean(result)
+    (out / "metrics.json").write_text(json.dumps(result, indent=1, allow_nan=False))
+    (out / "report.md").write_text(render_table(result["table"], cfg))
+    return result
+
+
+def comparison_table(result: dict[str, Any], types: dict[str, str]) -> list[dict[str, Any]]:
+    rows = []
+    for src, tasks in result["joint"]["test"].items():
+        for task, m in tasks.items():
+            key, higher = PRIMARY[types[task]]
+            joint = _primary(types, task, m)
+            alone_m = result["alone"].get(src, {}).get("test", {}).get(src, {}).get(task)
+            alone_v = _primary(types, task, alone_m)
+            if src == REC:
+                b = result.get("rec_id_only", {}).get("test", {}).get(REC, {}).get(task)
+                base_v, base_name = _primary(types, task, b), "ID-only model"
+            else:
+                base_v = _primary(types, task, result["baseline"].get(src, {}).get(task))
+                base_name = "baseline"
+            sign = 1.0 if higher else -1.0
+            rows.append({
+                "source": src, "task": task, "metric": key, "higher_is_better": higher,
+                "joint": joint, "alone": alone_v, "baseline": base_v, "baseline_kind": base_name,
+                "joint_minus_alone": None if joint is None or alone_v is None
+                else sign * (joint - alone_v),
+                "joint_beats_baseline": None if joint is None or base_v is None
+                else bool(sign * (joint - base_v) > 0),
+            })
+    return rows
+
+
+def _fmt(v: Any) -> str:
+    return "-" if v is None else f"{v:.4f}"
+
+
+def render_table(rows: list[dict[str, Any]], cfg: JointConfig) -> str:
+    lines = [
+        "# shopmtl joint run",
+        "",
+        f"Sources: {', '.join(s.name for s in cfg.sources)}; {cfg.train.steps} steps, "
+        f"{cfg.sampling.method} sampling; text encoder {cfg.text.encoder} ({cfg.text.mode}).",
+        "Test split of each source. 'gain' is joint minus alone, signed so that positive is "
+        "better; 'alone' trains the same model on that source only, for the steps it got in "
+        "the joint run.",
+        "",
+        "| source | task | metric | joint | alone | gain from sharing | baseline "
+        "| beats baseline |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        beats = {None: "-", True: "yes", False: "**no**"}[r["joint_beats_baseline"]]
+        lines.append(
+            f"| {r['source']} | {r['task']} | {r['metric']} | {_fmt(r['joint'])} | "
+            f"{_fmt(r['alone'])} | {_fmt(r['joint_minus_alone'])} | {_fmt(r['baseline'])} "
+            f"({r['baseline_kind']}) | {beats} |")
+    return "\n".join(lines) + "\n"

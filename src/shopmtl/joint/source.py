@@ -1,0 +1,109 @@
+"""A data source of the heterogeneous joint run: its tasks, its splits, its own metrics.
+
+The platform's subsystems do not share an input row. Customer service reads an utterance,
+reviews have a text and a rating, demand forecasting reads a product's sales history, search
+ranks a list of candidate titles for a query. Each source turns its own files into
+``SourceData``: per split, a text per example (embedded by the shared sentence encoder), a
+numeric matrix, integer ids and one label array per task. The joint model gives every source
+the same shared parts (the text adapter) and its own heads.
+
+A source also owns how its predictions are scored (``metrics``), in the units its users read
+(demand in units sold, not in the scaled training target), and its simple baseline
+(``baseline``), scored by the same function on the same test split.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import numpy as np
+
+from shopmtl.data.schema import TaskSpec
+
+SPLITS = ("train", "valid", "test")
+
+
+@dataclass(frozen=True)
+class SourceSplit:
+    """n examples of one split.
+
+    ``text``: one string per example (utterance, review, product description, query), or None.
+    ``numeric``: float32 [n, k], k may be 0; already standardised with training statistics.
+    ``ids``: name -> int64 [n] (0 = unknown), e.g. a product id; sizes in ``SourceData.id_sizes``.
+    ``labels``: task name -> [n] array: float32 0/1 (binary), int64 class (multiclass), float32
+    value (regression, quantile). NaN (float) or -1 (multiclass) marks a missing label.
+    Ranking sources: ``text`` is the query of each list, ``cand_text`` the L candidate texts of
+    each list ([n][L]), ``cand_ids`` name -> int64 [n, L], and the ranking task's label is a float32
+    graded relevance [n, L] (NaN pads a short list).
+    """
+
+    text: list[str] | None
+    numeric: np.ndarray
+    ids: dict[str, np.ndarray] = field(default_factory=dict)
+    labels: dict[str, np.ndarray] = field(default_factory=dict)
+    cand_text: list[list[str]] | None = None
+    cand_ids: dict[str, np.ndarray] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.numeric)
+
+    def sample(self, n: int, seed: int = 0) -> SourceSplit:
+        """n examples drawn without replacement, kept in their order (a smaller slice of a
+        source, e.g. for a quick LoRA run). Sources may store examples sorted by label or by
+        product, so the first n would not do."""
+        if n >= len(self):
+            return self
+        idx = np.sort(np.random.default_rng(seed).choice(len(self), n, replace=False))
+        return SourceSplit(
+            None if self.text is None else [self.text[i] for i in idx],
+            self.numeric[idx],
+            {k: v[idx] for k, v in self.ids.items()},
+            {k: v[idx] for k, v in self.labels.items()},
+            None if self.cand_text is None else [self.cand_text[i] for i in idx],
+            {k: v[idx] for k, v in self.cand_ids.items()},
+        )
+
+
+@dataclass(frozen=True)
+class SourceData:
+    name: str
+    tasks: tuple[TaskSpec, ...]
+    train: SourceSplit
+    valid: SourceSplit
+    test: SourceSplit
+    id_sizes: dict[str, int] = field(default_factory=dict)  # name -> rows (incl. 0 = unknown)
+    meta: dict = field(default_factory=dict)  # JSON-able: class names, scales, provenance
+
+    def sample(self, n: int, seed: int = 0) -> SourceData:
+        """Every split cut to n seeded random examples (``SourceSplit.sample``)."""
+        from dataclasses import replace
+
+        return replace(self, train=self.train.sample(n, seed), valid=self.valid.sample(n, seed),
+                       test=self.test.sample(n, seed))
+
+    def split(self, name: str) -> SourceSplit:
+        if name not in SPLITS:
+            raise KeyError(f"unknown split {name!r}; known: {list(SPLITS)}")
+        return getattr(self, name)
+
+
+class Source(Protocol):
+    """What a source module provides (see ``shopmtl.data.sources``)."""
+
+    name: str
+
+    def load(self) -> SourceData:
+        """Read, validate and split the data (deterministic: same files, same splits)."""
+        ...
+
+    def metrics(self, data: SourceData, split: str, task: str, pred: np.ndarray
+                ) -> dict[str, float]:
+        """Score activated predictions of ``task`` on ``split``: probabilities [n] (binary),
+        class probabilities [n, C] (multiclass), values [n] (regression; [n, Q] quantile, one
+        column per quantile), scores [n, L] (ranking)."""
+        ...
+
+    def baseline(self, data: SourceData) -> dict[str, dict[str, float]]:
+        """The simple baseline's test metrics per task (same keys as ``metrics``)."""
+        ...

@@ -1,0 +1,296 @@
+"""The heterogeneous joint run end to end on small slices of every source: every task trained
+and scored, the checkpoint answers any task through `shopmtl predict --task`, the shared text
+adapter learns from every source, the LoRA path trains, bad configs and inputs fail clearly."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from shopmtl.config import ConfigError
+from shopmtl.joint.checkpoint import load_joint_dir
+from shopmtl.joint.config import JointConfig, SourceConfig, TextConfig, load_joint_config
+from shopmtl.joint.parts import SourcePart, load_parts, text_width
+from shopmtl.joint.train import build_joint_model, train_joint
+from tests.helpers import cli
+
+SMALL = {
+    "sources": [
+        {"name": "rec", "batch_size": 256, "args": {"rows": 30000}},
+        {"name": "search", "batch_size": 16, "args": {"n_train": 80, "n_valid": 30,
+                                                       "n_test": 30}},
+        {"name": "bitext", "batch_size": 32, "max_examples": 150},
+        {"name": "reviews", "batch_size": 32, "max_examples": 150},
+        {"name": "retail", "batch_size": 32, "max_examples": 300},
+    ],
+    "model": {"adapter_hidden": 32, "text_dim": 16, "hidden": [16], "id_dim": 4},
+    "sampling": {"method": "round_robin"},
+    "train": {"steps": 60, "lr": 0.003, "threads": 1, "log_every": 0},
+}
+TASKS = {"click": "rec", "conversion": "rec", "ad_click": "rec", "relevance": "search",
+         "intent": "bitext", "category": "bitext", "rating": "reviews", "recommend": "reviews",
+         "demand_1d": "retail", "demand_7d": "retail"}
+
+
+@pytest.fixture(scope="module")
+def small_cfg(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("cfg") / "joint.yaml"
+    path.write_text(yaml.safe_dump(SMALL))
+    return path
+
+
+@pytest.fixture(scope="module")
+def run(small_cfg: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("joint")
+    cli("train", str(small_cfg), "--out", str(out), "--alone", check=True)
+    return out
+
+
+def test_every_task_is_trained_and_scored(run: Path) -> None:
+    m = json.loads((run / "metrics.json").read_text())
+    joint = m["joint"]
+    assert joint["sources"] == ["rec", "search", "bitext", "reviews", "retail"]
+    assert set(joint["tasks"]) == set(TASKS)
+    # round-robin: 60 steps, 12 per source
+    assert joint["steps_per_source"] == dict.fromkeys(joint["sources"], 12)
+    for task, src in TASKS.items():
+        cell = joint["test"][src][task]
+        assert all(v is None or np.isfinite(v) for v in cell.values() if not isinstance(v, dict))
+    assert 0.0 <= joint["test"]["bitext"]["intent"]["accuracy"] <= 1.0
+    assert 0.0 < joint["test"]["search"]["relevance"]["ndcg@10"] <= 1.0
+    assert joint["test"]["retail"]["demand_1d"]["wape"] > 0.0
+    assert "home_feed" in joint["test"]["rec"]["click"]["by_scenario"]
+    # the comparison: each source alone for its own steps, each baseline, one row per task
+    assert set(m["alone"]) == set(joint["sources"])
+    assert m["alone"]["bitext"]["steps"] == 12
+    rows = {r["task"]: r for r in m["table"]}
+    assert set(rows) == set(TASKS)
+    assert rows["intent"]["baseline"] > 0.5  # TF-IDF + logistic regression on 150 utterances
+    assert rows["click"]["baseline_kind"] == "ID-only model"
+    assert rows["click"]["baseline"] is not None  # the ID-only rec model was trained
+    r = rows["demand_1d"]  # lower is better: the gain is alone - joint
+    assert r["joint_minus_alone"] == pytest.approx(r["alone"] - r["joint"])
+    report = (run / "report.md").read_text()
+    assert report.count("\n| ") == len(TASKS) + 1  # header + one row per task
+
+
+def test_checkpoint_answers_a_text_task(run: Path, tmp_path: Path) -> None:
+    """predict --task intent from the saved directory reproduces the test accuracy."""
+    from shopmtl.data.sources.bitext import BitextSource
+
+    data = BitextSource().load().sample(150)
+    inputs = tmp_path / "utterances.jsonl"
+    inputs.write_text("".join(json.dumps({"text": t}) + "\n" for t in data.test.text))
+    out = tmp_path / "pred.jsonl"
+    cli("predict", str(run / "joint" / "model"), str(inputs), "--out", str(out),
+        "--task", "intent", check=True)
+    preds = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(preds) == len(data.test.text)
+    probs = np.array([p["intent"] for p in preds])
+    assert probs.shape == (150, 27)
+    np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-4)
+    acc = float((probs.argmax(1) == data.test.labels["intent"]).mean())
+    m = json.loads((run / "metrics.json").read_text())
+    assert acc == pytest.approx(m["joint"]["test"]["bitext"]["intent"]["accuracy"], abs=1e-9)
+    names = BitextSource().load().meta["classes"]["intent"]
+    assert all(p["intent_class"] == names[int(np.argmax(p["intent"]))] for p in preds)
+
+
+def test_checkpoint_answers_rec_and_search_tasks(run: Path, tmp_path: Path) -> None:
+    out = tmp_path / "click.csv"
+    test_file = run / "rec" / "data" / "test.parquet"
+    cli("predict", str(run / "joint" / "model"), str(test_file), "--out", str(out),
+        "--task", "click", check=True)
+    rows = list(csv.DictReader(out.open()))
+    assert rows and all(0.0 < float(r["click"]) < 1.0 for r in rows)
+    lists = tmp_path / "queries.jsonl"
+    lists.write_text(json.dumps({"query": "red running shoes",
+                                 "candidates": ["red shoe", "blue lamp", "running sneaker"],
+                                 "item": [1, 2, 3]}) + "\n")
+    out = tmp_path / "rank.jsonl"
+    cli("predict", str(run / "joint" / "model"), str(lists), "--out", str(out),
+        "--task", "relevance", check=True)
+    scores = json.loads(out.read_text())["relevance"]
+    assert len(scores) == 3 and all(np.isfinite(scores))
+
+
+def test_predict_errors_name_the_line_and_the_task(run: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"text": "where is my order"}) + "\n" + json.dumps({"txt": 1})
+                   + "\n")
+    proc = cli("predict", str(run / "joint" / "model"), str(bad), "--task", "intent",
+               "--out", str(tmp_path / "p.jsonl"))
+    assert proc.returncode == 2
+    assert "bad.jsonl line 2: 'text' must be a non-empty string" in proc.stderr
+    proc = cli("predict", str(run / "joint" / "model"), str(bad), "--task", "nope",
+               "--out", str(tmp_path / "p.jsonl"))
+    assert proc.returncode == 2 and "intent" in proc.stderr and "demand_7d" in proc.stderr
+    proc = cli("predict", str(run / "joint" / "model"), str(bad),
+               "--out", str(tmp_path / "p.jsonl"))
+    assert proc.returncode == 2 and "one task at a time" in proc.stderr
+
+
+def test_corrupt_checkpoint_is_refused(run: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from shopmtl.train.checkpoint import CheckpointError
+
+    copy = tmp_path / "model"
+    shutil.copytree(run / "joint" / "model", copy)
+    weights = copy / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-10])
+    with pytest.raises(CheckpointError):
+        load_joint_dir(copy)
+
+
+def test_shared_adapter_learns_from_every_source(small_cfg: Path, tmp_path: Path) -> None:
+    """One step of each source gives the shared text adapter a gradient (the rec source
+    through its item-title field), and the adapter is stored once in the state dict."""
+    from shopmtl.joint.parts import text_bank
+
+    cfg = load_joint_config(small_cfg)
+    parts, texts, _ = load_parts(cfg, tmp_path, log=lambda *_: None)
+    bank = text_bank(cfg, texts.texts)
+    model = build_joint_model(cfg, parts, bank.bank.shape[1])
+    model.text.set_bank(bank.bank, bank.mask, bank.ngrams)
+    first = model.text.vec_in.weight
+    for p in parts:
+        model.zero_grad(set_to_none=True)
+        losses = p.losses(model, p.next_batch())
+        sum(v for k, v in losses.items() if not k.startswith("_")).backward()
+        assert first.grad is not None and first.grad.abs().sum() > 0, p.name
+    keys = [k for k in model.state_dict() if k.endswith("vec_in.weight")]
+    assert keys == ["text.vec_in.weight"]
+
+
+def test_joint_training_learns_the_text_tasks(small_cfg: Path, tmp_path: Path
+                                                        ) -> None:
+    cfg = load_joint_config(small_cfg)
+    parts, texts, _ = load_parts(cfg, tmp_path, log=lambda *_: None)
+    logs: list[str] = []
+    # round robin over the two text sources: 150 steps each, ~30 epochs of their 150 examples
+    train_joint(cfg, tmp_path / "run", log=logs.append, save=False, shared=(parts, texts),
+                only=("bitext", "reviews"), steps=300)
+    # held-out check: the trained intent head is far better than chance (1/27)
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert m["test"]["bitext"]["intent"]["accuracy"] > 0.2
+    assert m["test"]["reviews"]["recommend"]["auc"] > 0.6
+
+
+def test_lora_path_trains_on_a_small_slice(tmp_path: Path) -> None:
+    cfg = JointConfig(sources=(SourceConfig("bitext", batch_size=8, max_examples=24),),
+                      text=TextConfig(mode="lora", max_tokens=16))
+    cfg = load_joint_config_from(cfg, tmp_path, ["train.steps=6", "train.lr=0.01"])
+    parts, texts, _ = load_parts(cfg, tmp_path, log=lambda *_: None)
+    from shopmtl.joint.parts import text_bank
+
+    bank = text_bank(cfg, texts.texts)
+    assert bank.mask is not None and bank.bank.shape == (len(texts.texts), 16)
+    model = build_joint_model(cfg, parts, text_width(cfg))
+    before = {k: v.clone() for k, v in model.state_dict().items() if "lora_" in k or
+              "base_layer" in k}
+    assert any("lora_" in k for k in before) and any("base_layer" in k for k in before)
+    m = train_joint(cfg, tmp_path / "run", log=lambda *_: None, shared=(parts, texts))
+    assert np.isfinite(m["test"]["bitext"]["intent"]["logloss"])
+    loaded, _, _ = load_joint_dir(tmp_path / "run" / "model")
+    after = loaded.state_dict()
+    lora_changed = [k for k in before if "lora_" in k and not torch.equal(before[k], after[k])]
+    base_changed = [k for k in before if "base_layer" in k and not torch.equal(before[k],
+                                                                               after[k])]
+    assert lora_changed and not base_changed
+
+
+def load_joint_config_from(cfg: JointConfig, tmp: Path, sets: list[str]) -> JointConfig:
+    from shopmtl.config import to_dict
+
+    path = tmp / "cfg.yaml"
+    path.write_text(yaml.safe_dump(to_dict(cfg)))
+    return load_joint_config(path, sets)
+
+
+@pytest.mark.parametrize(("raw", "msg"), [
+    ({"sources": []}, "at least one source"),
+    ({"sources": [{"name": "bitext"}, {"name": "bitext"}]}, "duplicated"),
+    ({"sources": [{"name": "bitext", "batch_size": 0}]}, "batch_size"),
+    ({"sources": [{"name": "bitext"}], "sampling": {"method": "sqrt"}}, "sampling.method"),
+    ({"sources": [{"name": "bitext"}], "train": {"stepz": 3}}, "unknown key"),
+])
+def test_bad_config_names_the_key(raw: dict, msg: str, tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    with pytest.raises(ConfigError, match=msg):
+        load_joint_config(path)
+
+
+def test_unknown_source_and_alpha_task_are_refused(tmp_path: Path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"sources": [{"name": "tiktok"}]}))
+    with pytest.raises(ValueError, match=r"unknown source 'tiktok'; known: .*bitext"):
+        load_parts(load_joint_config(path), tmp_path)
+    path.write_text(yaml.safe_dump({"sources": [{"name": "bitext", "max_examples": 20}],
+                                    "train": {"steps": 1, "alpha": {"clicks": 2.0}}}))
+    with pytest.raises(ValueError, match="unknown tasks \\['clicks'\\]"):
+        train_joint(load_joint_config(path), tmp_path / "o", log=lambda *_: None)
+
+
+def test_source_part_rejects_missing_labels(tmp_path: Path) -> None:
+    import dataclasses
+
+    from shopmtl.data.sources.bitext import BitextSource
+    from shopmtl.joint.parts import TextIndex
+
+    src = BitextSource()
+    data = src.load().sample(10)
+    broken = dataclasses.replace(data, valid=dataclasses.replace(
+        data.valid, labels={"intent": data.valid.labels["intent"]}))
+    with pytest.raises(ValueError, match="split 'valid': no labels for \\['category'\\]"):
+        SourcePart(SourceConfig("bitext"), src, broken, TextIndex(), 0)
+
+
+def _tickets(path: Path, n: int = 240) -> Path:
+    """Support tickets whose priority and resolution time follow from their wording."""
+    rng = np.random.default_rng(0)
+    words = {"low": "a small question about the newsletter",
+             "normal": "my parcel is late, please check the delivery",
+             "urgent": "payment taken twice, refund now, account locked"}
+    hours = {"low": 48.0, "normal": 12.0, "urgent": 2.0}
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["message", "priority", "hours"])
+        for i in range(n):
+            p = ("low", "normal", "urgent")[i % 3]
+            w.writerow([f"ticket {i}: {words[p]}", p, f"{hours[p] * rng.uniform(0.8, 1.2):.1f}"])
+    return path
+
+
+def test_own_source_from_the_docs_trains(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                         ) -> None:
+    """docs/JOINT.md's example: a user's own task and data through `cls`, beside a built-in
+    source, beats its baseline."""
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parents[2] / "examples" / "own_source"))
+    data = _tickets(tmp_path / "tickets.csv")
+    cfg = tmp_path / "joint.yaml"
+    cfg.write_text(yaml.safe_dump({
+        "sources": [{"name": "tickets", "cls": "ticket_source:TicketSource",
+                     "args": {"path": str(data)}, "batch_size": 32},
+                    {"name": "bitext", "max_examples": 100, "batch_size": 32}],
+        "model": {"adapter_hidden": 32, "text_dim": 16, "hidden": [16]},
+        "sampling": {"method": "round_robin"},
+        "train": {"steps": 200, "lr": 0.005, "threads": 1, "log_every": 0},
+    }))
+    out = tmp_path / "run"
+    cli("train", str(cfg), "--out", str(out), check=True)
+    table = {r["task"]: r for r in json.loads((out / "metrics.json").read_text())["table"]}
+    assert table["priority"]["joint"] > 0.9 and table["priority"]["baseline"] < 0.5
+    assert table["hours"]["joint_beats_baseline"] is True
+    # a bad row of the user's file: a clear error with the line, nothing silently dropped
+    data.write_text(data.read_text().replace(",urgent,", ",panic,", 1))
+    proc = cli("train", str(cfg), "--out", str(tmp_path / "bad"))
+    assert proc.returncode == 2 and "tickets.csv line" in proc.stderr
+    assert "priority must be one of" in proc.stderr
