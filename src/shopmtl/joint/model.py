@@ -95,7 +95,9 @@ class SharedText(nn.Module):
 
     def ngram_bags(self, idx: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The n-grams of texts ``idx`` [B] as EmbeddingBag input: flat ids, offsets and
-        weights 1/sqrt(n) (n = the text's n-gram count)."""
+        weights 1/sqrt(n) (n = the text's n-gram count). Ragged, not a padded [B, N] matrix:
+        titles have ~15 n-grams, reviews ~200, and padding would cost as much as real n-grams
+        in the backward."""
         g = self.bank_ngrams[idx]
         keep = g > 0
         counts = keep.sum(1)
@@ -121,13 +123,8 @@ class SharedText(nn.Module):
                                     self.lora(self.bank[rows], self.bank_mask[rows]))
         h = self.vec_in(vec)
         if self.ngram is not None and self.ngram_in is not None:
-            # ragged bags (flat ids + offsets): titles have ~15 n-grams, reviews ~200, and the
-            # padding of a [U, N] matrix would cost as much as real n-grams in the backward
-            g = self.bank_ngrams[uniq]
-            keep = g > 0
-            counts = keep.sum(1)
-            offsets = torch.cumsum(counts, 0) - counts
-            h = h + self.ngram_in(self.ngram(g[keep], offsets))
+            flat, offsets, _ = self.ngram_bags(uniq)  # a mean bag: no per-id weights
+            h = h + self.ngram_in(self.ngram(flat, offsets))
         return self.out(h)[inverse].reshape(*idx.shape, self.out_dim)
 
 

@@ -151,6 +151,3 @@ def predict_joint(model_dir: str | Path, path: str | Path, out: str | Path, task
                 rec[f"{task}_class"] = classes[k] if classes else k
             f.write(json.dumps(rec) + "\n")
     return len(rows)
-
-
-__all__ = ["is_joint_dir", "predict_joint"]

@@ -23,6 +23,7 @@ import numpy as np
 
 SamplingMethod = Literal["proportional", "temperature", "round_robin"]
 METHODS: tuple[str, ...] = ("proportional", "temperature", "round_robin")
+BLOCK = 1024  # draws made at once
 
 
 def source_probs(sizes: Sequence[int], method: SamplingMethod, temperature: float = 2.0
@@ -55,20 +56,21 @@ class SourceSampler:
         self.method = method
         self.seed = seed
         self.step = 0
+        self._block: tuple[int, np.ndarray] | None = None  # (block index, its 1024 draws)
+
+    def _draws(self, block: int) -> np.ndarray:
+        """The draws of steps block * 1024 .. + 1023: step s depends only on (seed, s)."""
+        if self._block is None or self._block[0] != block:
+            rng = np.random.default_rng([self.seed, block])
+            self._block = (block, rng.choice(len(self.probs), BLOCK, p=self.probs))
+        return self._block[1]
 
     def schedule(self, steps: int, start: int = 0) -> np.ndarray:
         """The source of steps start .. start + steps - 1 (the same whatever the start)."""
-        k = len(self.probs)
+        s = np.arange(start, start + steps)
         if self.method == "round_robin":
-            return (np.arange(start, start + steps) % k).astype(np.int64)
-        # one generator per block of 1024 steps: step s's draw depends only on (seed, s)
-        out = np.empty(steps, np.int64)
-        for i, s in enumerate(range(start, start + steps)):
-            block, off = divmod(s, 1024)
-            if i == 0 or off == 0:
-                draws = np.random.default_rng([self.seed, block]).choice(k, 1024, p=self.probs)
-            out[i] = draws[off]
-        return out
+            return (s % len(self.probs)).astype(np.int64)
+        return np.array([self._draws(i // BLOCK)[i % BLOCK] for i in s], np.int64)
 
     def next(self) -> int:
         i = int(self.schedule(1, self.step)[0])
