@@ -161,3 +161,24 @@ def test_throughput_benchmark_prints_and_writes_samples_per_second(tmp_path):
     train = [v for k, v in rec.items() if "train" in k and isinstance(v, (int, float))]
     infer = [v for k, v in rec.items() if "infer" in k and isinstance(v, (int, float))]
     assert train and infer and all(v > 0 for v in train + infer)
+
+
+def test_joint_seeds_summary_counts_wins_with_the_metric_direction() -> None:
+    from bench.joint_seeds import render, summarise
+
+    def row(task: str, higher: bool, joint: float, base: float) -> dict:
+        better = joint > base if higher else joint < base
+        return {"source": "s", "task": task, "metric": "m", "higher_is_better": higher,
+                "baseline_kind": "baseline", "joint": joint, "baseline": base,
+                "joint_beats_baseline": better}
+
+    tables = [[row("auc", True, 0.80, 0.79), row("wape", False, 0.50, 0.55)],
+              [row("auc", True, 0.78, 0.79), row("wape", False, 0.52, 0.55)]]
+    rows = {r["task"]: r for r in summarise(tables)}
+    assert rows["auc"]["joint_mean"] == pytest.approx(0.79)
+    assert rows["auc"]["joint_std"] == pytest.approx(np.std([0.80, 0.78], ddof=1))
+    assert rows["auc"]["margin"] == pytest.approx(0.0) and rows["auc"]["seeds_beating"] == 1
+    # lower is better: joint 0.51 against 0.55 is a positive margin
+    assert rows["wape"]["margin"] == pytest.approx(0.04) and rows["wape"]["seeds_beating"] == 2
+    md = render(list(rows.values()), 2, "python bench/joint_seeds.py", 1.0)
+    assert "| s | wape | m | 0.5100 ± 0.0141 | 0.5500 (baseline) | +0.0400 | 2/2 |" in md

@@ -17,7 +17,7 @@ from shopmtl.config import ConfigError
 from shopmtl.joint.checkpoint import load_joint_dir
 from shopmtl.joint.config import JointConfig, SourceConfig, TextConfig, load_joint_config
 from shopmtl.joint.parts import SourcePart, load_parts, text_width
-from shopmtl.joint.train import build_joint_model, train_joint
+from shopmtl.joint.train import JointWeights, build_joint_model, train_joint
 from tests.helpers import cli
 
 SMALL = {
@@ -220,6 +220,8 @@ def load_joint_config_from(cfg: JointConfig, tmp: Path, sets: list[str]) -> Join
     ({"sources": [{"name": "bitext", "batch_size": 0}]}, "batch_size"),
     ({"sources": [{"name": "bitext"}], "sampling": {"method": "sqrt"}}, "sampling.method"),
     ({"sources": [{"name": "bitext"}], "train": {"stepz": 3}}, "unknown key"),
+    ({"sources": [{"name": "bitext"}], "train": {"refit_steps": -1}}, "refit_steps"),
+    ({"sources": [{"name": "bitext"}], "train": {"refit_lr": 0}}, "refit_lr"),
 ])
 def test_bad_config_names_the_key(raw: dict, msg: str, tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
@@ -294,3 +296,40 @@ def test_own_source_from_the_docs_trains(tmp_path: Path, monkeypatch: pytest.Mon
     proc = cli("train", str(cfg), "--out", str(tmp_path / "bad"))
     assert proc.returncode == 2 and "tickets.csv line" in proc.stderr
     assert "priority must be one of" in proc.stderr
+
+
+def test_refit_keeps_the_shared_parts_and_each_heads_best_step(small_cfg: Path,
+                                                                tmp_path: Path) -> None:
+    """Stage two: the shared adapter does not move, every head does, each head ends at the
+    step whose validation score it reports, and the adapter is trainable again afterwards."""
+    from shopmtl.joint.parts import text_bank
+    from shopmtl.joint.train import _summary, refit_heads, valid_score
+
+    cfg = load_joint_config(small_cfg, ["train.refit_steps=40", "train.refit_eval_every=10",
+                                        "train.refit_patience=4", "train.refit_lr=0.01"])
+    parts, texts, _ = load_parts(cfg, tmp_path, log=lambda *_: None)
+    parts = [p for p in parts if p.name in ("bitext", "reviews", "rec")]
+    bank = text_bank(cfg, texts.texts)
+    torch.manual_seed(0)
+    model = build_joint_model(cfg, parts, bank.bank.shape[1])
+    model.text.set_bank(bank.bank, bank.mask, bank.ngrams)
+    types = {t.name: t.type for p in parts for t in p.tasks}
+    weights = JointWeights([t for p in parts for t in p.task_names], {}, False)
+    first = {p.name: _summary({p.name: p.evaluate(model, "valid")}, types) for p in parts}
+    text0 = {k: v.clone() for k, v in model.text.state_dict().items()}
+    heads0 = {k: v.clone() for k, v in model.heads.state_dict().items()}
+    logs: list[str] = []
+    info = refit_heads(model, parts, weights, cfg, types, logs.append)
+    assert all(torch.equal(v, model.text.state_dict()[k]) for k, v in text0.items())
+    assert all(p.requires_grad for p in model.text.parameters())
+    assert set(info) == {"rec", "bitext", "reviews"} and len(logs) == 3
+    for p in parts:
+        r = info[p.name]
+        assert r["best_step"] in range(0, r["steps"] + 1, 10)
+        now = _summary({p.name: p.evaluate(model, "valid")}, types)
+        gain = valid_score(now, first[p.name], types)
+        assert gain == pytest.approx(r["valid_gain"], abs=1e-9), p.name
+    # 40 steps on 150 utterances: the intent head got better than where it started
+    assert info["bitext"]["best_step"] > 0 and info["bitext"]["valid_gain"] > 0
+    changed = [k for k, v in heads0.items() if not torch.equal(v, model.heads.state_dict()[k])]
+    assert any(k.startswith("bitext.") for k in changed)

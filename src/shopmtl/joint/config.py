@@ -89,12 +89,23 @@ class JointTrainConfig:
     # > 0: score the validation splits every n steps and keep the best step's weights
     # (``joint.train.valid_score``)
     eval_every: int = 0
+    # > 0: after the joint steps, the shared parts frozen, each source's head trains alone for
+    # up to this many steps and keeps its own best validation step (``joint.train.refit_heads``)
+    refit_steps: int = 0
+    refit_lr: float = 5e-4
+    refit_eval_every: int = 250
+    refit_patience: int = 4  # evaluations without a better validation score before stopping
 
     def __post_init__(self) -> None:
         if self.steps < 1:
             raise ValueError("steps must be >= 1")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if self.refit_steps < 0 or self.refit_eval_every < 1 or self.refit_patience < 1:
+            raise ValueError("refit_steps must be >= 0, refit_eval_every and refit_patience "
+                             ">= 1")
+        if not self.refit_lr > 0:
+            raise ValueError(f"refit_lr must be > 0, got {self.refit_lr}")
 
 
 @dataclass(frozen=True)

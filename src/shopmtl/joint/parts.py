@@ -13,6 +13,7 @@ import re
 import time
 import zlib
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
@@ -167,6 +168,19 @@ def _epochs(n: int, batch_size: int, seed: int) -> Iterator[Tensor]:
 # -- parts ------------------------------------------------------------------------------------
 
 
+@contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Every submodule in eval mode inside, and back to the mode it had after (a refit stage
+    trains heads over a shared adapter that stays in eval mode)."""
+    modes = [(m, m.training) for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes:
+            m.training = training
+
+
 class SourcePart:
     """A loaded source: its data, tensors, head and batch stream."""
 
@@ -235,15 +249,15 @@ class SourcePart:
     @torch.no_grad()
     def predict(self, model: JointModel, split: str, batch_size: int = 2048
                 ) -> dict[str, np.ndarray]:
-        model.eval()
         st = self.splits[split]
         outs: dict[str, list[np.ndarray]] = {t.name: [] for t in self.tasks}
-        for lo in range(0, len(st), batch_size):
-            b = st.take(torch.arange(lo, min(lo + batch_size, len(st))))
-            for t in self.tasks:
-                logit = self.logits(model, b)[t.name]
-                outs[t.name].append(TASK_TYPES[t.type].activate(logit).float().numpy())
-        model.train()
+        with eval_mode(model):
+            for lo in range(0, len(st), batch_size):
+                b = st.take(torch.arange(lo, min(lo + batch_size, len(st))))
+                logits = self.logits(model, b)
+                for t in self.tasks:
+                    outs[t.name].append(TASK_TYPES[t.type].activate(logits[t.name]).float()
+                                        .numpy())
         return {k: np.concatenate(v) for k, v in outs.items()}
 
     def evaluate(self, model: JointModel, split: str) -> dict[str, dict[str, float]]:
@@ -334,8 +348,10 @@ class RecPart:
         test = self.data.test if self.data.test is not None else self.data.valid
         table = self.data.valid if split == "valid" else test
         assert model.rec is not None
-        res = metrics_by_scenario(self.schema, table, predict_table(model.rec, table))
-        model.train()
+        # the whole joint model in eval mode, not only the zoo model: its title field runs
+        # through the shared adapter, which the zoo model borrows and does not own
+        with eval_mode(model):
+            res = metrics_by_scenario(self.schema, table, predict_table(model.rec, table))
         return {t: {"auc": m[ALL]["auc"], "by_scenario": {s: v["auc"] for s, v in m.items()}}
                 for t, m in res.items()}
 

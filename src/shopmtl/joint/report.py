@@ -38,8 +38,9 @@ def run_joint(cfg: JointConfig, out_dir: str | Path, *, alone: bool = False,
               log: Any = print) -> dict[str, Any]:
     """The joint model, each source's baseline and (``alone``) each source trained alone for
     the number of steps it got in the joint run (the same batches seen, the same budget per
-    source); metrics.json + report.md. The rec source alone is trained twice: with its title
-    (the same model without sharing) and ID-only (the recommendation baseline)."""
+    source); metrics.json + report.md. The rec source's baseline, the same zoo model ID-only,
+    is trained for the steps rec got in any case; with ``alone`` the rec source is also
+    trained alone with its title (the same model without sharing)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     parts, texts, load_s = load_parts(cfg, out, log)
@@ -57,14 +58,16 @@ def run_joint(cfg: JointConfig, out_dir: str | Path, *, alone: bool = False,
             result["alone"][p.name] = train_joint(
                 replace_steps(cfg, n), out / "alone" / p.name, only=(p.name,), log=log,
                 save=False, shared=(parts, texts))
-        rec = next((p for p in parts if isinstance(p, RecPart)), None)
-        if rec is not None and rec.args["content"]:
-            sc = dataclasses.replace(rec.cfg, args={**rec.cfg.args, "content": []})
-            id_only = RecPart(sc, out / "rec_id_only", cfg.text, cfg.train.seed, log)
-            n = joint["steps_per_source"][REC]
-            result["rec_id_only"] = train_joint(
-                replace_steps(cfg, n), out / "alone" / "rec_id_only", log=log, save=False,
-                shared=([id_only], texts))
+    # the rec source's baseline is a model too: the same zoo model without the title field
+    rec = next((p for p in parts if isinstance(p, RecPart)), None)
+    if rec is not None and rec.args["content"]:
+        sc = dataclasses.replace(rec.cfg, args={**rec.cfg.args, "content": []})
+        id_only = RecPart(sc, out / "rec_id_only", cfg.text, cfg.train.seed, log)
+        n = joint["steps_per_source"][REC]
+        log(f"baseline: rec ID-only for {n} steps")
+        result["rec_id_only"] = train_joint(
+            replace_steps(cfg, n), out / "alone" / "rec_id_only", log=log, save=False,
+            shared=([id_only], texts))
     result["table"] = comparison_table(result, types)
     from shopmtl.run import clean
 

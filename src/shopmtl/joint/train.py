@@ -98,6 +98,93 @@ class JointWeights(nn.Module):
         return out
 
 
+def _adam(params: list[nn.Parameter], lr: float, weight_decay: float) -> torch.optim.Adam:
+    # fused: one kernel for all parameters (the unfused CPU loop took ~10x longer on the
+    # 4M-parameter n-gram table)
+    fused = all(p.device.type == "cpu" and p.dtype == torch.float32 for p in params)
+    return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=fused)
+
+
+def _head(model: JointModel, part: Any) -> nn.Module:
+    if isinstance(part, RecPart):
+        assert model.rec is not None
+        return model.rec  # its title adapter is borrowed, not registered: not in here
+    return model.heads[part.name]
+
+
+def _clone(module: nn.Module) -> dict[str, Tensor]:
+    return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
+def refit_heads(model: JointModel, parts: list[Any], weights: JointWeights, cfg: JointConfig,
+                types: dict[str, str], log: Any = print,
+                candidates: dict[str, dict[str, Tensor]] | None = None
+                ) -> dict[str, dict[str, Any]]:
+    """Second stage: the shared text adapter frozen (weights and dropout), each source's head
+    trains alone on its own batches and keeps its best validation step.
+
+    Sources peak at different steps of the joint run (a small text source overfits while the
+    recommendation model still learns), and one step chosen for all is a compromise. Once the
+    shared parts stop moving, the heads are independent of each other, so each can stop at its
+    own best step and the result is still one model. A head is scored as the joint run is
+    (``valid_score`` over its tasks, relative to its start); it keeps its start when no refit
+    step beats it.
+
+    ``candidates``: per source, its head at the joint step where that source alone scored best
+    (a recommendation task can overfit after one epoch while the text sources still learn). It
+    is scored on validation with the final shared parts, and replaces the start when better."""
+    t = cfg.train
+    text = model.text
+    frozen = [p for p in text.parameters() if p.requires_grad]
+    for p in frozen:
+        p.requires_grad_(False)
+    out: dict[str, dict[str, Any]] = {}
+    try:
+        for part in parts:
+            head = _head(model, part)
+            opt = _adam([p for p in head.parameters() if p.requires_grad], t.refit_lr,
+                        t.weight_decay)
+            first = _summary({part.name: part.evaluate(model, "valid")}, types)
+            best = (0.0, 0, _clone(head))
+            own = (candidates or {}).get(part.name)
+            took_own = False
+            if own is not None:
+                head.load_state_dict(own)
+                gain = valid_score(_summary({part.name: part.evaluate(model, "valid")}, types),
+                                   first, types)
+                took_own = gain > 0
+                if took_own:
+                    best = (gain, 0, own)
+                head.load_state_dict(best[2])
+            since, step = 0, 0
+            model.train()
+            text.eval()  # evaluations below restore these modes
+            for step in range(1, t.refit_steps + 1):
+                losses = part.losses(model, part.next_batch())
+                opt.zero_grad(set_to_none=True)
+                weights.total(losses).backward()
+                opt.step()
+                if step % t.refit_eval_every and step < t.refit_steps:
+                    continue
+                prim = _summary({part.name: part.evaluate(model, "valid")}, types)
+                score = valid_score(prim, first, types)
+                if score > best[0]:
+                    best, since = (score, step, _clone(head)), 0
+                else:
+                    since += 1
+                    if since >= t.refit_patience:
+                        break
+            head.load_state_dict(best[2])
+            out[part.name] = {"own_best_start": took_own, "steps": step,
+                              "best_step": best[1], "valid_gain": best[0]}
+            log(f"refit {part.name}: " + ("from its own best joint step, " if took_own else "")
+                + f"best step {best[1]} of {step}, validation {best[0]:+.4f}")
+    finally:
+        for p in frozen:
+            p.requires_grad_(True)
+    return out
+
+
 def _summary(metrics: dict[str, dict[str, dict[str, Any]]], types: dict[str, str]
              ) -> dict[str, float]:
     out = {}
@@ -119,6 +206,10 @@ def train_joint(cfg: JointConfig, out_dir: str | Path, *, only: tuple[str, ...] 
     torch.manual_seed(cfg.train.seed)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
+    # Adam's moments of the n-gram rows a source does not touch decay by 0.9 a step into
+    # subnormal floats, which the CPU computes ~100x slower: without this a 12,000-step run
+    # slowed down 4x after step 2,000. Flushing them to zero changes nothing measurable.
+    torch.set_flush_denormal(True)
     t0 = time.perf_counter()
     if shared is None:
         parts, texts, load_s = load_parts(cfg, out, log)
@@ -143,12 +234,8 @@ def train_joint(cfg: JointConfig, out_dir: str | Path, *, only: tuple[str, ...] 
     types = {t.name: t.type for p in parts for t in p.tasks}
     weights = JointWeights(tasks, {k: v for k, v in cfg.train.alpha.items() if k in tasks},
                            cfg.train.weighting == "uncertainty")
-    params = [p for p in model.parameters() if p.requires_grad]
-    # fused: one kernel for all parameters (the unfused CPU loop took ~10x longer on the
-    # 4M-parameter n-gram table)
-    fused = all(p.device.type == "cpu" and p.dtype == torch.float32 for p in params)
-    opt = torch.optim.Adam(params, lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
-                           fused=fused)
+    opt = _adam([p for p in model.parameters() if p.requires_grad], cfg.train.lr,
+                cfg.train.weight_decay)
     if weights.learned:
         opt.add_param_group({"params": [weights.log_vars], "lr": cfg.train.lr,
                              "weight_decay": 0.0})
@@ -159,6 +246,8 @@ def train_joint(cfg: JointConfig, out_dir: str | Path, *, only: tuple[str, ...] 
     running: dict[str, list[float]] = {t: [] for t in tasks}
     history: list[dict[str, Any]] = []
     best: tuple[float, int, dict[str, Tensor]] | None = None
+    # per source: its own best validation score in the joint run and its head then
+    own_best: dict[str, tuple[float, dict[str, Tensor]]] = {}
     model.train()
     t2 = time.perf_counter()
     for step in range(n_steps):
@@ -190,14 +279,24 @@ def train_joint(cfg: JointConfig, out_dir: str | Path, *, only: tuple[str, ...] 
             score = valid_score(prim, history[0]["valid"], types)
             history[-1]["score"] = score
             if best is None or score > best[0]:
-                best = (score, step + 1, {k: v.detach().clone()
-                                          for k, v in model.state_dict().items()})
+                best = (score, step + 1, _clone(model))
+            if cfg.train.refit_steps:
+                for p in parts:
+                    mine = valid_score({t: prim[t] for t in p.task_names if t in prim},
+                                       history[0]["valid"], types)
+                    if p.name not in own_best or mine > own_best[p.name][0]:
+                        own_best[p.name] = (mine, _clone(_head(model, p)))
             log(f"step {step + 1}: validation score {score:+.4f}"
                 + (" (best)" if best[1] == step + 1 else ""))
-            model.train()
     train_s = time.perf_counter() - t2
     if best is not None:  # the step whose validation score was best
         model.load_state_dict(best[2])
+    refit: dict[str, Any] = {}
+    t3 = time.perf_counter()
+    if cfg.train.refit_steps:
+        refit = refit_heads(model, parts, weights, cfg, types, log,
+                            {k: v[1] for k, v in own_best.items()})
+    refit_s = time.perf_counter() - t3
     model.eval()
     valid = {p.name: p.evaluate(model, "valid") for p in parts}
     test = {p.name: p.evaluate(model, "test") for p in parts}
@@ -207,12 +306,13 @@ def train_joint(cfg: JointConfig, out_dir: str | Path, *, only: tuple[str, ...] 
         "steps": n_steps,
         "best_step": best[1] if best is not None else n_steps,
         "valid_history": history,
+        "refit": refit,
         "steps_per_source": {p.name: int(c) for p, c in zip(parts, counts, strict=True)},
         "sampling": to_dict(cfg.sampling),
         "valid": valid,
         "test": test,
         "summary": _summary(test, types),
-        "seconds": {"load": load_s, "embed": embed_s, "train": train_s,
+        "seconds": {"load": load_s, "embed": embed_s, "train": train_s, "refit": refit_s,
                     "total": time.perf_counter() - t0},
     }
     if save:
