@@ -131,6 +131,7 @@ def test_scaling_benchmark_writes_json_and_docs_block(tmp_path: Path,
     assert block == render_block(doc)
     assert "## Scaling: streamed training" in block and env["command"] in block
     assert "| 40,000 |" in block and "time/row ÷ smallest" in block
+    assert env["streamed_valid"] and "every split is streamed" in block
     # a rerun replaces only the block
     assert splice(text.replace("| 40,000 |", "| old |"), block) == text
     # bench/run_all.py's regeneration (report.render) renders the block from the JSON

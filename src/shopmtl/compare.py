@@ -178,7 +178,7 @@ def train_and_score(cfg: ExperimentConfig, data: PreparedData, run_dir: Path,
     files (size, mtime) are unchanged (an interrupted comparison resumes where it stopped).
     """
     from shopmtl.run import clean
-    from shopmtl.train.evaluate import metrics_by_scenario, predict_table
+    from shopmtl.train.evaluate import metrics_by_scenario, predict_split
     from shopmtl.train.trainer import train_model
 
     cache = run_dir / "scores.json"
@@ -193,7 +193,8 @@ def train_and_score(cfg: ExperimentConfig, data: PreparedData, run_dir: Path,
     t0 = time.perf_counter()
     model, state = train_model(cfg, data, run_dir, progress=progress, tensorboard=False)
     table = data.test if data.test is not None else data.valid
-    metrics = metrics_by_scenario(data.schema, table, predict_table(model, table))
+    preds, scored = predict_split(model, table)
+    metrics = metrics_by_scenario(data.schema, scored, preds)
     scores = {
         "config": key,
         "data_files": files,

@@ -23,7 +23,12 @@ from shopmtl.config import (
 from shopmtl.data.dataset import TensorTable
 from shopmtl.data.pipeline import PreparedData, prepare_data
 from shopmtl.report import negative_transfer, write_report
-from shopmtl.train.evaluate import metrics_by_scenario, metrics_by_slice, predict_table
+from shopmtl.train.evaluate import (
+    metrics_by_scenario,
+    metrics_by_slice,
+    predict_split,
+    predict_table,
+)
 from shopmtl.train.trainer import train_model
 
 
@@ -102,10 +107,10 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, baselines: boo
         f"{time.perf_counter() - t1:.1f}s")
     test_table = data.test if data.test is not None else data.valid
     metrics["test_split"] = "test" if data.test is not None else "valid"
-    preds = predict_table(model, test_table)
-    metrics["test"] = metrics_by_scenario(schema, test_table, preds)
+    preds, scored = predict_split(model, test_table)
+    metrics["test"] = metrics_by_scenario(schema, scored, preds)
     if schema.slices:  # e.g. is_new_item: the cold-start rows
-        metrics["slices"] = metrics_by_slice(schema, test_table, preds)
+        metrics["slices"] = metrics_by_slice(schema, scored, preds)
     if baselines and len(schema.tasks) > 1:
         single: dict[str, Any] = {}
         for task in schema.task_names:

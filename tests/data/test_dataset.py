@@ -234,3 +234,22 @@ def test_stream_quietly_drops_bad_rows(tmp_path: Path, stream_file: Path) -> Non
     batches = list(src.batches(4, seed=0))
     assert len(batches) == src.num_batches(4)
     assert sorted(source_rows(src, batches)) == [i for i in range(STREAM_ROWS) if i != 7]
+
+
+def test_stream_tables_are_the_file_in_order_and_labels_only_drops_the_features(
+    stream_file: Path,
+) -> None:
+    from shopmtl.data.dataset import concat_tables, labels_only
+
+    src = make_stream(stream_file, chunk_rows=6)
+    chunks = list(src.tables())
+    # at most chunk_rows each (a chunk never spans two of the file's 10-row row groups)
+    assert [len(c) for c in chunks] == [6, 4] * (STREAM_ROWS // 10) + [3]
+    whole = concat_tables(chunks)
+    (ordered,) = list(src.batches(STREAM_ROWS, shuffle=False))
+    assert torch.equal(whole.cat, ordered.cat) and torch.equal(whole.labels, ordered.labels)
+    kept = concat_tables([labels_only(c) for c in chunks])
+    assert kept.cat.shape == (STREAM_ROWS, 0) and kept.num.shape == (STREAM_ROWS, 0)
+    assert kept.seq.shape[:2] == (STREAM_ROWS, 0)
+    for name in ("labels", "mask", "scenario", "group", "slices"):
+        assert torch.equal(getattr(kept, name), getattr(whole, name))

@@ -238,3 +238,39 @@ def test_output_bias_starts_at_each_task_label_prior(world: Path, tmp_path: Path
     off = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, output_bias_prior=False))
     plain = Trainer(off, data, tmp_path / "plain", progress=False).model.output_layers()
     assert all(abs(plain[n].bias.item() - priors[n]) > 0.5 for n in priors)
+
+
+def test_streamed_splits_score_exactly_as_in_memory(world: Path, tmp_path: Path) -> None:
+    """data.streaming keeps valid and test on disk too (flat memory): the run reads them chunk
+    by chunk, keeps only their label columns, and its metrics equal an in-memory evaluation of
+    the same saved model."""
+    from shopmtl.data.dataset import StreamingSource
+    from shopmtl.run import run_experiment
+    from shopmtl.train.evaluate import metrics_by_scenario, predict_split, predict_table
+
+    cfg = load_config(
+        world_config_yaml(world, tmp_path / "exp.yaml", epochs=1, batch_size=512),
+        ["data.streaming=true", "data.chunk_rows=2500"],
+    )
+    metrics = run_experiment(cfg, tmp_path / "run", progress=False, log=lambda *_: None)
+    model, _, schema, encoders = load_model_dir(tmp_path / "run" / "model")
+
+    streamed = prepare_data(cfg.data, schema, encoders=encoders)
+    assert isinstance(streamed.valid, StreamingSource)
+    assert isinstance(streamed.test, StreamingSource)
+    preds, scored = predict_split(model, streamed.test, batch_size=1000)
+    assert scored.cat.shape[1] == 0 and scored.num.shape[1] == 0  # labels only, no features
+
+    memory = prepare_data(dataclasses.replace(cfg.data, streaming=False), schema,
+                          encoders=encoders)
+    assert len(scored) == len(memory.test) == streamed.test.rows
+    assert sum(1 for _ in streamed.test.tables()) == -(-len(scored) // 2500) > 1
+    ref = predict_table(model, memory.test)
+    for task in schema.task_names:
+        torch.testing.assert_close(torch.from_numpy(preds[task]), torch.from_numpy(ref[task]))
+    assert torch.equal(scored.labels, memory.test.labels)
+    expected = metrics_by_scenario(schema, memory.test, ref)
+    for task, per in expected.items():
+        for scenario, m in per.items():
+            assert metrics["test"][task][scenario]["auc"] == pytest.approx(m["auc"], abs=1e-12)
+    assert json.loads((tmp_path / "run" / "history.json").read_text())[0]["valid_auc"]

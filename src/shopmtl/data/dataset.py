@@ -183,13 +183,34 @@ class StreamingSource:
         if buffer or carry is not None:
             yield from drain(buffer or [_empty_like(carry)], final=True)
 
+    def tables(self) -> Iterator[TensorTable]:
+        """The file's rows in file order, one encoded chunk at a time (evaluation)."""
+        log = BadRowLog("quarantine", 1.0)
+        for parsed in read_chunks(self.path, self.schema, self.chunk_rows, log):
+            yield TensorTable(self.encoders.transform(parsed))
 
-def _concat_tables(a: TensorTable, b: TensorTable) -> TensorTable:
+
+def labels_only(t: TensorTable) -> TensorTable:
+    """The columns that metrics read (labels, mask, scenario, group, oracle, slices), with the
+    features zero-width: a streamed split's metrics keep ~50 bytes a row, not its features."""
     out = TensorTable.__new__(TensorTable)
     for name in TABLE_COLUMNS:
-        setattr(out, name, torch.cat([getattr(a, name), getattr(b, name)]))
-    out.oracle = None if a.oracle is None else torch.cat([a.oracle, b.oracle])
+        col = getattr(t, name)
+        setattr(out, name, col[:, :0].clone() if name in ("cat", "num", "seq", "content") else col)
+    out.oracle = t.oracle
     return out
+
+
+def concat_tables(parts: list[TensorTable]) -> TensorTable:
+    out = TensorTable.__new__(TensorTable)
+    for name in TABLE_COLUMNS:
+        setattr(out, name, torch.cat([getattr(t, name) for t in parts]))
+    out.oracle = None if parts[0].oracle is None else torch.cat([t.oracle for t in parts])
+    return out
+
+
+def _concat_tables(a: TensorTable, b: TensorTable) -> TensorTable:
+    return concat_tables([a, b])
 
 
 def _empty_like(t: TensorTable | None) -> Encoded:

@@ -17,8 +17,8 @@ class PreparedData:
     schema: Schema
     encoders: Encoders
     train: TensorTable | StreamingSource
-    valid: TensorTable
-    test: TensorTable | None
+    valid: TensorTable | StreamingSource
+    test: TensorTable | StreamingSource | None
     bad_rows: dict[str, int]  # reason -> count over all splits
     quarantine_file: Path | None
 
@@ -40,6 +40,19 @@ def encode_file(
     if not parts:
         raise DataError(f"{Path(path).name}: no usable rows")
     return TensorTable(Encoded.concat(parts))
+
+
+def stream_file(
+    path: str, schema: Schema, encoders: Encoders, cfg: DataConfig, log: BadRowLog
+) -> StreamingSource:
+    """A split left on disk: one pass now validates its rows (bad rows are logged and
+    quarantined here) and counts them; evaluation re-reads it chunk by chunk."""
+    rows = sum(p.n for p in read_chunks(path, schema, cfg.chunk_rows, log))
+    if rows == 0:
+        raise DataError(f"{Path(path).name}: no usable rows")
+    stream = StreamingSource(path, schema, encoders, cfg.chunk_rows, cfg.shuffle_buffer_chunks)
+    stream.rows = rows
+    return stream
 
 
 def prepare_data(
@@ -78,15 +91,19 @@ def prepare_data(
             enc.finish()
         train = TensorTable(Encoded.concat([enc.transform(p) for p in parsed]))
         del parsed
-    test = encode_file(cfg.test, schema, enc, cfg, log) if cfg.test else None
+    # streaming keeps every split on disk: memory stays flat however large the files are
+    held = stream_file if cfg.streaming else encode_file
+    test: TensorTable | StreamingSource | None = (
+        held(cfg.test, schema, enc, cfg, log) if cfg.test else None)
     if test is None and cfg.test_fraction > 0:
         if not isinstance(train, TensorTable):
             raise DataError("data.test: streaming needs an explicit test file (or test_fraction 0)")
         # held out before validation; the encoders were fit on these rows too (vocabularies
         # only, no labels), which matches a model that sees every id at serving time
         train, test = train.split(cfg.test_fraction, cfg.split_seed + 1)
+    valid: TensorTable | StreamingSource
     if cfg.valid is not None:
-        valid = encode_file(cfg.valid, schema, enc, cfg, log)
+        valid = held(cfg.valid, schema, enc, cfg, log)
     else:
         if not isinstance(train, TensorTable):
             raise DataError("data.valid: streaming needs an explicit validation file")

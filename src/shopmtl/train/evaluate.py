@@ -7,7 +7,7 @@ import math
 import numpy as np
 import torch
 
-from shopmtl.data.dataset import TensorTable, _subset
+from shopmtl.data.dataset import StreamingSource, TensorTable, _subset, concat_tables, labels_only
 from shopmtl.data.schema import ALL, Schema
 from shopmtl.models.base import MultiTaskModel
 from shopmtl.tasks import TASK_TYPES
@@ -23,6 +23,24 @@ def predict_table(
         for name, p in model.predict(batch).items():
             outs[name].append(p.float().numpy())
     return {n: (np.concatenate(v) if v else np.zeros(0, np.float32)) for n, v in outs.items()}
+
+
+def predict_split(
+    model: MultiTaskModel, split: TensorTable | StreamingSource, batch_size: int = 16384
+) -> tuple[dict[str, np.ndarray], TensorTable]:
+    """Predictions for a split and the table to score them against. A streamed split is read
+    chunk by chunk and only its label columns are kept (``labels_only``), so evaluating a split
+    larger than memory holds its predictions and labels, not its features."""
+    if isinstance(split, TensorTable):
+        return predict_table(model, split, batch_size), split
+    preds: list[dict[str, np.ndarray]] = []
+    kept: list[TensorTable] = []
+    for chunk in split.tables():
+        preds.append(predict_table(model, chunk, batch_size))
+        kept.append(labels_only(chunk))
+    if not kept:
+        raise ValueError(f"{split.path.name}: no usable rows to evaluate")
+    return {n: np.concatenate([p[n] for p in preds]) for n in model.task_names}, concat_tables(kept)
 
 
 def metrics_by_scenario(

@@ -30,7 +30,7 @@ from shopmtl.models.base import MultiTaskModel
 from shopmtl.registry import build_model
 from shopmtl.train import checkpoint as ck
 from shopmtl.train.adversarial import fgm_backward
-from shopmtl.train.evaluate import metrics_by_scenario, predict_table, summary_metric
+from shopmtl.train.evaluate import metrics_by_scenario, predict_split, summary_metric
 from shopmtl.weighting import StepInfo, build_weighting, task_gradient_cosine
 
 
@@ -295,8 +295,8 @@ class Trainer:
         table = self.data.valid if split == "valid" else self.data.test
         if table is None:
             return {}
-        preds = predict_table(self.model, table, self.cfg.train.eval_batch_size)
-        tm = metrics_by_scenario(self.schema, table, preds)
+        preds, scored = predict_split(self.model, table, self.cfg.train.eval_batch_size)
+        tm = metrics_by_scenario(self.schema, scored, preds)
         return {
             "tasks": tm,
             "all_tasks": {
