@@ -58,7 +58,7 @@ def render(rows: list[dict], seeds: int, command: str, minutes: float) -> str:
     ]
     for r in rows:
         base = f"{r['baseline_mean']:.4f}"
-        if r["baseline_std"] == r["baseline_std"] and r["baseline_std"] > 0:  # not NaN, not 0
+        if r["baseline_std"] == r["baseline_std"] and r["baseline_std"] > 1e-9:  # not NaN, not 0
             base += f" ± {r['baseline_std']:.4f}"
         lines.append(
             f"| {r['source']} | {r['task']} | {r['metric']} | {r['joint_mean']:.4f} ± "
@@ -74,6 +74,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/joint_seeds"))
     ap.add_argument("--set", dest="sets", action="append", default=[],
                     help="config override key.path=value (every seed)")
+    ap.add_argument("--reuse", action="store_true",
+                    help="read a seed's OUT/seedN/metrics.json when it exists instead of training")
     args = ap.parse_args(argv)
 
     from shopmtl.joint.config import load_joint_config
@@ -83,7 +85,12 @@ def main(argv: list[str] | None = None) -> None:
     tables, seconds = [], []
     for seed in range(args.seeds):
         cfg = load_joint_config(args.config, [*args.sets, f"train.seed={seed}"])
-        res = run_joint(cfg, args.out / f"seed{seed}", log=lambda s: print(s, flush=True))
+        done = args.out / f"seed{seed}" / "metrics.json"
+        if args.reuse and done.is_file():
+            res = json.loads(done.read_text())
+            print(f"seed {seed}: reusing {done}", flush=True)
+        else:
+            res = run_joint(cfg, args.out / f"seed{seed}", log=lambda s: print(s, flush=True))
         tables.append(res["table"])
         seconds.append(res["joint"]["seconds"])
     rows = summarise(tables)

@@ -77,3 +77,28 @@ def test_valid_score_is_the_mean_signed_relative_gain():
     now = {"click": 0.77, "demand": 0.60, "intent": 0.45}
     assert valid_score(now, first, types) == pytest.approx((0.10 + 0.25 - 0.10) / 3)
     assert valid_score(first, first, types) == 0.0
+
+
+def test_vector_term_is_a_linear_map_of_the_frozen_sentence_vector():
+    """``wide_vector``: each task's logit gets a zero-started linear term on the raw bank
+    vector; ``run`` feeds it the bank rows of the batch's texts."""
+    torch.manual_seed(0)
+    tasks = (TaskSpec("intent", type="multiclass", n_classes=3), TaskSpec("ok"))
+    text = SharedText(width=3, cfg=CFG, ngram_buckets=50)
+    bank = torch.tensor([[0.0, 0.0, 0.0], [1.0, 2.0, 3.0], [-1.0, 0.5, 0.0]])
+    text.set_bank(bank, None, torch.tensor([[0, 0], [1, 2], [3, 0]]))
+    head = TableHead(tasks, text_dim=4, n_numeric=0, id_sizes={}, cfg=CFG, wide_buckets=50,
+                     vector_width=3)
+    plain = TableHead(tasks, text_dim=4, n_numeric=0, id_sizes={}, cfg=CFG, wide_buckets=50)
+    plain.load_state_dict({k: v for k, v in head.state_dict().items()
+                           if not k.startswith("vector.")})
+    idx = torch.tensor([1, 2, 0])
+    before = head.run(text, idx, torch.zeros(3, 0), {})
+    ref = plain.run(text, idx, torch.zeros(3, 0), {})
+    for t in ("intent", "ok"):  # zero-initialised: nothing changes at first
+        torch.testing.assert_close(before[t], ref[t])
+    with torch.no_grad():
+        head.vector.weight[3] = torch.tensor([1.0, 0.0, -1.0])  # "ok" += v0 - v2
+    after = head.run(text, idx, torch.zeros(3, 0), {})
+    torch.testing.assert_close(after["ok"] - ref["ok"], torch.tensor([-2.0, -1.0, 0.0]))
+    torch.testing.assert_close(after["intent"], ref["intent"])

@@ -29,7 +29,8 @@ SMALL = {
         {"name": "reviews", "batch_size": 32, "max_examples": 150},
         {"name": "retail", "batch_size": 32, "max_examples": 300},
     ],
-    "model": {"adapter_hidden": 32, "text_dim": 16, "hidden": [16], "id_dim": 4},
+    "model": {"adapter_hidden": 32, "text_dim": 16, "hidden": [16], "id_dim": 4,
+              "wide_vector": True},
     "sampling": {"method": "round_robin"},
     "train": {"steps": 60, "lr": 0.003, "threads": 1, "log_every": 0},
 }

@@ -12,7 +12,7 @@ from shopmtl.config import to_dict
 from shopmtl.data.schema import TaskSpec
 from shopmtl.joint.config import REC, JointConfig
 from shopmtl.joint.model import JointModel, RankHead, SharedText, TableHead
-from shopmtl.joint.parts import SourcePart, text_width
+from shopmtl.joint.parts import SourcePart, text_width, vector_width
 from shopmtl.train import checkpoint as ck
 
 
@@ -77,8 +77,10 @@ def load_joint_dir(path: str | Path) -> tuple[JointModel, JointConfig, dict[str,
             heads[name] = RankHead(tasks[0], cfg.model.text_dim, s["id_sizes"], cfg.model)
         else:
             wide = cfg.text.ngram_buckets if (cfg.model.wide and s["has_text"]) else 0
+            vec = vector_width(cfg) if s["has_text"] else 0
             heads[name] = TableHead(tasks, cfg.model.text_dim if s["has_text"] else 0,
-                                    s["numeric"], s["id_sizes"], cfg.model, wide_buckets=wide)
+                                    s["numeric"], s["id_sizes"], cfg.model, wide_buckets=wide,
+                                    vector_width=vec)
         s["_tasks"] = tasks
     model = JointModel(text, heads, rec)
     try:

@@ -65,6 +65,9 @@ class JointModelConfig:
     id_dim: int = 16  # id embeddings (products, items, classes)
     ngram_dim: int = 32  # width of the hashed n-gram table
     wide: bool = True  # text sources: a linear n-gram term per task (Wide & Deep)
+    # text sources, frozen encoder: a linear term per task on the raw sentence vector too, so
+    # the head holds the linear probe on [n-grams, vector] that beats TF-IDF (bench/text_probe.py)
+    wide_vector: bool = False
     dropout: float = 0.1
 
 

@@ -159,10 +159,11 @@ class TableHead(nn.Module):
     """
 
     def __init__(self, tasks: tuple[TaskSpec, ...], text_dim: int, n_numeric: int,
-                 id_sizes: dict[str, int], cfg: JointModelConfig, wide_buckets: int = 0
-                 ) -> None:
+                 id_sizes: dict[str, int], cfg: JointModelConfig, wide_buckets: int = 0,
+                 vector_width: int = 0) -> None:
         super().__init__()
         self.tasks = tasks
+        self.text_dim = text_dim
         self.ids = nn.ModuleDict({k: nn.Embedding(n, cfg.id_dim) for k, n in id_sizes.items()})
         for e in self.ids.values():
             nn.init.normal_(e.weight, std=0.05)
@@ -175,10 +176,26 @@ class TableHead(nn.Module):
             self.wide = nn.EmbeddingBag(wide_buckets + 1, sum(self.widths), mode="sum",
                                         padding_idx=0)
             nn.init.zeros_(self.wide.weight)
+        # the frozen sentence vector's linear term (``wide_vector``), also started at zero
+        self.vector: nn.Linear | None = None
+        if vector_width:
+            self.vector = nn.Linear(vector_width, sum(self.widths), bias=False)
+            nn.init.zeros_(self.vector.weight)
+
+    def run(self, shared: SharedText, idx: Tensor | None, numeric: Tensor,
+            ids: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Logits for rows whose texts are bank rows ``idx`` (None: a source without text)."""
+        if idx is None or not self.text_dim:
+            return self(None, numeric, ids)
+        wide = shared.ngram_bags(idx) if self.wide is not None else None
+        vectors = shared.bank[idx] if self.vector is not None else None
+        return self(shared.encode(idx), numeric, ids, wide, vectors)
 
     def forward(self, text: Tensor | None, numeric: Tensor, ids: dict[str, Tensor],
-                ngrams: tuple[Tensor, Tensor, Tensor] | None = None) -> dict[str, Tensor]:
-        """``ngrams``: (flat ids, offsets, per-id weights) of the rows' texts, for the wide part."""
+                ngrams: tuple[Tensor, Tensor, Tensor] | None = None,
+                vectors: Tensor | None = None) -> dict[str, Tensor]:
+        """``ngrams``: (flat ids, offsets, per-id weights) of the rows' texts, for the wide part;
+        ``vectors``: their frozen sentence vectors, for the ``vector`` term."""
         parts = [] if text is None else [text]
         parts.append(numeric)
         parts += [self.ids[k](ids[k]) for k in self.ids]
@@ -188,11 +205,16 @@ class TableHead(nn.Module):
             flat, offsets, weights = ngrams
             wide = torch.split(self.wide(flat, offsets, per_sample_weights=weights),
                                self.widths, dim=1)
+        lin = None
+        if self.vector is not None and vectors is not None:
+            lin = torch.split(self.vector(vectors), self.widths, dim=1)
         out = {}
         for j, t in enumerate(self.tasks):
             logit = self.heads[t.name](h)
             if wide is not None:
                 logit = logit + wide[j]
+            if lin is not None:
+                logit = logit + lin[j]
             out[t.name] = _squeeze(logit, t)
         return out
 

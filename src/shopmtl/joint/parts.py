@@ -217,13 +217,15 @@ class SourcePart:
     def num_batches(self) -> int:
         return math.ceil(len(self.splits["train"]) / self.cfg.batch_size)
 
-    def build_head(self, text_dim: int, cfg: Any, ngram_buckets: int = 0) -> nn.Module:
+    def build_head(self, text_dim: int, cfg: Any, ngram_buckets: int = 0,
+                   vector_width: int = 0) -> nn.Module:
         if self.ranking:
             return RankHead(self.tasks[0], text_dim, self.data.id_sizes, cfg)
         n_num = self.splits["train"].numeric.shape[1]
         wide = ngram_buckets if (cfg.wide and self.has_text) else 0
+        vec = vector_width if (cfg.wide_vector and self.has_text) else 0
         return TableHead(self.tasks, text_dim if self.has_text else 0, n_num,
-                         self.data.id_sizes, cfg, wide_buckets=wide)
+                         self.data.id_sizes, cfg, wide_buckets=wide, vector_width=vec)
 
     def next_batch(self) -> SplitTensors:
         return self.splits["train"].take(next(self._stream))
@@ -233,9 +235,7 @@ class SourcePart:
         if self.ranking:
             assert b.cand_text is not None
             return head(model.text.encode(b.text), model.text.encode(b.cand_text), b.cand_ids)
-        text = model.text.encode(b.text) if self.has_text else None
-        wide = model.text.ngram_bags(b.text) if head.wide is not None else None
-        return head(text, b.numeric, b.ids, wide)
+        return head.run(model.text, b.text if self.has_text else None, b.numeric, b.ids)
 
     def losses(self, model: JointModel, b: SplitTensors) -> dict[str, Tensor]:
         out = self.logits(model, b)
@@ -431,5 +431,11 @@ def text_width(cfg: JointConfig) -> int:
     from shopmtl.data.text import encoder_width
 
     return encoder_width(cfg.text.encoder)
+
+
+def vector_width(cfg: JointConfig) -> int:
+    """Width of the heads' raw sentence-vector term: the encoder's, in frozen mode only (in LoRA
+    mode the bank holds token ids and the vectors move with the encoder)."""
+    return text_width(cfg) if cfg.model.wide_vector and cfg.text.mode == "frozen" else 0
 
 

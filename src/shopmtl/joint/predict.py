@@ -139,8 +139,7 @@ def predict_joint(model_dir: str | Path, path: str | Path, out: str | Path, task
             logits = head(model.text.encode(q), model.text.encode(c), i)[task]
         else:
             t, x, i = inputs
-            wide = model.text.ngram_bags(t) if head.wide is not None else None
-            logits = head(model.text.encode(t) if s["has_text"] else None, x, i, wide)[task]
+            logits = head.run(model.text, t if s["has_text"] else None, x, i)[task]
         pred = TASK_TYPES[spec.type].activate(logits).numpy()
     classes = s.get("meta", {}).get("classes", {}).get(task) if spec.type == "multiclass" else None
     with Path(out).open("w") as f:

@@ -35,6 +35,7 @@ from shopmtl.joint.parts import (
     load_parts,
     text_bank,
     text_width,
+    vector_width,
 )
 from shopmtl.joint.sampling import SourceSampler
 
@@ -64,7 +65,8 @@ def valid_score(current: dict[str, float], first: dict[str, float], types: dict[
 def build_joint_model(cfg: JointConfig, parts: list[Any], width: int) -> JointModel:
     lora = cfg.text.encoder if cfg.text.mode == "lora" else None
     text = SharedText(width, cfg.model, lora_encoder=lora, ngram_buckets=cfg.text.ngram_buckets)
-    heads = {p.name: p.build_head(cfg.model.text_dim, cfg.model, cfg.text.ngram_buckets)
+    heads = {p.name: p.build_head(cfg.model.text_dim, cfg.model, cfg.text.ngram_buckets,
+                                  vector_width(cfg))
              for p in parts if isinstance(p, SourcePart)}
     rec = next((p.build_model() for p in parts if isinstance(p, RecPart)), None)
     return JointModel(text, heads, rec)
