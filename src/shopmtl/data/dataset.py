@@ -158,7 +158,7 @@ class StreamingSource:
             nonlocal carry, produced
             table = TensorTable(Encoded.concat(parts))
             if carry is not None:
-                table = _concat_tables(carry, table)
+                table = concat_tables([carry, table])
                 carry = None
             order = torch.randperm(len(table), generator=g) if shuffle else torch.arange(len(table))
             full = len(table) // batch_size * batch_size
@@ -196,6 +196,7 @@ def labels_only(t: TensorTable) -> TensorTable:
     out = TensorTable.__new__(TensorTable)
     for name in TABLE_COLUMNS:
         col = getattr(t, name)
+        # cloned: a zero-width view would still hold the chunk's whole feature storage
         setattr(out, name, col[:, :0].clone() if name in ("cat", "num", "seq", "content") else col)
     out.oracle = t.oracle
     return out
@@ -207,10 +208,6 @@ def concat_tables(parts: list[TensorTable]) -> TensorTable:
         setattr(out, name, torch.cat([getattr(t, name) for t in parts]))
     out.oracle = None if parts[0].oracle is None else torch.cat([t.oracle for t in parts])
     return out
-
-
-def _concat_tables(a: TensorTable, b: TensorTable) -> TensorTable:
-    return concat_tables([a, b])
 
 
 def _empty_like(t: TensorTable | None) -> Encoded:

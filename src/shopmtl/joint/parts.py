@@ -223,7 +223,7 @@ class SourcePart:
             return RankHead(self.tasks[0], text_dim, self.data.id_sizes, cfg)
         n_num = self.splits["train"].numeric.shape[1]
         wide = ngram_buckets if (cfg.wide and self.has_text) else 0
-        vec = vector_width if (cfg.wide_vector and self.has_text) else 0
+        vec = vector_width if self.has_text else 0  # 0 unless model.wide_vector
         return TableHead(self.tasks, text_dim if self.has_text else 0, n_num,
                          self.data.id_sizes, cfg, wide_buckets=wide, vector_width=vec)
 
