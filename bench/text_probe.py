@@ -4,11 +4,13 @@
 
 For the review tasks (rating, recommend) and the customer-service tasks (intent, category),
 each source's own baseline recipe (TF-IDF word 1-2 grams + ridge / logistic regression, the
-same C) is fit on three feature sets: TF-IDF alone (the baseline), the frozen MiniLM sentence
-vectors alone (the joint model's shared text input, from the same cache), and both side by
-side. Scored by each source's ``metrics`` on its test split. If TF-IDF + MiniLM beats TF-IDF,
-the information is in the features and a joint model that trails the baseline loses in its
-head's training, not in its inputs (docs/JOINT.md). Needs ../shared/datasets.
+same C) is fit on four feature sets: TF-IDF alone (the baseline), the frozen MiniLM sentence
+vectors alone (the joint model's shared text input, from the same cache), both side by side,
+and the joint model's own lexical input (hashed word 1-2 grams weighted 1/sqrt(n), as its wide
+term) beside MiniLM. Scored by each source's ``metrics`` on its test split. If a set with
+MiniLM beats TF-IDF, the information is in the features and a joint model that trails the
+baseline loses in its head's training, not in its inputs (docs/JOINT.md). Needs
+../shared/datasets.
 """
 
 from __future__ import annotations
@@ -27,8 +29,24 @@ PRIMARY = {"rating": ("rmse", False), "recommend": ("auc", True),
            "intent": ("accuracy", True), "category": ("accuracy", True)}
 
 
+def hashed_bags(texts: list[str], buckets: int = 131072) -> Any:
+    """The joint model's own lexical input (examples/joint.yaml): hashed word 1-2 grams, each
+    occurrence weighted 1/sqrt(n) as in its wide term (``TableHead``), as a sparse matrix."""
+    from scipy import sparse
+
+    from shopmtl.joint.parts import hash_ngrams
+
+    g = hash_ngrams(texts, 2, buckets, 256)
+    counts = (g > 0).sum(1)
+    rows = np.repeat(np.arange(len(texts)), counts)
+    vals = np.repeat(1 / np.sqrt(np.maximum(counts, 1)), counts)
+    return sparse.csr_matrix((vals.astype(np.float32), (rows, g[g > 0])),
+                             shape=(len(texts), buckets + 1))
+
+
 def features(train: list[str], test: list[str], max_tokens: int) -> dict[str, tuple[Any, Any]]:
-    """name -> (x_train, x_test): tfidf, minilm, tfidf+minilm."""
+    """name -> (x_train, x_test): tfidf, minilm, tfidf+minilm, and the joint model's hashed
+    n-gram bag with MiniLM (hashed+minilm)."""
     from scipy import sparse
 
     from shopmtl.data.sources._real_common import tfidf
@@ -43,6 +61,8 @@ def features(train: list[str], test: list[str], max_tokens: int) -> dict[str, tu
         "minilm": (e_train, e_test),
         "tfidf+minilm": (sparse.hstack([t_train, sparse.csr_matrix(e_train)]).tocsr(),
                          sparse.hstack([t_test, sparse.csr_matrix(e_test)]).tocsr()),
+        "hashed+minilm": (sparse.hstack([hashed_bags(train), sparse.csr_matrix(e_train)]).tocsr(),
+                          sparse.hstack([hashed_bags(test), sparse.csr_matrix(e_test)]).tocsr()),
     }
 
 
@@ -93,13 +113,13 @@ def probe_bitext(max_tokens: int) -> list[dict[str, Any]]:
 
 
 def render(rows: list[dict[str, Any]]) -> str:
-    lines = ["| source | task | metric | TF-IDF (baseline) | MiniLM | TF-IDF + MiniLM |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| source | task | metric | TF-IDF (baseline) | MiniLM | TF-IDF + MiniLM | "
+             "joint's hashed n-grams + MiniLM |", "|---|---|---|---|---|---|---|"]
     for src, task in dict.fromkeys((r["source"], r["task"]) for r in rows):
         key, _ = PRIMARY[task]
         vals = {r["features"]: r[key] for r in rows if r["source"] == src and r["task"] == task}
         lines.append(f"| {src} | {task} | {key} | {vals['tfidf']:.4f} | {vals['minilm']:.4f} | "
-                     f"{vals['tfidf+minilm']:.4f} |")
+                     f"{vals['tfidf+minilm']:.4f} | {vals['hashed+minilm']:.4f} |")
     return "\n".join(lines)
 
 

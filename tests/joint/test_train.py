@@ -32,7 +32,8 @@ SMALL = {
     "model": {"adapter_hidden": 32, "text_dim": 16, "hidden": [16], "id_dim": 4,
               "wide_vector": True},
     "sampling": {"method": "round_robin"},
-    "train": {"steps": 60, "lr": 0.003, "threads": 1, "log_every": 0},
+    "train": {"steps": 60, "lr": 0.003, "threads": 1, "log_every": 0,
+              "solve_heads": True, "solve_l2": [1e-3], "solve_iters": 20},
 }
 TASKS = {"click": "rec", "conversion": "rec", "ad_click": "rec", "relevance": "search",
          "intent": "bitext", "category": "bitext", "rating": "reviews", "recommend": "reviews",
@@ -67,6 +68,16 @@ def test_every_task_is_trained_and_scored(run: Path) -> None:
     assert 0.0 < joint["test"]["search"]["relevance"]["ndcg@10"] <= 1.0
     assert joint["test"]["retail"]["demand_1d"]["wape"] > 0.0
     assert "home_feed" in joint["test"]["rec"]["click"]["by_scenario"]
+    # the last stage (train.solve_heads) ran on the table heads' solvable tasks, and what the
+    # run reports on validation is the kept layer's score
+    assert {s: set(r) for s, r in joint["solve"].items()} == {
+        "bitext": {"intent", "category"}, "reviews": {"rating", "recommend"}}
+    for src, tasks in joint["solve"].items():
+        for task, r in tasks.items():
+            key = {"intent": "accuracy", "category": "accuracy", "rating": "rmse",
+                   "recommend": "auc"}[task]
+            want = r["valid_trained"] if r["kept"] == "trained" else r["valid"][r["kept"]]
+            assert joint["valid"][src][task][key] == pytest.approx(abs(want), abs=1e-5)
     # the comparison: each source alone for its own steps, each baseline, one row per task
     assert set(m["alone"]) == set(joint["sources"])
     assert m["alone"]["bitext"]["steps"] == 12

@@ -98,6 +98,12 @@ class JointTrainConfig:
     refit_lr: float = 5e-4
     refit_eval_every: int = 250
     refit_patience: int = 4  # evaluations without a better validation score before stopping
+    # then each table head's output layer is solved by full-batch L-BFGS for each L2 penalty
+    # of solve_l2 (whole layer; linear part alone, mixed with the trained layer), and the best
+    # on validation replaces the trained layer if it beats it (``joint.solve``)
+    solve_heads: bool = False
+    solve_l2: tuple[float, ...] = (3e-3, 1e-3, 3e-4, 1e-4, 3e-5)
+    solve_iters: int = 100  # L-BFGS iterations per penalty
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -109,6 +115,11 @@ class JointTrainConfig:
                              ">= 1")
         if not self.refit_lr > 0:
             raise ValueError(f"refit_lr must be > 0, got {self.refit_lr}")
+        if not self.solve_l2 or not all(x >= 0 for x in self.solve_l2):
+            raise ValueError(f"solve_l2 must be a non-empty list of penalties >= 0, got "
+                             f"{list(self.solve_l2)}")
+        if self.solve_iters < 1:
+            raise ValueError(f"solve_iters must be >= 1, got {self.solve_iters}")
 
 
 @dataclass(frozen=True)

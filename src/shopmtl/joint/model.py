@@ -185,21 +185,36 @@ class TableHead(nn.Module):
     def run(self, shared: SharedText, idx: Tensor | None, numeric: Tensor,
             ids: dict[str, Tensor]) -> dict[str, Tensor]:
         """Logits for rows whose texts are bank rows ``idx`` (None: a source without text)."""
+        return self.output(*self.inputs(shared, idx, numeric, ids))
+
+    def inputs(self, shared: SharedText, idx: Tensor | None, numeric: Tensor,
+               ids: dict[str, Tensor]
+               ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor] | None, Tensor | None]:
+        """What the output layer reads: the trunk's features [B, H], the texts' n-gram bags
+        (flat ids, offsets, per-id weights) for the wide term and their frozen sentence
+        vectors for the ``vector`` term (None where the head has no such term). Once the
+        trunk is fixed each task's logit is linear in these (``joint.solve``)."""
         if idx is None or not self.text_dim:
-            return self(None, numeric, ids)
+            return self.features(None, numeric, ids), None, None
         wide = shared.ngram_bags(idx) if self.wide is not None else None
         vectors = shared.bank[idx] if self.vector is not None else None
-        return self(shared.encode(idx), numeric, ids, wide, vectors)
+        return self.features(shared.encode(idx), numeric, ids), wide, vectors
+
+    def features(self, text: Tensor | None, numeric: Tensor, ids: dict[str, Tensor]) -> Tensor:
+        parts = [] if text is None else [text]
+        parts.append(numeric)
+        parts += [self.ids[k](ids[k]) for k in self.ids]
+        return self.trunk(torch.cat(parts, 1))
 
     def forward(self, text: Tensor | None, numeric: Tensor, ids: dict[str, Tensor],
                 ngrams: tuple[Tensor, Tensor, Tensor] | None = None,
                 vectors: Tensor | None = None) -> dict[str, Tensor]:
         """``ngrams``: (flat ids, offsets, per-id weights) of the rows' texts, for the wide part;
         ``vectors``: their frozen sentence vectors, for the ``vector`` term."""
-        parts = [] if text is None else [text]
-        parts.append(numeric)
-        parts += [self.ids[k](ids[k]) for k in self.ids]
-        h = self.trunk(torch.cat(parts, 1))
+        return self.output(self.features(text, numeric, ids), ngrams, vectors)
+
+    def output(self, h: Tensor, ngrams: tuple[Tensor, Tensor, Tensor] | None = None,
+               vectors: Tensor | None = None) -> dict[str, Tensor]:
         wide = None
         if self.wide is not None and ngrams is not None:
             flat, offsets, weights = ngrams

@@ -38,6 +38,7 @@ from shopmtl.joint.parts import (
     vector_width,
 )
 from shopmtl.joint.sampling import SourceSampler
+from shopmtl.joint.solve import solve_heads
 
 # the metric each task type is judged by in summaries (and whether higher is better)
 PRIMARY: dict[str, tuple[str, bool]] = {
@@ -299,6 +300,11 @@ def train_joint(cfg: JointConfig, out_dir: str | Path, *, only: tuple[str, ...] 
         refit = refit_heads(model, parts, weights, cfg, types, log,
                             {k: v[1] for k, v in own_best.items()})
     refit_s = time.perf_counter() - t3
+    solved: dict[str, Any] = {}
+    t4 = time.perf_counter()
+    if cfg.train.solve_heads:
+        solved = solve_heads(model, parts, cfg.train.solve_l2, cfg.train.solve_iters, log)
+    solve_s = time.perf_counter() - t4
     model.eval()
     valid = {p.name: p.evaluate(model, "valid") for p in parts}
     test = {p.name: p.evaluate(model, "test") for p in parts}
@@ -309,12 +315,14 @@ def train_joint(cfg: JointConfig, out_dir: str | Path, *, only: tuple[str, ...] 
         "best_step": best[1] if best is not None else n_steps,
         "valid_history": history,
         "refit": refit,
+        "solve": solved,
         "steps_per_source": {p.name: int(c) for p, c in zip(parts, counts, strict=True)},
         "sampling": to_dict(cfg.sampling),
         "valid": valid,
         "test": test,
         "summary": _summary(test, types),
         "seconds": {"load": load_s, "embed": embed_s, "train": train_s, "refit": refit_s,
+                    "solve": solve_s,
                     "total": time.perf_counter() - t0},
     }
     if save:
