@@ -27,15 +27,16 @@ validation, so the gap to TF-IDF is not in the heads' optimisation.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from shopmtl.joint.model import TableHead
-from shopmtl.joint.parts import SourcePart
 from shopmtl.joint.solve import SOLVABLE, solve_heads
 from shopmtl.joint.train import PRIMARY as PRIMARY_BY_TYPE
 
@@ -50,20 +51,17 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
 
     from shopmtl.joint.checkpoint import load_joint_dir
-    from shopmtl.joint.parts import TextIndex, build_source, text_bank
+    from shopmtl.joint.parts import load_parts, text_bank
 
     torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     model, cfg, _ = load_joint_dir(args.model)
-    texts = TextIndex()
-    parts = []
-    for sc in cfg.sources:
-        if sc.name in model.heads and isinstance(model.heads[sc.name], TableHead):
-            src = build_source(sc)
-            data = src.load()
-            if sc.max_examples:
-                data = data.sample(sc.max_examples, cfg.train.seed)
-            parts.append(SourcePart(sc, src, data, texts, cfg.train.seed))
+    # only the table sources: the recommendation world and the search lists are not needed
+    tables = tuple(sc for sc in cfg.sources
+                   if sc.name in model.heads and isinstance(model.heads[sc.name], TableHead))
+    with tempfile.TemporaryDirectory() as tmp:
+        parts, texts, _ = load_parts(dataclasses.replace(cfg, sources=tables), Path(tmp),
+                                     log=lambda *_: None)
     bank = text_bank(cfg, texts.texts)
     model.text.set_bank(bank.bank, bank.mask, bank.ngrams)
 

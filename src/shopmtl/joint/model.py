@@ -144,7 +144,8 @@ def _heads(width: int, tasks: tuple[TaskSpec, ...]) -> nn.ModuleDict:
     return nn.ModuleDict({t.name: nn.Linear(width, out_dim(t)) for t in tasks})
 
 
-def _squeeze(logits: Tensor, spec: TaskSpec) -> Tensor:
+def squeeze_logits(logits: Tensor, spec: TaskSpec) -> Tensor:
+    """[B, 1] -> [B] for a one-output task (a quantile task keeps its [B, Q])."""
     return logits.squeeze(-1) if out_dim(spec) == 1 and spec.type != "quantile" else logits
 
 
@@ -230,7 +231,7 @@ class TableHead(nn.Module):
                 logit = logit + wide[j]
             if lin is not None:
                 logit = logit + lin[j]
-            out[t.name] = _squeeze(logit, t)
+            out[t.name] = squeeze_logits(logit, t)
         return out
 
 

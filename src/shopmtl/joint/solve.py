@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from shopmtl.data.schema import TaskSpec
-from shopmtl.joint.model import JointModel, TableHead
+from shopmtl.joint.model import JointModel, TableHead, squeeze_logits
 from shopmtl.joint.parts import SourcePart, eval_mode
 from shopmtl.tasks import TASK_TYPES
 
@@ -92,25 +92,15 @@ def bag_matrix(flat: Tensor, offsets: Tensor, weights: Tensor, n_cols: int) -> B
 
 
 @torch.no_grad()
-def head_inputs(model: JointModel, part: SourcePart, split: str, batch_size: int = 4096
+def head_inputs(model: JointModel, part: SourcePart, split: str
                 ) -> tuple[Tensor, tuple[Tensor, Tensor, Tensor] | None, Tensor | None]:
-    """A split's trunk features, n-gram bags and sentence vectors (eval mode, no gradient)."""
+    """A split's trunk features, n-gram bags and sentence vectors (eval mode, no gradient),
+    in one pass: ``SharedText.encode`` runs each distinct text once."""
     head = model.heads[part.name]
     assert isinstance(head, TableHead)
     st = part.splits[split]
-    hs, vs = [], []
     with eval_mode(model):
-        for lo in range(0, len(st), batch_size):
-            b = st.take(torch.arange(lo, min(lo + batch_size, len(st))))
-            h, _, v = head.inputs(model.text, b.text if part.has_text else None, b.numeric,
-                                  b.ids)
-            hs.append(h)
-            if v is not None:
-                vs.append(v)
-    bags = None
-    if head.wide is not None and part.has_text:
-        bags = model.text.ngram_bags(st.text)
-    return torch.cat(hs), bags, (torch.cat(vs) if vs else None)
+        return head.inputs(model.text, st.text if part.has_text else None, st.numeric, st.ids)
 
 
 def _remap(flat: Tensor, free: Tensor, n_rows: int) -> Tensor:
@@ -131,10 +121,6 @@ def _logits(p: dict[str, Tensor], x: Inputs) -> Tensor:
     return out
 
 
-def _squeeze(logits: Tensor, spec: TaskSpec) -> Tensor:
-    return logits.squeeze(-1) if spec.type != "multiclass" else logits
-
-
 def _fit(p: dict[str, Tensor], x: Inputs, spec: TaskSpec, l2: float, iters: int) -> None:
     """Minimise mean loss + l2/2 * |weights|^2 (the bias is not penalised) in place."""
     y = x.labels[spec.name]
@@ -149,7 +135,7 @@ def _fit(p: dict[str, Tensor], x: Inputs, spec: TaskSpec, l2: float, iters: int)
 
     def closure() -> Tensor:
         opt.zero_grad()
-        loss = loss_fn(_squeeze(_logits(p, x), spec), y, mask, spec)
+        loss = loss_fn(squeeze_logits(_logits(p, x), spec), y, mask, spec)
         reg = sum(t.square().sum() for k, t in p.items() if k != "b")
         total = loss + 0.5 * l2 * reg
         total.backward()
@@ -187,7 +173,7 @@ def _path(p: dict[str, Tensor], splits: dict[str, Inputs], part: SourcePart, spe
         p = {k: v.clone() for k, v in good.items()}
         _fit(p, splits["train"], spec, l2, iters)
         with torch.no_grad():
-            logits = _squeeze(_logits(p, splits["valid"]), spec)
+            logits = squeeze_logits(_logits(p, splits["valid"]), spec)
             if not all(bool(torch.isfinite(t).all()) for t in (*p.values(), logits)):
                 tried.append({"l2": l2, "valid": None, "valid_loss": None})
                 continue
@@ -198,7 +184,7 @@ def _path(p: dict[str, Tensor], splits: dict[str, Inputs], part: SourcePart, spe
             best = (sc, l2, {k: v.clone() for k, v in p.items()})
     if best is None:  # every solve diverged: the start, scored, is the answer
         with torch.no_grad():
-            sc = _score(part, spec, "valid", _squeeze(_logits(good, splits["valid"]), spec))
+            sc = _score(part, spec, "valid", squeeze_logits(_logits(good, splits["valid"]), spec))
         best = (sc, float("nan"), good)
     return best[2], best[1], tried
 
@@ -251,7 +237,7 @@ def solve_head(model: JointModel, part: SourcePart, grid: tuple[float, ...], ite
             start["wide"] = head.wide.weight.detach()[free][:, cols].clone()
         if head.vector is not None and splits["train"].vectors is not None:
             start["vec"] = head.vector.weight.detach()[cols].clone()
-        kept = _score(part, spec, "valid", _squeeze(_logits(start, splits["valid"]), spec))
+        kept = _score(part, spec, "valid", squeeze_logits(_logits(start, splits["valid"]), spec))
         # candidate 1: the whole output layer, trunk term included
         full, l2_full, path_full = _path(dict(start), splits, part, spec, grid, iters)
         # candidate 2: the linear part alone (n-grams, sentence vector, bias), then mixed with
@@ -268,7 +254,7 @@ def solve_head(model: JointModel, part: SourcePart, grid: tuple[float, ...], ite
         with torch.no_grad():
             for name, (cand, _) in cands.items():
                 scored[name] = _score(part, spec, "valid",
-                                      _squeeze(_logits(cand, splits["valid"]), spec))
+                                      squeeze_logits(_logits(cand, splits["valid"]), spec))
         name = max(scored, key=lambda k: scored[k])
         took = scored[name] > kept
         if took:
