@@ -23,7 +23,7 @@ from shopmtl.nn.layers import (
     make_input_norm,
     make_interaction,
 )
-from shopmtl.nn.moe import Experts, Gate, mix
+from shopmtl.nn.moe import Experts, Gate, mix, read_once
 from shopmtl.tasks import out_dim
 
 
@@ -73,10 +73,11 @@ class MMoE(MultiTaskModel):
         self._track_l2(fields)
         x = interaction_features(self.config.interaction, fields, self.interaction)  # [B, W]
         x = self.input_norm(x)
-        experts = self.experts(x)  # [B, E, H]
+        # the experts' first layer and every gate in one GEMM over x
+        (experts,), weights = read_once(x, [self.experts], list(self.gates.values()))
         return {
-            name: self.towers[name](mix(experts, gate(x))).squeeze(-1)  # [B]
-            for name, gate in self.gates.items()
+            name: self.towers[name](mix(experts, w)).squeeze(-1)  # [B]; experts [B, E, H]
+            for name, w in zip(self.gates, weights, strict=True)
         }
 
     def shared_parameters(self) -> list[nn.Parameter]:
