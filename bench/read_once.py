@@ -8,7 +8,7 @@ input itself), on the same model, the same batches and the same weights, in alte
 blocks so that load on this shared machine hits both alike. Matched benchmark models
 (docs/BENCHMARKS.md), batch 2048 and 256, 2 threads.
 
-    .venv/bin/python bench/read_once.py [--datasets census movielens] [--rounds 5]
+    .venv/bin/python bench/read_once.py [--datasets census movielens] [--rounds 8]
 
 Writes bench/results/read_once.json; prints median ms per step and the ratio.
 """
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--datasets", nargs="+", default=["census", "movielens"])
     ap.add_argument("--models", nargs="+", default=["mmoe", "ple"])
     ap.add_argument("--batches", nargs="+", type=int, default=[2048, 256])
-    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--rounds", type=int, default=8)
     ap.add_argument("--steps", type=int, default=10, help="steps per block")
     ap.add_argument("--out", type=Path, default=Path("bench/results/read_once.json"))
     args = ap.parse_args(argv)
