@@ -207,6 +207,7 @@ def main() -> None:
         "tower": C.TOWER, "ple": {"levels": C.PLE_LEVELS, "shared": C.PLE_SHARED,
                                   "specific": C.PLE_SPECIFIC},
         "esmm_tower": C.ESMM_TOWER, "optimizer": "adam", "lr": C.LR, "dropout": 0.0,
+        "shopmtl_lr_scaling": {"rule": C.SHOPMTL_LR_SCALING, "base_batch": C.LR_BASE_BATCH},
         "epochs": {d: i["epochs"] for d, i in C.DATASETS.items()}},
         "ceiling": {"matmul_start": matmul(work)}, "runs": []}
     print(f"matmul 2048^3 fp32: {doc['ceiling']['matmul_start'].get('gflops', 0):.0f} GFLOP/s")

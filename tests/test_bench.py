@@ -221,3 +221,14 @@ def test_auc_standard_error_matches_the_bootstrap() -> None:
     assert se == pytest.approx(np.std(boot), rel=0.2)
     # fewer positives, a larger error
     assert auc_se(auc, 50, 3950) > 2 * se
+
+
+def test_protocol_says_when_shopmtl_scales_its_learning_rate() -> None:
+    from bench.peers.report import _lr_scaling_note
+
+    hp = {"lr": 1e-3, "shopmtl_lr_scaling": {"rule": "sqrt", "base_batch": 256}}
+    note = _lr_scaling_note(hp)
+    assert "not matched at batch 2048" in note and "0.00283" in note
+    assert _lr_scaling_note({"lr": 1e-3}) == ""  # results written before the rule
+    assert _lr_scaling_note({"lr": 1e-3, "shopmtl_lr_scaling": {"rule": "none",
+                                                                "base_batch": 256}}) == ""

@@ -30,6 +30,11 @@ PLE_SHARED = 2
 PLE_SPECIFIC = 2
 ESMM_TOWER = [64, 32]  # no bottom in ESMM: each tower is expert + tower of the other models
 LR = 1e-3
+# shopmtl's own large-batch rule (``train.lr_scaling``): LR is its rate at batch 256 and it
+# trains at LR * sqrt(B / 256) (0.00283 at batch 2048); the peers and the minimal model run LR
+# at every batch size, as their users would without such a rule
+SHOPMTL_LR_SCALING = "sqrt"
+LR_BASE_BATCH = 256
 THREADS = 2
 INFER_BATCH = 2048
 

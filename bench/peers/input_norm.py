@@ -4,7 +4,8 @@
     .venv/bin/python -m bench.peers.input_norm --data-dir /tmp/bd --dataset census \
         --batch 2048 --seeds 0,1,2
 
-Same config as ``run_shopmtl`` (matched hyperparameters, the dataset's epochs, lr 1e-3) with
+Same config as ``run_shopmtl`` (matched hyperparameters, the dataset's epochs, lr 1e-3 at batch
+256, sqrt-scaled to 0.00283 at 2048 since 2026-12-02: the findings' earlier figures used 1e-3) with
 one thread; prints one JSON line per (input_norm, seed).
 """
 

@@ -19,6 +19,21 @@ PEERS = ["torch-rechub", "deepctr-torch"]
 MODELS = ["shared_bottom", "mmoe", "ple", "esmm"]
 
 
+
+def _lr_scaling_note(hp: dict[str, Any]) -> str:
+    """shopmtl's large-batch learning-rate rule, when the run used one (not matched: said so)."""
+    rule = hp.get("shopmtl_lr_scaling")
+    if not rule or rule.get("rule") != "sqrt":
+        return ""
+    base = rule["base_batch"]
+    return (f" **Learning rate, not matched at batch 2048:** the peers and the minimal model "
+            f"train at lr {hp['lr']} at every batch size; shopmtl runs its large-batch rule "
+            f"(`train.lr_scaling: sqrt`, `lr_base_batch: {base}`): lr {hp['lr']} at batch "
+            f"{base}, lr × sqrt(B / {base}) = {hp['lr'] * (2048 / base) ** 0.5:.5f} at batch "
+            "2048 (the issue's \"tune the defaults so that they are good at both\"). The peers "
+            "have no such rule; torch-rechub at the scaled rate is in the findings "
+            "(`bench/peers/scaled_lr.py`).")
+
 def label(run: dict[str, Any]) -> str:
     if run["library"] == "shopmtl" and run.get("variant") == "default":
         return "shopmtl (default: dot)"
@@ -299,7 +314,8 @@ def render(doc: dict[str, Any]) -> str:
         f"{hp['expert']}, towers {hp['tower']}; ESMM towers {hp['esmm_tower']} (MovieLens, "
         "love nested in like: CTR = like, CTCVR = love); Adam lr "
         f"{hp['lr']}, no weight decay or L2, no dropout; epochs {hp['epochs']}; batch 2048 "
-        "(every model) and 256 (MMoE and PLE, the throughput targets); seeds 0..2.",
+        "(every model) and 256 (MMoE and PLE, the throughput targets); seeds 0..2."
+        + _lr_scaling_note(hp),
         "- **shopmtl runs with `interaction: none`** so that its bottom reads the plain "
         "concatenation of fields, like the peers' MLPs; the row *shopmtl (default: dot)* is "
         "its default dot-interaction bottom (and default embedding L2 1e-6), batch 2048 only. "

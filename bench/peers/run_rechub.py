@@ -96,7 +96,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="rechub-bench-") as tmp:
         trainer = MTLTrainer(
             model, task_types=["classification"] * n_out,
-            optimizer_params={"lr": C.LR, "weight_decay": 0.0}, n_epoch=spec["epochs"],
+            # "lr": bench/peers/scaled_lr.py (torch-rechub at shopmtl's scaled rate)
+            optimizer_params={"lr": spec.get("lr", C.LR), "weight_decay": 0.0},
+            n_epoch=spec["epochs"],
             earlystop_taskid=1 if model_name == "esmm" else 0,
             earlystop_patience=spec["epochs"] + 1, device="cpu", model_path=tmp)
         inner = trainer.train_one_epoch

@@ -54,7 +54,8 @@ def build_config(spec: dict[str, Any], meta: dict[str, Any]) -> Any:
                         test=files["test"]),
         model=ModelConfig(spec["model"], model_args(spec["model"], spec["variant"])),
         train=TrainConfig(
-            epochs=epochs, batch_size=spec["batch"], lr=C.LR, weight_decay=0.0,
+            epochs=epochs, batch_size=spec["batch"], lr=C.LR, lr_scaling=C.SHOPMTL_LR_SCALING,
+            lr_base_batch=C.LR_BASE_BATCH, weight_decay=0.0,
             embedding_weight_decay=0.0 if spec["variant"] == "matched" else 1e-6,
             optimizer="adam", seed=spec["seed"], threads=C.THREADS,
             # never stops early within the epoch budget; the best epoch is still reloaded

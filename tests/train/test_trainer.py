@@ -16,7 +16,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from shopmtl.config import load_config
+from shopmtl.config import ConfigError, load_config
 from shopmtl.data.pipeline import prepare_data
 from shopmtl.train.checkpoint import CheckpointError, verify_dir
 from shopmtl.train.trainer import NonFiniteError, Trainer, load_model_dir
@@ -274,3 +274,24 @@ def test_streamed_splits_score_exactly_as_in_memory(world: Path, tmp_path: Path)
         for scenario, m in per.items():
             assert metrics["test"][task][scenario]["auc"] == pytest.approx(m["auc"], abs=1e-12)
     assert json.loads((tmp_path / "run" / "history.json").read_text())[0]["valid_auc"]
+
+
+def test_sqrt_lr_scaling_sets_the_rate_of_each_batch_size(world: Path, tmp_path: Path) -> None:
+    # one lr for every batch size: lr is the rate at lr_base_batch, sqrt-scaled to the batch
+    path = world_config_yaml(world, tmp_path / "exp.yaml", epochs=2, batch_size=1024, lr=1e-3,
+                             lr_decay=0.5, lr_scaling="sqrt", lr_base_batch=256)
+    cfg = load_config(path)
+    assert cfg.train.batch_lr() == pytest.approx(2e-3)
+    data = prepare_data(cfg.data, cfg.data.schema.build(), tmp_path / "prep")
+    trainer = Trainer(cfg, data, tmp_path / "run", progress=False)
+    assert trainer.opt.param_groups[0]["lr"] == pytest.approx(2e-3)
+    trainer.fit()
+    assert trainer.opt.param_groups[0]["lr"] == pytest.approx(2e-3 * 0.5)  # epoch 2's rate
+    # "none" (the default) keeps lr as given at any batch size; a bad base batch is refused
+    plain = dataclasses.replace(cfg.train, lr_scaling="none")
+    assert plain.batch_lr() == 1e-3
+    assert dataclasses.replace(cfg.train, batch_size=256).batch_lr() == pytest.approx(1e-3)
+    with pytest.raises(ConfigError, match="lr_base_batch must be >= 1"):
+        load_config(world_config_yaml(world, tmp_path / "bad.yaml", lr_base_batch=0))
+    with pytest.raises(ConfigError, match="lr_scaling"):
+        load_config(world_config_yaml(world, tmp_path / "bad2.yaml", lr_scaling="linear"))

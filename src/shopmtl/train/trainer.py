@@ -63,7 +63,7 @@ def make_optimizer(model: MultiTaskModel, cfg: ExperimentConfig) -> torch.optim.
     params = list(model.parameters())
     # one fused kernel instead of ~6 operators per parameter tensor (the CPU default loop)
     fused = all(p.device.type == "cpu" and p.dtype == torch.float32 for p in params)
-    return cls(params, lr=t.lr, weight_decay=t.weight_decay, fused=fused)
+    return cls(params, lr=t.batch_lr(), weight_decay=t.weight_decay, fused=fused)
 
 
 def label_priors(table: TensorTable, schema: Schema) -> dict[str, float]:
@@ -199,7 +199,7 @@ class Trainer:
         self.alpha = torch.tensor([cfg.train.alpha.get(n, 1.0) for n in self.schema.task_names])
         self.weighting = build_weighting(cfg.weighting.name, cfg.weighting.args,
                                          self.schema.task_names)
-        for group in self.weighting.param_groups(cfg.train.lr):  # e.g. uncertainty's log-vars
+        for group in self.weighting.param_groups(cfg.train.batch_lr()):  # e.g. log-variances
             self.opt.add_param_group(group)
         self.id_dropout = _id_dropout_table(cfg.train.id_dropout, self.schema)
         self.state = LoopState()
@@ -340,7 +340,7 @@ class Trainer:
             while self.state.epoch < t.epochs and not self.state.stopped:
                 ep = self.state.epoch
                 for group in self.opt.param_groups[:1]:  # the model's group, not a weighting's
-                    group["lr"] = t.lr * t.lr_decay**ep
+                    group["lr"] = t.batch_lr() * t.lr_decay**ep
                 job = bar.add_task(
                     f"epoch {ep + 1}/{t.epochs}",
                     total=n_batches,
