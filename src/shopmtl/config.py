@@ -101,8 +101,8 @@ class TrainConfig:
     lr_decay: float = 1.0  # lr of epoch e is lr * lr_decay**e (a function of e: resume-safe)
     # "sqrt": ``lr`` is the rate at ``lr_base_batch`` rows a step, and a run at batch B trains at
     # lr * sqrt(B / lr_base_batch), the square-root rule for Adam (Hoffer et al. 2017; Malladi
-    # et al. 2022): one lr then serves batch 256 and batch 2048, where a fixed lr takes 8x fewer
-    # steps of the same size per epoch and under-trains. "none": ``lr`` as given.
+    # et al. 2022): one lr then serves batch 256 and batch 2048 (at a fixed lr, batch 2048 makes
+    # 8x fewer steps per epoch and under-trains in a few epochs). "none": ``lr`` as given.
     lr_scaling: Literal["none", "sqrt"] = "none"
     lr_base_batch: int = 256
     weight_decay: float = 0.0
