@@ -293,3 +293,18 @@ def test_regression_task_saved_with_the_old_default_loss_still_loads() -> None:
     # configs and checkpoints written before `loss` became optional hold loss 'bce' everywhere
     t = from_dict(TaskSpec, {"name": "dwell", "type": "regression", "loss": "bce"})
     assert t == TaskSpec("dwell", type="regression") and t.resolved_loss == "mse"
+
+
+def test_importing_shopmtl_picks_jemalloc_for_arrow_unless_the_user_chose() -> None:
+    import subprocess
+    import sys
+
+    code = "import shopmtl, pyarrow as pa; print(pa.default_memory_pool().backend_name)"
+    env = {k: v for k, v in __import__("os").environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         check=True).stdout.split()
+    assert out[-1] == "jemalloc"
+    chosen = subprocess.run([sys.executable, "-c", code],
+                            env={**env, "ARROW_DEFAULT_MEMORY_POOL": "system"},
+                            capture_output=True, text=True, check=True).stdout.split()
+    assert chosen[-1] == "system"

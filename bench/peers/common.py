@@ -167,6 +167,19 @@ def read_spec() -> dict[str, Any]:
     return json.loads(Path(sys.argv[1]).read_text())
 
 
+def vmhwm_mb() -> float | None:
+    """This process's peak resident memory since its ``exec`` (Linux ``VmHWM``), in MB. Unlike
+    ``ru_maxrss`` it does not keep the high-water mark of the parent it was forked from."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return None
+
+
 def write_result(spec: dict[str, Any], result: dict[str, Any]) -> None:
     record = {k: spec[k] for k in ("library", "variant", "model", "dataset", "batch", "seed")}
     record.update(result)

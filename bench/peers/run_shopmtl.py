@@ -79,16 +79,20 @@ def main() -> None:
     from shopmtl.train.evaluate import predict_table
     from shopmtl.train.trainer import train_model
 
+    hwm = {"imports": C.vmhwm_mb()}  # peak memory after each stage (bench/peers/rss_probe.py)
     meta, arrays = C.load_prepared(spec["data_dir"])
+    hwm["arrays"] = C.vmhwm_mb()
     cfg = build_config(spec, meta)
     schema = cfg.data.schema.build()
     t0 = time.perf_counter()
     data = prepare_data(cfg.data, schema)
     prep_s = time.perf_counter() - t0
+    hwm["prepare_data"] = C.vmhwm_mb()
     if spec["model"] != "esmm":  # the same labels and row order as the peers see
         assert np.array_equal(data.test.labels.numpy(), arrays["test"].labels)
     with tempfile.TemporaryDirectory(prefix="shopmtl-bench-") as tmp:
         model, state = train_model(cfg, data, tmp, progress=False)
+    hwm["train"] = C.vmhwm_mb()
     epoch_s = [h["seconds"] for h in state.history]
     tasks = meta["tasks"]
     probs = probabilities(spec["model"], predict_table(model, data.test, C.INFER_BATCH), tasks)
@@ -97,6 +101,7 @@ def main() -> None:
     predict_table(model, data.valid, C.INFER_BATCH)  # warm-up
     with C.Timer() as t:
         predict_table(model, data.train, C.INFER_BATCH)
+    hwm["predict"] = C.vmhwm_mb()
     fast, overall = C.throughput(len(data.train), epoch_s)
     C.write_result(spec, {
         "auc": auc, "logloss": ll, "epoch_seconds": epoch_s, "best_epoch": state.best_epoch,
@@ -104,7 +109,7 @@ def main() -> None:
         "infer_samples_per_s": len(data.train) / t.seconds,
         "params": C.count_params(model), "flops_per_sample": C.linear_flops_per_sample(model),
         "n_train": len(data.train), "prepare_seconds": prep_s,
-        "threads": torch.get_num_threads(),
+        "threads": torch.get_num_threads(), "vmhwm_mb": hwm,
         "notes": f"{spec['variant']}: interaction "
                  f"{cfg.model.args['interaction']}; best epoch reloaded",
     })
