@@ -37,10 +37,7 @@ LIBRARIES = {
 # run inside each child: VmHWM after torch, after the library's imports, at exit
 WRAPPER = """
 import atexit, importlib, json, runpy, sys
-def hwm():
-    for line in open("/proc/self/status"):
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
+from bench.peers.common import vmhwm_mb as hwm  # numpy + stdlib: imports in either venv
 marks = {}
 atexit.register(lambda: print("RSS_PROBE " + json.dumps(marks), flush=True))
 import torch  # noqa: E401

@@ -39,7 +39,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--results", type=Path, default=RESULTS, help="the benchmark's peers.json")
     ap.add_argument("--out", type=Path, default=Path("bench/results/scaled_lr.json"))
     args = ap.parse_args(argv)
-    lr = C.LR * (2048 / C.LR_BASE_BATCH) ** 0.5
+    from shopmtl.config import TrainConfig
+
+    # the rate shopmtl's runs train at (its own rule, not a copy of the formula)
+    lr = TrainConfig(lr=C.LR, batch_size=2048, lr_scaling=C.SHOPMTL_LR_SCALING,
+                     lr_base_batch=C.LR_BASE_BATCH).batch_lr()
     bench = json.loads(args.results.read_text())["runs"]
     rows = []
     with tempfile.TemporaryDirectory(prefix="shopmtl-scaled-lr-") as tmp:
