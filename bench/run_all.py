@@ -241,7 +241,10 @@ def main() -> None:
             rec = {k: spec[k] for k in ("library", "variant", "model", "dataset", "batch",
                                         "seed")}
             rec["error"] = f"exit {rc}: {tail}"
-        rec.update(peak_rss_mb=rss, wall_seconds=wall, load_average=[la0, la1])
+        # peak_rss_mb: the child's own VmHWM where it reported one, else wait4's ru_maxrss
+        # (whose floor is this harness's peak, inherited across the fork)
+        rec.update(peak_rss_mb=rec.get("peak_vmhwm_mb") or rss, peak_rss_wait4_mb=rss,
+                   wall_seconds=wall, load_average=[la0, la1])
         doc["runs"].append(rec)
         save(doc, args.out)
         aucs = " / ".join(f"{v:.3f}" for v in rec.get("auc", {}).values())

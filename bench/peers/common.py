@@ -184,6 +184,9 @@ def write_result(spec: dict[str, Any], result: dict[str, Any]) -> None:
     record = {k: spec[k] for k in ("library", "variant", "model", "dataset", "batch", "seed")}
     record.update(result)
     record["peak_rss_self_mb"] = self_peak_rss_mb()
+    # the run's exact peak: VmHWM is reset by exec, so it excludes the harness the child was
+    # forked from (ru_maxrss, and wait4's figure, keep that parent's ~480 MB as a floor)
+    record["peak_vmhwm_mb"] = vmhwm_mb()
     out = Path(spec["out"])
     tmp = out.with_suffix(".tmp")
     tmp.write_text(json.dumps(record, indent=1))

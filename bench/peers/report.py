@@ -330,8 +330,11 @@ def render(doc: dict[str, Any]) -> str:
         "- Figures: test AUC / logloss per task (one implementation for all, on each library's "
         "probabilities; ESMM's love = pCTR·pCVR); training samples/s of the fastest epoch and "
         "over all epochs (training loop only, validation excluded); inference samples/s of the "
-        "predict path at batch 2048 over the training split; peak RSS of the child process "
-        "(`os.wait4`); parameter count. Ratios are per seed (contenders of one seed and cell ran "
+        "predict path at batch 2048 over the training split; peak RSS of the child process: its "
+        "`VmHWM` at exit (`/proc/self/status`; reset by `exec`, so the ~480 MB harness it was "
+        "forked from does not count, as it would in `os.wait4`'s `ru_maxrss`, kept in "
+        "peers.json as `peak_rss_wait4_mb`); parameter count. Ratios are per seed (contenders "
+        "of one seed and cell ran "
         "back to back, in rotating order), then mean ± std.",
         "- Library traits kept as they are (their users get them): torch-rechub puts BatchNorm "
         "after every Linear (gates too), trains sigmoid outputs with BCELoss, initialises "

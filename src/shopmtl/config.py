@@ -118,7 +118,7 @@ class TrainConfig:
     checkpoint_every: int = 0  # also checkpoint every N steps (0 = each epoch only)
     grad_clip: float = 0.0
     early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
-    eval_batch_size: int = 16384
+    eval_batch_size: int = 4096
     log_every: int = 50
     log_grad_cosine: bool = False  # task-gradient cosines on shared params (T extra backwards)
     # FGM (Miyato et al. 2017): also train on the embedding table moved by epsilon along its

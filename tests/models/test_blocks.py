@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from shopmtl.config import ConfigError
-from shopmtl.nn.layers import FeatureEmbedding
-from shopmtl.nn.moe import CGC, Experts, Gate, mix, read_once
+from shopmtl.nn.layers import FeatureEmbedding, lookup
+from shopmtl.nn.moe import CGC, Experts, Gate, mix, mix_parts, read_once
 from shopmtl.nn.scenario import (
     GateNU,
     MetaLinear,
@@ -47,6 +47,39 @@ def test_packed_experts_are_independent_mlps() -> None:
     assert grads[0][0].abs().sum() == 0 and grads[0][1].abs().sum() > 0
     # one layer: a single packed Linear
     assert Experts(7, 2, (5,))(x).shape == (6, 2, 5)
+
+
+def test_mix_parts_equals_mix_over_the_concatenation() -> None:
+    g = torch.Generator().manual_seed(0)
+    groups = [torch.randn(5, n, 4, generator=g, requires_grad=True) for n in (1, 2, 3)]
+    w = torch.softmax(torch.randn(5, 6, generator=g), -1).requires_grad_()
+    ref = mix(torch.cat(groups, 1), w)
+    out = mix_parts(groups, w)
+    torch.testing.assert_close(out, ref)
+    up = torch.randn(5, 4, generator=g)
+    want = torch.autograd.grad((ref * up).sum(), [*groups, w])
+    got = torch.autograd.grad((out * up).sum(), [*groups, w])
+    for a, b in zip(got, want, strict=True):
+        torch.testing.assert_close(a, b)
+
+
+def test_lookup_equals_embedding_values_and_gradient_with_repeated_ids() -> None:
+    """The sort-free backward adds every occurrence of an id (here ids repeat within and
+    across rows, and some rows are never looked up) and leaves torch's thread count as it was."""
+    torch.manual_seed(0)
+    table = torch.nn.Embedding(11, 4)
+    ids = torch.tensor([[1, 1, 3], [3, 0, 1], [7, 7, 7]])
+    up = torch.randn(3, 3, 4)
+    threads = torch.get_num_threads()
+    (ref_grad,) = torch.autograd.grad((table(ids) * up).sum(), [table.weight])
+    out = lookup(table, ids)
+    assert out.shape == (3, 3, 4)
+    torch.testing.assert_close(out, table(ids))
+    (grad,) = torch.autograd.grad((out * up).sum(), [table.weight])
+    torch.testing.assert_close(grad, ref_grad)
+    assert grad[[2, 4, 5, 6, 8, 9, 10]].abs().sum() == 0  # rows never looked up
+    torch.testing.assert_close(grad[7], up[2].sum(0))
+    assert torch.get_num_threads() == threads
 
 
 def test_mix_matches_the_einsum() -> None:

@@ -94,6 +94,18 @@ def mix(experts: Tensor, weights: Tensor) -> Tensor:
     return (experts * weights.unsqueeze(-1)).sum(1)  # [B, H]
 
 
+def mix_parts(groups: list[Tensor], weights: Tensor) -> Tensor:
+    """``mix`` over expert groups held apart: [B, n_i, H] each, weights [B, sum n_i] -> [B, H].
+
+    The same sum as ``mix(torch.cat(groups, 1), weights)`` without writing the concatenated
+    [B, n, H] copy (PLE's gates mix task-specific with shared experts at every level)."""
+    ws = weights.split([g.shape[1] for g in groups], dim=1)
+    out = mix(groups[0], ws[0])
+    for g, w in zip(groups[1:], ws[1:], strict=True):
+        out = out + mix(g, w)
+    return out
+
+
 class CGC(nn.Module):
     """One PLE extraction level (customized gate control).
 
@@ -138,15 +150,9 @@ class CGC(nn.Module):
                 specific.append(h)
                 task_w.append(w)
             (shared,), shared_w = read_once(shared_in, [self.shared], shared_gate)
-        task_out = [
-            mix(torch.cat([s, shared], 1), w)  # [B, H]
-            for s, w in zip(specific, task_w, strict=True)
-        ]
-        shared_out = None
-        if shared_w:
-            every = torch.cat([*specific, shared], 1)  # [B, T*ns + n_shared, H]
-            shared_out = mix(every, shared_w[0])  # [B, H]
-        return task_out, shared_out
+        task_out = [mix_parts([s, shared], w) for s, w in zip(specific, task_w, strict=True)]
+        shared_out = mix_parts([*specific, shared], shared_w[0]) if shared_w else None
+        return task_out, shared_out  # T x [B, H], [B, H] or None
 
     def shared_parameters(self) -> list[nn.Parameter]:
         gate = list(self.shared_gate.parameters()) if self.shared_gate is not None else []

@@ -15,7 +15,7 @@ from shopmtl.tasks import TASK_TYPES
 
 @torch.no_grad()
 def predict_table(
-    model: MultiTaskModel, table: TensorTable, batch_size: int = 16384
+    model: MultiTaskModel, table: TensorTable, batch_size: int = 4096
 ) -> dict[str, np.ndarray]:
     model.eval()
     outs: dict[str, list[np.ndarray]] = {n: [] for n in model.task_names}
@@ -26,7 +26,7 @@ def predict_table(
 
 
 def predict_split(
-    model: MultiTaskModel, split: TensorTable | StreamingSource, batch_size: int = 16384
+    model: MultiTaskModel, split: TensorTable | StreamingSource, batch_size: int = 4096
 ) -> tuple[dict[str, np.ndarray], TensorTable]:
     """Predictions for a split and the table to score them against. A streamed split is read
     chunk by chunk and only its label columns are kept (``labels_only``), so evaluating a split
