@@ -251,7 +251,8 @@ def main() -> None:
         print(f"[{i + 1}/{len(runs)}] {tag}: "
               + (f"train {rec['train_samples_per_s']:,.0f}/s "
                  f"(all {rec['train_samples_per_s_all_epochs']:,.0f}) "
-                 f"infer {rec['infer_samples_per_s']:,.0f}/s auc {aucs} rss {rss:.0f}MB "
+                 f"infer {rec['infer_samples_per_s']:,.0f}/s auc {aucs} "
+                 f"rss {rec['peak_rss_mb']:.0f}MB "
                  if rc == 0 else f"FAILED ({rc}) ")
               + f"wall {wall:.0f}s load {la0}-{la1}", flush=True)
     doc["ceiling"]["matmul_end"] = matmul(work)

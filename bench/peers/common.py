@@ -12,8 +12,10 @@ from __future__ import annotations
 import json
 import os
 import resource
+import statistics
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -193,10 +195,15 @@ def write_result(spec: dict[str, Any], result: dict[str, Any]) -> None:
     tmp.replace(out)
 
 
-class Timer:
-    def __enter__(self) -> Timer:
-        self.t0 = time.perf_counter()
-        return self
+INFER_PASSES = 3
 
-    def __exit__(self, *exc: object) -> None:
-        self.seconds = time.perf_counter() - self.t0
+
+def infer_seconds(predict: Callable[[], object], passes: int = INFER_PASSES) -> float:
+    """Median seconds of ``passes`` timed calls of a predict pass: one pass over 16-80k rows
+    takes 0.05-1 s, so one hiccup of this shared machine would move a single timing by half."""
+    times = []
+    for _ in range(passes):
+        t0 = time.perf_counter()
+        predict()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)

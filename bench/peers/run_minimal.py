@@ -95,13 +95,12 @@ def main() -> None:
     te = tensors(arrays["test"])
     auc, ll = C.task_metrics(meta["tasks"], arrays["test"].labels, predict(te))
     predict(tensors(arrays["valid"]))  # warm-up
-    with C.Timer() as t:
-        predict((cat, seq, num))
+    infer_s = C.infer_seconds(lambda: predict((cat, seq, num)))
     fast, overall = C.throughput(n, epoch_s)
     C.write_result(spec, {
         "auc": auc, "logloss": ll, "epoch_seconds": epoch_s,
         "train_samples_per_s": fast, "train_samples_per_s_all_epochs": overall,
-        "infer_samples_per_s": n / t.seconds,
+        "infer_samples_per_s": n / infer_s,
         "params": C.count_params(model), "flops_per_sample": C.linear_flops_per_sample(model),
         "n_train": n, "threads": torch.get_num_threads(),
         "notes": "tensor-resident reference: batches are index slices of resident tensors",

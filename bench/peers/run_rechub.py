@@ -121,13 +121,12 @@ def main() -> None:
     probs = p[:, [1, 2]] if model_name == "esmm" else p  # (pCTR, pCTCVR)
     auc, ll = C.task_metrics(meta["tasks"], te.labels, probs)
     predict(va)  # warm-up
-    with C.Timer() as t:
-        predict(tr)
+    infer_s = C.infer_seconds(lambda: predict(tr))
     fast, overall = C.throughput(len(tr), epoch_s)
     C.write_result(spec, {
         "auc": auc, "logloss": ll, "epoch_seconds": epoch_s,
         "train_samples_per_s": fast, "train_samples_per_s_all_epochs": overall,
-        "infer_samples_per_s": len(tr) / t.seconds,
+        "infer_samples_per_s": len(tr) / infer_s,
         "params": C.count_params(model), "flops_per_sample": C.linear_flops_per_sample(model),
         "n_train": len(tr), "threads": torch.get_num_threads(),
         "notes": "last epoch's weights; BatchNorm in every MLP"

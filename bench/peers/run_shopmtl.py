@@ -99,14 +99,13 @@ def main() -> None:
     auc, ll = C.task_metrics(tasks, arrays["test"].labels, probs)
     # inference: the predict path at batch 2048 over the training split (more rows than test)
     predict_table(model, data.valid, C.INFER_BATCH)  # warm-up
-    with C.Timer() as t:
-        predict_table(model, data.train, C.INFER_BATCH)
+    infer_s = C.infer_seconds(lambda: predict_table(model, data.train, C.INFER_BATCH))
     hwm["predict"] = C.vmhwm_mb()
     fast, overall = C.throughput(len(data.train), epoch_s)
     C.write_result(spec, {
         "auc": auc, "logloss": ll, "epoch_seconds": epoch_s, "best_epoch": state.best_epoch,
         "train_samples_per_s": fast, "train_samples_per_s_all_epochs": overall,
-        "infer_samples_per_s": len(data.train) / t.seconds,
+        "infer_samples_per_s": len(data.train) / infer_s,
         "params": C.count_params(model), "flops_per_sample": C.linear_flops_per_sample(model),
         "n_train": len(data.train), "prepare_seconds": prep_s,
         "threads": torch.get_num_threads(), "vmhwm_mb": hwm,
