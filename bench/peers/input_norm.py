@@ -1,8 +1,8 @@
-"""Test AUC of shopmtl's matched MMoE with ``input_norm`` none vs batch (findings.md numbers).
+"""Test AUC of shopmtl's matched models with ``input_norm`` none, batch and layer (findings.md).
 
     .venv/bin/python -m bench.peers.prepare /tmp/bd          # the fixed splits, once
     .venv/bin/python -m bench.peers.input_norm --data-dir /tmp/bd --dataset census \
-        --batch 2048 --seeds 0,1,2
+        --batch 2048 --seeds 0,1,2 [--model ple] [--norms none,batch,layer]
 
 Same config as ``run_shopmtl`` (matched hyperparameters, the dataset's epochs, lr 1e-3 at batch
 256, sqrt-scaled to 0.00283 at 2048 since 2026-12-02: the findings' earlier figures used 1e-3) with
@@ -29,7 +29,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=2048)
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--model", default="mmoe")
-    ap.add_argument("--norms", default="none,batch")
+    ap.add_argument("--norms", default="none,batch,layer")
     args = ap.parse_args()
     from shopmtl.data.pipeline import prepare_data
     from shopmtl.train.evaluate import predict_table

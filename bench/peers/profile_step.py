@@ -12,6 +12,8 @@ temporary folder.) Three views, each over the same batches:
    the same phases for the minimal tensor-resident MMoE next to it.
 2. torch.profiler: the top operators by self CPU time per step.
 3. cProfile: the top Python functions by own time per step (the interpreter's share).
+4. inference: census MMoE and PLE (matched) through ``predict_table`` at batch 2048, ms per
+   batch and the operators' shares, GEMMs apart (what bounds the inference ratio).
 """
 
 from __future__ import annotations
@@ -153,6 +155,49 @@ def python_table(trainer: Any, table: Any, batch: int, top: int = 15) -> dict[st
     return {"total_ms_per_step": total * 1000 / STEPS, "top": rows}
 
 
+GEMM_OPS = ("aten::addmm", "aten::mm", "aten::bmm", "aten::baddbmm")
+
+
+def inference_profile(meta: dict[str, Any], tmp: str, batch: int = C.INFER_BATCH
+                      ) -> dict[str, Any]:
+    """Census MMoE and PLE: the predict path (``predict_table``) over the training split, after
+    a few training steps: median ms per batch of 5 passes, and torch.profiler's operators."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from bench.peers.run_shopmtl import build_config
+    from shopmtl.data.pipeline import prepare_data
+    from shopmtl.train.evaluate import predict_table
+    from shopmtl.train.trainer import Trainer
+
+    out: dict[str, Any] = {}
+    for model in ("mmoe", "ple"):
+        C.seed_everything(0)
+        spec = {"dataset": "census", "model": model, "variant": "matched", "batch": 2048,
+                "seed": 0, "epochs": 1}
+        cfg = build_config(spec, meta)
+        data = prepare_data(cfg.data, cfg.data.schema.build())
+        trainer = Trainer(cfg, data, Path(tmp) / f"infer-{model}", progress=False)
+        for b in list(data.train.batches(2048, 0, 0))[:3]:
+            trainer.step(b)
+        n_batches = -(-len(data.train) // batch)
+        predict_table(trainer.model, data.valid, batch)  # warm-up
+        model_, train = trainer.model, data.train
+        passes = [_ms(lambda: predict_table(model_, train, batch)) / n_batches  # noqa: B023
+                  for _ in range(5)]
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            predict_table(trainer.model, data.train, batch)
+        ops = prof.key_averages()
+        total = sum(e.self_cpu_time_total for e in ops)
+        gemm = sum(e.self_cpu_time_total for e in ops if e.key in GEMM_OPS)
+        top = [{"op": e.key, "self_ms_per_batch": e.self_cpu_time_total / 1000 / n_batches,
+                "share": e.self_cpu_time_total / total}
+               for e in sorted(ops, key=lambda e: -e.self_cpu_time_total)[:8]]
+        out[model] = {"ms_per_batch": statistics.median(passes), "gemm_share": gemm / total,
+                      "forward_mflop_per_sample": C.linear_flops_per_sample(trainer.model)
+                      / 3 / 1e6, "operators": top}
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--data-dir", type=Path, default=None)
@@ -188,6 +233,7 @@ def main() -> None:
         "minimal_phases_ms": minimal_phases(meta, arrays, args.batch),
         "operators": operator_table(trainer, data.train, args.batch),
         "python": python_table(trainer, data.train, args.batch),
+        "inference": inference_profile(meta, tmp.name),
     }
     res["load_average"] = [load0, round(__import__("os").getloadavg()[0], 2)]
     text = json.dumps(res, indent=1)

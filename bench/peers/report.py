@@ -225,6 +225,47 @@ def profile(doc: dict[str, Any]) -> list[str]:
     for o in py["top"][:12]:
         out.append(f"| `{o['function']}` | {o['own_ms_per_step']:.2f} | "
                    f"{o['cum_ms_per_step']:.2f} | {o['calls_per_step']:.0f} |")
+    return out + inference_profile(doc)
+
+
+def _one(v: float | None) -> str:
+    return f"{v:.1f}" if v is not None else "-"
+
+
+def inference_profile(doc: dict[str, Any]) -> list[str]:
+    """shopmtl's predict path on census MMoE and PLE (profile_step's view 4) beside the
+    peers' predict time per batch of the same size, from this run's results."""
+    inf = doc["profile"].get("inference")
+    if not inf:
+        return []
+    rows = [r for r in doc["runs"] if "error" not in r and r["dataset"] == "census"
+            and r["batch"] == 2048 and r.get("variant", "matched") == "matched"]
+    out = ["", "### The predict path (inference)", "",
+           "shopmtl's `predict_table` at batch 2048 over the census training split, after 3 "
+           "training steps: median ms per batch of 5 passes, the GEMMs' share of the operator "
+           "time (torch.profiler), and each library's predict time per batch of 2048 in this "
+           "run's results (2048 / mean inference samples/s over its seeds). *GEMM-bound ratio*: "
+           "torch-rechub's ms per batch over shopmtl's GEMM ms alone, the ratio shopmtl would "
+           "reach if everything but its matrix products took no time.", "",
+           "| model | shopmtl ms/batch | GEMM share | GEMM ms/batch | forward MFLOP/sample | "
+           "torch-rechub ms/batch | DeepCTR-Torch ms/batch | ratio × rechub (this profile) "
+           "| GEMM-bound ratio |", "|---|---|---|---|---|---|---|---|---|"]
+    for model, p in inf.items():
+        def per_batch(lib: str, model: str = model) -> float | None:
+            rates = [r["infer_samples_per_s"] for r in rows
+                     if r["library"] == lib and r["model"] == model]
+            return 2048 / statistics.mean(rates) * 1000 if rates else None
+        rh, dc = per_batch("torch-rechub"), per_batch("deepctr-torch")
+        gemm_ms = p["ms_per_batch"] * p["gemm_share"]
+        out.append(f"| {model} | {p['ms_per_batch']:.2f} | {p['gemm_share']:.0%} | "
+                   f"{gemm_ms:.2f} | {p['forward_mflop_per_sample']:.3f} | {_one(rh)} | "
+                   f"{_one(dc)} | {_one(rh / p['ms_per_batch'] if rh else None)} | "
+                   f"{_one(rh / gemm_ms if rh else None)} |")
+    for model, p in inf.items():
+        out += ["", f"{model}: top operators of the predict path (self ms per batch, share):",
+                "", "| operator | self ms/batch | share |", "|---|---|---|"]
+        for o in p["operators"]:
+            out.append(f"| `{o['op']}` | {o['self_ms_per_batch']:.2f} | {o['share']:.1%} |")
     return out
 
 

@@ -3,10 +3,13 @@ gate unit and field lookup, M2M's meta unit."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
 from shopmtl.config import ConfigError
+from shopmtl.data.dataset import Batch
 from shopmtl.nn.layers import FeatureEmbedding, lookup
 from shopmtl.nn.moe import CGC, Experts, Gate, mix, mix_parts, read_once
 from shopmtl.nn.scenario import (
@@ -100,8 +103,31 @@ def test_input_norm_batch_normalises_the_bottom_input(name: str) -> None:
     model.eval()  # inference uses the running statistics: a single row gets a finite output
     one = model(tiny_batch(model.schema, n=1))
     assert all(torch.isfinite(v).all() for v in one.values())
-    assert isinstance(build(name).input_norm, torch.nn.BatchNorm1d)  # the default
     assert isinstance(build(name, input_norm="none").input_norm, torch.nn.Identity)
+
+
+@pytest.mark.parametrize("name", ["shared_bottom", "mmoe", "ple", "esmm"])
+def test_input_norm_layer_is_the_default_and_does_not_depend_on_the_batch(name: str) -> None:
+    """LayerNorm normalises each row on its own: a row scores the same alone as in a batch,
+    in training mode too, and the normalised input has zero mean and unit variance per row."""
+    torch.manual_seed(0)
+    model = build(name)
+    norm = model.input_norm
+    assert isinstance(norm, torch.nn.LayerNorm)
+    assert set(map(id, norm.parameters())) <= set(map(id, model.shared_parameters()))
+    seen: list[torch.Tensor] = []
+    norm.register_forward_hook(lambda _m, _i, out: seen.append(out.detach()))
+    batch = tiny_batch(model.schema, n=16)
+    model.train()
+    full = model(batch)
+    rows = seen[-1]
+    torch.testing.assert_close(rows.mean(1), torch.zeros(16), atol=1e-5, rtol=0)
+    # unit variance up to LayerNorm's eps (1e-5) against inputs whose variance is ~2e-3
+    torch.testing.assert_close(rows.var(1, unbiased=False), torch.ones(16), atol=0.03, rtol=0)
+    first = Batch(*(None if v is None else v[:1] for v in dataclasses.astuple(batch)))
+    one = model(first)
+    for task, logits in full.items():
+        torch.testing.assert_close(one[task], logits[:1], atol=1e-5, rtol=1e-5)
 
 
 def test_cgc_levels() -> None:

@@ -38,7 +38,8 @@ def _trainer(
 ) -> Trainer:
     cfg = ExperimentConfig(
         data=DataConfig(),
-        model=ModelConfig("shared_bottom", SMALL["shared_bottom"]),
+        # BatchNorm input: its running moments are buffers the adversarial pass must not move
+        model=ModelConfig("shared_bottom", {**SMALL["shared_bottom"], "input_norm": "batch"}),
         train=TrainConfig(threads=1, adversarial=adversarial, adversarial_epsilon=EPS, **train),
         weighting=WeightingConfig(weighting),
     )

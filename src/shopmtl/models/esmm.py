@@ -37,7 +37,7 @@ class ESMMConfig:
     embed_dim: int = 16
     interaction: Literal["none", "dot", "cross"] = "dot"
     cross_layers: int = 2
-    input_norm: Literal["none", "batch"] = "batch"  # BatchNorm1d on the towers' input
+    input_norm: Literal["none", "batch", "layer"] = "layer"  # LayerNorm on the towers' input
     tower: tuple[int, ...] = (128, 64)
     dropout: float = 0.0
 

@@ -32,7 +32,7 @@ class MMoEConfig:
     embed_dim: int = 16
     interaction: Literal["none", "dot", "cross"] = "dot"
     cross_layers: int = 2
-    input_norm: Literal["none", "batch"] = "batch"  # BatchNorm1d on the bottom's input
+    input_norm: Literal["none", "batch", "layer"] = "layer"  # LayerNorm on the bottom's input
     n_experts: int = 4
     expert: tuple[int, ...] = (128, 64)
     tower: tuple[int, ...] = (64,)

@@ -33,7 +33,7 @@ class PLEConfig:
     embed_dim: int = 16
     interaction: Literal["none", "dot", "cross"] = "dot"
     cross_layers: int = 2
-    input_norm: Literal["none", "batch"] = "batch"  # BatchNorm1d on the bottom's input
+    input_norm: Literal["none", "batch", "layer"] = "layer"  # LayerNorm on the bottom's input
     levels: int = 2
     specific_experts: int = 1  # per task, per level
     shared_experts: int = 2  # per level

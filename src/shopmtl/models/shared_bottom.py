@@ -30,7 +30,7 @@ class SharedBottomConfig:
     embed_dim: int = 16
     interaction: Literal["none", "dot", "cross"] = "dot"
     cross_layers: int = 2
-    input_norm: Literal["none", "batch"] = "batch"  # BatchNorm1d on the bottom's input
+    input_norm: Literal["none", "batch", "layer"] = "layer"  # LayerNorm on the bottom's input
     bottom: tuple[int, ...] = (256, 128)
     tower: tuple[int, ...] = (64,)
     dropout: float = 0.0

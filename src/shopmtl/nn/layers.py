@@ -236,15 +236,20 @@ def make_interaction(
 
 
 def make_input_norm(kind: str, width: int) -> nn.Module:
-    """The normalisation of a bottom's input (fields plus interactions), ``none`` or ``batch``.
+    """The normalisation of a bottom's input (fields plus interactions): ``none``, ``batch``
+    or ``layer`` (the default of SharedBottom, MMoE, PLE and ESMM).
 
-    BatchNorm rescales the input to unit variance per column: with small initial embeddings
-    (std 0.05) the first layer otherwise starts with tiny pre-activations, and a large-batch
-    run (few Adam steps) spends them on scale instead of ranking. Measured in
-    docs/BENCHMARKS.md; its running statistics are part of the weights (inference uses them).
+    With small initial embeddings (std 0.05) the first layer otherwise starts with tiny
+    pre-activations, and a large-batch run (few Adam steps) spends them on scale instead of
+    ranking. BatchNorm (per column, over the batch) fixed that at batch 2048 but cost 0.002-0.004
+    test AUC at batch 256 on census (its statistics are noisy there, and inference uses running
+    ones); LayerNorm (per row) fixes the scale without depending on the batch, and was level or
+    better at both sizes on census and MovieLens (docs/BENCHMARKS.md; bench/peers/input_norm.py).
     """
     if kind == "none":
         return nn.Identity()
     if kind == "batch":
         return nn.BatchNorm1d(width)
-    raise ValueError(f"unknown input_norm '{kind}'; valid: none, batch")
+    if kind == "layer":
+        return nn.LayerNorm(width)
+    raise ValueError(f"unknown input_norm '{kind}'; valid: none, batch, layer")
