@@ -361,7 +361,8 @@ def render(doc: dict[str, Any]) -> str:
         "concatenation of fields, like the peers' MLPs; the row *shopmtl (default: dot)* is "
         "its default dot-interaction bottom (and default embedding L2 1e-6), batch 2048 only. "
         "shopmtl embeds numeric features as fields (value × vector), the peers append the raw "
-        "values, so shopmtl's first layers are wider (census 624 vs 519 inputs).",
+        "values, so shopmtl's first layers are wider (census 624 vs 519 inputs). shopmtl keeps "
+        "its default LayerNorm on the bottom input (`input_norm: layer`).",
         "- Each library through its own training and predict path, each run in its own "
         "process: shopmtl `prepare_data` → `train_model` (validates each epoch, checkpoints, "
         "TensorBoard, reloads the best epoch) → `predict_table`; torch-rechub "
