@@ -22,6 +22,7 @@ Writes bench/results/step_ab_<change>.json.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import statistics
@@ -54,32 +55,26 @@ def mix_concatenated(groups: list[Any], weights: Any) -> Any:
     return mix(torch.cat(groups, 1), weights)
 
 
-def _install(change: str, fn: Callable[..., Any]) -> None:
-    """Point the modules that call the changed function at ``fn`` (they look it up in their
-    module's globals at call time)."""
-    import shopmtl.models.mmoe as mmoe
-    import shopmtl.nn.layers as layers
-    import shopmtl.nn.moe as moe
+# change -> the (module, name) globals its callers look up at call time, and the replaced path
+CHANGES: dict[str, tuple[tuple[tuple[str, str], ...], Callable[..., Any]]] = {
+    "read_once": ((("shopmtl.nn.moe", "read_once"), ("shopmtl.models.mmoe", "read_once")),
+                  read_each),
+    "lookup": ((("shopmtl.nn.layers", "lookup"),), sorting_lookup),
+    "mix_parts": ((("shopmtl.nn.moe", "mix_parts"),), mix_concatenated),
+}
 
-    if change == "read_once":
-        moe.read_once = fn
-        mmoe.read_once = fn
-    elif change == "lookup":
-        layers.lookup = fn
-    else:
-        moe.mix_parts = fn
+
+def _install(change: str, fn: Callable[..., Any]) -> None:
+    """Point every module that calls the changed function at ``fn``."""
+    for module, name in CHANGES[change][0]:
+        setattr(importlib.import_module(module), name, fn)
 
 
 def variants(change: str) -> dict[str, Callable[..., Any]]:
-    """{shipped name: shipped fn, "before": the replaced path}."""
-    import shopmtl.nn.layers as layers
-    import shopmtl.nn.moe as moe
-
-    if change == "read_once":
-        return {"read_once": moe.read_once, "before": read_each}
-    if change == "lookup":
-        return {"lookup": layers.lookup, "before": sorting_lookup}
-    return {"mix_parts": moe.mix_parts, "before": mix_concatenated}
+    """{change: the shipped function, "before": the replaced path}."""
+    (module, name), *_ = CHANGES[change][0]
+    return {change: getattr(importlib.import_module(module), name),
+            "before": CHANGES[change][1]}
 
 
 def time_pair(change: str, trainer: Any, table: Any, batch: int, rounds: int, steps: int
@@ -106,7 +101,7 @@ def time_pair(change: str, trainer: Any, table: Any, batch: int, rounds: int, st
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--change", choices=["read_once", "lookup", "mix_parts"], required=True)
+    ap.add_argument("--change", choices=sorted(CHANGES), required=True)
     ap.add_argument("--datasets", nargs="+", default=["census", "movielens"])
     ap.add_argument("--models", nargs="+", default=None,
                     help="default: mmoe ple (mix_parts: ple)")
