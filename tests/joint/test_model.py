@@ -102,3 +102,31 @@ def test_vector_term_is_a_linear_map_of_the_frozen_sentence_vector():
     after = head.run(text, idx, torch.zeros(3, 0), {})
     torch.testing.assert_close(after["ok"] - ref["ok"], torch.tensor([-2.0, -1.0, 0.0]))
     torch.testing.assert_close(after["intent"], ref["intent"])
+
+
+def test_shared_ids_add_the_rec_row_and_train_it():
+    """An id shared with the rec model (``model.share_ids``) is its own row plus the rec
+    table's row of the same entity; -1 (not in the rec vocabulary) leaves the own row alone,
+    and the loss reaches the borrowed rows, which are not in the head's state dict."""
+    from shopmtl.joint.model import RankHead
+
+    torch.manual_seed(0)
+    head = RankHead(TaskSpec("relevance", type="ranking"), 4, {"item": 4}, CFG)
+    table = torch.nn.Embedding(10, CFG.id_dim)
+    head.share({"item": torch.tensor([-1, 7, -1, 2])})
+    head.bind(table)
+    ids = torch.tensor([[1, 2], [3, 0]])
+    v = head.id_vectors({"item": ids})[0]
+    own = head.ids["item"].weight
+    torch.testing.assert_close(v[0, 0], own[1] + table.weight[7])
+    torch.testing.assert_close(v[0, 1], own[2])  # -1: its own row only
+    torch.testing.assert_close(v[1, 0], own[3] + table.weight[2])
+    v.sum().backward()
+    touched = (table.weight.grad.abs().sum(1) > 0).nonzero().flatten().tolist()
+    assert touched == [2, 7]
+    assert "shared_rows_item" in head.state_dict()
+    assert not any(k.startswith("_table") for k in head.state_dict())
+    with pytest.raises(ValueError, match="rows"):
+        head.share({"item": torch.tensor([0, 1])})
+    with pytest.raises(ValueError, match="id_dim"):
+        head.bind(torch.nn.Embedding(10, CFG.id_dim + 1))

@@ -29,8 +29,8 @@ SMALL = {
         {"name": "reviews", "batch_size": 32, "max_examples": 150},
         {"name": "retail", "batch_size": 32, "max_examples": 300},
     ],
-    "model": {"adapter_hidden": 32, "text_dim": 16, "hidden": [16], "id_dim": 4,
-              "wide_vector": True},
+    "model": {"adapter_hidden": 32, "text_dim": 16, "hidden": [16], "id_dim": 16,
+              "wide_vector": True, "share_ids": {"item": "item_id"}},
     "sampling": {"method": "round_robin"},
     "train": {"steps": 60, "lr": 0.003, "threads": 1, "log_every": 0,
               "solve_heads": True, "solve_l2": [1e-3], "solve_iters": 20},
@@ -345,3 +345,76 @@ def test_refit_keeps_the_shared_parts_and_each_heads_best_step(small_cfg: Path,
     assert info["bitext"]["best_step"] > 0 and info["bitext"]["valid_gain"] > 0
     changed = [k for k, v in heads0.items() if not torch.equal(v, model.heads.state_dict()[k])]
     assert any(k.startswith("bitext.") for k in changed)
+
+
+def test_search_shares_the_rec_models_item_rows(small_cfg: Path, tmp_path: Path) -> None:
+    """model.share_ids {item: item_id}: search's item i (world item i - 1) reads the rec
+    table's row of that item, a search loss trains that row, the table is stored once, and a
+    saved model scores the same lists the same."""
+    import dataclasses
+
+    import pyarrow as pa
+
+    from shopmtl.joint.checkpoint import save_joint_dir
+    from shopmtl.joint.parts import RecPart, text_bank
+    from shopmtl.joint.train import refit_heads
+
+    cfg = load_joint_config(small_cfg)
+    parts, texts, _ = load_parts(cfg, tmp_path, log=lambda *_: None)
+    parts = [p for p in parts if p.name in ("rec", "search")]
+    rec_part, search = parts
+    assert isinstance(rec_part, RecPart) and isinstance(search, SourcePart)
+    bank = text_bank(cfg, texts.texts)
+    logs: list[str] = []
+    torch.manual_seed(0)
+    model = build_joint_model(cfg, parts, bank.bank.shape[1], logs.append)
+    model.text.set_bank(bank.bank, bank.mask, bank.ngrams)
+    head = model.heads["search"]
+    assert head.shared == ("item",)
+    rows = head.shared_rows_item
+    n_items = search.data.id_sizes["item"] - 1
+    cats = [f.name for f in rec_part.schema.of_kind("categorical")]
+    offset = int(model.rec.embed.cat_offsets[cats.index("item_id")])
+    idx = rec_part.data.encoders.categorical["item_id"].transform(
+        pa.array([str(w) for w in range(n_items)], pa.string()))
+    assert rows[0] == -1
+    np.testing.assert_array_equal(rows[1:].numpy(), np.where(idx > 0, idx + offset, -1))
+    assert int((rows >= 0).sum()) > n_items // 2  # most items were seen by the rec model
+    assert any("shares the rec model's 'item_id' rows" in line for line in logs)
+    # a search batch trains exactly the rec rows of its candidates (and no other rec row)
+    b = search.next_batch()
+    model.zero_grad(set_to_none=True)
+    search.losses(model, b)["relevance"].backward()
+    grad = model.rec.embed.table.weight.grad
+    touched = set((grad.abs().sum(1) > 0).nonzero().flatten().tolist())
+    want = {int(r) for r in rows[b.cand_ids["item"]].flatten() if r >= 0}
+    assert touched == want and want
+    keys = [k for k in model.state_dict() if k.endswith("embed.table.weight")]
+    assert keys == ["rec.embed.table.weight"]
+    # the saved model scores the same lists the same
+    save_joint_dir(tmp_path / "model", model, cfg, parts)
+    loaded, _, _ = load_joint_dir(tmp_path / "model")
+    loaded.text.set_bank(bank.bank, bank.mask, bank.ngrams)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(search.logits(loaded, b)["relevance"],
+                                   search.logits(model, b)["relevance"])
+    # refitting search alone leaves the rec model (and its rows) as they were
+    rec0 = {k: v.clone() for k, v in model.rec.state_dict().items()}
+    types = {t.name: t.type for p in parts for t in p.tasks}
+    fit = load_joint_config(small_cfg, ["train.refit_steps=20", "train.refit_eval_every=10"])
+    refit_heads(model, [search], JointWeights(["relevance"], {}, False), fit, types,
+                lambda *_: None)
+    assert all(torch.equal(v, model.rec.state_dict()[k]) for k, v in rec0.items())
+    assert all(p.requires_grad for p in model.parameters())
+    # without a rec source (a source trained alone) the ids are the head's own
+    alone = build_joint_model(cfg, [search], bank.bank.shape[1], lambda *_: None)
+    assert alone.heads["search"].shared == ()
+    # an unknown rec feature, and a source whose ids have no keys, are refused by name
+    bad = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model,
+                                                             share_ids={"item": "nope"}))
+    with pytest.raises(ConfigError, match="no categorical feature 'nope'"):
+        build_joint_model(bad, parts, bank.bank.shape[1], lambda *_: None)
+    search.data = dataclasses.replace(search.data, id_keys={})
+    with pytest.raises(ConfigError, match="no id_keys"):
+        build_joint_model(cfg, parts, bank.bank.shape[1], lambda *_: None)

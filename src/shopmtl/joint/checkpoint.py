@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 
 from shopmtl.config import to_dict
@@ -31,6 +32,8 @@ def save_joint_dir(path: Path, model: JointModel, cfg: JointConfig, parts: list[
                 "has_text": p.has_text,
                 "ranking": p.ranking,
                 "meta": p.data.meta,
+                # ids that add the rec model's rows (their row map is a buffer in the weights)
+                "shared_ids": list(getattr(model.heads[p.name], "shared", ())),
             }
         else:
             sources[p.name] = {"schema": to_dict(p.schema), "encoders": p.data.encoders.to_json(),
@@ -81,6 +84,9 @@ def load_joint_dir(path: str | Path) -> tuple[JointModel, JointConfig, dict[str,
             heads[name] = TableHead(tasks, cfg.model.text_dim if s["has_text"] else 0,
                                     s["numeric"], s["id_sizes"], cfg.model, wide_buckets=wide,
                                     vector_width=vec)
+        shared = s.get("shared_ids", [])
+        if shared:  # placeholders of the right shape; load_state_dict fills the row maps
+            heads[name].share({k: torch.full((s["id_sizes"][k],), -1) for k in shared})
         s["_tasks"] = tasks
     model = JointModel(text, heads, rec)
     try:

@@ -69,6 +69,11 @@ class JointModelConfig:
     # the head holds the linear probe on [n-grams, vector] that beats TF-IDF (bench/text_probe.py)
     wide_vector: bool = False
     dropout: float = 0.1
+    # shared entity embeddings: a source's id name -> a categorical feature of the rec model,
+    # e.g. {item: item_id}. A source's id of that name (with ``SourceData.id_keys``) then adds
+    # the rec model's row of the same entity to its own row, so search lists train the item
+    # vectors that the click model reads (docs/JOINT.md, "Shared item embeddings")
+    share_ids: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

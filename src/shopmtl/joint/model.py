@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from shopmtl.data.schema import TaskSpec
 from shopmtl.joint.config import JointModelConfig
-from shopmtl.nn.layers import MLP
+from shopmtl.nn.layers import MLP, lookup
 from shopmtl.tasks import out_dim
 
 
@@ -140,6 +140,56 @@ class _Borrowed(nn.Module):
         return self.then(self._shared(x))
 
 
+class IdHead(nn.Module):
+    """A head's id embeddings (``self.ids``, one table per id name), some of them shared.
+
+    An id listed by ``share`` (``model.share_ids``) adds to its own row the rec model's row of
+    the same entity: ``rows[id]`` is that row in the zoo model's embedding table (-1: the
+    entity is not in its vocabulary, e.g. an item it never saw, and only the own row counts).
+    The table is borrowed, not registered (one copy in the state dict, trained by both), and
+    ``rows`` is a buffer saved with the head, so a loaded model needs no rec vocabulary."""
+
+    def __init__(self, id_sizes: dict[str, int], dim: int) -> None:
+        super().__init__()
+        self.ids = nn.ModuleDict({k: nn.Embedding(n, dim) for k, n in id_sizes.items()})
+        for e in self.ids.values():
+            nn.init.normal_(e.weight, std=0.05)
+        self.shared: tuple[str, ...] = ()
+        object.__setattr__(self, "_table", None)
+
+    def share(self, rows: dict[str, Tensor]) -> None:
+        """``rows``: id name -> int64 [id rows], the rec table row of each (-1: none)."""
+        for k, r in rows.items():
+            if k not in self.ids:
+                raise KeyError(f"no id {k!r} to share; this head has {sorted(self.ids)}")
+            if r.shape != (self.ids[k].num_embeddings,):
+                raise ValueError(f"id {k!r}: {self.ids[k].num_embeddings} rows, but "
+                                 f"{tuple(r.shape)} shared rows")
+            self.register_buffer(f"shared_rows_{k}", r.to(torch.long).clone())
+        self.shared = tuple(rows)
+
+    def bind(self, table: nn.Embedding) -> None:
+        dims = {e.embedding_dim for e in self.ids.values()}
+        if dims != {table.embedding_dim}:
+            raise ValueError(f"model.share_ids: the rec model's embeddings are "
+                             f"{table.embedding_dim} wide, this head's ids {sorted(dims)}: "
+                             "set model.id_dim to the rec model's embed_dim")
+        object.__setattr__(self, "_table", table)
+
+    def id_vectors(self, ids: dict[str, Tensor]) -> list[Tensor]:
+        """Each id's vectors [*ids[k].shape, dim], in ``self.ids`` order."""
+        out = []
+        for k, emb in self.ids.items():
+            v = emb(ids[k])
+            if k in self.shared:
+                if self._table is None:
+                    raise RuntimeError(f"id {k!r} is shared but no rec table is bound")
+                r = getattr(self, f"shared_rows_{k}")[ids[k]]
+                v = v + lookup(self._table, r.clamp(min=0)) * (r >= 0).unsqueeze(-1)
+            out.append(v)
+        return out
+
+
 def _heads(width: int, tasks: tuple[TaskSpec, ...]) -> nn.ModuleDict:
     return nn.ModuleDict({t.name: nn.Linear(width, out_dim(t)) for t in tasks})
 
@@ -149,7 +199,7 @@ def squeeze_logits(logits: Tensor, spec: TaskSpec) -> Tensor:
     return logits.squeeze(-1) if out_dim(spec) == 1 and spec.type != "quantile" else logits
 
 
-class TableHead(nn.Module):
+class TableHead(IdHead):
     """A source of one example per row (text and/or numeric and/or ids).
 
     With ``wide_buckets`` (a text source with hashed n-grams), each task's logit also gets a
@@ -162,12 +212,9 @@ class TableHead(nn.Module):
     def __init__(self, tasks: tuple[TaskSpec, ...], text_dim: int, n_numeric: int,
                  id_sizes: dict[str, int], cfg: JointModelConfig, wide_buckets: int = 0,
                  vector_width: int = 0) -> None:
-        super().__init__()
+        super().__init__(id_sizes, cfg.id_dim)
         self.tasks = tasks
         self.text_dim = text_dim
-        self.ids = nn.ModuleDict({k: nn.Embedding(n, cfg.id_dim) for k, n in id_sizes.items()})
-        for e in self.ids.values():
-            nn.init.normal_(e.weight, std=0.05)
         width = text_dim + n_numeric + cfg.id_dim * len(id_sizes)
         self.trunk = MLP(width, cfg.hidden, cfg.dropout)
         self.heads = _heads(self.trunk.out_dim, tasks)
@@ -204,7 +251,7 @@ class TableHead(nn.Module):
     def features(self, text: Tensor | None, numeric: Tensor, ids: dict[str, Tensor]) -> Tensor:
         parts = [] if text is None else [text]
         parts.append(numeric)
-        parts += [self.ids[k](ids[k]) for k in self.ids]
+        parts += self.id_vectors(ids)
         return self.trunk(torch.cat(parts, 1))
 
     def forward(self, text: Tensor | None, numeric: Tensor, ids: dict[str, Tensor],
@@ -235,23 +282,20 @@ class TableHead(nn.Module):
         return out
 
 
-class RankHead(nn.Module):
+class RankHead(IdHead):
     """A ranking source: a query and L candidates (text + ids) per list -> scores [G, L]."""
 
     def __init__(self, task: TaskSpec, text_dim: int, id_sizes: dict[str, int],
                  cfg: JointModelConfig) -> None:
-        super().__init__()
+        super().__init__(id_sizes, cfg.id_dim)
         self.task = task
-        self.ids = nn.ModuleDict({k: nn.Embedding(n, cfg.id_dim) for k, n in id_sizes.items()})
-        for e in self.ids.values():
-            nn.init.normal_(e.weight, std=0.05)
         width = 3 * text_dim + cfg.id_dim * len(id_sizes)
         self.scorer = MLP(width, cfg.hidden, cfg.dropout, out_dim=1)
 
     def forward(self, query: Tensor, cands: Tensor, ids: dict[str, Tensor]) -> dict[str, Tensor]:
         """query [G, d], cands [G, L, d], ids name -> [G, L]."""
         q = query.unsqueeze(1).expand_as(cands)
-        parts = [q * cands, q, cands] + [self.ids[k](ids[k]) for k in self.ids]
+        parts = [q * cands, q, cands, *self.id_vectors(ids)]
         return {self.task.name: self.scorer(torch.cat(parts, -1)).squeeze(-1)}  # [G, L]
 
 
@@ -267,6 +311,12 @@ class JointModel(nn.Module):
         self.rec = rec
         if rec is not None:
             share_title(rec, text)
+        for name, head in heads.items():
+            if isinstance(head, IdHead) and head.shared:
+                if rec is None:
+                    raise ValueError(f"source '{name}' shares ids with the rec model, "
+                                     "which this model does not have")
+                head.bind(rec.embed.table)
 
     def shared_parameters(self) -> list[nn.Parameter]:
         return list(self.text.parameters())

@@ -324,6 +324,22 @@ class RecPart:
         model.init_output_bias(label_priors(self.data.train, self.schema))
         return model
 
+    def table_rows(self, model: nn.Module, feature: str, keys: list[str]) -> Tensor:
+        """The rows of ``model``'s embedding table (built by ``build_model``) that hold the
+        entities ``keys`` of categorical ``feature``: int64 [len(keys)], -1 where a key is
+        empty or not in the feature's vocabulary (unseen or rarer than its min_count)."""
+        import pyarrow as pa
+
+        cats = [f.name for f in self.schema.of_kind("categorical")]
+        if feature not in cats:
+            raise ConfigError(f"model.share_ids: the rec model has no categorical feature "
+                              f"{feature!r}; it has {cats}")
+        enc = self.data.encoders.categorical[feature]
+        idx = enc.transform(pa.array(keys, pa.string()))
+        offset = int(model.embed.cat_offsets[cats.index(feature)])
+        known = (idx > 0) & (np.asarray(keys, object) != "")
+        return torch.from_numpy(np.where(known, idx + offset, -1).astype(np.int64))
+
     def _batches(self) -> Iterator[Any]:
         while True:
             yield from self.data.train.batches(self.cfg.batch_size, self._epoch, self._seed)
@@ -354,6 +370,28 @@ class RecPart:
             res = metrics_by_scenario(self.schema, table, predict_table(model.rec, table))
         return {t: {"auc": m[ALL]["auc"], "by_scenario": {s: v["auc"] for s, v in m.items()}}
                 for t, m in res.items()}
+
+
+def shared_rows(share_ids: dict[str, str], part: SourcePart, rec_part: RecPart | None,
+                rec: nn.Module | None) -> dict[str, Tensor]:
+    """For each id of ``part`` named in ``share_ids``: the rec table row of each of its id rows
+    (``IdHead.share``). Empty without a rec source (a source trained alone keeps its own ids)."""
+    out: dict[str, Tensor] = {}
+    if rec_part is None or rec is None:
+        return out
+    for name, feature in share_ids.items():
+        if name not in part.data.id_sizes:
+            continue
+        keys = part.data.id_keys.get(name)
+        if keys is None:
+            raise ConfigError(f"model.share_ids: source '{part.name}' gives no id_keys for its "
+                              f"id {name!r}, so its rows cannot be matched to the rec model's "
+                              f"{feature!r} (joint.source.SourceData.id_keys)")
+        if len(keys) != part.data.id_sizes[name]:
+            raise ValueError(f"source '{part.name}': id {name!r} has {part.data.id_sizes[name]} "
+                             f"rows but {len(keys)} id_keys")
+        out[name] = rec_part.table_rows(rec, feature, keys)
+    return out
 
 
 # -- the run ----------------------------------------------------------------------------------

@@ -74,6 +74,10 @@ class SourceData:
     test: SourceSplit
     id_sizes: dict[str, int] = field(default_factory=dict)  # name -> rows (incl. 0 = unknown)
     meta: dict = field(default_factory=dict)  # JSON-able: class names, scales, provenance
+    # name -> the entity key of each id row ("" for row 0), as the rec model's vocabulary
+    # writes it (e.g. the item id "17"): what lets an id share the rec model's embedding rows
+    # (``model.share_ids``, docs/JOINT.md). Optional; ids without keys keep their own table.
+    id_keys: dict[str, list[str]] = field(default_factory=dict)
 
     def sample(self, n: int, seed: int = 0) -> SourceData:
         """Every split cut to n seeded random examples (``SourceSplit.sample``)."""

@@ -33,6 +33,7 @@ from shopmtl.joint.parts import (
     SourcePart,
     TextIndex,
     load_parts,
+    shared_rows,
     text_bank,
     text_width,
     vector_width,
@@ -63,13 +64,23 @@ def valid_score(current: dict[str, float], first: dict[str, float], types: dict[
     return float(np.mean(gains)) if gains else 0.0
 
 
-def build_joint_model(cfg: JointConfig, parts: list[Any], width: int) -> JointModel:
+def build_joint_model(cfg: JointConfig, parts: list[Any], width: int, log: Any = print
+                      ) -> JointModel:
     lora = cfg.text.encoder if cfg.text.mode == "lora" else None
     text = SharedText(width, cfg.model, lora_encoder=lora, ngram_buckets=cfg.text.ngram_buckets)
     heads = {p.name: p.build_head(cfg.model.text_dim, cfg.model, cfg.text.ngram_buckets,
                                   vector_width(cfg))
              for p in parts if isinstance(p, SourcePart)}
-    rec = next((p.build_model() for p in parts if isinstance(p, RecPart)), None)
+    rec_part = next((p for p in parts if isinstance(p, RecPart)), None)
+    rec = rec_part.build_model() if rec_part is not None else None
+    for p in parts:
+        if isinstance(p, SourcePart):
+            rows = shared_rows(cfg.model.share_ids, p, rec_part, rec)
+            if rows:
+                heads[p.name].share(rows)
+                for k, r in rows.items():
+                    log(f"source {p.name}: id {k!r} shares the rec model's "
+                        f"{cfg.model.share_ids[k]!r} rows ({int((r >= 0).sum())} of {len(r)})")
     return JointModel(text, heads, rec)
 
 
@@ -138,13 +149,18 @@ def refit_heads(model: JointModel, parts: list[Any], weights: JointWeights, cfg:
     is scored on validation with the final shared parts, and replaces the start when better."""
     t = cfg.train
     text = model.text
-    frozen = [p for p in text.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
+    trainable = [p for p in model.parameters() if p.requires_grad]
     out: dict[str, dict[str, Any]] = {}
     try:
-        for part in parts:
+        # the rec model first: a head that borrows its rows (``share_ids``) then refits on
+        # the rows as they end
+        for part in sorted(parts, key=lambda p: not isinstance(p, RecPart)):
             head = _head(model, part)
+            # only this head trains: the adapter and every other head (with any rec rows a
+            # head borrows, ``model.share_ids``) stay as they are
+            mine = {id(p) for p in head.parameters()}
+            for p in trainable:
+                p.requires_grad_(id(p) in mine)
             opt = _adam([p for p in head.parameters() if p.requires_grad], t.refit_lr,
                         t.weight_decay)
             first = _summary({part.name: part.evaluate(model, "valid")}, types)
@@ -183,7 +199,7 @@ def refit_heads(model: JointModel, parts: list[Any], weights: JointWeights, cfg:
             log(f"refit {part.name}: " + ("from its own best joint step, " if took_own else "")
                 + f"best step {best[1]} of {step}, validation {best[0]:+.4f}")
     finally:
-        for p in frozen:
+        for p in trainable:
             p.requires_grad_(True)
     return out
 
@@ -231,7 +247,7 @@ def train_joint(cfg: JointConfig, out_dir: str | Path, *, only: tuple[str, ...] 
     embed_s = time.perf_counter() - t1
     log(f"text bank: {len(texts.texts) - 1:,} distinct texts ({embed_s:.1f}s)")
     torch.manual_seed(cfg.train.seed)
-    model = build_joint_model(cfg, parts, text_width(cfg))
+    model = build_joint_model(cfg, parts, text_width(cfg), log)
     model.text.set_bank(bank.bank, bank.mask, bank.ngrams)
     tasks = [t for p in parts for t in p.task_names]
     types = {t.name: t.type for p in parts for t in p.tasks}

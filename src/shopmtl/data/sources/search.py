@@ -302,6 +302,8 @@ class SearchSource:
         return SourceData(
             name=self.name, tasks=(self.task,), train=splits["train"], valid=splits["valid"],
             test=splits["test"], id_sizes={"item": self.world_config.n_items + 1}, meta=meta,
+            # the rec model's item_id vocabulary holds the world ids as strings
+            id_keys={"item": ["", *map(str, range(self.world_config.n_items))]},
         )
 
     # --------------------------------------------------------------- scoring
