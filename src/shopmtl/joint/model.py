@@ -14,6 +14,9 @@ Per source:
 - the recommendation source is a zoo model (SharedBottom, MMoE, ...) whose item-title content
   tower is replaced by the shared adapter plus its own projection.
 
+Entity embeddings can be shared too (``model.share_ids``): a head's id (search's candidate
+item) then adds the zoo model's row of the same entity to its own row (``IdHead``).
+
 Every head returns logits (a dict task -> tensor); ``shopmtl.tasks`` turns them into losses and
 predictions.
 """
