@@ -33,7 +33,7 @@ def save_joint_dir(path: Path, model: JointModel, cfg: JointConfig, parts: list[
                 "ranking": p.ranking,
                 "meta": p.data.meta,
                 # ids that add the rec model's rows (their row map is a buffer in the weights)
-                "shared_ids": list(getattr(model.heads[p.name], "shared", ())),
+                "shared_ids": list(model.heads[p.name].shared),
             }
         else:
             sources[p.name] = {"schema": to_dict(p.schema), "encoders": p.data.encoders.to_json(),

@@ -377,8 +377,9 @@ def shared_rows(share_ids: dict[str, str], part: SourcePart, rec_part: RecPart |
     """For each id of ``part`` named in ``share_ids``: the rec table row of each of its id rows
     (``IdHead.share``). Empty without a rec source (a source trained alone keeps its own ids)."""
     out: dict[str, Tensor] = {}
-    if rec_part is None or rec is None:
+    if rec is None:  # built from rec_part: both or neither
         return out
+    assert rec_part is not None
     for name, feature in share_ids.items():
         if name not in part.data.id_sizes:
             continue
