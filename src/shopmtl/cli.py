@@ -124,7 +124,12 @@ def train(
     if is_joint_config(config):
         from shopmtl.joint.report import run_joint
 
-        result = run_joint(load_joint_config(config, sets or []), out, alone=alone)
+        jcfg = load_joint_config(config, sets or [])
+        if resume and not (out / "joint" / "checkpoints" / "latest").is_file():
+            from shopmtl.train.checkpoint import CheckpointError
+
+            raise CheckpointError(f"--resume: no checkpoint in {out / 'joint' / 'checkpoints'}")
+        result = run_joint(jcfg, out, alone=alone, resume=resume)
         typer.echo((out / "report.md").read_text())
         typer.echo(f"wrote {out / 'metrics.json'}, {out / 'report.md'} and "
                    f"{out / 'joint' / 'model'} (joint steps: {result['joint']['steps']})")

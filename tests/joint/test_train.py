@@ -17,7 +17,7 @@ from shopmtl.config import ConfigError
 from shopmtl.joint.checkpoint import load_joint_dir
 from shopmtl.joint.config import JointConfig, SourceConfig, TextConfig, load_joint_config
 from shopmtl.joint.parts import SourcePart, load_parts, text_width
-from shopmtl.joint.train import JointWeights, build_joint_model, train_joint
+from shopmtl.joint.train import build_joint_model, train_joint
 from tests.helpers import cli
 
 SMALL = {
@@ -174,7 +174,7 @@ def test_shared_adapter_learns_from_every_source(small_cfg: Path, tmp_path: Path
     first = model.text.vec_in.weight
     for p in parts:
         model.zero_grad(set_to_none=True)
-        losses = p.losses(model, p.next_batch())
+        losses = p.losses(model, next(p.batches(0, 0)))
         sum(v for k, v in losses.items() if not k.startswith("_")).backward()
         assert first.grad is not None and first.grad.abs().sum() > 0, p.name
     keys = [k for k in model.state_dict() if k.endswith("vec_in.weight")]
@@ -315,7 +315,9 @@ def test_refit_keeps_the_shared_parts_and_each_heads_best_step(small_cfg: Path,
     """Stage two: the shared adapter does not move, every head does, each head ends at the
     step whose validation score it reports, and the adapter is trainable again afterwards."""
     from shopmtl.joint.parts import text_bank
-    from shopmtl.joint.train import _summary, refit_heads, valid_score
+    from shopmtl.joint.train import refit_heads
+    from shopmtl.train.select import primary as _summary
+    from shopmtl.train.select import valid_score
 
     cfg = load_joint_config(small_cfg, ["train.refit_steps=40", "train.refit_eval_every=10",
                                         "train.refit_patience=4", "train.refit_lr=0.01"])
@@ -326,12 +328,11 @@ def test_refit_keeps_the_shared_parts_and_each_heads_best_step(small_cfg: Path,
     model = build_joint_model(cfg, parts, bank.bank.shape[1])
     model.text.set_bank(bank.bank, bank.mask, bank.ngrams)
     types = {t.name: t.type for p in parts for t in p.tasks}
-    weights = JointWeights([t for p in parts for t in p.task_names], {}, False)
     first = {p.name: _summary({p.name: p.evaluate(model, "valid")}, types) for p in parts}
     text0 = {k: v.clone() for k, v in model.text.state_dict().items()}
     heads0 = {k: v.clone() for k, v in model.heads.state_dict().items()}
     logs: list[str] = []
-    info = refit_heads(model, parts, weights, cfg, types, logs.append)
+    info = refit_heads(model, parts, cfg, types, logs.append)
     assert all(torch.equal(v, model.text.state_dict()[k]) for k, v in text0.items())
     assert all(p.requires_grad for p in model.text.parameters())
     assert set(info) == {"rec", "bitext", "reviews"} and len(logs) == 3
@@ -382,7 +383,7 @@ def test_search_shares_the_rec_models_item_rows(small_cfg: Path, tmp_path: Path)
     assert int((rows >= 0).sum()) > n_items // 2  # most items were seen by the rec model
     assert any("shares the rec model's 'item_id' rows" in line for line in logs)
     # a search batch trains exactly the rec rows of its candidates (and no other rec row)
-    b = search.next_batch()
+    b = next(search.batches(0, 0))
     model.zero_grad(set_to_none=True)
     search.losses(model, b)["relevance"].backward()
     grad = model.rec.embed.table.weight.grad
@@ -403,8 +404,7 @@ def test_search_shares_the_rec_models_item_rows(small_cfg: Path, tmp_path: Path)
     rec0 = {k: v.clone() for k, v in model.rec.state_dict().items()}
     types = {t.name: t.type for p in parts for t in p.tasks}
     fit = load_joint_config(small_cfg, ["train.refit_steps=20", "train.refit_eval_every=10"])
-    refit_heads(model, [search], JointWeights(["relevance"], {}, False), fit, types,
-                lambda *_: None)
+    refit_heads(model, [search], fit, types, lambda *_: None)
     assert all(torch.equal(v, model.rec.state_dict()[k]) for k, v in rec0.items())
     assert all(p.requires_grad for p in model.parameters())
     # without a rec source (a source trained alone) the ids are the head's own

@@ -50,7 +50,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(world: Path, tmp_path: P
     latest = cut / "checkpoints" / "latest"
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
-        if latest.is_file() and latest.read_text() >= "ckpt-000000014":  # >= 2 checkpoints
+        if latest.is_file() and latest.read_text() >= "ckpt-00-000000014":  # >= 2 checkpoints
             break
         time.sleep(0.005)
     proc.send_signal(signal.SIGKILL)
@@ -188,7 +188,7 @@ def test_id_dropout_replaces_ids_by_oov_at_its_rate() -> None:
     from shopmtl.config import ConfigError
     from shopmtl.data.dataset import Batch
     from shopmtl.data.schema import FeatureSpec, Schema, TaskSpec
-    from shopmtl.train.trainer import _id_dropout_table, drop_ids
+    from shopmtl.train.table import drop_ids, id_dropout_table as _id_dropout_table
 
     schema = Schema((FeatureSpec("user_id", "categorical"), FeatureSpec("item_id", "categorical")),
                     (TaskSpec("click"),))

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from shopmtl.weighting import StepInfo, build_weighting, weighted_step
+from shopmtl.weighting import StepInfo, build_weighting
 from tests.weighting._properties import (
     TASKS,
     ToyModel,
@@ -61,17 +61,21 @@ def test_records_its_own_initial_losses_when_the_trainer_does_not():
 
 
 def test_weights_renormalise_to_task_count_during_training():
+    from shopmtl.train.loop import Loop, Schedule
+    from tests.train.test_loop import BatchSource, LossSelector
+
     model, batch = tiny_model(), tiny_batch()
     w = build_weighting("gradnorm", {"lr": 0.2}, TASKS)
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    for group in w.param_groups(1e-2):
-        opt.add_param_group(group)
+    source = BatchSource(batch, l2=0.0)
+    loop = Loop(model, [source], w, Schedule(steps=12, lr=1e-2), LossSelector())
+    loop.train_mode()
     seen = []
-    for step in range(12):
-        out = weighted_step(model, opt, batch, w, StepInfo(step=step))
-        assert_one_finite_weight_per_task(out.weights, 2)
-        assert out.weights.sum().item() == pytest.approx(2.0, abs=1e-5)
-        seen.append(out.weights)
+    for _ in range(12):
+        loop.step(source, next(source.batches(0, 0)))
+        loop.state.step += 1
+        assert_one_finite_weight_per_task(w.last_weights, 2)
+        assert w.last_weights.sum().item() == pytest.approx(2.0, abs=1e-5)
+        seen.append(w.last_weights)
     assert w.current_weights().sum().item() == pytest.approx(2.0, abs=1e-5)
     assert not torch.allclose(seen[0], seen[-1])  # the weights did move
     assert (w.current_weights() > 0).all()

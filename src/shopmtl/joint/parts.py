@@ -28,6 +28,7 @@ from shopmtl.joint.config import REC, JointConfig, SourceConfig
 from shopmtl.joint.model import JointModel, RankHead, TableHead
 from shopmtl.joint.source import Source, SourceData, SourceSplit
 from shopmtl.tasks import TASK_TYPES
+from shopmtl.train.table import TableSource
 
 
 def _sources() -> dict[str, type]:
@@ -154,17 +155,6 @@ def tensorise(split: SourceSplit, texts: TextIndex) -> SplitTensors:
     )
 
 
-def _epochs(n: int, batch_size: int, seed: int) -> Iterator[Tensor]:
-    """Endless shuffled index batches over n examples (a new seeded order every epoch)."""
-    epoch = 0
-    while True:
-        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
-        perm = torch.randperm(n, generator=g)
-        for lo in range(0, n, batch_size):
-            yield perm[lo : lo + batch_size]
-        epoch += 1
-
-
 # -- parts ------------------------------------------------------------------------------------
 
 
@@ -204,11 +194,6 @@ class SourcePart:
             st.labels = {t.name: _labels(t, sp.labels[t.name]) for t in self.tasks}
             self.splits[s] = st
         self.has_text = len(self.splits["train"].text) > 0
-        self.reset(seed)
-
-    def reset(self, seed: int) -> None:
-        """Start the batch stream again (a run on loaded parts sees the same batches)."""
-        self._stream = _epochs(len(self.splits["train"]), self.cfg.batch_size, seed)
 
     @property
     def task_names(self) -> tuple[str, ...]:
@@ -227,8 +212,16 @@ class SourcePart:
         return TableHead(self.tasks, text_dim if self.has_text else 0, n_num,
                          self.data.id_sizes, cfg, wide_buckets=wide, vector_width=vec)
 
-    def next_batch(self) -> SplitTensors:
-        return self.splits["train"].take(next(self._stream))
+    def batches(self, epoch: int, seed: int, skip: int = 0) -> Iterator[SplitTensors]:
+        """Epoch ``epoch``'s training batches in a seeded order, from batch ``skip`` on."""
+        train, bs = self.splits["train"], self.cfg.batch_size
+        g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+        perm = torch.randperm(len(train), generator=g)
+        for lo in range(skip * bs, len(train), bs):
+            yield train.take(perm[lo : lo + bs])
+
+    def head(self, model: JointModel) -> nn.Module:
+        return model.heads[self.name]
 
     def logits(self, model: JointModel, b: SplitTensors) -> dict[str, Tensor]:
         head = model.heads[self.name]
@@ -265,8 +258,13 @@ class SourcePart:
         return {t: self.source.metrics(self.data, split, t, p) for t, p in preds.items()}
 
 
-class RecPart:
-    """The recommendation / ads source: the synthetic world through a zoo model."""
+def _rec(model: nn.Module) -> nn.Module:
+    return model.rec  # type: ignore[return-value]
+
+
+class RecPart(TableSource):
+    """The recommendation / ads source: the synthetic world through a zoo model (the joint
+    model's ``rec``), a ``TableSource`` like a one-table run's."""
 
     DEFAULTS: ClassVar[dict[str, Any]] = {
         "rows": 400_000, "seed": 0, "model": "shared_bottom",
@@ -278,15 +276,13 @@ class RecPart:
     def __init__(self, sc: SourceConfig, out_dir: Path, text_cfg: Any, seed: int,
                  log: Any = print) -> None:
         from shopmtl.config import DataConfig, ExperimentConfig, ModelConfig, TrainConfig
-        from shopmtl.data.pipeline import prepare_data
-        from shopmtl.run import resolve_synthetic
+        from shopmtl.data.pipeline import prepare_data, resolve_synthetic
 
         unknown = sorted(set(sc.args) - set(self.DEFAULTS))
         if unknown:
             raise ConfigError(f"source 'rec': unknown args {unknown}; known: "
                              f"{sorted(self.DEFAULTS)}")
         a = {**self.DEFAULTS, **sc.args}
-        self.name = REC
         self.cfg = sc
         self.args = a
         exp = ExperimentConfig(
@@ -297,22 +293,9 @@ class RecPart:
         )
         exp, self.world = resolve_synthetic(exp, out_dir / "data", log)
         self.exp = exp
-        self.schema = exp.data.schema.build()
-        self.data = prepare_data(exp.data, self.schema, out_dir)
-        self.tasks = self.schema.tasks
-        self.reset(seed)
-
-    def reset(self, seed: int) -> None:
-        self._seed = seed
-        self._epoch = 0
-        self._stream = self._batches()
-
-    @property
-    def task_names(self) -> tuple[str, ...]:
-        return self.schema.task_names
-
-    def num_batches(self) -> int:
-        return self.data.train.num_batches(self.cfg.batch_size)
+        schema = exp.data.schema.build()
+        super().__init__(prepare_data(exp.data, schema, out_dir), sc.batch_size, name=REC,
+                         module=_rec, embedding_weight_decay=float(a["embedding_weight_decay"]))
 
     def build_model(self) -> nn.Module:
         from shopmtl.registry import build_model
@@ -339,37 +322,6 @@ class RecPart:
         offset = int(model.embed.cat_offsets[cats.index(feature)])
         known = (idx > 0) & (np.asarray(keys, object) != "")
         return torch.from_numpy(np.where(known, idx + offset, -1).astype(np.int64))
-
-    def _batches(self) -> Iterator[Any]:
-        while True:
-            yield from self.data.train.batches(self.cfg.batch_size, self._epoch, self._seed)
-            self._epoch += 1
-
-    def next_batch(self) -> Any:
-        return next(self._stream)
-
-    def losses(self, model: JointModel, b: Any) -> dict[str, Tensor]:
-        rec = model.rec
-        assert rec is not None
-        vec = rec.task_losses(rec(b), b)
-        out = {t: vec[j] for j, t in enumerate(self.task_names)}
-        wd = float(self.args["embedding_weight_decay"])
-        if wd > 0:
-            out["_rec_embedding_l2"] = wd * rec.embedding_l2()
-        return out
-
-    def evaluate(self, model: JointModel, split: str) -> dict[str, dict[str, Any]]:
-        from shopmtl.train.evaluate import metrics_by_scenario, predict_table
-
-        test = self.data.test if self.data.test is not None else self.data.valid
-        table = self.data.valid if split == "valid" else test
-        assert model.rec is not None
-        # the whole joint model in eval mode, not only the zoo model: its title field runs
-        # through the shared adapter, which the zoo model borrows and does not own
-        with eval_mode(model):
-            res = metrics_by_scenario(self.schema, table, predict_table(model.rec, table))
-        return {t: {"auc": m[ALL]["auc"], "by_scenario": {s: v["auc"] for s, v in m.items()}}
-                for t, m in res.items()}
 
 
 def shared_rows(share_ids: dict[str, str], part: SourcePart, rec_part: RecPart | None,

@@ -1,7 +1,7 @@
 """Joint optimisation of the task losses: how T task losses become one parameter update.
 
-``build_weighting(name, args, task_names)`` makes one from a config; ``weighted_step`` (or
-``weighted_backward`` inside a custom step) runs it. Loss weightings (equal, static,
+``build_weighting(name, args, task_names)`` makes one from a config; the one training loop
+(``train.loop.Loop.step``) runs it. Loss weightings (equal, static,
 uncertainty, dwa, rlw) differentiate ``sum_i w_i L_i``; gradient weightings (gradnorm and the
 TorchJD aggregators) look at per-task gradients on ``model.shared_parameters()``.
 """
@@ -35,7 +35,6 @@ from shopmtl.weighting.dwa import DWAWeighting
 from shopmtl.weighting.equal import EqualWeighting, StaticWeighting
 from shopmtl.weighting.gradnorm import GradNormWeighting
 from shopmtl.weighting.rlw import RLWWeighting
-from shopmtl.weighting.step import StepOutput, weighted_backward, weighted_step
 from shopmtl.weighting.uncertainty import UncertaintyWeighting
 
 WEIGHTINGS: dict[str, type[Weighting]] = {
@@ -77,12 +76,9 @@ __all__ = [
     "LossWeighting",
     "MissingDependencyError",
     "StepInfo",
-    "StepOutput",
     "Weighting",
     "build_weighting",
     "gradient_cosine",
     "split_parameters",
     "task_gradient_cosine",
-    "weighted_backward",
-    "weighted_step",
 ]

@@ -123,7 +123,7 @@ class JacobianAggregation(GradientWeighting):
         from torchjd.autojac import backward as jac_backward
         from torchjd.autojac import jac_to_grad
 
-        self._check(losses)
+        self._check(losses, info)
         shared, rest = split_parameters(model)
         for p in shared:  # a .jac left by an interrupted step would be added to
             if hasattr(p, "jac"):

@@ -42,12 +42,17 @@ class StepInfo:
     initial_losses: [T] task losses of the first training step, when the trainer recorded them
         (GradNorm's L_i(0)); GradNorm records its own first losses when this is None.
     prev_epoch_losses: [T] mean training loss of every finished epoch, oldest first (DWA).
+    present: [T] bool, the tasks this batch has (a joint run's batch comes from one source and
+        carries only its tasks); None: every task. An absent task's loss is a constant 0: a
+        loss weighting gives it weight 0 and no regulariser term; a gradient method, which
+        needs every task's gradient at one point, refuses such a step.
     """
 
     step: int = 0
     epoch: int = 0
     initial_losses: Tensor | None = None
     prev_epoch_losses: tuple[Tensor, ...] = field(default=())
+    present: Tensor | None = None
 
     @staticmethod
     def from_history(
@@ -109,7 +114,13 @@ class Weighting(nn.Module):
         """
         raise NotImplementedError
 
-    def _check(self, losses: Tensor) -> None:
+    def _check(self, losses: Tensor, info: StepInfo | None = None) -> None:
+        if self.needs_gradients and info is not None and info.present is not None \
+                and not bool(info.present.all()):
+            absent = [t for t, p in zip(self.task_names, info.present.tolist(), strict=True)
+                      if not p]
+            raise ValueError(f"{type(self).__name__} needs every task's gradient on one batch, "
+                             f"but this batch has no {absent}: use a loss weighting")
         if losses.ndim != 1 or losses.shape[0] != self.num_tasks:
             raise ValueError(
                 f"expected one loss per task ({self.num_tasks}: {list(self.task_names)}), "
@@ -128,16 +139,19 @@ class LossWeighting(Weighting):
         """[T] weights for these losses (may carry gradient to the weighting's parameters)."""
         raise NotImplementedError
 
-    def regularizer(self) -> Tensor | None:
-        """A term added to the combined loss (learned weightings); None for most."""
+    def regularizer(self, present: Tensor | None = None) -> Tensor | None:
+        """A term added to the combined loss (learned weightings), over the ``present`` tasks
+        only; None for most."""
         return None
 
     def combine(self, losses: Tensor, info: StepInfo) -> Tensor:
         """The scalar to differentiate."""
         self._check(losses)
         w = self.weights(losses, info).to(losses)
+        if info.present is not None:
+            w = w * info.present.to(w)
         total = (w * losses).sum()
-        reg = self.regularizer()
+        reg = self.regularizer(info.present)
         if reg is not None:
             total = total + reg
         self._remember(w)

@@ -86,7 +86,7 @@ class GradNormWeighting(GradientWeighting):
         info: StepInfo,
         extra_loss: Tensor | None = None,
     ) -> Tensor:
-        self._check(losses)
+        self._check(losses, info)
         shared, _ = split_parameters(model)
         w = self.renormalize().to(losses)
         # ||grad_W L_i|| per task (retain the graph: the network backward follows)

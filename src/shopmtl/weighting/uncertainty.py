@@ -44,5 +44,7 @@ class UncertaintyWeighting(LossWeighting):
     def weights(self, losses: Tensor, info: StepInfo) -> Tensor:
         return torch.exp(-self.log_vars)
 
-    def regularizer(self) -> Tensor:
-        return 0.5 * self.log_vars.sum()
+    def regularizer(self, present: Tensor | None = None) -> Tensor:
+        if present is None:
+            return 0.5 * self.log_vars.sum()
+        return 0.5 * self.log_vars[present].sum()

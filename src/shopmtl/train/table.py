@@ -1,0 +1,118 @@
+"""The task source of a zoo model: rows of one schema (a tensor table, or a file streamed from
+disk) through a ``MultiTaskModel``. The one-table run's only source, and the joint run's
+recommendation source (there the zoo model is ``model.rec`` of the joint model)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from shopmtl.config import ConfigError
+from shopmtl.data.dataset import Batch
+from shopmtl.data.pipeline import PreparedData
+from shopmtl.data.schema import ALL, Schema, TaskSpec
+from shopmtl.models.base import MultiTaskModel
+from shopmtl.train.adversarial import fgm_backward
+from shopmtl.train.evaluate import metrics_by_scenario, predict_split
+
+
+def id_dropout_table(probs: dict[str, float], schema: Schema) -> Tensor | None:
+    """Per categorical column, the probability of the OOV id in training ([Fc]); None if off."""
+    if not probs:
+        return None
+    cats = [f.name for f in schema.of_kind("categorical")]
+    unknown = sorted(set(probs) - set(cats))
+    if unknown:
+        raise ConfigError(f"train.id_dropout: {unknown} are not categorical features; "
+                          f"categorical: {cats}")
+    bad = {k: v for k, v in probs.items() if not 0.0 <= v < 1.0}
+    if bad:
+        raise ConfigError(f"train.id_dropout: probabilities must lie in [0, 1), got {bad}")
+    return torch.tensor([probs.get(c, 0.0) for c in cats])
+
+
+def drop_ids(batch: Batch, probs: Tensor) -> Batch:
+    """The batch with each categorical id replaced by OOV (0) with its column's probability."""
+    keep = torch.rand(batch.cat.shape) >= probs  # [B, Fc]
+    return dataclasses.replace(batch, cat=batch.cat * keep)
+
+
+def _zoo(model: nn.Module) -> MultiTaskModel:
+    return model  # type: ignore[return-value]
+
+
+class TableSource:
+    """``data``'s training rows in seeded epochs; losses and metrics of its schema's tasks.
+
+    ``module`` picks the zoo model out of the model the loop trains (itself by default).
+    ``evaluate`` returns per task the ``all`` scope's metrics at the top level (AUC first) and
+    every scenario's under ``by_scenario``.
+    """
+
+    def __init__(self, data: PreparedData, batch_size: int, *, name: str = "table",
+                 module: Callable[[nn.Module], MultiTaskModel] = _zoo,
+                 embedding_weight_decay: float = 0.0, id_dropout: Tensor | None = None,
+                 eval_batch_size: int = 4096) -> None:
+        self.name, self.data, self.batch_size = name, data, batch_size
+        self.schema = data.schema
+        self.module = module
+        self.embedding_weight_decay = embedding_weight_decay
+        self.id_dropout = id_dropout
+        self.eval_batch_size = eval_batch_size
+
+    @property
+    def tasks(self) -> tuple[TaskSpec, ...]:
+        return self.schema.tasks
+
+    @property
+    def task_names(self) -> tuple[str, ...]:
+        return self.schema.task_names
+
+    def num_batches(self) -> int:
+        return self.data.train.num_batches(self.batch_size)
+
+    def batches(self, epoch: int, seed: int, skip: int = 0) -> Iterator[Batch]:
+        for batch in self.data.train.batches(self.batch_size, epoch, seed, True, skip):
+            # drawn here, right before the step that uses the batch: the RNG order is the
+            # step's, so resume replays it
+            yield batch if self.id_dropout is None else drop_ids(batch, self.id_dropout)
+
+    def losses(self, model: nn.Module, batch: Batch) -> dict[str, Tensor]:
+        zoo = self.module(model)
+        vec = zoo.task_losses(zoo(batch), batch)  # [T]
+        out = {t: vec[j] for j, t in enumerate(self.task_names)}
+        if self.embedding_weight_decay > 0:  # L2 on the rows this batch touched
+            out["_embedding_l2"] = self.embedding_weight_decay * zoo.embedding_l2()
+        return out
+
+    def adversarial_backward(self, model: nn.Module, batch: Batch, weights: Tensor,
+                             epsilon: float) -> Tensor | None:
+        return fgm_backward(self.module(model), batch, weights, epsilon)
+
+    def head(self, model: nn.Module) -> nn.Module:
+        return self.module(model)
+
+    def split(self, split: str) -> Any:
+        if split == "valid":
+            return self.data.valid
+        return self.data.test if self.data.test is not None else self.data.valid
+
+    @torch.no_grad()
+    def scenario_metrics(self, model: nn.Module, split: str
+                         ) -> dict[str, dict[str, dict[str, float]]]:
+        """metrics[task][scenario] (``train.evaluate.metrics_by_scenario``)."""
+        table = self.split(split)
+        if table is None:
+            return {}
+        model.eval()  # all of it: a joint model's rec model borrows the shared text adapter
+        preds, scored = predict_split(self.module(model), table, self.eval_batch_size)
+        return metrics_by_scenario(self.schema, scored, preds)
+
+    def evaluate(self, model: nn.Module, split: str) -> dict[str, dict[str, Any]]:
+        return {task: {**per.get(ALL, {}),
+                       "by_scenario": {s: m for s, m in per.items() if s != ALL}}
+                for task, per in self.scenario_metrics(model, split).items()}
