@@ -67,3 +67,17 @@ def content_world(out: Path, rows: int = 6_000, content: tuple[str, ...] = ("tit
     data_cfg = DataConfig(train=str(out / "train.parquet"), valid=str(out / "valid.parquet"),
                           test=str(out / "test.parquet"))
     return prepare_data(data_cfg, schema)
+
+
+def assert_one_error_line(proc: subprocess.CompletedProcess, *needles: str, code: int = 2
+                          ) -> str:
+    """The run failed with exit ``code`` and said so in exactly one line ``error: ...`` on
+    stderr (nothing on stdout, no traceback) that holds every one of ``needles``."""
+    assert proc.returncode == code, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert not proc.stdout.strip(), proc.stdout
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]

@@ -1,5 +1,5 @@
 """The command line as a user runs it: quickstart outputs, bad rows under both policies,
-predict/evaluate on a saved model, listing commands."""
+predict/evaluate on a saved model, listing commands, bad configs stopped at load in one line."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.helpers import cli
+from tests.helpers import assert_one_error_line, cli
 
 TASKS = ("click", "conversion", "ad_click")
 
@@ -169,3 +169,102 @@ def test_listing_commands() -> None:
     weightings = cli("weightings", check=True).stdout
     for name in ("equal", "uncertainty", "gradnorm", "dwa", "rlw", "upgrad", "mgda", "pcgrad"):
         assert name in weightings
+
+
+# -- a bad config stops at load: one line, nothing prepared ------------------------------------
+
+SYNTHETIC_TASKS = "tasks: click, conversion, ad_click"
+
+
+@pytest.mark.parametrize(("sets", "needles"), [
+    (["train.alpha.clik=2"], ["train.alpha: unknown task 'clik'", SYNTHETIC_TASKS]),
+    (["train.early_stopping.metric=valid.clik.all.auc"],
+     ["train.early_stopping.metric: 'valid.clik.all.auc' names unknown task 'clik'",
+      SYNTHETIC_TASKS]),
+    (["weighting.name=upgrd"],
+     ["weighting.name: unknown weighting 'upgrd'; valid: equal, static, uncertainty"]),
+])
+def test_bad_names_in_a_synthetic_config_stop_at_load(tmp_path: Path, sets: list[str],
+                                                      needles: list[str]) -> None:
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(yaml.safe_dump({"data": {"synthetic": {"rows": 2000}}}))
+    out = tmp_path / "out"
+    proc = cli("train", str(cfg), "--out", str(out), *[a for s in sets for a in ("--set", s)])
+    assert_one_error_line(proc, *needles)
+    assert not out.exists()  # no world generated, nothing written
+
+
+def test_misspelled_alpha_task_with_a_schema_stops_at_load(tmp_path: Path) -> None:
+    """An explicit schema (the CSV config of the bad-rows tests): its own tasks are the valid
+    names, and the CSV is never read."""
+    cfg = _byo_config(tmp_path, "fail")  # its data has bad rows: reading it would fail
+    out = tmp_path / "out"
+    proc = cli("train", str(cfg), "--out", str(out), "--set", "train.alpha.clik=2")
+    assert_one_error_line(proc, "train.alpha: unknown task 'clik'; tasks: click, conversion")
+    assert not out.exists()
+    proc = cli("compare", str(cfg), "--out", str(out), "--set", "train.alpha.clik=2")
+    assert_one_error_line(proc, "train.alpha: unknown task 'clik'")
+    assert not out.exists()
+
+
+def test_debug_shows_the_traceback_without_locals(tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text(yaml.safe_dump({"data": {"synthetic": {"rows": 2000}},
+                                   "train": {"alpha": {"clik": 2.0}}}))
+    args = ("train", str(cfg), "--out", str(tmp_path / "o"))
+    runs = [cli("--debug", *args)]
+    monkeypatch.setenv("SHOPMTL_DEBUG", "1")
+    runs.append(cli(*args))
+    for proc in runs:
+        assert proc.returncode != 0
+        assert "Traceback" in proc.stderr and "unknown task 'clik'" in proc.stderr
+        assert "─ locals ─" not in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+def test_invalid_yaml_is_one_line(tmp_path: Path) -> None:
+    cfg = tmp_path / "exp.yaml"
+    cfg.write_text("data: {synthetic: {rows: 2000}\ntrain: [\n")
+    assert_one_error_line(cli("train", str(cfg)), "exp.yaml: not valid YAML", "line")
+
+
+def _raiser(exc: BaseException):
+    from shopmtl.cli import _guard
+
+    @_guard
+    def command() -> None:
+        raise exc
+
+    return command
+
+
+@pytest.mark.parametrize(("exc", "code", "line"), [
+    (OSError(28, "No space left on device"), 2, "error: [Errno 28] No space left on device"),
+    (PermissionError(13, "Permission denied", "/x/out"), 2,
+     "error: [Errno 13] Permission denied: '/x/out'"),
+    (IsADirectoryError(21, "Is a directory", "/x"), 2, "error: [Errno 21] Is a directory: '/x'"),
+    (KeyError("unknown task 'x'; known: ['click']"), 2,
+     "error: unknown task 'x'; known: ['click']"),
+    (KeyError("u123"), 1, "error: internal error (KeyError); rerun with --debug for the traceback"),
+    (ValueError("bad\nvalue"), 1,
+     "error: internal error (ValueError); rerun with --debug for the traceback"),
+    (RuntimeError("cell value 0.123"), 1,
+     "error: internal error (RuntimeError); rerun with --debug for the traceback"),
+])
+def test_every_error_is_one_line(exc: BaseException, code: int, line: str,
+                                 capsys: pytest.CaptureFixture[str]) -> None:
+    import typer
+
+    with pytest.raises(typer.Exit) as info:
+        _raiser(exc)()
+    assert info.value.exit_code == code
+    assert capsys.readouterr().err == line + "\n"
+
+
+def test_debug_re_raises(monkeypatch: pytest.MonkeyPatch) -> None:
+    import shopmtl.cli
+
+    monkeypatch.setattr(shopmtl.cli, "_DEBUG", True)
+    with pytest.raises(RuntimeError, match="boom"):
+        _raiser(RuntimeError("boom"))()

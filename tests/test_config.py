@@ -308,3 +308,54 @@ def test_importing_shopmtl_picks_jemalloc_for_arrow_unless_the_user_chose() -> N
                             env={**env, "ARROW_DEFAULT_MEMORY_POOL": "system"},
                             capture_output=True, text=True, check=True).stdout.split()
     assert chosen[-1] == "system"
+
+
+# -- names checked at load, before any data is read --------------------------------------------
+
+SYNTHETIC = "data: {synthetic: {rows: 1000}}\n"
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("train.alpha={clik: 2}",
+     "train.alpha: unknown task 'clik'; tasks: click, conversion, ad_click"),
+    ("train.alpha={clik: 2, conv: 1}",
+     "train.alpha: unknown tasks 'clik', 'conv'; tasks: click, conversion, ad_click"),
+    ("train.early_stopping.metric=valid.clik.all.auc",
+     "train.early_stopping.metric: 'valid.clik.all.auc' names unknown task 'clik'; tasks: "
+     "click, conversion, ad_click"),
+    ("weighting.name=upgrd", "weighting.name: unknown weighting 'upgrd'; valid: equal, static"),
+    ("weighting={name: dwa, args: {temprature: 2}}", "weighting.args: unknown key(s)"),
+    ("weighting={name: static, args: {alpha: {clik: 2}}}",
+     "weighting.args.alpha: unknown task 'clik'"),
+])
+def test_unknown_names_are_refused_at_load_in_one_line(
+    config_file: Path, tmp_path: Path, override: str, message: str
+) -> None:
+    """Against the schema of the config (the file in data.train does not even exist), and
+    against the synthetic world's tasks."""
+    for path in (config_file, write(tmp_path, SYNTHETIC)):
+        with pytest.raises(ConfigError) as info:
+            load_config(path, [override])
+        assert str(info.value).startswith(message)
+        assert "\n" not in str(info.value)
+
+
+def test_known_names_load(config_file: Path, tmp_path: Path) -> None:
+    cfg = load_config(write(tmp_path, SYNTHETIC), [
+        "train.alpha={click: 1, ad_click: 0.1}",
+        "train.early_stopping.metric=valid.ad_click.ad_slot.auc",
+        "weighting={name: static, args: {alpha: {conversion: 2}}}"])
+    assert cfg.weighting.name == "static"
+    assert load_config(config_file, ["weighting.name=upgrad"]).weighting.name == "upgrad"
+    # the schema's own tasks: a task the schema lacks is unknown
+    with pytest.raises(ConfigError, match=r"unknown task 'conversion'; tasks: click$"):
+        load_config(config_file, ["data.schema.tasks=[{name: click}]"])
+
+
+def test_a_dataclass_check_becomes_a_config_error_naming_the_section(config_file: Path) -> None:
+    with pytest.raises(ConfigError, match=r"^ExperimentConfig\.train: lr_base_batch must be"):
+        load_config(config_file, ["train.lr_base_batch=0"])
+    # the schema's own checks run at load too, not once training starts
+    with pytest.raises(ConfigError, match=r"^data\.schema: task 'conversion' is given 'buy'"):
+        load_config(config_file, ["data.schema.tasks=[{name: click}, {name: conversion, "
+                                  "given: buy}]", "train.alpha={}"])

@@ -28,6 +28,7 @@ PRIORITIES = ("low", "normal", "urgent")
 
 class TicketSource:
     name = "tickets"
+    task_names = ("priority", "hours")  # optional: lets train.alpha be checked at config load
 
     def __init__(self, path: str, seed: int = 0) -> None:
         self.path = Path(path)

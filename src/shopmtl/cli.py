@@ -9,31 +9,72 @@ from typing import Annotated
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+# never print local variables in a traceback: they can hold raw cell values of the user's data
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
                   help="Multi-scenario multi-task learning for e-commerce.")
 
+_DEBUG = False  # --debug / SHOPMTL_DEBUG=1: errors re-raised, with their traceback
 
-def _fail(message: str) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(2)
+
+@app.callback()
+def _main(debug: Annotated[bool, typer.Option(
+        "--debug", envvar="SHOPMTL_DEBUG",
+        help="Show the traceback of an error (without local variables)")] = False) -> None:
+    """Multi-scenario multi-task learning for e-commerce."""
+    global _DEBUG
+    _DEBUG = debug
+
+
+def _one_line(message: str) -> str:
+    """A message on one line: its lines joined."""
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    return "; ".join(lines) or "(no message)"
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.secho(f"error: {_one_line(message)}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
 
 
 def _guard(fn):
-    """Known failure modes become one clear line and exit code 2, never a traceback."""
+    """Every failure becomes one line on stderr, never a traceback (unless --debug): a user
+    error (bad config, bad data, a missing or unwritable file, a bad checkpoint) exits 2 and
+    says what and where; anything else is a bug: exit 1, with the exception's type."""
     import functools
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
+        import click
+        import yaml
+
         from shopmtl.config import ConfigError
         from shopmtl.data.ingest import DataError
         from shopmtl.train.checkpoint import CheckpointError
         from shopmtl.train.trainer import NonFiniteError
+        from shopmtl.weighting import MissingDependencyError
 
         try:
             return fn(*args, **kwargs)
-        except (ConfigError, DataError, CheckpointError, NonFiniteError, FileNotFoundError,
-                KeyError) as e:
-            _fail(str(e).strip("'\""))
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise  # typer's own exits and usage errors
+        except Exception as e:
+            if _DEBUG:
+                raise
+            # a KeyError raised with a message ("unknown task 'x'; known: ..."); a bare missing
+            # key (which could be a data value) is a bug, reported as such below
+            if isinstance(e, KeyError) and e.args and " " in str(e.args[0]):
+                _fail(str(e.args[0]))
+            # OSError: a missing file, a directory, no permission, a full disk ("[Errno 28]
+            # No space left on device"); MissingDependencyError: the pip line to run
+            if isinstance(e, (ConfigError, DataError, CheckpointError, NonFiniteError,
+                              MissingDependencyError, OSError)):
+                _fail(str(e))
+            if isinstance(e, yaml.YAMLError):
+                from shopmtl.config import yaml_problem
+
+                _fail(f"not valid YAML: {yaml_problem(e)}")
+            _fail(f"internal error ({type(e).__name__}); rerun with --debug for the traceback",
+                  code=1)
 
     return wrapper
 
@@ -175,6 +216,7 @@ def predict(
 
 
 @app.command()
+@_guard
 def models() -> None:
     """List the registered architectures."""
     from shopmtl.registry import MODELS
@@ -185,6 +227,7 @@ def models() -> None:
 
 
 @app.command()
+@_guard
 def weightings() -> None:
     """List the loss weightings and gradient aggregators (config key `weighting.name`)."""
     from shopmtl.weighting import WEIGHTINGS

@@ -45,6 +45,13 @@ def _yaml_load(text: str) -> Any:
     return yaml.load(text, Loader=_Loader)  # a SafeLoader subclass: no arbitrary objects
 
 
+def yaml_problem(e: yaml.YAMLError) -> str:
+    """A YAML error on one line: the problem and its line/column (never the file's text)."""
+    mark = getattr(e, "problem_mark", None)
+    problem = getattr(e, "problem", None) or (str(e).splitlines() or ["?"])[0]
+    return f"{problem} at line {mark.line + 1}, column {mark.column + 1}" if mark else problem
+
+
 @dataclass(frozen=True)
 class SchemaConfig:
     features: tuple[FeatureSpec, ...]
@@ -159,13 +166,23 @@ class ExperimentConfig:
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
-    path = Path(path)
+    """The experiment config of a YAML file (with ``a.b=value`` overrides), every name in it
+    checked: any problem is a one-line ConfigError, raised before any data is read."""
+    try:
+        return _load_config(Path(path), overrides)
+    except ConfigError:
+        raise
+    except ValueError as e:  # a dataclass's own check outside from_dict (e.g. replace())
+        raise ConfigError(f"{path}: {e}") from None
+
+
+def _load_config(path: Path, overrides: list[str] | None) -> ExperimentConfig:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
         raw = _yaml_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+        raise ConfigError(f"{path}: not valid YAML: {yaml_problem(e)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     raw = apply_overrides(raw, overrides or [])
@@ -176,7 +193,63 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
     if cfg.data.content and cfg.data.synthetic is None:
         raise ConfigError("data.content: only for a synthetic world; with your own files, add "
                           "text/image/vector features to data.schema.features (docs/CONTENT.md)")
+    check_names(cfg)
     return _resolve_paths(cfg, path.parent)
+
+
+def config_task_names(cfg: ExperimentConfig) -> tuple[str, ...]:
+    """The tasks a config trains, known without reading data: its schema's, or for
+    ``data.synthetic`` the synthetic world's (``shopmtl.data.synthetic.TASKS``)."""
+    if cfg.data.schema is not None and cfg.data.synthetic is None:
+        return tuple(t.name for t in cfg.data.schema.tasks)
+    from shopmtl.data.synthetic import TASKS
+
+    return tuple(TASKS)
+
+
+def check_tasks(where: str, names: Any, tasks: typing.Sequence[str]) -> None:
+    """ConfigError (one line) when ``names`` holds a name that is not one of ``tasks``."""
+    unknown = [n for n in names if n not in tasks]
+    if unknown:
+        s = "s" if len(unknown) > 1 else ""
+        raise ConfigError(f"{where}: unknown task{s} {', '.join(repr(n) for n in unknown)}; "
+                          f"tasks: {', '.join(tasks)}")
+
+
+def check_weighting(wc: WeightingConfig, where: str = "weighting") -> type:
+    """The registered weighting class of ``wc.name`` with ``wc.args`` checked strictly;
+    ConfigError (one line, with the valid names) otherwise."""
+    from shopmtl.weighting import WEIGHTINGS  # imported here: it imports this module
+
+    if wc.name not in WEIGHTINGS:
+        raise ConfigError(f"{where}.name: unknown weighting {wc.name!r}; valid: "
+                          f"{', '.join(WEIGHTINGS)}")
+    cls = WEIGHTINGS[wc.name]
+    from_dict(cls.Config, dict(wc.args), f"{where}.args")  # type: ignore[attr-defined]
+    return cls
+
+
+def check_names(cfg: ExperimentConfig) -> None:
+    """What a config names that must exist, checked before any data is read: the tasks of
+    ``train.alpha`` and of ``train.early_stopping.metric``, and ``weighting.name`` (with its
+    args), and the schema itself (its own checks, which otherwise run once training starts).
+    The trainer's own checks stay (for configs built in Python)."""
+    if cfg.data.schema is not None and cfg.data.synthetic is None:
+        try:
+            cfg.data.schema.build()
+        except ValueError as e:
+            raise ConfigError(f"data.schema: {str(e).removeprefix('schema: ')}") from None
+    tasks = config_task_names(cfg)
+    check_tasks("train.alpha", cfg.train.alpha, tasks)
+    metric = cfg.train.early_stopping.metric
+    task = metric.removeprefix("valid.").split(".")[0]
+    if task != "all_tasks" and task not in tasks:
+        raise ConfigError(f"train.early_stopping.metric: {metric!r} names unknown task "
+                          f"{task!r}; tasks: {', '.join(tasks)} (or valid.all_tasks.<auc|logloss>)")
+    check_weighting(cfg.weighting)
+    alpha = cfg.weighting.args.get("alpha")
+    if isinstance(alpha, dict):  # static: per-task weights
+        check_tasks("weighting.args.alpha", alpha, tasks)
 
 
 def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from shopmtl.config import (
+    ConfigError,
     DataConfig,
     EarlyStopping,
     ExperimentConfig,
@@ -62,7 +63,7 @@ def _subset_table(t: TensorTable, cols: list[int]) -> TensorTable:
 def restrict(data: PreparedData, tasks: tuple[str, ...]) -> PreparedData:
     """The same encoded rows with a subset of tasks (single-task baselines share the data)."""
     if not isinstance(data.train, TensorTable):
-        raise ValueError("single-task baselines need in-memory data (data.streaming: false)")
+        raise ConfigError("single-task baselines need in-memory data (data.streaming: false)")
     cols = [data.schema.task_names.index(t) for t in tasks]
     return dataclasses.replace(
         data,

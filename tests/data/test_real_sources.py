@@ -173,6 +173,15 @@ def test_loading_twice_gives_identical_data(name, request) -> None:
     _same(data, type(src)().load())
 
 
+@needs_datasets
+@pytest.mark.parametrize("name", ["bx", "rv", "rt"])
+def test_declared_task_names_are_the_loaded_tasks(name, request) -> None:
+    """``task_names`` (read when a joint config is loaded, to check train.alpha) is what
+    load() returns."""
+    src, data = request.getfixturevalue(name)
+    assert type(src).task_names == tuple(t.name for t in data.tasks)
+
+
 # -- no future data in the demand features ----------------------------------------------------
 
 

@@ -36,6 +36,7 @@ def test_shapes_ids_and_titles(data: SourceData) -> None:
     assert data.name == "search"
     (task,) = data.tasks
     assert (task.name, task.type, task.k) == ("relevance", "ranking", 10)
+    assert SearchSource.task_names == (task.name,)  # declared: checked at config load
     assert data.id_sizes == {"item": 1501}
     for name, n in zip(SPLITS, SIZES.values(), strict=True):
         part = data.split(name)

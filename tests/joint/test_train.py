@@ -243,14 +243,20 @@ def test_bad_config_names_the_key(raw: dict, msg: str, tmp_path: Path) -> None:
 
 
 def test_unknown_source_and_alpha_task_are_refused(tmp_path: Path) -> None:
+    """At load (tests/joint/test_config.py), and again once the sources are loaded, for a
+    config built in Python (or a user's source that does not declare its task_names)."""
+    from shopmtl.joint.config import JointTrainConfig
+
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"sources": [{"name": "tiktok"}]}))
-    with pytest.raises(ValueError, match=r"unknown source 'tiktok'; known: .*bitext"):
-        load_parts(load_joint_config(path), tmp_path)
-    path.write_text(yaml.safe_dump({"sources": [{"name": "bitext", "max_examples": 20}],
-                                    "train": {"steps": 1, "alpha": {"clicks": 2.0}}}))
-    with pytest.raises(ValueError, match="unknown tasks \\['clicks'\\]"):
-        train_joint(load_joint_config(path), tmp_path / "o", log=lambda *_: None)
+    with pytest.raises(ConfigError, match=r"unknown source 'tiktok'; known: .*bitext"):
+        load_joint_config(path)
+    with pytest.raises(ConfigError, match=r"unknown source 'tiktok'; known: .*bitext"):
+        load_parts(JointConfig((SourceConfig("tiktok"),)), tmp_path)
+    cfg = JointConfig((SourceConfig("bitext", max_examples=20),),
+                      train=JointTrainConfig(steps=1, alpha={"clicks": 2.0}))
+    with pytest.raises(ConfigError, match="unknown tasks \\['clicks'\\]"):
+        train_joint(cfg, tmp_path / "o", log=lambda *_: None)
 
 
 def test_source_part_rejects_missing_labels(tmp_path: Path) -> None:
@@ -287,7 +293,11 @@ def test_own_source_from_the_docs_trains(tmp_path: Path, monkeypatch: pytest.Mon
                                          ) -> None:
     """docs/JOINT.md's example: a user's own task and data through `cls`, beside a built-in
     source, beats its baseline."""
-    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).parents[2] / "examples" / "own_source"))
+    import os
+
+    own = str(Path(__file__).parents[2] / "examples" / "own_source")  # beside any given path
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [own, os.environ.get(
+        "PYTHONPATH")])))
     data = _tickets(tmp_path / "tickets.csv")
     cfg = tmp_path / "joint.yaml"
     cfg.write_text(yaml.safe_dump({

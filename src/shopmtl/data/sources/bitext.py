@@ -40,6 +40,7 @@ class BitextSource:
     ``datasets_dir()/bitext_customer_support``); ``seed``: the split's seed."""
 
     name = "bitext"
+    task_names = TASKS  # what load() returns, known without loading (checked at config load)
 
     def __init__(self, directory: Path | str | None = None, seed: int = 0) -> None:
         self.directory = directory

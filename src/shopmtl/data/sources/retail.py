@@ -97,6 +97,7 @@ class RetailDemandSource:
     ``datasets_dir()/online_retail_uci``)."""
 
     name = "retail"
+    task_names = TASKS  # what load() returns, known without loading (checked at config load)
 
     def __init__(self, directory: Path | str | None = None) -> None:
         self.directory = directory

@@ -45,6 +45,7 @@ class ReviewsSource:
     ``datasets_dir()/womens_ecommerce_reviews``); ``seed``: the split's seed."""
 
     name = "reviews"
+    task_names = ("rating", "recommend")  # what load() returns (checked at config load)
 
     def __init__(self, directory: Path | str | None = None, seed: int = 0) -> None:
         self.directory = directory

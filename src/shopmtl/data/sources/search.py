@@ -219,6 +219,7 @@ class SearchSource:
     """
 
     name = "search"
+    task_names = (TASK,)  # what load() returns, known without loading (checked at config load)
 
     def __init__(self, n_train: int = 4000, n_valid: int = 1000, n_test: int = 1000,
                  list_size: int = 20, world: WorldConfig | None = None, seed: int = 0,
