@@ -75,14 +75,6 @@ def build_joint_model(cfg: JointConfig, parts: list[Any], width: int, log: Any =
     return JointModel(text, heads, rec)
 
 
-def joint_weighting_name(cfg: JointConfig) -> tuple[str, dict[str, Any]]:
-    """The run's weighting: the top-level ``weighting``, or the older ``train.weighting``."""
-    w = getattr(cfg, "weighting", None)
-    if w is not None and (w.name != "equal" or w.args):
-        return w.name, dict(w.args)
-    return cfg.train.weighting, {}
-
-
 def _schedule(cfg: JointConfig, steps: int) -> Schedule:
     t = cfg.train
     return Schedule(steps=steps, lr=t.lr, eval_every=t.eval_every, lr_decay=t.lr_decay,
@@ -97,8 +89,7 @@ def _joint_stage(cfg: JointConfig, parts: list[Any], types: dict[str, str], step
     tasks = [n for p in parts for n in p.task_names]
 
     def run(ctx: StageContext) -> dict[str, Any]:
-        name, args = joint_weighting_name(cfg)
-        weighting = build_weighting(name, args, tasks)
+        weighting = build_weighting(cfg.weighting.name, cfg.weighting.args, tasks)
         loop = Loop(ctx.model, parts, weighting, _schedule(cfg, steps), GainSelector(types),
                     alpha={k: v for k, v in t.alpha.items() if k in tasks},
                     weight_decay=t.weight_decay, track_sources=bool(t.refit_steps), log=log)
