@@ -14,7 +14,7 @@ import yaml
 
 from shopmtl.config import ConfigError, _yaml_load, apply_overrides, from_dict
 from shopmtl.data.schema import DEFAULT_TEXT_ENCODER
-from shopmtl.joint.sampling import SamplingMethod
+from shopmtl.train.sampling import SamplingMethod
 
 REC = "rec"  # the recommendation / ads source: the synthetic world through a zoo model
 
@@ -22,7 +22,7 @@ REC = "rec"  # the recommendation / ads source: the synthetic world through a zo
 @dataclass(frozen=True)
 class SourceConfig:
     """One data source: a built-in name (``rec``, ``search``, ``bitext``, ``reviews``,
-    ``retail``) or any name with ``cls`` pointing at your own ``joint.source.Source`` class; its
+    ``retail``) or any name with ``cls`` pointing at your own ``data.source.Source`` class; its
     batch size and its constructor arguments (``rec``: ``rows``, ``seed`` of the synthetic
     world, ``model`` and ``model_args`` of the zoo model, ``content``)."""
 

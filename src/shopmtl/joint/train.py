@@ -1,6 +1,6 @@
 """Heterogeneous joint training: many sources, one model, one checkpoint.
 
-Each step draws one source (``joint.sampling``), takes its next batch, and adds its tasks'
+Each step draws one source (``train.sampling``), takes its next batch, and adds its tasks'
 losses with weights alpha (and, with ``weighting: uncertainty``, learned log-variances per task,
 Kendall et al. 2018). Tasks of different sources never share a batch, so gradient aggregators
 (UPGrad, MGDA, ...) which need every task's gradient at one point do not apply here; the zoo
@@ -8,7 +8,7 @@ run (``shopmtl train`` on one table) has them.
 
 The recommendation source (``rec``) is the synthetic world through a zoo model with the item
 title routed through the shared text adapter; its metrics are the usual AUC per task x scenario.
-Every other source is a ``joint.source.Source``: it loads its files, scores predictions in its
+Every other source is a ``data.source.Source``: it loads its files, scores predictions in its
 own units and fits its own simple baseline.
 """
 
@@ -38,15 +38,10 @@ from shopmtl.joint.parts import (
     text_width,
     vector_width,
 )
-from shopmtl.joint.sampling import SourceSampler
 from shopmtl.joint.solve import solve_heads
-
-# the metric each task type is judged by in summaries (and whether higher is better)
-PRIMARY: dict[str, tuple[str, bool]] = {
-    "binary": ("auc", True), "multiclass": ("accuracy", True), "regression": ("rmse", False),
-    "quantile": ("wape", False), "ranking": ("ndcg@10", True),
-}
-
+from shopmtl.jsonsafe import json_safe
+from shopmtl.tasks import TASK_TYPES
+from shopmtl.train.sampling import SourceSampler
 
 
 def valid_score(current: dict[str, float], first: dict[str, float], types: dict[str, str]
@@ -59,7 +54,7 @@ def valid_score(current: dict[str, float], first: dict[str, float], types: dict[
         ref = first.get(task)
         if ref is None or m is None or not np.isfinite(m) or ref == 0:
             continue
-        sign = 1.0 if PRIMARY[types[task]][1] else -1.0
+        sign = 1.0 if TASK_TYPES[types[task]].primary[1] else -1.0
         gains.append(sign * (m - ref) / abs(ref))
     return float(np.mean(gains)) if gains else 0.0
 
@@ -209,7 +204,7 @@ def _summary(metrics: dict[str, dict[str, dict[str, Any]]], types: dict[str, str
     out = {}
     for src in metrics.values():
         for task, m in src.items():
-            key, _ = PRIMARY[types[task]]
+            key, _ = TASK_TYPES[types[task]].primary
             if key in m:
                 out[task] = m[key]
     return out
@@ -343,9 +338,7 @@ def train_joint(cfg: JointConfig, out_dir: str | Path, *, only: tuple[str, ...] 
     }
     if save:
         save_joint_dir(out / "model", model, cfg, parts)
-    from shopmtl.run import clean
-
-    metrics = clean(metrics)
+    metrics = json_safe(metrics)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1, allow_nan=False))
     return metrics
 

@@ -26,6 +26,7 @@ from shopmtl.data.dataset import Batch, TensorTable
 from shopmtl.data.encoders import Encoders
 from shopmtl.data.pipeline import PreparedData
 from shopmtl.data.schema import Schema
+from shopmtl.jsonsafe import json_safe
 from shopmtl.models.base import MultiTaskModel
 from shopmtl.registry import build_model
 from shopmtl.train import checkpoint as ck
@@ -107,7 +108,7 @@ def save_model_dir(
                 "format": 1,
                 "model": cfg.model.name,
                 "tasks": list(schema.task_names),
-                **_json_safe(extra or {}),
+                **json_safe(extra or {}),
             },
         },
     )
@@ -135,16 +136,6 @@ def load_model_dir(path: str | Path) -> tuple[MultiTaskModel, ExperimentConfig, 
 def _non_empty(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # safetensors cannot write an empty file; most weightings have no state
     return tensors or {"_empty": torch.zeros(1)}
-
-
-def _json_safe(obj: Any) -> Any:
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_json_safe(v) for v in obj]
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 def _check_finite(model: MultiTaskModel) -> None:
@@ -212,7 +203,7 @@ class Trainer:
         opt_t["rng.torch"] = torch.get_rng_state()
         name = f"ckpt-{self.state.global_step:09d}-{self.state.epoch:04d}"
         # NaN (e.g. an AUC on a split with one class) is stored as null: strict JSON
-        st = _json_safe(dict(self.state.__dict__))
+        st = json_safe(dict(self.state.__dict__))
         path = ck.write_dir(
             self.ckpt_dir / name,
             {"weights": self.model.state_dict(), "optimizer": opt_t,
@@ -411,7 +402,7 @@ class Trainer:
                 self.state.step_in_epoch = 0
                 self.save_checkpoint()
                 (self.out / "history.json").write_text(
-                    json.dumps(_json_safe(self.state.history), indent=1)
+                    json.dumps(json_safe(self.state.history), indent=1)
                 )
         return self.state
 
