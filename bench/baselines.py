@@ -27,10 +27,10 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
 
+from shopmtl.data.source import SPLITS, SourceData  # noqa: E402
 from shopmtl.data.sources.bitext import BitextSource  # noqa: E402
 from shopmtl.data.sources.retail import RetailDemandSource  # noqa: E402
 from shopmtl.data.sources.reviews import ReviewsSource  # noqa: E402
-from shopmtl.joint.source import SPLITS, SourceData  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "baselines.json"
 

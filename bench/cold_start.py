@@ -36,8 +36,8 @@ def _mean_std(xs: list[float]) -> tuple[float, float]:
 def run(config: Path, seeds: int, out: Path, variants: list[str],
         overrides: list[str] | None = None) -> dict:
     from shopmtl.config import load_config
-    from shopmtl.data.pipeline import prepare_data
-    from shopmtl.run import clean, resolve_synthetic
+    from shopmtl.data.pipeline import prepare_data, resolve_synthetic
+    from shopmtl.jsonsafe import json_safe
     from shopmtl.train.evaluate import metrics_by_scenario, metrics_by_slice, predict_table
     from shopmtl.train.trainer import train_model
 
@@ -85,7 +85,7 @@ def run(config: Path, seeds: int, out: Path, variants: list[str],
         for res in results.values():
             d = [r["cold_click_auc"] - b for r, b in zip(res["runs"], ref, strict=True)]
             res["cold_delta_vs_id_only"] = dict(zip(("mean", "std"), _mean_std(d), strict=True))
-    return clean(summary)
+    return json_safe(summary)
 
 
 def _pm(stat: dict, signed: bool = False) -> str:

@@ -63,7 +63,7 @@ def experiment_config(rows: int, batch: int = 2048, threads: int = 2, chunk_rows
 def ensure_world(rows: int, data_dir: Path) -> float:
     """Generate the default world of ``rows`` rows into data_dir unless world.json there holds
     the same config; seconds spent generating (0 when reused)."""
-    from shopmtl.run import resolve_synthetic
+    from shopmtl.data.pipeline import resolve_synthetic
 
     t0 = time.perf_counter()
     generated: list[str] = []
@@ -77,7 +77,8 @@ def child(spec_path: str) -> None:
 
     import torch
 
-    from shopmtl.run import resolve_synthetic, run_experiment
+    from shopmtl.data.pipeline import resolve_synthetic
+    from shopmtl.run import run_experiment
 
     spec = json.loads(Path(spec_path).read_text())
     cfg, _ = resolve_synthetic(

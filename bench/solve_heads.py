@@ -38,7 +38,7 @@ import torch
 
 from shopmtl.joint.model import TableHead
 from shopmtl.joint.solve import SOLVABLE, solve_heads
-from shopmtl.joint.train import PRIMARY as PRIMARY_BY_TYPE
+from shopmtl.tasks import TASK_TYPES
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -72,7 +72,8 @@ def main(argv: list[str] | None = None) -> int:
             for split in ("valid", "test"):
                 for task, m in p.evaluate(model, split).items():
                     if types[task] in SOLVABLE:
-                        out.setdefault(task, {})[split] = m[PRIMARY_BY_TYPE[types[task]][0]]
+                        key = TASK_TYPES[types[task]].primary[0]
+                        out.setdefault(task, {})[split] = m[key]
         return out
 
     before = scores()
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     for src, tasks in res.items():
         for task, r in tasks.items():
             spec_type = next(t.type for p in parts for t in p.tasks if t.name == task)
-            metric = PRIMARY_BY_TYPE[spec_type][0]
+            metric = TASK_TYPES[spec_type].primary[0]
             mixes = {k: abs(v) for k, v in r["valid"].items() if k.startswith("linear")}
             mix = max(mixes, key=lambda k: r["valid"][k])
             row = {"source": src, "task": task, "metric": metric,

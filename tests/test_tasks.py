@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from shopmtl.data.schema import TaskSpec
+from shopmtl.metrics import pinball
 from shopmtl.tasks import (
     TASK_TYPES,
     BinaryTask,
@@ -22,7 +23,6 @@ from shopmtl.tasks import (
     focal_loss_with_logits,
     out_dim,
 )
-from shopmtl.train.metrics import pinball
 
 
 def _data(n: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

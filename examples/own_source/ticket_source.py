@@ -2,7 +2,7 @@
 
 A CSV of support tickets with a free-text ``message``, a ``priority`` (low / normal / urgent)
 and the ``hours`` it took to resolve. Two tasks: priority (multiclass) and hours (regression).
-The class implements ``shopmtl.joint.source.Source``: ``load`` (read, validate, split),
+The class implements ``shopmtl.data.source.Source``: ``load`` (read, validate, split),
 ``metrics`` (score predictions in the user's units) and ``baseline`` (the simple model to beat).
 
 Use it from a joint config, with this folder on PYTHONPATH:
@@ -18,10 +18,10 @@ from pathlib import Path
 
 import numpy as np
 
+from shopmtl import metrics as M
 from shopmtl.data.ingest import DataError
 from shopmtl.data.schema import TaskSpec
-from shopmtl.joint.source import SourceData, SourceSplit
-from shopmtl.train import metrics as M
+from shopmtl.data.source import SourceData, SourceSplit
 
 PRIORITIES = ("low", "normal", "urgent")
 

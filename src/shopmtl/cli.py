@@ -190,10 +190,10 @@ def evaluate(
     out: Annotated[Path | None, typer.Option(help="Write metrics JSON here")] = None,
 ) -> None:
     """Metrics per task x scenario of a saved model on a labelled file."""
+    from shopmtl.jsonsafe import json_safe
     from shopmtl.predict import evaluate_file
-    from shopmtl.run import clean
 
-    metrics = clean(evaluate_file(model_dir, data))
+    metrics = json_safe(evaluate_file(model_dir, data))
     _summary({"test": metrics})
     if out is not None:
         out.write_text(json.dumps({"test": metrics}, indent=1))
@@ -208,10 +208,18 @@ def predict(
     out: Annotated[Path, typer.Option(help="Output CSV of predictions")] = Path("predictions.csv"),
     task: Annotated[list[str] | None, typer.Option(help="Only these tasks")] = None,
 ) -> None:
-    """Probabilities per task for every row of a file (joined back by line number)."""
+    """Probabilities per task for every row of a file (joined back by line number).
+    A joint model directory (``shopmtl train`` on a joint config) answers one ``--task``."""
+    from shopmtl.data.ingest import DataError
+    from shopmtl.joint.predict import is_joint_dir, predict_joint
     from shopmtl.predict import predict_file
 
-    n = predict_file(model_dir, data, out, tasks=task)
+    if is_joint_dir(model_dir):
+        if not task or len(task) != 1:
+            raise DataError("a joint model answers one task at a time: pass --task NAME")
+        n = predict_joint(model_dir, data, out, task[0])
+    else:
+        n = predict_file(model_dir, data, out, tasks=task)
     typer.echo(f"wrote {n} rows to {out}")
 
 

@@ -177,12 +177,12 @@ def train_and_score(cfg: ExperimentConfig, data: PreparedData, run_dir: Path,
     ``run_dir/scores.json`` caches the result; it is reused when the run's config and the data
     files (size, mtime) are unchanged (an interrupted comparison resumes where it stopped).
     """
-    from shopmtl.run import clean
+    from shopmtl.jsonsafe import json_safe
     from shopmtl.train.evaluate import metrics_by_scenario, predict_split
     from shopmtl.train.trainer import train_model
 
     cache = run_dir / "scores.json"
-    key = clean(to_dict(cfg))
+    key = json_safe(to_dict(cfg))
     files = data_fingerprint(cfg)
     if reuse and cache.is_file():
         saved = json.loads(cache.read_text())
@@ -207,7 +207,7 @@ def train_and_score(cfg: ExperimentConfig, data: PreparedData, run_dir: Path,
     }
     if not keep_checkpoints:
         shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
-    scores = clean(scores)
+    scores = json_safe(scores)
     cache.write_text(json.dumps(scores, indent=1))
     return scores
 
@@ -299,7 +299,7 @@ def summarise(per_seed: dict[str, dict[str, list[float | None]]],
 def prepare_once(cfg: ExperimentConfig, out: Path, log: Any = print
                  ) -> tuple[ExperimentConfig, PreparedData, dict | None]:
     """Resolve a synthetic world (generated once into OUT/data) and encode every split once."""
-    from shopmtl.run import resolve_synthetic
+    from shopmtl.data.pipeline import resolve_synthetic
 
     cfg, world = resolve_synthetic(cfg, out / "data", log)
     data = prepare_data(cfg.data, cfg.data.schema.build(), out)
@@ -318,7 +318,8 @@ def run_compare(cfg: ExperimentConfig, out_dir: str | Path, *, seeds: int = 3,
     """Train single-task baselines and every model x weighting combination (or the explicit
     ``combinations``) for ``seeds`` training seeds (``train.seed``, ``train.seed + 1``, ...);
     write compare.json/.md/.png. ``prepared`` skips the data preparation (from prepare_once)."""
-    from shopmtl.run import clean, restrict
+    from shopmtl.jsonsafe import json_safe
+    from shopmtl.run import restrict
 
     log = log or _print
     out = Path(out_dir)
@@ -381,7 +382,7 @@ def run_compare(cfg: ExperimentConfig, out_dir: str | Path, *, seeds: int = 3,
             "best_epochs": [r["best_epoch"] for r in runs],
             "seconds": sum(r["seconds"] for r in runs),
         }
-    result = clean(result)
+    result = json_safe(result)
     (out / "compare.json").write_text(json.dumps(result, indent=1, allow_nan=False))
     write_markdown(out, result)
     return result

@@ -46,13 +46,7 @@ def _read_for_predict(path: Path, schema: Schema) -> tuple[pa.Table, bool]:
 def predict_file(model_dir: str | Path, path: str | Path, out: str | Path,
                  tasks: list[str] | None = None) -> int:
     """Write ``line, <task>...`` probabilities; label columns may be absent. Bad rows fail.
-    A joint model directory (``shopmtl train`` on a joint config) answers one ``--task``."""
-    from shopmtl.joint.predict import is_joint_dir, predict_joint
-
-    if is_joint_dir(model_dir):
-        if not tasks or len(tasks) != 1:
-            raise DataError("a joint model answers one task at a time: pass --task NAME")
-        return predict_joint(model_dir, path, out, tasks[0])
+    (A joint model directory is ``shopmtl.joint.predict``'s; ``shopmtl predict`` picks.)"""
     model, _cfg, schema, encoders = load_model_dir(model_dir)
     return predict_rows(model, schema, encoders, path, out, tasks)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,8 @@ from shopmtl.config import (
     dump_config,
 )
 from shopmtl.data.dataset import TensorTable
-from shopmtl.data.pipeline import PreparedData, prepare_data
+from shopmtl.data.pipeline import PreparedData, prepare_data, resolve_synthetic
+from shopmtl.jsonsafe import json_safe
 from shopmtl.report import negative_transfer, write_report
 from shopmtl.train.evaluate import (
     metrics_by_scenario,
@@ -31,19 +31,6 @@ from shopmtl.train.evaluate import (
     predict_table,
 )
 from shopmtl.train.trainer import train_model
-
-
-def clean(obj: Any) -> Any:
-    """JSON-safe: NaN/Inf -> None, numpy scalars -> Python."""
-    if isinstance(obj, dict):
-        return {str(k): clean(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [clean(v) for v in obj]
-    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
-        obj = obj.item()
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    return obj
 
 
 def _subset_table(t: TensorTable, cols: list[int]) -> TensorTable:
@@ -130,7 +117,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, baselines: boo
         metrics["single_task"] = single
         metrics["negative_transfer"] = negative_transfer(metrics["test"], single)
     metrics["seconds_total"] = time.perf_counter() - t0
-    metrics = clean(metrics)
+    metrics = json_safe(metrics)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1, allow_nan=False))
     write_report(out, "shopmtl run report", metrics, histories, notes=[
         f"Model: `{cfg.model.name}`; tasks: {', '.join(schema.task_names)}; "
@@ -139,38 +126,6 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, baselines: boo
         "`command.txt` (or `shopmtl train config.yaml`).",
     ])
     return metrics
-
-
-def resolve_synthetic(cfg: ExperimentConfig, data_dir: Path, log: Any = print
-                      ) -> tuple[ExperimentConfig, dict | None]:
-    """For ``data.synthetic``: generate the world once into ``data_dir`` (reused when its
-    world.json matches) and fill in the schema and file paths."""
-    if cfg.data.synthetic is None:
-        return cfg, None
-    from shopmtl.config import from_dict, to_dict
-    from shopmtl.data.synthetic import WorldConfig, content_schema, generate
-
-    wc = from_dict(WorldConfig, dict(cfg.data.synthetic), "data.synthetic")
-    meta = data_dir / "world.json"
-    world = None
-    if meta.is_file():
-        saved = json.loads(meta.read_text())
-        if saved.get("config") == clean(to_dict(wc)):
-            world = {k: v for k, v in saved.items() if k != "config"}
-    if world is None:
-        t0 = time.perf_counter()
-        world = generate(wc, data_dir)
-        log(f"synthetic world: {wc.rows:,} impressions in {time.perf_counter() - t0:.1f}s")
-    # the world's schema, its item content features if asked for, the cold-start slice
-    schema = content_schema(wc, data_dir / "items.parquet", cfg.data.content)
-    data = dataclasses.replace(
-        cfg.data,
-        schema=SchemaConfig(schema.features, schema.tasks, schema.scenario, schema.group,
-                            schema.slices),
-        train=str(data_dir / "train.parquet"), valid=str(data_dir / "valid.parquet"),
-        test=str(data_dir / "test.parquet"),
-    )
-    return dataclasses.replace(cfg, data=data), clean(world)
 
 
 def _single_es(cfg: ExperimentConfig, task: str) -> EarlyStopping:

@@ -33,12 +33,16 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from shopmtl import metrics
 from shopmtl.data.schema import TaskSpec
-from shopmtl.train import metrics
 
 
 class TaskType(Protocol):
-    """What a task type provides (as static methods of a class)."""
+    """What a task type provides (as static methods and attributes of a class)."""
+
+    # the metric the type is judged by in summaries and model selection, and whether higher
+    # is better
+    primary: tuple[str, bool]
 
     @staticmethod
     def output_width(spec: TaskSpec) -> int: ...
@@ -92,6 +96,8 @@ def _masked_mean(per: Tensor, keep: Tensor) -> Tensor:
 class BinaryTask:
     out_dim = 1  # kept for callers that read the class attribute; use ``out_dim(spec)``
 
+    primary = ("auc", True)
+
     @staticmethod
     def output_width(spec: TaskSpec) -> int:
         return 1
@@ -128,6 +134,8 @@ class BinaryTask:
 class RegressionTask:
     out_dim = 1  # kept for callers that read the class attribute; use ``out_dim(spec)``
 
+    primary = ("rmse", False)
+
     @staticmethod
     def output_width(spec: TaskSpec) -> int:
         return 1
@@ -155,6 +163,8 @@ class RegressionTask:
 class MulticlassTask:
     """One logit per class; softmax cross-entropy. The label matrix is float, so a label is a
     class id held as a float (2.0); masked rows may hold anything (0, -1, NaN)."""
+
+    primary = ("accuracy", True)
 
     @staticmethod
     def output_width(spec: TaskSpec) -> int:
@@ -200,6 +210,8 @@ class QuantileTask:
     ``rho_tau(u) = max(tau u, (tau - 1) u)``, u = y - q_tau (Koenker & Bassett, 1978), averaged
     over levels and then over labelled rows. The outputs are not forced to be monotone in tau
     (no sorting): a crossing shows up in the metrics instead of being hidden."""
+
+    primary = ("wape", False)
 
     @staticmethod
     def output_width(spec: TaskSpec) -> int:
@@ -258,6 +270,8 @@ class RankingTask:
 
     Both are then averaged over the lists that count, so every list weighs the same.
     """
+
+    primary = ("ndcg@10", True)
 
     @staticmethod
     def output_width(spec: TaskSpec) -> int:

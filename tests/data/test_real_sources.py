@@ -15,12 +15,12 @@ import pytest
 
 from shopmtl.data.ingest import DataError
 from shopmtl.data.schema import TaskSpec
+from shopmtl.data.source import SPLITS, SourceData, SourceSplit
 from shopmtl.data.sources import _real_common as common
 from shopmtl.data.sources import bitext, retail, reviews
 from shopmtl.data.sources.bitext import BitextSource
 from shopmtl.data.sources.retail import RetailDemandSource
 from shopmtl.data.sources.reviews import ReviewsSource
-from shopmtl.joint.source import SPLITS, SourceData, SourceSplit
 
 ROOT = common.datasets_dir()
 needs_datasets = pytest.mark.skipif(

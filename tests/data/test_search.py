@@ -8,6 +8,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from shopmtl.data.source import SPLITS, SourceData, SourceSplit
 from shopmtl.data.sources.search import (
     BM25,
     SearchSource,
@@ -16,7 +17,6 @@ from shopmtl.data.sources.search import (
     tfidf_scores,
 )
 from shopmtl.data.synthetic import WorldConfig, build_world, item_titles
-from shopmtl.joint.source import SPLITS, SourceData, SourceSplit
 
 SIZES = {"n_train": 400, "n_valid": 150, "n_test": 150}
 

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from shopmtl.data.synthetic import WorldConfig, build_world, generate, impressions
-from shopmtl.train.metrics import auc
+from shopmtl.metrics import auc
 
 
 @pytest.fixture(scope="module")

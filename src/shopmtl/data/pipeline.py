@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
-from shopmtl.config import DataConfig
+from shopmtl.config import DataConfig, ExperimentConfig, SchemaConfig, from_dict, to_dict
 from shopmtl.data.dataset import StreamingSource, TensorTable
 from shopmtl.data.encoders import Encoded, Encoders
 from shopmtl.data.ingest import BadRowLog, DataError, read_chunks
 from shopmtl.data.schema import Schema
+from shopmtl.jsonsafe import json_safe
 
 
 @dataclass
@@ -112,3 +117,34 @@ def prepare_data(
     log.check_fraction()
     qfile = log.write(Path(out_dir) / "quarantine") if out_dir is not None else None
     return PreparedData(schema, enc, train, valid, test, dict(log.counts()), qfile)
+
+
+def resolve_synthetic(cfg: ExperimentConfig, data_dir: Path, log: Any = print
+                      ) -> tuple[ExperimentConfig, dict | None]:
+    """For ``data.synthetic``: generate the world once into ``data_dir`` (reused when its
+    world.json matches) and fill in the schema and file paths."""
+    if cfg.data.synthetic is None:
+        return cfg, None
+    from shopmtl.data.synthetic import WorldConfig, content_schema, generate
+
+    wc = from_dict(WorldConfig, dict(cfg.data.synthetic), "data.synthetic")
+    meta = data_dir / "world.json"
+    world = None
+    if meta.is_file():
+        saved = json.loads(meta.read_text())
+        if saved.get("config") == json_safe(to_dict(wc)):
+            world = {k: v for k, v in saved.items() if k != "config"}
+    if world is None:
+        t0 = time.perf_counter()
+        world = generate(wc, data_dir)
+        log(f"synthetic world: {wc.rows:,} impressions in {time.perf_counter() - t0:.1f}s")
+    # the world's schema, its item content features if asked for, the cold-start slice
+    schema = content_schema(wc, data_dir / "items.parquet", cfg.data.content)
+    data = dataclasses.replace(
+        cfg.data,
+        schema=SchemaConfig(schema.features, schema.tasks, schema.scenario, schema.group,
+                            schema.slices),
+        train=str(data_dir / "train.parquet"), valid=str(data_dir / "valid.parquet"),
+        test=str(data_dir / "test.parquet"),
+    )
+    return dataclasses.replace(cfg, data=data), json_safe(world)

@@ -14,6 +14,7 @@ from shopmtl.data.schema import TaskSpec
 from shopmtl.joint.config import REC, JointConfig
 from shopmtl.joint.model import JointModel, RankHead, SharedText, TableHead
 from shopmtl.joint.parts import SourcePart, text_width, vector_width
+from shopmtl.jsonsafe import json_safe
 from shopmtl.train import checkpoint as ck
 
 
@@ -40,11 +41,9 @@ def save_joint_dir(path: Path, model: JointModel, cfg: JointConfig, parts: list[
                                "args": p.args}
             if p.schema.content_features:
                 tensors["rec_content"] = p.data.encoders.content_tensors()
-    from shopmtl.run import clean
-
     ck.write_dir(path, tensors, {
         "config": to_dict(cfg),
-        "sources": clean(sources),
+        "sources": json_safe(sources),
         "meta": {"format": 1, "kind": "joint"},
     })
 

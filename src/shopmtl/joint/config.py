@@ -24,7 +24,7 @@ from shopmtl.config import (
 )
 from shopmtl.data.schema import DEFAULT_TEXT_ENCODER
 from shopmtl.data.synthetic import TASKS as SYNTHETIC_TASKS
-from shopmtl.joint.sampling import SamplingMethod
+from shopmtl.train.sampling import SamplingMethod
 
 REC = "rec"  # the recommendation / ads source: the synthetic world through a zoo model
 
@@ -32,7 +32,7 @@ REC = "rec"  # the recommendation / ads source: the synthetic world through a zo
 @dataclass(frozen=True)
 class SourceConfig:
     """One data source: a built-in name (``rec``, ``search``, ``bitext``, ``reviews``,
-    ``retail``) or any name with ``cls`` pointing at your own ``joint.source.Source`` class; its
+    ``retail``) or any name with ``cls`` pointing at your own ``data.source.Source`` class; its
     batch size and its constructor arguments (``rec``: ``rows``, ``seed`` of the synthetic
     world, ``model`` and ``model_args`` of the zoo model, ``content``)."""
 

@@ -1,6 +1,6 @@
 """The sources of a joint run, loaded: tensors, heads, batch streams, evaluation.
 
-``SourcePart`` wraps a ``joint.source.Source`` (customer service, reviews, demand, search):
+``SourcePart`` wraps a ``data.source.Source`` (customer service, reviews, demand, search):
 its splits become tensors whose texts are rows of one run-wide text bank (``TextIndex``).
 ``RecPart`` wraps the synthetic recommendation world and a zoo model, through the ordinary data
 pipeline (encoders fitted on train, AUC per task x scenario).
@@ -24,9 +24,9 @@ from torch import Tensor, nn
 
 from shopmtl.config import ConfigError
 from shopmtl.data.schema import ALL, TaskSpec
+from shopmtl.data.source import Source, SourceData, SourceSplit
 from shopmtl.joint.config import REC, JointConfig, SourceConfig
 from shopmtl.joint.model import JointModel, RankHead, TableHead
-from shopmtl.joint.source import Source, SourceData, SourceSplit
 from shopmtl.tasks import TASK_TYPES
 from shopmtl.train.table import TableSource
 
@@ -58,7 +58,7 @@ def _import_source(path: str, name: str) -> type:
     for method in ("load", "metrics", "baseline"):
         if not callable(getattr(cls, method, None)):
             raise ConfigError(f"source '{name}': {path} has no {method}() (see "
-                             "shopmtl.joint.source.Source)")
+                             "shopmtl.data.source.Source)")
     return cls
 
 
@@ -339,7 +339,7 @@ def shared_rows(share_ids: dict[str, str], part: SourcePart, rec_part: RecPart |
         if keys is None:
             raise ConfigError(f"model.share_ids: source '{part.name}' gives no id_keys for its "
                               f"id {name!r}, so its rows cannot be matched to the rec model's "
-                              f"{feature!r} (joint.source.SourceData.id_keys)")
+                              f"{feature!r} (data.source.SourceData.id_keys)")
         if len(keys) != part.data.id_sizes[name]:
             raise ValueError(f"source '{part.name}': id {name!r} has {part.data.id_sizes[name]} "
                              f"rows but {len(keys)} id_keys")

@@ -27,6 +27,7 @@ from shopmtl.data.ingest import DataError
 from shopmtl.joint.checkpoint import load_joint_dir, task_owner
 from shopmtl.joint.config import REC
 from shopmtl.joint.parts import text_bank
+from shopmtl.predict import predict_rows
 from shopmtl.tasks import TASK_TYPES
 
 
@@ -80,8 +81,6 @@ def predict_joint(model_dir: str | Path, path: str | Path, out: str | Path, task
     except KeyError as e:
         raise DataError(f"--task: {e.args[0]}") from None
     if owner == REC:
-        from shopmtl.predict import predict_rows
-
         s = sources[REC]
         return predict_rows(model.rec, s["_schema"], s["_encoders"], path, out, [task])
     s = sources[owner]

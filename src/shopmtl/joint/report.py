@@ -10,13 +10,15 @@ from typing import Any
 
 from shopmtl.joint.config import REC, JointConfig
 from shopmtl.joint.parts import RecPart, SourcePart, load_parts
-from shopmtl.joint.train import PRIMARY, replace_steps, train_joint
+from shopmtl.joint.train import replace_steps, train_joint
+from shopmtl.jsonsafe import json_safe
+from shopmtl.tasks import TASK_TYPES
 
 
 def _primary(types: dict[str, str], task: str, m: dict[str, Any] | None) -> float | None:
     if not m:
         return None
-    key, _ = PRIMARY[types[task]]
+    key, _ = TASK_TYPES[types[task]].primary
     v = m.get(key)
     return None if v is None else float(v)
 
@@ -70,9 +72,7 @@ def run_joint(cfg: JointConfig, out_dir: str | Path, *, alone: bool = False,
             replace_steps(cfg, n), out / "alone" / "rec_id_only", log=log, save=False,
             shared=([id_only], texts), resume=resume)
     result["table"] = comparison_table(result, types)
-    from shopmtl.run import clean
-
-    result = clean(result)
+    result = json_safe(result)
     (out / "metrics.json").write_text(json.dumps(result, indent=1, allow_nan=False))
     (out / "report.md").write_text(render_table(result["table"], cfg))
     return result
@@ -82,7 +82,7 @@ def comparison_table(result: dict[str, Any], types: dict[str, str]) -> list[dict
     rows = []
     for src, tasks in result["joint"]["test"].items():
         for task, m in tasks.items():
-            key, higher = PRIMARY[types[task]]
+            key, higher = TASK_TYPES[types[task]].primary
             joint = _primary(types, task, m)
             alone_m = result["alone"].get(src, {}).get("test", {}).get(src, {}).get(task)
             alone_v = _primary(types, task, alone_m)

@@ -152,9 +152,7 @@ def _score(part: SourcePart, spec: TaskSpec, split: str, logits: Tensor) -> tupl
     y = part.splits[split].labels[spec.name]
     loss = float(TASK_TYPES[spec.type].loss(logits, y, ~torch.isnan(y), spec))
     pred = TASK_TYPES[spec.type].activate(logits).numpy()
-    from shopmtl.joint.train import PRIMARY  # here: joint.train imports this module
-
-    key, higher = PRIMARY[spec.type]
+    key, higher = TASK_TYPES[spec.type].primary
     m = part.source.metrics(part.data, split, spec.name, pred)[key]
     return (m if higher else -m), -loss
 

@@ -1,6 +1,6 @@
 """What the real-data sources of the joint run share: where the datasets are, a strict CSV
 reader, a deterministic stratified split and the settings of the text baselines (their metrics
-are ``shopmtl.train.metrics``).
+are ``shopmtl.metrics``).
 
 Error messages name the file, the data row and the CSV line, the column and the reason, never a
 cell's value: utterances and reviews are customer text (the convention of ``ingest.py``).

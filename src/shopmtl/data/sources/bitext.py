@@ -18,6 +18,7 @@ import numpy as np
 
 from shopmtl.data.ingest import DataError
 from shopmtl.data.schema import TaskSpec
+from shopmtl.data.source import SPLITS, SourceData, SourceSplit
 from shopmtl.data.sources._real_common import (
     Table,
     dataset_file,
@@ -26,8 +27,7 @@ from shopmtl.data.sources._real_common import (
     stratified_split,
     tfidf,
 )
-from shopmtl.joint.source import SPLITS, SourceData, SourceSplit
-from shopmtl.train.metrics import accuracy, macro_f1, multiclass_logloss
+from shopmtl.metrics import accuracy, macro_f1, multiclass_logloss
 
 DATASET = "bitext_customer_support"
 FILE_NAME = "bitext_customer_support_tagged_train.csv"

@@ -69,9 +69,9 @@ import numpy as np
 
 from shopmtl.data.ingest import DataError
 from shopmtl.data.schema import TaskSpec
+from shopmtl.data.source import SPLITS, SourceData, SourceSplit
 from shopmtl.data.sources._real_common import FRACTIONS, dataset_file, read_csv
-from shopmtl.joint.source import SPLITS, SourceData, SourceSplit
-from shopmtl.train.metrics import coverage, pinball, wape
+from shopmtl.metrics import coverage, pinball, wape
 
 DATASET = "online_retail_uci"
 FILE_NAME = "daily_sales_top100_products.csv"

@@ -22,6 +22,7 @@ import numpy as np
 
 from shopmtl.data.ingest import DataError
 from shopmtl.data.schema import TaskSpec
+from shopmtl.data.source import SPLITS, SourceData, SourceSplit
 from shopmtl.data.sources._real_common import (
     Table,
     dataset_file,
@@ -30,8 +31,7 @@ from shopmtl.data.sources._real_common import (
     stratified_split,
     tfidf,
 )
-from shopmtl.joint.source import SPLITS, SourceData, SourceSplit
-from shopmtl.train.metrics import accuracy, auc, logloss
+from shopmtl.metrics import accuracy, auc, logloss
 
 DATASET = "womens_ecommerce_reviews"
 FILE_NAME = "womens_clothing_ecommerce_reviews.csv"

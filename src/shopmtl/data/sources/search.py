@@ -54,7 +54,7 @@ distinct query); an intent may recur with another wording, as reformulated head 
 a real search log. Everything is seeded by ``(WorldConfig.seed, seed)``.
 
 Metrics: NDCG@k (gain ``2**rel - 1``, discount ``1 / log2(rank + 1)``) and MRR of the first
-candidate with grade >= 2, those of ``shopmtl.train.metrics`` with ``ties="average"`` and
+candidate with grade >= 2, those of ``shopmtl.metrics`` with ``ties="average"`` and
 ``min_grade=2``. Tied scores count with their expected value over all orders of the tie, not
 pessimistically (that module's default): BM25 gives many candidates exactly the same score
 (same matched words), and breaking those ties against it would cut its NDCG@10 from 0.75 to
@@ -73,6 +73,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from shopmtl.data.schema import TaskSpec
+from shopmtl.data.source import SPLITS, SourceData, SourceSplit
 from shopmtl.data.synthetic import (
     COLORS,
     MATERIALS,
@@ -82,8 +83,7 @@ from shopmtl.data.synthetic import (
     build_world,
     item_titles,
 )
-from shopmtl.joint.source import SPLITS, SourceData, SourceSplit
-from shopmtl.train.metrics import ranking_metrics
+from shopmtl.metrics import ranking_metrics
 
 TASK = "relevance"
 RELEVANT = 2  # the smallest grade MRR counts as relevant

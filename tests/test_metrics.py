@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from shopmtl.train.metrics import (
+from shopmtl.metrics import (
     accuracy,
     coverage,
     lists_from_groups,

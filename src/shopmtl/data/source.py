@@ -14,8 +14,9 @@ A source also owns how its predictions are scored (``metrics``), in the units it
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -111,3 +112,39 @@ class Source(Protocol):
     def baseline(self, data: SourceData) -> dict[str, dict[str, float]]:
         """The simple baseline's test metrics per task (same keys as ``metrics``)."""
         ...
+
+
+class TaskSource(Protocol):
+    """What the one training loop (``train.loop``) trains on: a source of batches with its
+    own tasks, losses and evaluation. The zoo's table (``train.table.TableSource``) is one;
+    every joint source (``joint.parts``) is one; a federated client's silo or a torchrun
+    rank's shard will be one.
+
+    - ``batches(epoch, seed, skip)``: epoch ``epoch``'s training batches in an order that is a
+      function of (seed, epoch) alone, from batch ``skip`` on (what makes resume exact).
+    - ``losses(model, batch)``: task name -> scalar loss of this batch (only this source's
+      tasks; a task without labels in the batch gives 0); keys starting with ``_`` are
+      regularisers, added with weight 1 outside the weighting.
+    - ``evaluate(model, split)``: task name -> metrics of ``split`` ("valid" or "test"), the
+      task type's primary metric (``tasks.TaskType.primary``) at the top level.
+    - ``head(model)``: the module that is this source's own (its refit stage trains it alone).
+    - Optional ``adversarial_backward(model, batch, weights, epsilon)``: FGM (zoo tables).
+    """
+
+    name: str
+
+    @property
+    def tasks(self) -> tuple[TaskSpec, ...]: ...
+
+    @property
+    def task_names(self) -> tuple[str, ...]: ...
+
+    def num_batches(self) -> int: ...
+
+    def batches(self, epoch: int, seed: int, skip: int = 0) -> Iterator[Any]: ...
+
+    def losses(self, model: Any, batch: Any) -> dict[str, Any]: ...
+
+    def evaluate(self, model: Any, split: str) -> dict[str, dict[str, Any]]: ...
+
+    def head(self, model: Any) -> Any: ...

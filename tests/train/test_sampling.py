@@ -1,7 +1,7 @@
 import numpy as np
 import pytest
 
-from shopmtl.joint.sampling import SourceSampler, source_probs
+from shopmtl.train.sampling import SourceSampler, source_probs
 
 
 def test_proportional_and_uniform_limits():
