@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="read a seed's OUT/seedN/metrics.json when it exists instead of training")
     args = ap.parse_args(argv)
 
-    from shopmtl.joint.config import load_joint_config
+    from shopmtl.checks import load_joint as load_joint_config
     from shopmtl.joint.report import run_joint
 
     t0 = time.perf_counter()

@@ -332,10 +332,13 @@ def test_unknown_names_are_refused_at_load_in_one_line(
     config_file: Path, tmp_path: Path, override: str, message: str
 ) -> None:
     """Against the schema of the config (the file in data.train does not even exist), and
-    against the synthetic world's tasks."""
+    against the synthetic world's tasks (``checks.load_experiment``: ``config.load_config``
+    and the weighting registry)."""
+    from shopmtl.checks import load_experiment
+
     for path in (config_file, write(tmp_path, SYNTHETIC)):
         with pytest.raises(ConfigError) as info:
-            load_config(path, [override])
+            load_experiment(path, [override])
         assert str(info.value).startswith(message)
         assert "\n" not in str(info.value)
 

@@ -50,7 +50,7 @@ def _guard(fn):
         from shopmtl.config import ConfigError
         from shopmtl.data.ingest import DataError
         from shopmtl.train.checkpoint import CheckpointError
-        from shopmtl.train.trainer import NonFiniteError
+        from shopmtl.train.loop import NonFiniteError
         from shopmtl.weighting import MissingDependencyError
 
         try:
@@ -158,14 +158,14 @@ def train(
 ) -> None:
     """Train (and evaluate) from a config file: bring your own data. A config with a top-level
     `sources` key is a heterogeneous joint run (examples/joint.yaml)."""
-    from shopmtl.config import load_config
-    from shopmtl.joint.config import is_joint_config, load_joint_config
+    from shopmtl.checks import load_experiment, load_joint
+    from shopmtl.joint.config import is_joint_config
     from shopmtl.run import run_experiment
 
     if is_joint_config(config):
         from shopmtl.joint.report import run_joint
 
-        jcfg = load_joint_config(config, sets or [])
+        jcfg = load_joint(config, sets or [])
         if resume and not (out / "joint" / "checkpoints" / "latest").is_file():
             from shopmtl.train.checkpoint import CheckpointError
 
@@ -175,7 +175,7 @@ def train(
         typer.echo(f"wrote {out / 'metrics.json'}, {out / 'report.md'} and "
                    f"{out / 'joint' / 'model'} (joint steps: {result['joint']['steps']})")
         return
-    cfg = load_config(config, sets or [])
+    cfg = load_experiment(config, sets or [])
     metrics = run_experiment(cfg, out, baselines=baselines, resume=resume,
                              progress=sys.stderr.isatty())
     _summary(metrics)
@@ -265,10 +265,10 @@ def compare(
     AUC per task x scenario, delta to single-task, Delta_m; writes compare.json/.md/.png."""
     import shlex
 
+    from shopmtl.checks import load_experiment
     from shopmtl.compare import parse_model_sets, parse_names, run_compare
-    from shopmtl.config import load_config
 
-    cfg = load_config(config, sets or [])
+    cfg = load_experiment(config, sets or [])
     args = [str(config), "--seeds", str(seeds)]
     args += ["--models", models] if models else []
     args += ["--weightings", weightings] if weightings else []

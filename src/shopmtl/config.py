@@ -25,6 +25,10 @@ from shopmtl.data.schema import (
     TaskSpec,
 )
 
+# the tasks of the synthetic world (``data.synthetic``): a config with ``data.synthetic`` trains
+# these, known before the world is generated
+SYNTHETIC_TASKS: tuple[str, ...] = ("click", "conversion", "ad_click")
+
 
 class ConfigError(ValueError):
     """A configuration file or override is invalid; the message names the key."""
@@ -199,12 +203,10 @@ def _load_config(path: Path, overrides: list[str] | None) -> ExperimentConfig:
 
 def config_task_names(cfg: ExperimentConfig) -> tuple[str, ...]:
     """The tasks a config trains, known without reading data: its schema's, or for
-    ``data.synthetic`` the synthetic world's (``shopmtl.data.synthetic.TASKS``)."""
+    ``data.synthetic`` the synthetic world's (``SYNTHETIC_TASKS``)."""
     if cfg.data.schema is not None and cfg.data.synthetic is None:
         return tuple(t.name for t in cfg.data.schema.tasks)
-    from shopmtl.data.synthetic import TASKS
-
-    return tuple(TASKS)
+    return SYNTHETIC_TASKS
 
 
 def check_tasks(where: str, names: Any, tasks: typing.Sequence[str]) -> None:
@@ -216,23 +218,11 @@ def check_tasks(where: str, names: Any, tasks: typing.Sequence[str]) -> None:
                           f"tasks: {', '.join(tasks)}")
 
 
-def check_weighting(wc: WeightingConfig, where: str = "weighting") -> type:
-    """The registered weighting class of ``wc.name`` with ``wc.args`` checked strictly;
-    ConfigError (one line, with the valid names) otherwise."""
-    from shopmtl.weighting import WEIGHTINGS  # imported here: it imports this module
-
-    if wc.name not in WEIGHTINGS:
-        raise ConfigError(f"{where}.name: unknown weighting {wc.name!r}; valid: "
-                          f"{', '.join(WEIGHTINGS)}")
-    cls = WEIGHTINGS[wc.name]
-    from_dict(cls.Config, dict(wc.args), f"{where}.args")  # type: ignore[attr-defined]
-    return cls
-
-
 def check_names(cfg: ExperimentConfig) -> None:
     """What a config names that must exist, checked before any data is read: the tasks of
-    ``train.alpha`` and of ``train.early_stopping.metric``, and ``weighting.name`` (with its
-    args), and the schema itself (its own checks, which otherwise run once training starts).
+    ``train.alpha`` and of ``train.early_stopping.metric``, and the schema itself (its own
+    checks, which otherwise run once training starts). The weighting's name and args are
+    checked by ``shopmtl.checks`` (it needs the weighting registry, a layer above this one).
     The trainer's own checks stay (for configs built in Python)."""
     if cfg.data.schema is not None and cfg.data.synthetic is None:
         try:
@@ -246,7 +236,6 @@ def check_names(cfg: ExperimentConfig) -> None:
     if task != "all_tasks" and task not in tasks:
         raise ConfigError(f"train.early_stopping.metric: {metric!r} names unknown task "
                           f"{task!r}; tasks: {', '.join(tasks)} (or valid.all_tasks.<auc|logloss>)")
-    check_weighting(cfg.weighting)
     alpha = cfg.weighting.args.get("alpha")
     if isinstance(alpha, dict):  # static: per-task weights
         check_tasks("weighting.args.alpha", alpha, tasks)

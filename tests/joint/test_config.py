@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
+from shopmtl.checks import load_joint as load_joint_config
 from shopmtl.config import ConfigError, WeightingConfig, from_dict, to_dict
-from shopmtl.joint.config import JointConfig, load_joint_config
+from shopmtl.joint.config import JointConfig
 from tests.helpers import assert_one_error_line, cli
 
 TWO = [{"name": "rec", "args": {"rows": 2000}}, {"name": "search"}]

@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 from shopmtl.config import ConfigError, load_config
 from shopmtl.data.pipeline import prepare_data
 from shopmtl.train.checkpoint import CheckpointError, verify_dir
-from shopmtl.train.trainer import NonFiniteError, Trainer, load_model_dir
+from shopmtl.train.loop import NonFiniteError
+from shopmtl.train.trainer import Trainer, load_model_dir
 from tests.helpers import cli, small_world, world_config_yaml
 
 
@@ -188,7 +189,8 @@ def test_id_dropout_replaces_ids_by_oov_at_its_rate() -> None:
     from shopmtl.config import ConfigError
     from shopmtl.data.dataset import Batch
     from shopmtl.data.schema import FeatureSpec, Schema, TaskSpec
-    from shopmtl.train.table import drop_ids, id_dropout_table as _id_dropout_table
+    from shopmtl.train.table import drop_ids
+    from shopmtl.train.table import id_dropout_table as _id_dropout_table
 
     schema = Schema((FeatureSpec("user_id", "categorical"), FeatureSpec("item_id", "categorical")),
                     (TaskSpec("click"),))

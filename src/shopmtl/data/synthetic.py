@@ -29,6 +29,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from shopmtl.config import SYNTHETIC_TASKS
 from shopmtl.data.schema import FeatureSpec, ScenarioSpec, Schema, TaskSpec
 
 SPLITS = ("train", "valid", "test")
@@ -70,7 +71,7 @@ class WorldConfig:
     chunk_rows: int = 500_000
 
 
-TASKS = ("click", "conversion", "ad_click")
+TASKS = SYNTHETIC_TASKS
 
 
 def default_schema(cfg: WorldConfig = WorldConfig()) -> Schema:

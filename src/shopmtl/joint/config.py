@@ -13,17 +13,15 @@ from typing import Any, Literal
 import yaml
 
 from shopmtl.config import (
+    SYNTHETIC_TASKS,
     ConfigError,
     WeightingConfig,
     _yaml_load,
     apply_overrides,
-    check_tasks,
-    check_weighting,
     from_dict,
     yaml_problem,
 )
 from shopmtl.data.schema import DEFAULT_TEXT_ENCODER
-from shopmtl.data.synthetic import TASKS as SYNTHETIC_TASKS
 from shopmtl.train.sampling import SamplingMethod
 
 REC = "rec"  # the recommendation / ads source: the synthetic world through a zoo model
@@ -187,45 +185,9 @@ def load_joint_config(path: str | Path, overrides: list[str] | None = None) -> J
         raise
     except ValueError as e:  # a dataclass's own check outside from_dict
         raise ConfigError(f"{p}: {e}") from None
-    check_joint_names(cfg)
     return cfg
 
 
 REC_TASKS = SYNTHETIC_TASKS  # the rec source trains the synthetic world's tasks
 
 
-def source_task_names(sc: SourceConfig) -> tuple[str, ...] | None:
-    """The tasks of a source, known without loading it: ``rec``'s, a built-in source class's
-    ``task_names``, or a user's class (``cls``) that declares ``task_names``; None for a user's
-    class that does not (its tasks are checked once it is loaded). ConfigError for an unknown
-    source name or a class that cannot be imported."""
-    if sc.name == REC:
-        return REC_TASKS
-    from shopmtl.joint.parts import _import_source, _sources  # imported here: torch
-
-    if sc.cls is not None:
-        names = getattr(_import_source(sc.cls, sc.name), "task_names", None)
-        return None if names is None else tuple(names)
-    known = _sources()
-    if sc.name not in known:
-        raise ConfigError(f"unknown source {sc.name!r}; known: {sorted([REC, *known])} (or "
-                          "give class: package.module:Class for your own)")
-    return tuple(known[sc.name].task_names)
-
-
-def check_joint_names(cfg: JointConfig) -> None:
-    """What a joint config names that must exist, checked before any source is loaded: the
-    weighting (a loss weighting once there are two sources), the sources, the tasks of
-    ``train.alpha`` (when every source's tasks are known statically)."""
-    from shopmtl.weighting import WEIGHTINGS
-
-    cls = check_weighting(cfg.weighting)
-    if cls.needs_gradients and len(cfg.sources) > 1:
-        usable = [n for n, c in WEIGHTINGS.items() if not c.needs_gradients]
-        raise ConfigError(f"weighting.name: {cfg.weighting.name!r} needs every task's gradient "
-                          "on one batch, but the sources of a joint run never share a batch; "
-                          f"use one of: {', '.join(usable)}")
-    per_source = [source_task_names(sc) for sc in cfg.sources]
-    if all(t is not None for t in per_source):
-        tasks = [t for names in per_source for t in names or ()]
-        check_tasks("train.alpha", cfg.train.alpha, tasks)

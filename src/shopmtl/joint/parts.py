@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 
 from shopmtl.config import ConfigError
-from shopmtl.data.schema import ALL, TaskSpec
+from shopmtl.data.schema import TaskSpec
 from shopmtl.data.source import Source, SourceData, SourceSplit
 from shopmtl.joint.config import REC, JointConfig, SourceConfig
 from shopmtl.joint.model import JointModel, RankHead, TableHead

@@ -193,8 +193,9 @@ class Loop:
         self.state = LoopState()
         self.best: dict[str, Tensor] | None = None  # the model at the best evaluation
         self.own_best: dict[str, dict[str, Tensor]] = {}  # source -> its head at its best
-        self.sampler = SourceSampler([s.num_batches() for s in self.sources],
-                                     schedule.sampling, schedule.temperature, schedule.seed)
+        self.sampler = None if len(self.sources) == 1 else SourceSampler(
+            [s.num_batches() for s in self.sources], schedule.sampling, schedule.temperature,
+            schedule.seed)
         self.streams: dict[str, Stream] = {}
         self._present: dict[str, Tensor | None] = {}  # source -> tasks it has (None: all)
         self._zero = torch.zeros(())
@@ -253,11 +254,11 @@ class Loop:
         losses = source.losses(self.model, batch)
         extra = [v for k, v in losses.items() if k.startswith("_")]
         zero = self._zero
-        vec = torch.stack([losses[t] if t in losses else zero for t in self.tasks])  # [T]
+        vec = torch.stack([losses.get(t, zero) for t in self.tasks])  # [T]
         reg = sum(extra) if extra else None
         if not bool(torch.isfinite(vec).all()) or (reg is not None
                                                   and not bool(torch.isfinite(reg))):
-            detail = ", ".join(f"{k}={float(v):.4g}" for k, v in losses.items()
+            detail = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items()
                                if not bool(torch.isfinite(v).all()))
             raise NonFiniteError(f"non-finite loss at step {st.step} (source {source.name}: "
                                  f"{detail}); training stopped, no checkpoint written after the "
@@ -332,7 +333,7 @@ class Loop:
             self.train_mode()
             t0 = time.perf_counter()
             while st.step < sched.steps and not st.stopped:
-                i = int(self.sampler.schedule(1, st.step)[0]) if len(self.sources) > 1 else 0
+                i = 0 if self.sampler is None else int(self.sampler.schedule(1, st.step)[0])
                 source = self.sources[i]
                 stream = self.stream(source)
                 losses = self.step(source, stream.next())

@@ -6,8 +6,8 @@ solve stage (``joint.solve``): the same loop with other parameters, not another 
 
 Checkpoints (``checkpoints/ckpt-<stage>-<step>/`` and a ``latest`` pointer, the last two kept)
 are written inside a stage by its loop (weights, optimizer, weighting, RNG, the loop's state)
-and at each stage's end (weights, RNG, every source's stream position, each finished stage's
-results and the tensors it hands to later stages). ``resume`` starts from the latest one, so a
+and at the end of each stage but the last (weights, RNG, every source's stream position, each
+finished stage's results and the tensors it hands to later stages). ``resume`` starts from the latest one, so a
 run killed anywhere ends with the same weights, bit for bit on CPU, as a run never killed.
 """
 
@@ -131,7 +131,9 @@ def run_stages(model: nn.Module, stages: Sequence[Stage], checkpointer: Checkpoi
         ctx = StageContext(model, i, stage.name, checkpointer, positions, results, carry, inside)
         inside = None
         results[stage.name] = stage.run(ctx)
-        if checkpointer is not None:
+        # no boundary after the last stage: a resumed finished run re-enters its last loop at
+        # its end, so it can go on for more steps (a one-table run given more epochs)
+        if checkpointer is not None and i < len(stages) - 1:
             check_finite(model)
             tensors = {"weights": model.state_dict(), "rng": {"torch": torch.get_rng_state()}}
             tensors.update({f"carry.{k}": v for k, v in ctx.carry.items()})

@@ -28,7 +28,7 @@ from shopmtl.jsonsafe import json_safe
 from shopmtl.models.base import MultiTaskModel
 from shopmtl.registry import build_model
 from shopmtl.train import checkpoint as ck
-from shopmtl.train.loop import Loop, LoopState, NonFiniteError, Schedule, check_finite
+from shopmtl.train.loop import Loop, LoopState, Schedule, check_finite
 from shopmtl.train.select import MetricSelector
 from shopmtl.train.stages import Checkpointer, Stage, StageContext, run_stages
 from shopmtl.train.table import TableSource, id_dropout_table
@@ -137,7 +137,9 @@ class Trainer:
         if t.adversarial == "fgm" and not t.adversarial_epsilon > 0:
             raise ConfigError(f"train.adversarial_epsilon: must be > 0, got "
                               f"{t.adversarial_epsilon}")
-        n = self.source.num_batches()  # one evaluation, one lr decay per epoch
+        # one evaluation, one lr decay per epoch (a trainer driven step by step by a test may
+        # have no training table)
+        n = self.source.num_batches() if data.train is not None else 1
         self.schedule = Schedule(
             steps=t.epochs * n, lr=t.batch_lr(), eval_every=n, lr_decay=t.lr_decay,
             decay_every=n, patience=t.early_stopping.patience,

@@ -1,0 +1,76 @@
+"""Checks of a loaded config against what it names: tasks, weightings, sources. They run
+right after the YAML is read and before any data is (``load_experiment``, ``load_joint``), so a
+misspelled name costs one line, not a data preparation. They live here, above the config
+layer, because they need the weighting registry and the joint source classes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from shopmtl.config import ConfigError, ExperimentConfig, WeightingConfig, check_tasks, from_dict
+from shopmtl.config import load_config as _load_config
+from shopmtl.joint.config import REC, REC_TASKS, JointConfig, SourceConfig, load_joint_config
+from shopmtl.joint.parts import _import_source, _sources
+from shopmtl.weighting import WEIGHTINGS
+
+
+def check_weighting(wc: WeightingConfig, where: str = "weighting") -> type:
+    """The registered weighting class of ``wc.name`` with ``wc.args`` checked strictly;
+    ConfigError (one line, with the valid names) otherwise."""
+    if wc.name not in WEIGHTINGS:
+        raise ConfigError(f"{where}.name: unknown weighting {wc.name!r}; valid: "
+                          f"{', '.join(WEIGHTINGS)}")
+    cls = WEIGHTINGS[wc.name]
+    from_dict(cls.Config, dict(wc.args), f"{where}.args")  # type: ignore[attr-defined]
+    return cls
+
+
+def check_experiment(cfg: ExperimentConfig) -> ExperimentConfig:
+    """A one-table config's weighting (its tasks are checked by ``config.load_config``)."""
+    check_weighting(cfg.weighting)
+    return cfg
+
+
+def load_experiment(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
+    """``config.load_config`` and every check of this module."""
+    return check_experiment(_load_config(path, overrides))
+
+
+def source_task_names(sc: SourceConfig) -> tuple[str, ...] | None:
+    """The tasks of a source, known without loading it: ``rec``'s, a built-in source class's
+    ``task_names``, or a user's class (``cls``) that declares ``task_names``; None for a user's
+    class that does not (its tasks are checked once it is loaded). ConfigError for an unknown
+    source name or a class that cannot be imported."""
+    if sc.name == REC:
+        return REC_TASKS
+    if sc.cls is not None:
+        names = getattr(_import_source(sc.cls, sc.name), "task_names", None)
+        return None if names is None else tuple(names)
+    known = _sources()
+    if sc.name not in known:
+        raise ConfigError(f"unknown source {sc.name!r}; known: {sorted([REC, *known])} (or "
+                          "give class: package.module:Class for your own)")
+    return tuple(known[sc.name].task_names)
+
+
+def check_joint_names(cfg: JointConfig) -> None:
+    """What a joint config names that must exist, checked before any source is loaded: the
+    weighting (a loss weighting once there are two sources), the sources, the tasks of
+    ``train.alpha`` (when every source's tasks are known statically)."""
+    cls = check_weighting(cfg.weighting)
+    if cls.needs_gradients and len(cfg.sources) > 1:
+        usable = [n for n, c in WEIGHTINGS.items() if not c.needs_gradients]
+        raise ConfigError(f"weighting.name: {cfg.weighting.name!r} needs every task's gradient "
+                          "on one batch, but the sources of a joint run never share a batch; "
+                          f"use one of: {', '.join(usable)}")
+    per_source = [source_task_names(sc) for sc in cfg.sources]
+    if all(t is not None for t in per_source):
+        tasks = [t for names in per_source for t in names or ()]
+        check_tasks("train.alpha", cfg.train.alpha, tasks)
+
+
+def load_joint(path: str | Path, overrides: list[str] | None = None) -> JointConfig:
+    """``joint.config.load_joint_config`` and every check of this module."""
+    cfg = load_joint_config(path, overrides)
+    check_joint_names(cfg)
+    return cfg
