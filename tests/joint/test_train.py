@@ -249,13 +249,15 @@ def test_unknown_source_and_alpha_task_are_refused(tmp_path: Path) -> None:
 
     path = tmp_path / "c.yaml"
     path.write_text(yaml.safe_dump({"sources": [{"name": "tiktok"}]}))
+    from shopmtl.checks import load_joint
+
     with pytest.raises(ConfigError, match=r"unknown source 'tiktok'; known: .*bitext"):
-        load_joint_config(path)
+        load_joint(path)
     with pytest.raises(ConfigError, match=r"unknown source 'tiktok'; known: .*bitext"):
         load_parts(JointConfig((SourceConfig("tiktok"),)), tmp_path)
     cfg = JointConfig((SourceConfig("bitext", max_examples=20),),
                       train=JointTrainConfig(steps=1, alpha={"clicks": 2.0}))
-    with pytest.raises(ConfigError, match="unknown tasks \\['clicks'\\]"):
+    with pytest.raises(ConfigError, match=r"train\.alpha: unknown task 'clicks'; tasks: intent"):
         train_joint(cfg, tmp_path / "o", log=lambda *_: None)
 
 

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from shopmtl.config import ConfigError, to_dict
+from shopmtl.config import check_tasks, to_dict
 from shopmtl.joint.checkpoint import save_joint_dir
 from shopmtl.joint.config import JointConfig
 from shopmtl.joint.model import JointModel, SharedText
@@ -197,9 +197,7 @@ def train_joint(cfg: JointConfig, out_dir: str | Path, *, only: tuple[str, ...] 
     else:
         (parts, texts), load_s = shared, {}
     every_task = [t for p in parts for t in p.task_names]
-    unknown = sorted(set(cfg.train.alpha) - set(every_task))
-    if unknown:
-        raise ConfigError(f"train.alpha: unknown task(s) {unknown}; tasks: {every_task}")
+    check_tasks("train.alpha", cfg.train.alpha, every_task)
     if only is not None:
         parts = [p for p in parts if p.name in only]
     t1 = time.perf_counter()

@@ -7,8 +7,9 @@ solve stage (``joint.solve``): the same loop with other parameters, not another 
 Checkpoints (``checkpoints/ckpt-<stage>-<step>/`` and a ``latest`` pointer, the last two kept)
 are written inside a stage by its loop (weights, optimizer, weighting, RNG, the loop's state)
 and at the end of each stage but the last (weights, RNG, every source's stream position, each
-finished stage's results and the tensors it hands to later stages). ``resume`` starts from the latest one, so a
-run killed anywhere ends with the same weights, bit for bit on CPU, as a run never killed.
+finished stage's results and the tensors it hands to later stages). ``resume`` starts from
+the latest one, so a run killed anywhere ends with the same weights, bit for bit on CPU, as a
+run never killed.
 """
 
 from __future__ import annotations

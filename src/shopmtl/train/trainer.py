@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from shopmtl.config import ConfigError, ExperimentConfig, from_dict, to_dict
+from shopmtl.config import ConfigError, ExperimentConfig, check_tasks, from_dict, to_dict
 from shopmtl.data.dataset import TensorTable
 from shopmtl.data.encoders import Encoders
 from shopmtl.data.pipeline import PreparedData
@@ -119,10 +119,7 @@ class Trainer:
         set_threads(t.threads)
         torch.manual_seed(t.seed)
         self.schema = data.schema
-        unknown = sorted(set(t.alpha) - set(self.schema.task_names))
-        if unknown:
-            raise ConfigError(f"train.alpha: unknown task(s) {unknown}; tasks: "
-                              f"{list(self.schema.task_names)}")
+        check_tasks("train.alpha", t.alpha, self.schema.task_names)
         content = data.encoders.content_tensors() if self.schema.content_features else None
         self.model = build_model(cfg.model.name, cfg.model.args, self.schema, data.vocab_sizes,
                                  content)
