@@ -26,6 +26,7 @@ levels for the pinball loss, the NDCG cut-off ``k``) and fall back to defaults w
 
 from __future__ import annotations
 
+import math
 from typing import Protocol
 
 import numpy as np
@@ -46,6 +47,12 @@ class TaskType(Protocol):
 
     @staticmethod
     def output_width(spec: TaskSpec) -> int: ...
+
+    @staticmethod
+    def label_prior(labels: np.ndarray) -> float | None:
+        """The output bias that predicts the training labels' base rate before any step
+        (``MultiTaskModel.init_output_bias``), from the labelled rows; None: no prior."""
+        ...
 
     @staticmethod
     def loss(logits: Tensor, y: Tensor, mask: Tensor, spec: TaskSpec | None = None) -> Tensor: ...
@@ -99,6 +106,11 @@ class BinaryTask:
     primary = ("auc", True)
 
     @staticmethod
+    def label_prior(labels: np.ndarray) -> float | None:
+        p = min(max(float(np.mean(labels, dtype=np.float64)), 1e-4), 1 - 1e-4)
+        return math.log(p / (1 - p))  # logit of the positive rate
+
+    @staticmethod
     def output_width(spec: TaskSpec) -> int:
         return 1
 
@@ -137,6 +149,10 @@ class RegressionTask:
     primary = ("rmse", False)
 
     @staticmethod
+    def label_prior(labels: np.ndarray) -> float | None:
+        return float(np.mean(labels, dtype=np.float64))
+
+    @staticmethod
     def output_width(spec: TaskSpec) -> int:
         return 1
 
@@ -165,6 +181,10 @@ class MulticlassTask:
     class id held as a float (2.0); masked rows may hold anything (0, -1, NaN)."""
 
     primary = ("accuracy", True)
+
+    @staticmethod
+    def label_prior(labels: np.ndarray) -> float | None:
+        return None
 
     @staticmethod
     def output_width(spec: TaskSpec) -> int:
@@ -212,6 +232,10 @@ class QuantileTask:
     (no sorting): a crossing shows up in the metrics instead of being hidden."""
 
     primary = ("wape", False)
+
+    @staticmethod
+    def label_prior(labels: np.ndarray) -> float | None:
+        return None
 
     @staticmethod
     def output_width(spec: TaskSpec) -> int:
@@ -272,6 +296,10 @@ class RankingTask:
     """
 
     primary = ("ndcg@10", True)
+
+    @staticmethod
+    def label_prior(labels: np.ndarray) -> float | None:
+        return None
 
     @staticmethod
     def output_width(spec: TaskSpec) -> int:

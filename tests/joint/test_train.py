@@ -90,6 +90,13 @@ def test_every_task_is_trained_and_scored(run: Path) -> None:
     assert r["joint_minus_alone"] == pytest.approx(r["alone"] - r["joint"])
     report = (run / "report.md").read_text()
     assert report.count("\n| ") == len(TASKS) + 1  # header + one row per task
+    # TensorBoard scalars, as for a one-table run
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb = EventAccumulator(str(run / "joint" / "tb"))
+    tb.Reload()
+    tags = set(tb.Tags()["scalars"])
+    assert "valid/score" in tags and {f"valid/{t}" for t in TASKS} <= tags
 
 
 def test_checkpoint_answers_a_text_task(run: Path, tmp_path: Path) -> None:
@@ -430,3 +437,26 @@ def test_search_shares_the_rec_models_item_rows(small_cfg: Path, tmp_path: Path)
     search.data = dataclasses.replace(search.data, id_keys={})
     with pytest.raises(ConfigError, match="no id_keys"):
         build_joint_model(cfg, parts, bank.bank.shape[1], lambda *_: None)
+
+
+@pytest.mark.parametrize("weighting", ["static", "uncertainty", "dwa", "rlw"])
+def test_loss_weightings_train_a_joint_run(small_cfg: Path, tmp_path: Path, weighting: str
+                                           ) -> None:
+    """Every loss weighting runs a joint run through the one loop: a step weighs only the
+    tasks of its source (an uncertainty log-variance moves only on its own source's steps)."""
+    import dataclasses
+
+    from shopmtl.config import WeightingConfig
+
+    cfg = load_joint_config(small_cfg, ["train.eval_every=10", "train.solve_heads=false"])
+    args = {"alpha": {"intent": 2.0}} if weighting == "static" else {}
+    cfg = dataclasses.replace(cfg, weighting=WeightingConfig(weighting, args))
+    parts, texts, _ = load_parts(cfg, tmp_path, log=lambda *_: None)
+    m = train_joint(cfg, tmp_path / "run", log=lambda *_: None, save=False,
+                    shared=(parts, texts), only=("bitext", "reviews"), steps=40)
+    assert m["steps_per_source"] == {"bitext": 20, "reviews": 20}
+    assert len(m["valid_history"]) == 4
+    for src in ("bitext", "reviews"):
+        for cell in m["test"][src].values():
+            assert all(v is None or np.isfinite(v) for v in cell.values()
+                       if isinstance(v, float))

@@ -176,3 +176,27 @@ def test_stream_resumes_at_any_batch() -> None:
             s.next()
         resumed = Stream(src, 0, s.epoch, s.taken)
         assert [resumed.next()[:2] for _ in range(8 - k)] == seq[k:]
+
+
+def test_fit_runs_a_bounded_piece_from_given_weights_and_state() -> None:
+    """What a federated client does each round: k steps from the global weights, the streams
+    going on where they stood; the result carries the new weights, state and metrics."""
+    from shopmtl.train.loop import fit
+
+    batch = tiny_batch()
+    src = BatchSource(batch, n_batches=3)
+    tasks = list(TASKS)
+    model = tiny_model()
+    start_weights = {k: v.clone() for k, v in model.state_dict().items()}
+    first = fit(model, [src], build_weighting("equal", {}, tasks),
+                Schedule(steps=4, lr=1e-2, eval_every=2), LossSelector())
+    assert first.state.step == 4 and first.state.positions == {"b": [1, 1]}
+    assert set(first.valid["b"]) == set(TASKS)
+    assert any(not torch.equal(first.weights[k], start_weights[k]) for k in start_weights)
+    other = tiny_model(seed=5)
+    second = fit(other, [src], build_weighting("equal", {}, tasks),
+                 Schedule(steps=7, lr=1e-2, eval_every=2), LossSelector(),
+                 weights=first.weights, start=first.state)
+    assert second.state.step == 7 and second.state.positions == {"b": [2, 1]}
+    assert [r["step"] for r in second.state.history] == [2, 4, 6, 7]
+    assert first.state.step == 4  # the caller's state is not changed

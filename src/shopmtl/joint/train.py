@@ -84,7 +84,7 @@ def _schedule(cfg: JointConfig, steps: int) -> Schedule:
 
 
 def _joint_stage(cfg: JointConfig, parts: list[Any], types: dict[str, str], steps: int,
-                 log: Any) -> Any:
+                 log: Any, writer: Any = None) -> Any:
     t = cfg.train
     tasks = [n for p in parts for n in p.task_names]
 
@@ -92,7 +92,8 @@ def _joint_stage(cfg: JointConfig, parts: list[Any], types: dict[str, str], step
         weighting = build_weighting(cfg.weighting.name, cfg.weighting.args, tasks)
         loop = Loop(ctx.model, parts, weighting, _schedule(cfg, steps), GainSelector(types),
                     alpha={k: v for k, v in t.alpha.items() if k in tasks},
-                    weight_decay=t.weight_decay, track_sources=bool(t.refit_steps), log=log)
+                    weight_decay=t.weight_decay, track_sources=bool(t.refit_steps), log=log,
+                    writer=writer)
         ctx.attach(loop).run()
         ctx.finish(loop)
         loop.load_best()
@@ -210,7 +211,10 @@ def train_joint(cfg: JointConfig, out_dir: str | Path, *, only: tuple[str, ...] 
     tasks = [t for p in parts for t in p.task_names]
     types = {t.name: t.type for p in parts for t in p.tasks}
     n_steps = steps if steps is not None else cfg.train.steps
-    stages = [Stage("joint", _joint_stage(cfg, parts, types, n_steps, log))]
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(out / "tb"))  # training losses, task weights, validation
+    stages = [Stage("joint", _joint_stage(cfg, parts, types, n_steps, log, writer))]
     if cfg.train.refit_steps:  # rec first: heads that borrow its rows refit on their end
         stages += [Stage(f"refit:{p.name}", _refit_stage(cfg, p, types, log))
                    for p in sorted(parts, key=lambda p: not isinstance(p, RecPart))]
@@ -220,7 +224,10 @@ def train_joint(cfg: JointConfig, out_dir: str | Path, *, only: tuple[str, ...] 
     checkpointer = Checkpointer(out / "checkpoints")
     resume = resume and checkpointer.latest() is not None
     t2 = time.perf_counter()
-    results = run_stages(model, stages, checkpointer, resume)
+    try:
+        results = run_stages(model, stages, checkpointer, resume)
+    finally:
+        writer.close()
     train_s = time.perf_counter() - t2
     joint = results["joint"]
     model.eval()

@@ -19,6 +19,7 @@ position), see ``train.sampling`` and ``Stream``.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -376,9 +377,10 @@ class Loop:
         st.history.append(rec)
         if self.writer is not None:
             self.writer.add_scalar("valid/score", score, st.step)
-            for k, v in record.get("valid_primary", {}).items():
-                if v is not None:
-                    self.writer.add_scalar(f"valid/{k}", v, st.step)
+            for group, prefix in (("valid", "valid/"), ("valid_auc", "valid_auc/")):
+                for k, v in record.get(group, {}).items():
+                    if v is not None and math.isfinite(v):
+                        self.writer.add_scalar(prefix + k, v, st.step)
         # the first evaluation is the best so far even when its score is NaN (a split with
         # one class); a NaN never beats a number. A refit stage presets ``best`` (its start).
         better = self.best is None or (
@@ -407,6 +409,29 @@ class Loop:
     def load_best(self) -> None:
         if self.best is not None:
             self.model.load_state_dict(self.best)
+
+
+@dataclass
+class FitResult:
+    state: LoopState
+    weights: dict[str, Tensor]  # the model's weights at the end (not the best evaluation's)
+    valid: dict[str, dict[str, Any]]  # the last evaluation, per source and task
+
+
+def fit(model: nn.Module, sources: Sequence[TaskSource], weighting: Weighting,
+        schedule: Schedule, selector: Selector, *, weights: dict[str, Tensor] | None = None,
+        start: LoopState | None = None, **loop_args: Any) -> FitResult:
+    """A bounded piece of training: from ``weights`` (e.g. a federated round's global model)
+    and ``start`` (where the streams and the step count stand), run to ``schedule.steps`` and
+    hand back the new weights, state and metrics. The optimizer starts afresh (a federated
+    client's local steps); to continue a run exactly, resume from its checkpoint instead."""
+    if weights is not None:
+        model.load_state_dict(weights)
+    loop = Loop(model, sources, weighting, schedule, selector, **loop_args)
+    if start is not None:
+        loop.state = LoopState(**json.loads(json.dumps(asdict(start))))  # a deep copy
+    loop.run()
+    return FitResult(loop.state, clone_state(model), loop.last_valid)
 
 
 def state_json(state: LoopState) -> dict[str, Any]:

@@ -13,7 +13,6 @@ Layout of an output directory::
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +26,7 @@ from shopmtl.data.schema import Schema
 from shopmtl.jsonsafe import json_safe
 from shopmtl.models.base import MultiTaskModel
 from shopmtl.registry import build_model
+from shopmtl.tasks import TASK_TYPES
 from shopmtl.train import checkpoint as ck
 from shopmtl.train.loop import Loop, LoopState, Schedule, check_finite
 from shopmtl.train.select import MetricSelector
@@ -42,20 +42,17 @@ def set_threads(n: int) -> None:
 
 
 def label_priors(table: TensorTable, schema: Schema) -> dict[str, float]:
-    """Each task's output-bias prior from its labelled training rows: logit of the positive
-    rate for a binary task, the mean for a regression task (tasks without labels: none)."""
+    """Each task's output-bias prior from its labelled training rows (its task type's
+    ``label_prior``: logit of the positive rate for a binary task, the mean for a regression
+    task; tasks without labels: none)."""
     out = {}
     for j, task in enumerate(schema.tasks):
         m = table.mask[:, j]
-        n = int(m.sum())
-        if n == 0:
+        if not bool(m.any()):
             continue
-        mean = float(table.labels[m, j].double().mean())
-        if task.type == "binary":
-            p = min(max(mean, 1e-4), 1 - 1e-4)
-            out[task.name] = math.log(p / (1 - p))
-        elif task.type == "regression":
-            out[task.name] = mean
+        prior = TASK_TYPES[task.type].label_prior(table.labels[m, j].numpy())
+        if prior is not None:
+            out[task.name] = prior
     return out
 
 
