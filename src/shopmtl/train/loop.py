@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from shopmtl.data.source import TaskSource
+from shopmtl.train import checkpoint as ck
 from shopmtl.train.sampling import SamplingMethod, SourceSampler
 from shopmtl.weighting import StepInfo, Weighting, task_gradient_cosine
 
@@ -160,7 +161,7 @@ class Loop:
     refit stage's shared text adapter: no dropout). ``track_sources``: also keep each source's
     head (``source.head(model)``) at that source's own best evaluation (``own_best``).
     ``checkpoint``: called with the loop at every checkpoint point; it saves
-    ``self.tensors()`` and ``self.state`` (``train.stages``).
+    ``self.snapshot()`` and ``self.state`` (``train.stages``).
     """
 
     def __init__(self, model: nn.Module, sources: Sequence[TaskSource], weighting: Weighting,
@@ -203,12 +204,10 @@ class Loop:
         self.last_valid: dict[str, dict[str, Any]] = {}
 
     # -- state --------------------------------------------------------------------------------
-    def tensors(self) -> dict[str, dict[str, Tensor]]:
-        """Everything a checkpoint needs besides ``self.state`` (JSON)."""
-        from shopmtl.train import checkpoint as ck
-
+    def snapshot(self) -> tuple[dict[str, dict[str, Tensor]], dict[str, Any]]:
+        """Everything a checkpoint needs besides ``self.state``: tensor groups, and the
+        optimizer's parameter groups (JSON)."""
         opt_t, opt_meta = ck.optimizer_to_tensors(self.opt)
-        self._opt_meta = opt_meta
         opt_t["rng.torch"] = torch.get_rng_state()
         out = {"weights": self.model.state_dict(), "optimizer": opt_t,
                "weighting": self.weighting.state_dict() or {"_empty": torch.zeros(1)}}
@@ -216,17 +215,10 @@ class Loop:
             out["best"] = self.best
         for name, head in self.own_best.items():
             out[f"own_best.{name}"] = head
-        return out
-
-    def optimizer_meta(self) -> dict[str, Any]:
-        from shopmtl.train import checkpoint as ck
-
-        return ck.optimizer_to_tensors(self.opt)[1]
+        return out, opt_meta
 
     def restore(self, tensors: dict[str, dict[str, Tensor]], state: dict[str, Any],
                 optimizer_meta: dict[str, Any]) -> None:
-        from shopmtl.train import checkpoint as ck
-
         self.model.load_state_dict(tensors["weights"])
         opt_t = dict(tensors["optimizer"])
         torch.set_rng_state(opt_t.pop("rng.torch"))

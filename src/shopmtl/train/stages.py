@@ -86,11 +86,11 @@ class StageContext:
 
     def _save_loop(self, loop: Loop) -> None:
         check_finite(self.model)
-        tensors = loop.tensors()
+        tensors, optimizer = loop.snapshot()
         tensors.update({f"carry.{k}": v for k, v in self.carry.items()})
         meta = {"stage": self.index, "stage_name": self.name, "results": self.results,
                 "positions": self.positions, "loop": state_json(loop.state),
-                "optimizer": loop.optimizer_meta()}
+                "optimizer": optimizer}
         assert self.checkpointer is not None
         self.checkpointer.save(f"{self.index:02d}-{loop.state.step:09d}", tensors, meta)
 
