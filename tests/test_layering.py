@@ -9,7 +9,10 @@ Layers, bottom to top (each imports only from below):
   6 train/
   7 joint/ (model assembly for heterogeneous runs)
   8 apps: cli, run, predict, compare, report; joint.predict is the joint half of the predict
-    app, above predict (it scores a joint checkpoint's rec tasks with ``predict.predict_rows``)
+    app, above predict (it scores a joint checkpoint's rec tasks with ``predict.predict_rows``);
+    modeldir (``shopmtl.load``: any model directory, scored through predict and joint.predict)
+  the root package ``shopmtl/__init__.py`` is the public face above them all: its lazy
+  ``__getattr__`` hands out ``shopmtl.load`` from modeldir (exempt from "nothing imports an app")
 
 ``metrics`` is a leaf: it imports nothing from shopmtl (checked below), so the file sources in
 data/sources/ may score their predictions with it although it is listed above data.
@@ -27,7 +30,7 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src"
 ROOT_PACKAGE = "shopmtl"
 
-APPS = ("cli", "run", "checks", "predict", "compare", "report", "joint.predict")
+APPS = ("cli", "run", "checks", "predict", "compare", "report", "joint.predict", "modeldir")
 # what each layer must not import: rules (b), (c), (d). data/ may import the leaf ``metrics``.
 DATA_FORBIDDEN = ("train", "joint", *APPS, "weighting", "models", "nn", "tasks")
 LOW_FORBIDDEN = ("train", "joint", "models", "nn", "weighting", *APPS)
@@ -159,7 +162,7 @@ def upward_edges(edges: Iterable[Edge]) -> dict[str, list[Edge]]:
             out["data"].append(edge)
         if _under(importer, ("metrics", "tasks")) and _under(imported, LOW_FORBIDDEN):
             out["metrics/tasks"].append(edge)
-        if not _under(importer, APPS) and _under(imported, APPS):
+        if not _under(importer, APPS) and importer != ROOT_PACKAGE and _under(imported, APPS):
             out["apps"].append(edge)
     return out
 

@@ -1,4 +1,8 @@
-"""shopmtl."""
+"""shopmtl.
+
+``shopmtl.load(path)`` loads a trained model directory (``shopmtl.modeldir``; imported on first
+use, so ``import shopmtl`` stays light).
+"""
 
 import os as _os
 
@@ -8,3 +12,11 @@ import os as _os
 # (mimalloc holds its arenas), which puts shopmtl's benchmark peak below torch-rechub's
 # (bench/peers/rss_probe.py; numbers in docs/BENCHMARKS.md).
 _os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "jemalloc")
+
+
+def __getattr__(name: str):
+    if name in ("load", "Model"):
+        from shopmtl import modeldir
+
+        return getattr(modeldir, name)
+    raise AttributeError(f"module 'shopmtl' has no attribute {name!r}")

@@ -191,9 +191,9 @@ def evaluate(
 ) -> None:
     """Metrics per task x scenario of a saved model on a labelled file."""
     from shopmtl.jsonsafe import json_safe
-    from shopmtl.predict import evaluate_file
+    from shopmtl.modeldir import load
 
-    metrics = json_safe(evaluate_file(model_dir, data))
+    metrics = json_safe(load(model_dir).evaluate_file(data))
     _summary({"test": metrics})
     if out is not None:
         out.write_text(json.dumps({"test": metrics}, indent=1))
@@ -210,16 +210,11 @@ def predict(
 ) -> None:
     """Probabilities per task for every row of a file (joined back by line number).
     A joint model directory (``shopmtl train`` on a joint config) answers one ``--task``."""
-    from shopmtl.data.ingest import DataError
-    from shopmtl.joint.predict import is_joint_dir, predict_joint
-    from shopmtl.predict import predict_file
+    from shopmtl.modeldir import load
 
-    if is_joint_dir(model_dir):
-        if not task or len(task) != 1:
-            raise DataError("a joint model answers one task at a time: pass --task NAME")
-        n = predict_joint(model_dir, data, out, task[0])
-    else:
-        n = predict_file(model_dir, data, out, tasks=task)
+    # the directory's meta.json kind picks the loader (modeldir.KINDS); each kind's model
+    # writes its own predictions (zoo: CSV; joint: the task's rows, one task at a time)
+    n = load(model_dir).predict_file(data, out, task)
     typer.echo(f"wrote {n} rows to {out}")
 
 

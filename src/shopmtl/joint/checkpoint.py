@@ -44,20 +44,34 @@ def save_joint_dir(path: Path, model: JointModel, cfg: JointConfig, parts: list[
     ck.write_dir(path, tensors, {
         "config": to_dict(cfg),
         "sources": json_safe(sources),
-        "meta": {"format": 1, "kind": "joint"},
+        "meta": ck.model_meta("joint", model_tasks(sources), sources=list(sources)),
     })
 
 
-def load_joint_dir(path: str | Path) -> tuple[JointModel, JointConfig, dict[str, Any]]:
-    """Rebuild the joint model from its directory (manifest verified first). The text bank is
-    empty: ``predict`` fills it with the texts it is asked about."""
+def model_tasks(sources: dict[str, Any]) -> list[str]:
+    """Every task of a joint model, source by source (``sources.json`` as written or loaded)."""
+    names = []
+    for name, s in sources.items():
+        if name == REC:
+            names += [t["name"] for t in s["schema"]["tasks"]]
+        else:
+            names += [t["name"] for t in s["tasks"]]
+    return names
+
+
+def load_joint_dir(path: str | Path, verify: bool = True
+                   ) -> tuple[JointModel, JointConfig, dict[str, Any]]:
+    """Rebuild the joint model from its directory (manifest verified first, unless the caller
+    just did: ``verify=False``). The text bank is empty: ``predict`` fills it with the texts it
+    is asked about."""
     from shopmtl.config import from_dict
     from shopmtl.data.encoders import Encoders
     from shopmtl.data.schema import Schema
     from shopmtl.registry import build_model
 
     path = Path(path)
-    ck.verify_dir(path)
+    if verify:
+        ck.verify_dir(path)
     cfg = from_dict(JointConfig, ck.read_json(path, "config"), "joint")
     sources = ck.read_json(path, "sources")
     lora = cfg.text.encoder if cfg.text.mode == "lora" else None

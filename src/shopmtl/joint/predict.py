@@ -17,6 +17,7 @@ itself is never echoed.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,21 +25,11 @@ import numpy as np
 import torch
 
 from shopmtl.data.ingest import DataError
-from shopmtl.joint.checkpoint import load_joint_dir, task_owner
+from shopmtl.joint.checkpoint import task_owner
 from shopmtl.joint.config import REC
 from shopmtl.joint.parts import text_bank
 from shopmtl.predict import predict_rows
 from shopmtl.tasks import TASK_TYPES
-
-
-def is_joint_dir(path: str | Path) -> bool:
-    meta = Path(path) / "meta.json"
-    if not meta.is_file():
-        return False
-    try:
-        return json.loads(meta.read_text()).get("kind") == "joint"
-    except (OSError, json.JSONDecodeError):
-        return False
 
 
 def _read_jsonl(path: Path) -> list[dict[str, Any]]:
@@ -74,58 +65,61 @@ def _int(v: Any, key: str, size: int, where: str) -> int:
     return v if 0 <= v < size else 0  # an unknown id is the OOV row, as in training
 
 
-def predict_joint(model_dir: str | Path, path: str | Path, out: str | Path, task: str) -> int:
-    model, cfg, sources = load_joint_dir(model_dir)
+def owner_of(sources: dict[str, Any], task: str) -> str:
     try:
-        owner = task_owner(sources, task)
+        return task_owner(sources, task)
     except KeyError as e:
         raise DataError(f"--task: {e.args[0]}") from None
-    if owner == REC:
-        s = sources[REC]
-        return predict_rows(model.rec, s["_schema"], s["_encoders"], path, out, [task])
+
+
+def score_joint(model, cfg, sources: dict[str, Any], task: str, rows: list[dict[str, Any]],
+                where: Callable[[dict[str, Any]], str]) -> list[dict[str, Any]]:
+    """The one scoring path of a joint model's text and search tasks, for a JSON-lines file and
+    in-memory rows alike: each row is checked (a bad one stops it, named by ``where(row)``),
+    its texts encoded, the task's head run. Returns one record per row, in row order:
+    ``{task: ...}`` plus ``{task}_class`` for a multiclass task (the caller adds ``line``)."""
+    owner = owner_of(sources, task)
     s = sources[owner]
     spec = next(t for t in s["_tasks"] if t.name == task)
-    rows = _read_jsonl(Path(path))
-    name = Path(path).name
     texts: list[str] = [""]
     if s["ranking"]:
         q_idx, c_idx, ids = [], [], {k: [] for k in s["id_sizes"]}
         width = None
         for r in rows:
-            where = f"{name} line {r['_line']}"
+            at = where(r)
             cands = r.get("candidates")
             if not isinstance(cands, list) or not cands:
-                raise DataError(f"{where}: 'candidates' must be a non-empty list of texts")
+                raise DataError(f"{at}: 'candidates' must be a non-empty list of texts")
             if width is not None and len(cands) != width:
-                raise DataError(f"{where}: every line needs the same number of candidates "
+                raise DataError(f"{at}: every line needs the same number of candidates "
                                 f"({width}), got {len(cands)}")
             width = len(cands)
             q_idx.append(len(texts))
-            texts.append(_text(r, "query", where))
+            texts.append(_text(r, "query", at))
             c_idx.append(list(range(len(texts), len(texts) + width)))
-            texts += [_text({"c": c}, "c", f"{where} candidate {j}") for j, c in enumerate(cands)]
+            texts += [_text({"c": c}, "c", f"{at} candidate {j}") for j, c in enumerate(cands)]
             for k, size in s["id_sizes"].items():
                 v = r.get(k, [0] * width)
                 if not isinstance(v, list) or len(v) != width:
-                    raise DataError(f"{where}: '{k}' must be a list of {width} ids")
-                ids[k].append([_int(x, k, size, where) for x in v])
+                    raise DataError(f"{at}: '{k}' must be a list of {width} ids")
+                ids[k].append([_int(x, k, size, at) for x in v])
         inputs = (torch.tensor(q_idx), torch.tensor(c_idx),
                   {k: torch.tensor(v) for k, v in ids.items()})
     else:
         t_idx, num, ids = [], [], {k: [] for k in s["id_sizes"]}
         for r in rows:
-            where = f"{name} line {r['_line']}"
+            at = where(r)
             if s["has_text"]:
                 t_idx.append(len(texts))
-                texts.append(_text(r, "text", where))
+                texts.append(_text(r, "text", at))
             v = r.get("numeric", [])
             if (not isinstance(v, list) or len(v) != s["numeric"]
                     or not all(isinstance(x, (int, float)) and np.isfinite(x) for x in v)):
-                raise DataError(f"{where}: 'numeric' must be a list of {s['numeric']} finite "
+                raise DataError(f"{at}: 'numeric' must be a list of {s['numeric']} finite "
                                 "numbers")
             num.append([float(x) for x in v])
             for k, size in s["id_sizes"].items():
-                ids[k].append(_int(r.get(k, 0), k, size, where))
+                ids[k].append(_int(r.get(k, 0), k, size, at))
         inputs = (torch.tensor(t_idx, dtype=torch.long),
                   torch.tensor(num, dtype=torch.float32).reshape(len(rows), s["numeric"]),
                   {k: torch.tensor(v) for k, v in ids.items()})
@@ -141,11 +135,27 @@ def predict_joint(model_dir: str | Path, path: str | Path, out: str | Path, task
             logits = head.run(model.text, t if s["has_text"] else None, x, i)[task]
         pred = TASK_TYPES[spec.type].activate(logits).numpy()
     classes = s.get("meta", {}).get("classes", {}).get(task) if spec.type == "multiclass" else None
+    records = []
+    for p in pred:
+        rec: dict[str, Any] = {task: np.round(p, 6).tolist()}
+        if spec.type == "multiclass":
+            k = int(np.argmax(p))
+            rec[f"{task}_class"] = classes[k] if classes else k
+        records.append(rec)
+    return records
+
+
+def predict_joint_rows(model, cfg, sources: dict[str, Any], path: str | Path, out: str | Path,
+                       task: str) -> int:
+    """``shopmtl predict --task`` with a loaded joint model: a rec task reads CSV/Parquet rows
+    (``predict.predict_rows``), the others JSON lines; predictions go to ``out``."""
+    if owner_of(sources, task) == REC:
+        s = sources[REC]
+        return predict_rows(model.rec, s["_schema"], s["_encoders"], path, out, [task])
+    rows = _read_jsonl(Path(path))
+    name = Path(path).name
+    records = score_joint(model, cfg, sources, task, rows, lambda r: f"{name} line {r['_line']}")
     with Path(out).open("w") as f:
-        for r, p in zip(rows, pred, strict=True):
-            rec: dict[str, Any] = {"line": r["_line"], task: np.round(p, 6).tolist()}
-            if spec.type == "multiclass":
-                k = int(np.argmax(p))
-                rec[f"{task}_class"] = classes[k] if classes else k
-            f.write(json.dumps(rec) + "\n")
+        for r, rec in zip(rows, records, strict=True):
+            f.write(json.dumps({"line": r["_line"], **rec}) + "\n")
     return len(rows)

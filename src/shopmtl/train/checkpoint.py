@@ -21,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 MANIFEST = "manifest.json"
+FORMAT = 2  # meta.json's "format": 2 adds "kind", "shopmtl_version" and "tasks" to every kind
 
 
 class CheckpointError(RuntimeError):
@@ -74,6 +75,28 @@ def write_dir(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def shopmtl_version() -> str:
+    """``shopmtl.__version__`` where the package sets one, else the installed distribution's."""
+    import sys
+    from importlib.metadata import PackageNotFoundError, version
+
+    own = getattr(sys.modules.get("shopmtl"), "__version__", None)
+    if isinstance(own, str):
+        return own
+    try:
+        return version("shopmtl")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def model_meta(kind: str, tasks: list[str], **extra: Any) -> dict[str, Any]:
+    """``meta.json`` of a model directory, the same keys for every kind (``shopmtl.modeldir``
+    reads it): format, kind, the shopmtl version that wrote it, every task name; then the
+    kind's own keys."""
+    return {"format": FORMAT, "kind": kind, "shopmtl_version": shopmtl_version(),
+            "tasks": list(tasks), **extra}
 
 
 def verify_dir(path: Path) -> dict[str, str]:

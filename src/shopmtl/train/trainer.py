@@ -75,20 +75,19 @@ def save_model_dir(
             "config": to_dict(cfg),
             "schema": to_dict(schema),
             "encoders": encoders.to_json(),
-            "meta": {
-                "format": 1,
-                "model": cfg.model.name,
-                "tasks": list(schema.task_names),
-                **json_safe(extra or {}),
-            },
+            "meta": ck.model_meta("zoo", list(schema.task_names), model=cfg.model.name,
+                                  **json_safe(extra or {})),
         },
     )
 
 
-def load_model_dir(path: str | Path) -> tuple[MultiTaskModel, ExperimentConfig, Schema, Encoders]:
-    """Rebuild a model from its directory alone (the manifest is verified first)."""
+def load_model_dir(path: str | Path, verify: bool = True
+                   ) -> tuple[MultiTaskModel, ExperimentConfig, Schema, Encoders]:
+    """Rebuild a model from its directory alone (the manifest is verified first, unless the
+    caller just did: ``verify=False``). ``shopmtl.load`` reads any kind of model directory."""
     path = Path(path)
-    ck.verify_dir(path)
+    if verify:
+        ck.verify_dir(path)
     cfg = from_dict(ExperimentConfig, ck.read_json(path, "config"))
     schema = from_dict(Schema, ck.read_json(path, "schema"))
     content = ck.read_tensors(path, "content") if schema.content_features else None

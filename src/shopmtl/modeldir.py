@@ -1,0 +1,188 @@
+"""One model-directory format, one loader, one predict path: ``shopmtl.load(path)``.
+
+Every trained model is a directory written by ``train.checkpoint.write_dir`` (safetensors
+weights, JSON files, a SHA-256 ``manifest.json``). Its ``meta.json`` says what it holds, the
+same keys for every kind (format 2, ``train.checkpoint.model_meta``)::
+
+    {"format": 2, "kind": "zoo" | "joint", "shopmtl_version": "0.1.0",
+     "tasks": [every task name], ...the kind's own keys}
+
+(zoo: ``model``, ``epoch``, ``valid_metric``; joint: ``sources``). Format-1 directories (written
+before) still load: a format-1 meta without ``kind`` is a zoo model, ``kind: joint`` a joint one.
+
+``load`` verifies the manifest, reads the kind and calls that kind's loader in ``KINDS``; the
+``Model`` it returns answers ``predict`` in memory (the Python API) and ``predict_file`` /
+``evaluate_file`` (``shopmtl predict`` / ``shopmtl evaluate``) through the same parsing and
+scoring code: ``predict.score_rows`` for zoo rows, ``joint.predict.score_joint`` for the joint
+model's text and search tasks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+
+from shopmtl.data.ingest import DataError
+from shopmtl.train import checkpoint as ck
+
+PathLike = str | Path
+
+
+class Model:
+    """A loaded model directory: ``kind`` ("zoo" or "joint"), ``tasks`` (every task name),
+    ``path``; ``predict(rows, task=None)`` returns a ``pyarrow.Table`` in row order."""
+
+    kind: str
+
+    def __init__(self, path: Path, tasks: list[str], meta: dict[str, Any]) -> None:
+        self.path, self.tasks, self.meta = path, tuple(tasks), meta
+
+    def __repr__(self) -> str:
+        return f"<shopmtl.Model kind={self.kind!r} tasks={list(self.tasks)} path='{self.path}'>"
+
+    def predict(self, rows: Any, task: str | list[str] | None = None) -> pa.Table:
+        raise NotImplementedError
+
+    def predict_file(self, path: PathLike, out: PathLike, tasks: list[str] | None = None
+                     ) -> int:
+        """``shopmtl predict``: predictions of every row of ``path`` written to ``out``."""
+        raise NotImplementedError
+
+    def evaluate_file(self, path: PathLike) -> dict:
+        """``shopmtl evaluate``: metrics per task x scenario of a labelled file."""
+        raise NotImplementedError
+
+
+def _task_list(task: str | list[str] | None) -> list[str] | None:
+    if task is None:
+        return None
+    return [task] if isinstance(task, str) else list(task)
+
+
+class ZooModel(Model):
+    """A zoo model (``shopmtl train`` on an experiment config). ``predict`` takes a pandas
+    DataFrame, a pyarrow Table, a list of dicts (the training columns; labels not needed) or a
+    CSV/Parquet path, and gives one float column per task (``task``: only those)."""
+
+    kind = "zoo"
+
+    def __init__(self, path: Path, meta: dict[str, Any]) -> None:
+        from shopmtl.train.trainer import load_model_dir
+
+        self.model, self.cfg, self.schema, self.encoders = load_model_dir(path, verify=False)
+        super().__init__(path, list(self.schema.task_names), meta)
+
+    def predict(self, rows: Any, task: str | list[str] | None = None) -> pa.Table:
+        from shopmtl.predict import predict_in_memory
+
+        return predict_in_memory(self.model, self.schema, self.encoders, rows, _task_list(task))
+
+    def predict_file(self, path: PathLike, out: PathLike, tasks: list[str] | None = None
+                     ) -> int:
+        from shopmtl.predict import predict_rows
+
+        return predict_rows(self.model, self.schema, self.encoders, path, out, tasks)
+
+    def evaluate_file(self, path: PathLike) -> dict:
+        from shopmtl.predict import evaluate_rows
+
+        return evaluate_rows(self.model, self.cfg, self.schema, self.encoders, path)
+
+
+class JointModelDir(Model):
+    """A joint model (``shopmtl train`` on a joint config): one task at a time. A rec task
+    takes the rows of a zoo model; a text or search task a list of dicts, a pyarrow Table or
+    DataFrame with the keys of ``shopmtl predict``'s JSON lines (``{"text": ...}``,
+    ``{"query": ..., "candidates": [...]}``; joint/predict.py), or a JSON-lines path. The
+    result has the columns of the records ``shopmtl predict --task`` writes, without ``line``:
+    ``<task>`` (class probabilities, quantiles, candidate scores or a probability) and
+    ``<task>_class`` for a multiclass task."""
+
+    kind = "joint"
+
+    def __init__(self, path: Path, meta: dict[str, Any]) -> None:
+        from shopmtl.joint.checkpoint import load_joint_dir, model_tasks
+
+        self.model, self.cfg, self.sources = load_joint_dir(path, verify=False)
+        super().__init__(path, model_tasks(self.sources), meta)
+
+    def _one(self, tasks: list[str] | None, how: str) -> str:
+        if not tasks or len(tasks) != 1:
+            raise DataError(f"a joint model answers one task at a time: pass {how}")
+        return tasks[0]
+
+    def predict(self, rows: Any, task: str | list[str] | None = None) -> pa.Table:
+        from shopmtl.joint.config import REC
+        from shopmtl.joint.predict import _read_jsonl, owner_of, score_joint
+        from shopmtl.predict import ROWS, predict_in_memory, rows_table
+
+        name = self._one(_task_list(task), "task=NAME")
+        if owner_of(self.sources, name) == REC:
+            s = self.sources[REC]
+            return predict_in_memory(self.model.rec, s["_schema"], s["_encoders"], rows, [name])
+        if isinstance(rows, str | Path):
+            records = _read_jsonl(Path(rows))
+            file = Path(rows).name
+            where: Callable[[dict], str] = lambda r: f"{file} line {r['_line']}"  # noqa: E731
+        else:
+            # a dict is a JSON line as it is; a table or DataFrame gives one dict per row
+            dicts = (list(rows) if isinstance(rows, list | tuple)
+                     and all(isinstance(r, dict) for r in rows) else rows_table(rows).to_pylist())
+            records = [{"_line": i, **r} for i, r in enumerate(dicts)]
+            if not records:
+                raise DataError(f"{ROWS}: no rows")
+            where = lambda r: f"{ROWS}: row {r['_line']}"  # noqa: E731
+        out = score_joint(self.model, self.cfg, self.sources, name, records, where)
+        return pa.Table.from_pylist(out)
+
+    def predict_file(self, path: PathLike, out: PathLike, tasks: list[str] | None = None
+                     ) -> int:
+        from shopmtl.joint.predict import predict_joint_rows
+
+        name = self._one(tasks, "--task NAME")
+        return predict_joint_rows(self.model, self.cfg, self.sources, path, out, name)
+
+    def evaluate_file(self, path: PathLike) -> dict:
+        raise DataError(f"{self.path}: a joint model is scored by its run (metrics.json, "
+                        "report.md); `shopmtl evaluate` takes a zoo model directory")
+
+
+def _load_zoo(path: Path, meta: dict[str, Any]) -> Model:
+    return ZooModel(path, meta)
+
+
+def _load_joint(path: Path, meta: dict[str, Any]) -> Model:
+    return JointModelDir(path, meta)
+
+
+# kind (meta.json "kind") -> its loader: (directory, meta) -> Model
+KINDS: dict[str, Callable[[Path, dict[str, Any]], Model]] = {
+    "zoo": _load_zoo,
+    "joint": _load_joint,
+}
+FORMATS = (1, ck.FORMAT)
+
+
+def kind_of(path: PathLike, meta: Any) -> str:
+    """The kind of a model directory from its ``meta.json``: format 2 names it; format 1 named
+    only joint directories (a format-1 meta without ``kind`` is a zoo model)."""
+    fmt = meta.get("format") if isinstance(meta, dict) else None
+    kind = meta.get("kind", "zoo" if fmt == 1 else None) if isinstance(meta, dict) else None
+    if fmt not in FORMATS or kind not in KINDS:
+        raise ck.CheckpointError(
+            f"{path}: unknown model directory (meta.json format {fmt!r}, kind {kind!r}); "
+            f"known kinds: {', '.join(KINDS)} (formats {', '.join(map(str, FORMATS))})")
+    return kind
+
+
+def load(path: PathLike) -> Model:
+    """Load any model directory (``OUT/model`` of ``shopmtl train``/``quickstart``, or
+    ``OUT/joint/model`` of a joint run): the manifest is verified, then ``meta.json``'s kind
+    picks the loader. A missing, tampered or unknown directory raises ``CheckpointError``."""
+    path = Path(path)
+    ck.verify_dir(path)
+    meta = ck.read_json(path, "meta")
+    return KINDS[kind_of(path, meta)](path, meta)

@@ -1,0 +1,289 @@
+"""One model-directory format, one loader, one predict path (``shopmtl.modeldir``).
+
+Directories written by the old code (format 1, tests/fixtures/format1, made by make.py at the
+pre-refactor commit) load and predict exactly what the old ``shopmtl predict`` wrote; new ones
+are format 2; ``shopmtl.load(...).predict`` checks rows with the CLI's code; a tampered or
+unknown directory is refused in one line; the README's Python API example runs as written."""
+
+from __future__ import annotations
+
+import ast
+import csv
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.csv as pacsv
+import pytest
+import yaml
+
+import shopmtl
+from shopmtl.data.ingest import DataError
+from shopmtl.train.checkpoint import CheckpointError
+from tests.helpers import assert_one_error_line, cli
+
+FIX = Path(__file__).parent / "fixtures" / "format1"
+ZOO_TASKS = ("click", "conversion", "ad_click")
+JOINT_TASKS = ("intent", "category")
+README = Path(__file__).resolve().parents[1] / "README.md"
+
+
+def _old_zoo() -> list[dict]:
+    return json.loads((FIX / "zoo_predictions.json").read_text())
+
+
+def _old_joint() -> dict[str, list[dict]]:
+    return json.loads((FIX / "joint_predictions.json").read_text())
+
+
+def _assert_zoo_matches(table: pa.Table, tasks=ZOO_TASKS) -> None:
+    old = _old_zoo()
+    assert table.column_names == list(tasks) and table.num_rows == len(old)
+    for t in tasks:
+        np.testing.assert_allclose(table.column(t).to_numpy(), [r[t] for r in old], atol=1e-6,
+                                   rtol=0)
+
+
+def _assert_joint_matches(records: list[dict], task: str) -> None:
+    old = _old_joint()[task]
+    assert len(records) == len(old)
+    for new, was in zip(records, old, strict=True):
+        np.testing.assert_allclose(new[task], was[task], atol=1e-6, rtol=0)
+        assert new[f"{task}_class"] == was[f"{task}_class"]
+
+
+def test_fixtures_are_format_1_and_small() -> None:
+    zoo = json.loads((FIX / "zoo_model" / "meta.json").read_text())
+    joint = json.loads((FIX / "joint_model" / "meta.json").read_text())
+    assert zoo["format"] == 1 and "kind" not in zoo
+    assert joint == {"format": 1, "kind": "joint"}
+    size = {d: sum(f.stat().st_size for f in (FIX / d).iterdir())
+            for d in ("zoo_model", "joint_model")}
+    assert size["zoo_model"] < 150_000 and size["joint_model"] < 300_000, size
+
+
+def test_old_zoo_dir_loads_and_predicts_what_the_old_code_did() -> None:
+    m = shopmtl.load(FIX / "zoo_model")
+    assert (m.kind, m.tasks, m.path) == ("zoo", ZOO_TASKS, FIX / "zoo_model")
+    table = pacsv.read_csv(FIX / "zoo_rows.csv")  # typed columns, as a Parquet file gives
+    _assert_zoo_matches(m.predict(table))
+    _assert_zoo_matches(m.predict(table.to_pylist()))
+    _assert_zoo_matches(m.predict(FIX / "zoo_rows.csv"))
+    _assert_zoo_matches(m.predict(str(FIX / "zoo_rows.csv"), task="conversion"), ["conversion"])
+    # labels are not needed
+    _assert_zoo_matches(m.predict(table.drop_columns(["click", "conversion", "ad_click"])))
+
+
+def test_old_zoo_dir_through_the_cli(tmp_path: Path) -> None:
+    out = tmp_path / "p.csv"
+    proc = cli("predict", str(FIX / "zoo_model"), str(FIX / "zoo_rows.csv"), "--out", str(out),
+               check=True)
+    assert "wrote 8 rows" in proc.stdout
+    rows = list(csv.DictReader(out.open()))
+    old = _old_zoo()
+    assert [int(r["line"]) for r in rows] == [r["line"] for r in old]
+    for t in ZOO_TASKS:
+        np.testing.assert_allclose([float(r[t]) for r in rows], [r[t] for r in old], atol=1e-6)
+
+
+def test_old_joint_dir_loads_and_predicts_what_the_old_code_did() -> None:
+    m = shopmtl.load(FIX / "joint_model")
+    assert (m.kind, m.tasks) == ("joint", JOINT_TASKS)
+    texts = [json.loads(line) for line in (FIX / "joint_rows.jsonl").read_text().splitlines()]
+    for task in JOINT_TASKS:
+        _assert_joint_matches(m.predict(FIX / "joint_rows.jsonl", task=task).to_pylist(), task)
+        _assert_joint_matches(m.predict(texts, task=task).to_pylist(), task)
+        _assert_joint_matches(m.predict(pa.Table.from_pylist(texts), task=task).to_pylist(),
+                              task)
+
+
+def test_old_joint_dir_through_the_cli(tmp_path: Path) -> None:
+    out = tmp_path / "p.jsonl"
+    cli("predict", str(FIX / "joint_model"), str(FIX / "joint_rows.jsonl"), "--out", str(out),
+        "--task", "category", check=True)
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["line"] for r in records] == [r["line"] for r in _old_joint()["category"]]
+    _assert_joint_matches(records, "category")
+
+
+def test_in_memory_rows_are_checked_by_the_cli_rules(tmp_path: Path) -> None:
+    m = shopmtl.load(FIX / "zoo_model")
+    rows = pacsv.read_csv(FIX / "zoo_rows.csv").to_pylist()
+    rows[1]["price"] = "cheap"
+    rows[2]["price"] = "cheap"
+    with pytest.raises(DataError) as info:
+        m.predict(rows)
+    assert str(info.value) == ("bad row: rows: row 1, column 'price': non-numeric value in a "
+                               "numeric feature (2 bad rows in all)")
+    # the same rows in a file: the same message, with the file's name and line
+    bad = tmp_path / "bad.csv"
+    pacsv.write_csv(pa.Table.from_pylist([{k: (None if v is None else str(v))
+                                           for k, v in r.items()} for r in rows]), bad)
+    with pytest.raises(DataError, match=r"bad row: bad.csv: line 3, column 'price': non-numeric"):
+        m.predict(bad)
+    with pytest.raises(DataError, match=r"rows: missing column\(s\) \['price'\]"):
+        m.predict([{k: v for k, v in r.items() if k != "price"} for r in rows])
+    with pytest.raises(DataError, match=r"unknown task\(s\) \['refund'\]"):
+        m.predict(rows[:1], task="refund")
+    with pytest.raises(DataError, match="expected a pyarrow Table"):
+        m.predict(42)
+    j = shopmtl.load(FIX / "joint_model")
+    with pytest.raises(DataError, match="rows: row 1: 'text' must be a non-empty string"):
+        j.predict([{"text": "where is my order"}, {"txt": 1}], task="intent")
+    with pytest.raises(DataError, match="one task at a time: pass task=NAME"):
+        j.predict([{"text": "where is my order"}])
+    with pytest.raises(DataError, match=r"unknown task 'click'.*category"):
+        j.predict([{"text": "where is my order"}], task="click")
+
+
+def test_a_dataframe_is_accepted_when_pandas_is_there() -> None:
+    pd = pytest.importorskip("pandas")
+    m = shopmtl.load(FIX / "zoo_model")
+    _assert_zoo_matches(m.predict(pd.read_csv(FIX / "zoo_rows.csv", keep_default_na=True)))
+
+
+def _rewrite(path: Path, name: str, text: str, fix_manifest: bool = True) -> None:
+    (path / name).write_text(text)
+    if fix_manifest:
+        manifest = json.loads((path / "manifest.json").read_text())
+        manifest[name] = hashlib.sha256((path / name).read_bytes()).hexdigest()
+        (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize("meta", [{"format": 2, "kind": "tree"}, {"format": 3, "kind": "zoo"},
+                                  {"format": 2}, {"kind": "joint"}, []])
+def test_unknown_kind_or_format_is_one_line_naming_the_dir(meta, tmp_path: Path) -> None:
+    d = tmp_path / "model"
+    shutil.copytree(FIX / "zoo_model", d)
+    _rewrite(d, "meta.json", json.dumps(meta))
+    with pytest.raises(CheckpointError) as info:
+        shopmtl.load(d)
+    msg = str(info.value)
+    assert "\n" not in msg and str(d) in msg and "known kinds: zoo, joint" in msg
+    assert_one_error_line(cli("predict", str(d), str(FIX / "zoo_rows.csv")), str(d),
+                          "known kinds: zoo, joint")
+
+
+@pytest.mark.parametrize("which", ["zoo_model", "joint_model"])
+def test_tampered_or_incomplete_dirs_are_refused(which: str, tmp_path: Path) -> None:
+    d = tmp_path / "model"
+    shutil.copytree(FIX / which, d)
+    _rewrite(d, "config.json", (d / "config.json").read_text() + " ", fix_manifest=False)
+    with pytest.raises(CheckpointError, match=r"'config\.json' is corrupt"):
+        shopmtl.load(d)
+    shutil.copy(FIX / which / "config.json", d / "config.json")
+    shopmtl.load(d)  # restored: loads
+    manifest = json.loads((d / "manifest.json").read_text())
+    manifest["model.safetensors"] = "0" * 64
+    (d / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="SHA-256 mismatch"):
+        shopmtl.load(d)
+    shutil.copy(FIX / which / "manifest.json", d / "manifest.json")
+    (d / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match=r"'model\.safetensors' .* is missing"):
+        shopmtl.load(d)
+    (d / "manifest.json").unlink()
+    with pytest.raises(CheckpointError, match="not a checkpoint"):
+        shopmtl.load(d)
+    rows = "zoo_rows.csv" if which == "zoo_model" else "joint_rows.jsonl"
+    assert_one_error_line(cli("predict", str(d), str(FIX / rows), "--task", "click"),
+                          "not a checkpoint")
+
+
+def test_new_dirs_are_format_2_and_load(tmp_path: Path) -> None:
+    """A zoo and a joint run of the current code write the same meta.json keys."""
+    from shopmtl.data.synthetic import WorldConfig, generate
+    from tests.helpers import world_config_yaml
+
+    generate(WorldConfig(rows=2000, n_users=50, n_items=30, chunk_rows=20_000), tmp_path / "w")
+    cfg = world_config_yaml(tmp_path / "w", tmp_path / "zoo.yaml", epochs=1)
+    joint = tmp_path / "joint.yaml"
+    joint.write_text(yaml.safe_dump({
+        "sources": [{"name": "bitext", "batch_size": 16, "max_examples": 40}],
+        "text": {"ngram_buckets": 1024},
+        "model": {"adapter_hidden": 8, "text_dim": 8, "hidden": [8], "ngram_dim": 4},
+        "train": {"steps": 4, "threads": 1, "log_every": 0}}))
+    cli("train", str(cfg), "--out", str(tmp_path / "zoo"), check=True)
+    cli("train", str(joint), "--out", str(tmp_path / "joint"), check=True)
+    zoo_meta = json.loads((tmp_path / "zoo" / "model" / "meta.json").read_text())
+    joint_meta = json.loads((tmp_path / "joint" / "joint" / "model" / "meta.json").read_text())
+    common = {"format": 2, "shopmtl_version": version("shopmtl")}
+    assert zoo_meta == {**common, "kind": "zoo", "tasks": list(ZOO_TASKS),
+                        "model": "shared_bottom", "epoch": 1,
+                        "valid_metric": zoo_meta["valid_metric"]}
+    assert joint_meta == {**common, "kind": "joint", "tasks": list(JOINT_TASKS),
+                          "sources": ["bitext"]}
+    m = shopmtl.load(tmp_path / "zoo" / "model")
+    assert (m.kind, m.tasks) == ("zoo", ZOO_TASKS)
+    import pyarrow.parquet as pq
+
+    rows = pq.read_table(tmp_path / "w" / "test.parquet").slice(0, 20)
+    preds = m.predict(rows)
+    out = tmp_path / "p.csv"
+    pq.write_table(rows, tmp_path / "rows.parquet")
+    cli("predict", str(m.path), str(tmp_path / "rows.parquet"), "--out", str(out), check=True)
+    written = list(csv.DictReader(out.open()))
+    for t in ZOO_TASKS:
+        np.testing.assert_allclose(preds.column(t).to_numpy(), [float(r[t]) for r in written],
+                                   atol=1e-6)
+    j = shopmtl.load(tmp_path / "joint" / "joint" / "model")
+    assert (j.kind, j.tasks) == ("joint", JOINT_TASKS)
+    got = j.predict([{"text": "cancel my order"}], task="intent").to_pylist()
+    assert len(got) == 1 and len(got[0]["intent"]) == 27 and isinstance(got[0]["intent_class"],
+                                                                          str)
+    assert_one_error_line(cli("evaluate", str(j.path), str(FIX / "zoo_rows.csv")),
+                          "`shopmtl evaluate` takes a zoo model directory")
+
+
+def test_import_shopmtl_stays_light() -> None:
+    code = ("import sys, shopmtl; heavy = [m for m in ('torch', 'pyarrow', 'shopmtl.modeldir') "
+            "if m in sys.modules]; assert not heavy, heavy; assert callable(shopmtl.load); "
+            "assert 'shopmtl.modeldir' in sys.modules")
+    subprocess.run([sys.executable, "-c", code], check=True)
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        shopmtl.nope  # noqa: B018
+
+
+def _readme_python_api() -> tuple[str, str]:
+    text = README.read_text()
+    section = text.split("## Python API\n", 1)[1].split("\n## ", 1)[0]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    train = re.search(r"shopmtl train (\S+) --out (\S+)", code)
+    return code, train.group(1)
+
+
+def test_readme_python_api_example_runs_as_written(tmp_path: Path) -> None:
+    """The README's example, verbatim, from a directory laid out as the repository (the data
+    path ../shared/...) on a census model trained by the command it names (tiny and short)."""
+    from shopmtl.data.sources import EXAMPLES, require_dataset
+
+    code, config = _readme_python_api()
+    assert config == "examples/census.yaml"
+    census = require_dataset("census_income_kdd")
+    work = tmp_path / "repo"
+    work.mkdir()
+    (tmp_path / "shared" / "datasets").mkdir(parents=True)
+    os.symlink(census, tmp_path / "shared" / "datasets" / "census_income_kdd")
+    csv_path = census / "census_income_kdd_test_every5th.csv"
+    head = tmp_path / "census_head.csv"
+    head.write_text("".join(csv_path.open().readlines()[:1500]))
+    cli("train", str(EXAMPLES / "census.yaml"), "--out", str(work / "runs" / "census"),
+        "--set", f"data.train={head}", "--set", "train.epochs=1", "--set", "train.threads=1",
+        "--set", "model.args.bottom=[8]", "--set", "model.args.tower=[4]", check=True)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=work, capture_output=True, text=True,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == "zoo ('income_50k', 'never_married')"
+    preds = ast.literal_eval(lines[1])
+    assert len(preds) == 3 and all(0.0 < p[t] < 1.0 for p in preds
+                                   for t in ("income_50k", "never_married"))
+    assert lines[2] == "['income_50k']"
