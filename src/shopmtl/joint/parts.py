@@ -174,6 +174,8 @@ def eval_mode(model: nn.Module) -> Iterator[None]:
 class SourcePart:
     """A loaded source: its data, tensors, head and batch stream."""
 
+    refit_first: ClassVar[bool] = False  # see RecPart
+
     def __init__(self, sc: SourceConfig, source: Source, data: SourceData, texts: TextIndex,
                  seed: int) -> None:
         self.name = sc.name
@@ -266,6 +268,9 @@ class RecPart(TableSource):
     """The recommendation / ads source: the synthetic world through a zoo model (the joint
     model's ``rec``), a ``TableSource`` like a one-table run's."""
 
+    # refit before the other heads: a head that borrows the rec model's rows
+    # (``model.share_ids``) then refits on the rows as they end
+    refit_first: ClassVar[bool] = True
     DEFAULTS: ClassVar[dict[str, Any]] = {
         "rows": 400_000, "seed": 0, "model": "shared_bottom",
         "model_args": {"embed_dim": 16, "interaction": "dot", "bottom": [128], "tower": [32],

@@ -29,7 +29,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from shopmtl.config import check_tasks, to_dict
@@ -49,7 +48,6 @@ from shopmtl.joint.parts import (
 from shopmtl.joint.solve import solve_heads
 from shopmtl.jsonsafe import json_safe
 from shopmtl.train.loop import Loop, Schedule, clone_state
-from shopmtl.train.sampling import SourceSampler
 from shopmtl.train.select import GainSelector, primary, valid_score
 from shopmtl.train.stages import Checkpointer, Stage, StageContext, run_stages
 from shopmtl.weighting import build_weighting
@@ -99,15 +97,11 @@ def _joint_stage(cfg: JointConfig, parts: list[Any], types: dict[str, str], step
         loop.load_best()
         # each source's head at its own best joint step: the refit stages' other start
         ctx.carry.update({f"own_best.{k}": v for k, v in loop.own_best.items()})
-        sampler = SourceSampler([p.num_batches() for p in parts], cfg.sampling.method,
-                                cfg.sampling.temperature, t.seed)
-        drawn = sampler.schedule(steps) if len(parts) > 1 else np.zeros(steps, np.int64)
-        counts = np.bincount(drawn, minlength=len(parts))
         return {"steps": steps, "best_step": loop.state.best_step,
                 "valid_history": [{k: r[k] for k in ("step", "valid", "score")}
                                   for r in loop.state.history],
-                "steps_per_source": {p.name: int(c) for p, c in zip(parts, counts,
-                                                                    strict=True)}}
+                "steps_per_source": {p.name: loop.state.steps_by_source.get(p.name, 0)
+                                     for p in parts}}
 
     return run
 
@@ -170,7 +164,7 @@ def refit_heads(model: JointModel, parts: list[Any], cfg: JointConfig, types: di
     """The refit stages alone (no checkpoints): each part's head, rec first. ``candidates``:
     per source, a head state to start from when it scores better on validation."""
     stages = [Stage(f"refit:{p.name}", _refit_stage(cfg, p, types, log))
-              for p in sorted(parts, key=lambda p: not isinstance(p, RecPart))]
+              for p in sorted(parts, key=lambda p: not p.refit_first)]
     carry = {f"own_best.{k}": v for k, v in (candidates or {}).items()}
     results = run_stages(model, stages, None, carry=carry)
     return {k.removeprefix("refit:"): v for k, v in results.items()}
@@ -217,7 +211,7 @@ def train_joint(cfg: JointConfig, out_dir: str | Path, *, only: tuple[str, ...] 
     stages = [Stage("joint", _joint_stage(cfg, parts, types, n_steps, log, writer))]
     if cfg.train.refit_steps:  # rec first: heads that borrow its rows refit on their end
         stages += [Stage(f"refit:{p.name}", _refit_stage(cfg, p, types, log))
-                   for p in sorted(parts, key=lambda p: not isinstance(p, RecPart))]
+                   for p in sorted(parts, key=lambda p: not p.refit_first)]
     if cfg.train.solve_heads:
         stages.append(Stage("solve", lambda ctx: solve_heads(
             ctx.model, parts, cfg.train.solve_l2, cfg.train.solve_iters, log)))

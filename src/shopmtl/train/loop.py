@@ -72,6 +72,7 @@ class LoopState:
     step: int = 0
     # source -> [epoch, batches of that epoch already taken]
     positions: dict[str, list[int]] = field(default_factory=dict)
+    steps_by_source: dict[str, int] = field(default_factory=dict)
     history: list[dict[str, Any]] = field(default_factory=list)  # one record per evaluation
     best_score: float | None = None
     best_step: int = 0
@@ -332,6 +333,7 @@ class Loop:
                 losses = self.step(source, stream.next())
                 st.step += 1
                 st.positions[source.name] = [stream.epoch, stream.taken]
+                st.steps_by_source[source.name] = st.steps_by_source.get(source.name, 0) + 1
                 for k, v in losses.items():
                     run = st.running.setdefault(k, [0.0, 0])
                     run[0] += v
