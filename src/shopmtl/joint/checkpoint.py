@@ -13,7 +13,7 @@ from shopmtl.config import to_dict
 from shopmtl.data.schema import TaskSpec
 from shopmtl.joint.config import REC, JointConfig
 from shopmtl.joint.model import JointModel, RankHead, SharedText, TableHead
-from shopmtl.joint.parts import SourcePart, text_width, vector_width
+from shopmtl.joint.parts import text_width, vector_width
 from shopmtl.jsonsafe import json_safe
 from shopmtl.train import checkpoint as ck
 
@@ -24,23 +24,9 @@ def save_joint_dir(path: Path, model: JointModel, cfg: JointConfig, parts: list[
     sizes and numeric widths per source; the rec source's schema, encoders and catalog."""
     tensors: dict[str, dict[str, Tensor]] = {"model": dict(model.state_dict())}
     sources = {}
-    for p in parts:
-        if isinstance(p, SourcePart):
-            sources[p.name] = {
-                "tasks": [to_dict(t) for t in p.tasks],
-                "id_sizes": p.data.id_sizes,
-                "numeric": int(p.splits["train"].numeric.shape[1]),
-                "has_text": p.has_text,
-                "ranking": p.ranking,
-                "meta": p.data.meta,
-                # ids that add the rec model's rows (their row map is a buffer in the weights)
-                "shared_ids": list(model.heads[p.name].shared),
-            }
-        else:
-            sources[p.name] = {"schema": to_dict(p.schema), "encoders": p.data.encoders.to_json(),
-                               "args": p.args}
-            if p.schema.content_features:
-                tensors["rec_content"] = p.data.encoders.content_tensors()
+    for p in parts:  # each part says what rebuilds it (``describe``) and what it stores once
+        sources[p.name] = p.describe(model)
+        tensors.update(p.extra_tensors())
     ck.write_dir(path, tensors, {
         "config": to_dict(cfg),
         "sources": json_safe(sources),

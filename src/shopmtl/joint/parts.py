@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from shopmtl.config import ConfigError
+from shopmtl.config import ConfigError, to_dict
 from shopmtl.data.schema import TaskSpec
 from shopmtl.data.source import Source, SourceData, SourceSplit
 from shopmtl.joint.config import REC, JointConfig, SourceConfig
@@ -225,6 +225,28 @@ class SourcePart:
     def head(self, model: JointModel) -> nn.Module:
         return model.heads[self.name]
 
+    def describe(self, model: JointModel) -> dict[str, Any]:
+        """What ``joint.checkpoint.load_joint_dir`` needs to rebuild this source's head."""
+        return {
+            "tasks": [to_dict(t) for t in self.tasks],
+            "id_sizes": self.data.id_sizes,
+            "numeric": int(self.splits["train"].numeric.shape[1]),
+            "has_text": self.has_text,
+            "ranking": self.ranking,
+            "meta": self.data.meta,
+            # ids that add the rec model's rows (their row map is a buffer in the weights)
+            "shared_ids": list(model.heads[self.name].shared),
+        }
+
+    def extra_tensors(self) -> dict[str, dict[str, Tensor]]:
+        return {}
+
+    def baseline(self) -> dict[str, dict[str, Any]]:
+        """The source's own simple baseline on its test split, per task (a source with several
+        baselines names the one to beat "best")."""
+        res = self.source.baseline(self.data)
+        return {t: (m["best"] if isinstance(m.get("best"), dict) else m) for t, m in res.items()}
+
     def logits(self, model: JointModel, b: SplitTensors) -> dict[str, Tensor]:
         head = model.heads[self.name]
         if self.ranking:
@@ -301,6 +323,19 @@ class RecPart(TableSource):
         schema = exp.data.schema.build()
         super().__init__(prepare_data(exp.data, schema, out_dir), sc.batch_size, name=REC,
                          module=_rec, embedding_weight_decay=float(a["embedding_weight_decay"]))
+
+    def describe(self, model: JointModel) -> dict[str, Any]:
+        return {"schema": to_dict(self.schema), "encoders": self.data.encoders.to_json(),
+                "args": self.args}
+
+    def extra_tensors(self) -> dict[str, dict[str, Tensor]]:
+        """The item catalog's content matrices, stored once (not in the weights)."""
+        if not self.schema.content_features:
+            return {}
+        return {"rec_content": self.data.encoders.content_tensors()}
+
+    def baseline(self) -> dict[str, dict[str, Any]]:
+        return {}  # the ID-only model, trained by ``joint.report.run_joint``
 
     def build_model(self) -> nn.Module:
         from shopmtl.registry import build_model

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from shopmtl.joint.config import REC, JointConfig
-from shopmtl.joint.parts import RecPart, SourcePart, load_parts
+from shopmtl.joint.parts import RecPart, load_parts
 from shopmtl.joint.train import replace_steps, train_joint
 from shopmtl.jsonsafe import json_safe
 from shopmtl.tasks import TASK_TYPES
@@ -26,14 +26,7 @@ def _primary(types: dict[str, str], task: str, m: dict[str, Any] | None) -> floa
 def baselines(parts: list[Any]) -> dict[str, dict[str, dict[str, Any]]]:
     """Each source's own simple baseline on its test split (the rec source's is the ID-only
     model, trained in ``run_joint``)."""
-    out: dict[str, dict[str, dict[str, Any]]] = {}
-    for p in parts:
-        if isinstance(p, SourcePart):
-            res = p.source.baseline(p.data)
-            # a source with several baselines names the one to beat "best"
-            out[p.name] = {t: (m["best"] if isinstance(m.get("best"), dict) else m)
-                           for t, m in res.items()}
-    return out
+    return {p.name: b for p in parts if (b := p.baseline())}
 
 
 def run_joint(cfg: JointConfig, out_dir: str | Path, *, alone: bool = False,

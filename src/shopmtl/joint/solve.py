@@ -270,8 +270,10 @@ def solve_head(model: JointModel, part: SourcePart, grid: tuple[float, ...], ite
 def solve_heads(model: JointModel, parts: list[Any], grid: tuple[float, ...], iters: int,
                 log: Any = print) -> dict[str, dict[str, Any]]:
     out = {}
+    heads = dict(model.heads.items())
     for part in parts:
-        if isinstance(part, SourcePart) and isinstance(model.heads[part.name], TableHead):
+        # the table heads (not a ranking head; the rec zoo model is no head)
+        if isinstance(heads.get(part.name), TableHead):
             res = solve_head(model, part, grid, iters, log)
             if res:
                 out[part.name] = res
