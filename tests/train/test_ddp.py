@@ -210,3 +210,43 @@ def test_streaming_or_baselines_are_refused_across_processes(world: Path, tmp_pa
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert proc.returncode != 0
         assert needle in proc.stderr and "error: " in proc.stderr, proc.stderr
+
+
+def test_collectives_in_a_one_process_group(tmp_path: Path) -> None:
+    """``Dist``'s collectives on a real (gloo, world of one) group: the metrics travel as JSON
+    with NaN and numpy values, count-weighted losses keep their value and zero a task no row
+    labels, a parameter without a gradient keeps none."""
+    import numpy as np
+
+    store = torch.distributed.FileStore(str(tmp_path / "store"), 1)
+    torch.distributed.init_process_group("gloo", store=store, rank=0, world_size=1)
+    try:
+        d = Dist(rank=0, world=1, device=torch.device("cpu"))
+        got = d.broadcast_json({"a": {"auc": float("nan"), "n": np.int64(3),
+                                      "x": np.float32(0.5)}})
+        assert np.isnan(got["a"]["auc"]) and got["a"]["n"] == 3 and got["a"]["x"] == 0.5
+        vec = torch.tensor([0.5, 0.7, 0.0], requires_grad=True)
+        out = d.global_values(vec, torch.tensor([4.0, 2.0, 0.0]))
+        assert torch.allclose(out.detach(), torch.tensor([0.5, 0.7, 0.0]))
+        out.sum().backward()
+        assert torch.allclose(vec.grad, torch.tensor([1.0, 1.0, 0.0]))
+        a, b = torch.nn.Parameter(torch.ones(2)), torch.nn.Parameter(torch.ones(3))
+        a.grad = torch.tensor([2.0, 4.0])
+        d.average_gradients([a, b])
+        assert torch.equal(a.grad, torch.tensor([2.0, 4.0])) and b.grad is None
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_config_checks_refuse_what_several_processes_cannot_do(
+        world: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from shopmtl.checks import load_experiment
+
+    cfg = world_config_yaml(world, tmp_path / "exp.yaml")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    load_experiment(cfg)  # batch 256, a loss weighting, in memory: fine
+    for sets, needle in ((["weighting.name=pcgrad"], "per-task gradients"),
+                         (["data.streaming=true"], "streaming"),
+                         (["train.batch_size=255"], "divisible")):
+        with pytest.raises(ConfigError, match=needle):
+            load_experiment(cfg, sets)

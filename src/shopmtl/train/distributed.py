@@ -28,6 +28,7 @@ A rank that dies ends the job: the others fail in their next collective after
 from __future__ import annotations
 
 import datetime
+import json
 import os
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -130,12 +131,17 @@ class Dist:
             p.grad.copy_(flat[at:at + n].view_as(p.grad))
             at += n
 
-    def broadcast_object(self, obj: Any) -> Any:
-        """Rank 0's ``obj`` on every rank (pickled; validation metrics, small)."""
-        box = [obj if self.main else None]
-        torch.distributed.broadcast_object_list(box, src=0,
-                                                device=self.device if self._nccl() else None)
-        return box[0]
+    def broadcast_json(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` (validation metrics: JSON values, NaN allowed) on every rank, rank
+        0 included, as JSON (no pickle between processes): identical on every rank."""
+        dev = self.device if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+        data = json.dumps(obj, default=_plain).encode() if self.main else b""
+        size = torch.tensor([len(data)], dtype=torch.int64, device=dev)
+        torch.distributed.broadcast(size, src=0)
+        buf = (torch.frombuffer(bytearray(data), dtype=torch.uint8).to(dev) if self.main
+               else torch.empty(int(size.item()), dtype=torch.uint8, device=dev))
+        torch.distributed.broadcast(buf, src=0)
+        return json.loads(buf.cpu().numpy().tobytes().decode())
 
     def broadcast_module(self, module: nn.Module) -> None:
         """Rank 0's weights and buffers on every rank."""
@@ -143,9 +149,12 @@ class Dist:
             for t in module.state_dict().values():
                 torch.distributed.broadcast(t, src=0)
 
-    @staticmethod
-    def _nccl() -> bool:
-        return torch.distributed.get_backend() == "nccl"
+
+def _plain(o: Any) -> Any:
+    """A numpy scalar (or anything with ``item``) as its Python value."""
+    if hasattr(o, "item"):
+        return o.item()
+    raise TypeError(f"not JSON: {type(o).__name__}")
 
 
 _CURRENT: Dist | None = None

@@ -394,7 +394,7 @@ class Loop:
         else:
             valid = {}
         if self.dist is not None:  # rank 0's metrics: the same best/stop decision everywhere
-            valid = self.dist.broadcast_object(valid)
+            valid = self.dist.broadcast_json(valid)
         self.last_valid = valid
         score, record = self.selector.score(valid, st.history)
         train_loss = {t: (st.running[t][0] / st.running[t][1]) if t in st.running else 0.0
