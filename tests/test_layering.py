@@ -8,8 +8,9 @@ Layers, bottom to top (each imports only from below):
   5 weighting/
   6 train/
   7 joint/ (model assembly for heterogeneous runs)
-  8 apps: cli, run, predict, compare, report; joint.predict is the joint half of the predict
-    app, above predict (it scores a joint checkpoint's rec tasks with ``predict.predict_rows``);
+  8 apps: cli (and __main__, ``python -m shopmtl``), run, predict, compare, report;
+    joint.predict is the joint half of the predict app, above predict (it scores a joint
+    checkpoint's rec tasks with ``predict.predict_rows``);
     modeldir (``shopmtl.load``: any model directory, scored through predict and joint.predict)
   the root package ``shopmtl/__init__.py`` is the public face above them all: its lazy
   ``__getattr__`` hands out ``shopmtl.load`` from modeldir (exempt from "nothing imports an app")
@@ -30,7 +31,8 @@ from pathlib import Path
 SRC = Path(__file__).resolve().parents[1] / "src"
 ROOT_PACKAGE = "shopmtl"
 
-APPS = ("cli", "run", "checks", "predict", "compare", "report", "joint.predict", "modeldir")
+APPS = ("cli", "run", "checks", "predict", "compare", "report", "joint.predict", "modeldir",
+        "__main__")
 # what each layer must not import: rules (b), (c), (d). data/ may import the leaf ``metrics``.
 DATA_FORBIDDEN = ("train", "joint", *APPS, "weighting", "models", "nn", "tasks")
 LOW_FORBIDDEN = ("train", "joint", "models", "nn", "weighting", *APPS)

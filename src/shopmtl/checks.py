@@ -11,6 +11,7 @@ from shopmtl.config import ConfigError, ExperimentConfig, WeightingConfig, check
 from shopmtl.config import load_config as _load_config
 from shopmtl.joint.config import REC, REC_TASKS, JointConfig, SourceConfig, load_joint_config
 from shopmtl.joint.parts import _import_source, _sources
+from shopmtl.train.distributed import check_batch_size, env_world
 from shopmtl.weighting import WEIGHTINGS
 
 
@@ -26,8 +27,21 @@ def check_weighting(wc: WeightingConfig, where: str = "weighting") -> type:
 
 
 def check_experiment(cfg: ExperimentConfig) -> ExperimentConfig:
-    """A one-table config's weighting (its tasks are checked by ``config.load_config``)."""
-    check_weighting(cfg.weighting)
+    """A one-table config's weighting (its tasks are checked by ``config.load_config``); under
+    torchrun (``WORLD_SIZE > 1``) also what several processes cannot do (docs/SCALING.md)."""
+    cls = check_weighting(cfg.weighting)
+    world = env_world()[2]
+    if world > 1:
+        if cls.needs_gradients:
+            usable = [n for n, c in WEIGHTINGS.items() if not c.needs_gradients]
+            raise ConfigError(f"weighting.name: {cfg.weighting.name!r} combines per-task "
+                              "gradients, which is not supported with several processes "
+                              f"(torchrun); use one of: {', '.join(usable)}")
+        if cfg.data.streaming:
+            raise ConfigError("data.streaming: streamed training data is not supported with "
+                              "several processes (torchrun) yet; use in-memory data or one "
+                              "process")
+        check_batch_size(cfg.train.batch_size, world)
     return cfg
 
 

@@ -164,6 +164,13 @@ def train(
 
     if is_joint_config(config):
         from shopmtl.joint.report import run_joint
+        from shopmtl.train.distributed import env_world
+
+        if env_world()[2] > 1:
+            from shopmtl.config import ConfigError
+
+            raise ConfigError("a joint run (a config with `sources`) is not supported with "
+                              "several processes (torchrun) yet; run it in one process")
 
         jcfg = load_joint(config, sets or [])
         if resume and not (out / "joint" / "checkpoints" / "latest").is_file():
@@ -178,6 +185,8 @@ def train(
     cfg = load_experiment(config, sets or [])
     metrics = run_experiment(cfg, out, baselines=baselines, resume=resume,
                              progress=sys.stderr.isatty())
+    if not metrics:  # a torchrun rank other than 0: rank 0 reports
+        return
     _summary(metrics)
     typer.echo(f"wrote {out / 'metrics.json'} and {out / 'report.md'}")
 

@@ -140,8 +140,17 @@ class TrainConfig:
     # that a training row sees the OOV id instead of its own, e.g. {item_id: 0.3}; the model
     # then learns to score an item from its other (content) features, as it must for new items
     id_dropout: dict[str, float] = field(default_factory=dict)
+    # where the loop runs: auto = cuda when torch sees a CUDA device, else cpu
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    # bf16: the forward and the losses under torch.autocast(bfloat16); weights stay float32
+    precision: Literal["fp32", "bf16"] = "fp32"
+    # torchrun: seconds a process waits in a collective before failing (a rank that died
+    # ends the job instead of hanging it; docs/SCALING.md)
+    dist_timeout: float = 300.0
 
     def __post_init__(self) -> None:
+        if self.dist_timeout <= 0:
+            raise ValueError(f"dist_timeout must be > 0, got {self.dist_timeout}")
         if self.lr_base_batch < 1:
             raise ValueError(f"lr_base_batch must be >= 1, got {self.lr_base_batch}")
 

@@ -24,6 +24,7 @@ from shopmtl.data.dataset import TensorTable
 from shopmtl.data.pipeline import PreparedData, prepare_data, resolve_synthetic
 from shopmtl.jsonsafe import json_safe
 from shopmtl.report import negative_transfer, write_report
+from shopmtl.train.distributed import resolve_device, setup, shutdown
 from shopmtl.train.evaluate import (
     metrics_by_scenario,
     metrics_by_slice,
@@ -65,16 +66,33 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, baselines: boo
                    resume: bool = False, progress: bool = True, extra: dict | None = None,
                    log: Any = print) -> dict[str, Any]:
     """Train the multi-task model (and optionally one single-task model per task), evaluate on
-    the test split, write metrics.json and report.md. Returns the metrics dict."""
+    the test split, write metrics.json and report.md. Returns the metrics dict.
+
+    Under torchrun (``WORLD_SIZE > 1``) every process trains its shard; rank 0 alone writes
+    files and evaluates the test split, and returns the metrics (the other ranks return {}
+    after waiting for it)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
+    dist = setup(resolve_device(cfg.train.device), cfg.train.dist_timeout)
+    main = dist is None or dist.main
+    if dist is not None:
+        if baselines:
+            raise ConfigError("--baselines is not supported with several processes (torchrun); "
+                              "train the baselines in one process")
+        if not main:
+            progress = False
+            log = _quiet
+            dist.barrier()  # rank 0 generates a synthetic world first
     cfg, world = resolve_synthetic(cfg, out / "data", log)
     if world is not None:
         extra = {"world": world, **(extra or {})}
-    dump_config(cfg, out / "config.yaml")
+    if main:
+        dump_config(cfg, out / "config.yaml")
+        if dist is not None:
+            dist.barrier()
     schema = cfg.data.schema.build()
-    data = prepare_data(cfg.data, schema, out)
+    data = prepare_data(cfg.data, schema, out if main else None)
     if data.bad_rows:
         log(f"quarantined bad rows: {data.bad_rows} -> {data.quarantine_file}")
     rows = len(data.train) if isinstance(data.train, TensorTable) else data.train.rows
@@ -87,6 +105,9 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, baselines: boo
 
     t1 = time.perf_counter()
     model, state = train_model(cfg, data, out, resume=resume, progress=progress)
+    if not main:
+        shutdown()  # waits for rank 0's test evaluation and files
+        return {}
     histories["multi_task"] = state.history
     metrics["train"] = {"best_epoch": state.best_epoch, "epochs_run": len(state.history),
                         "best_valid_metric": state.best_metric,
@@ -125,7 +146,12 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, baselines: boo
         f"Evaluated on the {metrics['test_split']} split. Regenerate with the command in "
         "`command.txt` (or `shopmtl train config.yaml`).",
     ])
+    shutdown()  # torchrun: the other ranks are waiting for these files
     return metrics
+
+
+def _quiet(*args: Any, **kwargs: Any) -> None:
+    """The log of a torchrun rank other than 0: rank 0 speaks for the job."""
 
 
 def _single_es(cfg: ExperimentConfig, task: str) -> EarlyStopping:

@@ -6,7 +6,8 @@ No per-sample Python runs in the hot loop: a batch is a handful of tensor index 
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import dataclasses
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +34,21 @@ class Batch:
 
     def __len__(self) -> int:
         return self.scenario.shape[0]
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        """The batch on ``device`` (the same object when it is already there)."""
+        device = torch.device(device)
+        if self.scenario.device == device:
+            return self
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin(self) -> Batch:
+        """The batch in pinned (page-locked) host memory: asynchronous copies to a GPU."""
+        return self._map(Tensor.pin_memory)
+
+    def _map(self, fn: Callable[[Tensor], Tensor]) -> Batch:
+        return Batch(**{f.name: None if (t := getattr(self, f.name)) is None else fn(t)
+                        for f in dataclasses.fields(self)})
 
 
 def _seed(seed: int, epoch: int) -> int:
@@ -88,20 +104,31 @@ class TensorTable:
             self.content[s] if self.content.shape[1] else None,
         )
 
-    def num_batches(self, batch_size: int) -> int:
-        return (len(self) + batch_size - 1) // batch_size
+    def num_batches(self, batch_size: int, world: int = 1) -> int:
+        """Batches of one epoch; with ``world`` processes a last partial batch is kept only
+        when every process gets at least one of its rows."""
+        full, rest = divmod(len(self), batch_size)
+        return full + (1 if rest >= world else 0)
 
     def batches(
-        self, batch_size: int, epoch: int = 0, seed: int = 0, shuffle: bool = True, skip: int = 0
+        self, batch_size: int, epoch: int = 0, seed: int = 0, shuffle: bool = True, skip: int = 0,
+        rank: int = 0, world: int = 1,
     ) -> Iterator[Batch]:
-        """Batches of epoch ``epoch`` in a seeded order; ``skip`` resumes mid-epoch."""
+        """Batches of epoch ``epoch`` in a seeded order; ``skip`` resumes mid-epoch. With
+        ``world`` processes, process ``rank`` takes every ``world``-th row of each batch (of
+        ``batch_size`` rows: the global batch) of the same permutation."""
         n = len(self)
         if shuffle:
             g = torch.Generator().manual_seed(_seed(seed, epoch))
             perm = torch.randperm(n, generator=g)
-        for i in range(skip, self.num_batches(batch_size)):
+        elif world > 1:
+            perm = torch.arange(n)
+        for i in range(skip, self.num_batches(batch_size, world)):
             lo, hi = i * batch_size, min((i + 1) * batch_size, n)
-            yield self.take(perm[lo:hi]) if shuffle else self.slice(lo, hi)
+            if world > 1:
+                yield self.take(perm[lo:hi][rank::world])
+            else:
+                yield self.take(perm[lo:hi]) if shuffle else self.slice(lo, hi)
 
     def split(self, fraction: float, seed: int) -> tuple[TensorTable, TensorTable]:
         """A seeded random split (rest, held-out)."""

@@ -18,10 +18,12 @@ def predict_table(
     model: MultiTaskModel, table: TensorTable, batch_size: int = 4096
 ) -> dict[str, np.ndarray]:
     model.eval()
+    # the model's device (a model without parameters: CPU); CPU numpy back
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
     outs: dict[str, list[np.ndarray]] = {n: [] for n in model.task_names}
     for batch in table.batches(batch_size, shuffle=False):
-        for name, p in model.predict(batch).items():
-            outs[name].append(p.float().numpy())
+        for name, p in model.predict(batch.to(device, non_blocking=True)).items():
+            outs[name].append(p.float().cpu().numpy())
     return {n: (np.concatenate(v) if v else np.zeros(0, np.float32)) for n, v in outs.items()}
 
 

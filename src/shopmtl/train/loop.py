@@ -1,6 +1,6 @@
 """The one training loop. Every run is ``Loop.run`` over task sources: a zoo model on one table,
-the joint run's sources, each refit stage of a joint run, and (later) a federated client's
-local steps or a torchrun rank.
+the joint run's sources, each refit stage of a joint run, a torchrun rank (``Dist``:
+``train.distributed``), and (later) a federated client's local steps.
 
 One step: the sampler picks a source, its stream gives the next batch, the source turns the
 model's outputs into task losses, ``alpha`` scales them, the weighting turns them into one
@@ -29,8 +29,10 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor, nn
 
+from shopmtl.config import ConfigError
 from shopmtl.data.source import TaskSource
 from shopmtl.train import checkpoint as ck
+from shopmtl.train.distributed import Dist
 from shopmtl.train.sampling import SamplingMethod, SourceSampler
 from shopmtl.weighting import StepInfo, Weighting, task_gradient_cosine
 
@@ -58,6 +60,7 @@ class Schedule:
     seed: int = 0
     adversarial_epsilon: float = 0.0  # > 0: FGM on sources that support it
     log_grad_cosine: bool = False
+    precision: str = "fp32"  # "bf16": forward and losses under torch.autocast(bfloat16)
 
     def lr_at(self, step: int) -> float:
         if self.decay_every <= 0 or self.lr_decay == 1.0:
@@ -139,8 +142,9 @@ def make_optimizer(params: Sequence[nn.Parameter], lr: float, weight_decay: floa
     params = list(params)
     # one fused kernel for every parameter instead of ~6 operators per tensor (the CPU loop
     # took ~10x longer on the joint run's 4M-parameter n-gram table)
-    fused = bool(params) and all(p.device.type == "cpu" and p.dtype == torch.float32
-                                 for p in params)
+    # (CUDA float32 parameters: the fused CUDA kernel)
+    fused = bool(params) and len({p.device.type for p in params}) == 1 and all(
+        p.device.type in ("cpu", "cuda") and p.dtype == torch.float32 for p in params)
     return cls(params, lr=lr, weight_decay=weight_decay, fused=fused)
 
 
@@ -172,7 +176,8 @@ class Loop:
                  track_sources: bool = False, log: Callable[[str], None] | None = None,
                  writer: Any = None,
                  checkpoint: Callable[[Loop], None] | None = None,
-                 on_best: Callable[[Loop, dict[str, Any]], None] | None = None) -> None:
+                 on_best: Callable[[Loop, dict[str, Any]], None] | None = None,
+                 dist: Dist | None = None) -> None:
         if not sources:
             raise ValueError("a loop needs at least one source")
         self.model, self.sources, self.weighting = model, list(sources), weighting
@@ -182,11 +187,20 @@ class Loop:
             raise ValueError(f"the weighting's tasks {list(weighting.task_names)} are not the "
                              f"sources' {list(self.tasks)}")
         self.index = {t: i for i, t in enumerate(self.tasks)}
-        alpha = alpha or {}
-        self.alpha = torch.tensor([float(alpha.get(t, 1.0)) for t in self.tasks])
         if params is None:
             params = [p for p in model.parameters() if p.requires_grad]
         self.params = list(params)
+        # the device the model lives on (the trainer moved it there); losses and weights too
+        self.device = self.params[0].device if self.params else torch.device("cpu")
+        alpha = alpha or {}
+        self.alpha = torch.tensor([float(alpha.get(t, 1.0)) for t in self.tasks],
+                                  device=self.device)
+        # torchrun: this process's rank in the job (``train.distributed``); None: one process
+        self.dist = dist
+        if dist is not None and weighting.needs_gradients:
+            raise ConfigError(f"weighting '{type(weighting).__name__}' combines per-task "
+                              "gradients, which is not supported with several processes "
+                              "(torchrun); use a loss weighting or one process")
         self.opt = make_optimizer(self.params, schedule.lr, weight_decay, optimizer)
         for group in weighting.param_groups(schedule.lr):  # e.g. learned log-variances
             self.opt.add_param_group(group)
@@ -201,7 +215,7 @@ class Loop:
             schedule.seed)
         self.streams: dict[str, Stream] = {}
         self._present: dict[str, Tensor | None] = {}  # source -> tasks it has (None: all)
-        self._zero = torch.zeros(())
+        self._zero = torch.zeros((), device=self.device)
         self.last_valid: dict[str, dict[str, Any]] = {}
 
     # -- state --------------------------------------------------------------------------------
@@ -245,11 +259,15 @@ class Loop:
         sched, st = self.schedule, self.state
         for group in self.opt.param_groups[:1]:  # the model's group, not a weighting's
             group["lr"] = sched.lr_at(st.step)
-        losses = source.losses(self.model, batch)
-        extra = [v for k, v in losses.items() if k.startswith("_")]
+        with torch.autocast(self.device.type, dtype=torch.bfloat16,
+                            enabled=sched.precision == "bf16"):
+            losses = source.losses(self.model, batch)
+        extra = [v.float() for k, v in losses.items() if k.startswith("_")]
         zero = self._zero
-        vec = torch.stack([losses.get(t, zero) for t in self.tasks])  # [T]
+        vec = torch.stack([losses.get(t, zero).float() for t in self.tasks])  # [T]
         reg = sum(extra) if extra else None
+        if self.dist is not None:  # the world's loss values (each rank's own gradient path)
+            vec = self.dist.global_values(vec, self._counts(source, batch))
         if not bool(torch.isfinite(vec).all()) or (reg is not None
                                                   and not bool(torch.isfinite(reg))):
             detail = ", ".join(f"{k}={float(v.detach()):.4g}" for k, v in losses.items()
@@ -259,7 +277,8 @@ class Loop:
                                  "last good one")
         present = self._present.get(source.name)
         if present is None:
-            mask = torch.tensor([t in source.task_names for t in self.tasks])
+            mask = torch.tensor([t in source.task_names for t in self.tasks],
+                                device=self.device)
             present = self._present[source.name] = None if bool(mask.all()) else mask
         info = StepInfo.from_history(st.step, self.epoch(), st.history, self.tasks)
         if present is not None:
@@ -275,17 +294,29 @@ class Loop:
                                               sched.adversarial_epsilon)
             if adv is not None and not bool(torch.isfinite(adv).all()):
                 raise NonFiniteError(f"non-finite FGM loss at step {st.step}")
+        if self.dist is not None:  # one update for the whole world
+            self.dist.average_gradients(p for g in self.opt.param_groups for p in g["params"])
         if sched.grad_clip > 0:
             norm = torch.nn.utils.clip_grad_norm_(self.params, sched.grad_clip)
             if not bool(torch.isfinite(norm)):
                 raise NonFiniteError(f"non-finite gradient at step {st.step}")
         self.opt.step()
         if self.writer is not None and self._log_now():
-            for t, w in zip(self.tasks, weights.tolist(), strict=True):
+            for t, w in zip(self.tasks, weights.float().tolist(), strict=True):
                 if t in losses:
                     self.writer.add_scalar(f"task_weight/{t}", w, st.step + 1)
         return dict(zip(source.task_names, vec.detach()[self._cols(source)].tolist(),
                         strict=True))
+
+    def _counts(self, source: TaskSource, batch: Any) -> Tensor | None:
+        """[T] labelled rows per task of this batch (``source.loss_counts``, a source whose
+        task losses are masked means); None when the source does not say."""
+        counts = getattr(source, "loss_counts", None)
+        if counts is None:
+            return None
+        out = torch.zeros(len(self.tasks), device=self.device)
+        out[self._cols(source)] = counts(batch).to(out)
+        return out
 
     def _cols(self, source: TaskSource) -> list[int]:
         return [self.index[t] for t in source.task_names]
@@ -360,7 +391,12 @@ class Loop:
 
     def evaluate(self, seconds: float = 0.0) -> None:
         st = self.state
-        valid = {s.name: s.evaluate(self.model, "valid") for s in self.sources}
+        if self.dist is None or self.dist.main:
+            valid = {s.name: s.evaluate(self.model, "valid") for s in self.sources}
+        else:
+            valid = {}
+        if self.dist is not None:  # rank 0's metrics: the same best/stop decision everywhere
+            valid = self.dist.broadcast_json(valid)
         self.last_valid = valid
         score, record = self.selector.score(valid, st.history)
         train_loss = {t: (st.running[t][0] / st.running[t][1]) if t in st.running else 0.0

@@ -31,13 +31,19 @@ KEEP = 2  # checkpoints kept (the newest ones)
 
 
 class Checkpointer:
-    """``ckpt-*`` directories under ``directory``, written atomically (``train.checkpoint``)."""
+    """``ckpt-*`` directories under ``directory``, written atomically (``train.checkpoint``).
 
-    def __init__(self, directory: Path) -> None:
+    ``write=False``: a torchrun rank other than 0, which reads checkpoints (``--resume``) but
+    leaves writing them to rank 0."""
+
+    def __init__(self, directory: Path, write: bool = True) -> None:
         self.dir = Path(directory)
+        self.write = write
 
     def save(self, tag: str, tensors: dict[str, dict[str, Tensor]], meta: dict[str, Any]
              ) -> Path:
+        if not self.write:
+            return self.dir / f"ckpt-{tag}"
         path = ck.write_dir(self.dir / f"ckpt-{tag}", tensors, {"run": json_safe(meta)})
         ck.write_pointer(self.dir, "latest", path.name)
         for old in sorted(self.dir.glob("ckpt-*"))[:-KEEP]:

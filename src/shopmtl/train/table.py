@@ -12,11 +12,12 @@ import torch
 from torch import Tensor, nn
 
 from shopmtl.config import ConfigError
-from shopmtl.data.dataset import Batch
+from shopmtl.data.dataset import Batch, TensorTable
 from shopmtl.data.pipeline import PreparedData
 from shopmtl.data.schema import ALL, Schema, TaskSpec
 from shopmtl.models.base import MultiTaskModel
 from shopmtl.train.adversarial import fgm_backward
+from shopmtl.train.distributed import check_batch_size, pin_memory
 from shopmtl.train.evaluate import metrics_by_scenario, predict_split
 
 
@@ -56,13 +57,25 @@ class TableSource:
     def __init__(self, data: PreparedData, batch_size: int, *, name: str = "table",
                  module: Callable[[nn.Module], MultiTaskModel] = _zoo,
                  embedding_weight_decay: float = 0.0, id_dropout: Tensor | None = None,
-                 eval_batch_size: int = 4096) -> None:
+                 eval_batch_size: int = 4096, device: torch.device | str = "cpu",
+                 rank: int = 0, world: int = 1) -> None:
         self.name, self.data, self.batch_size = name, data, batch_size
         self.schema = data.schema
         self.module = module
         self.embedding_weight_decay = embedding_weight_decay
         self.id_dropout = id_dropout
         self.eval_batch_size = eval_batch_size
+        # where training batches go (the model's device); pinned first only for a GPU
+        self.device = torch.device(device)
+        self.pin = pin_memory(self.device)
+        # torchrun: this process takes every ``world``-th row of each (global) batch
+        self.rank, self.world = rank, world
+        if world > 1:
+            check_batch_size(batch_size, world)
+            if data.train is not None and not isinstance(data.train, TensorTable):
+                raise ConfigError("data.streaming: streamed training data is not supported "
+                                  "with several processes (torchrun) yet; use in-memory data "
+                                  "(data.streaming: false) or one process")
 
     @property
     def tasks(self) -> tuple[TaskSpec, ...]:
@@ -73,13 +86,24 @@ class TableSource:
         return self.schema.task_names
 
     def num_batches(self) -> int:
+        if self.world > 1:
+            return self.data.train.num_batches(self.batch_size, self.world)
         return self.data.train.num_batches(self.batch_size)
 
     def batches(self, epoch: int, seed: int, skip: int = 0) -> Iterator[Batch]:
-        for batch in self.data.train.batches(self.batch_size, epoch, seed, True, skip):
+        if self.world > 1:
+            it = self.data.train.batches(self.batch_size, epoch, seed, True, skip,
+                                         rank=self.rank, world=self.world)
+        else:
+            it = self.data.train.batches(self.batch_size, epoch, seed, True, skip)
+        for batch in it:
             # drawn here, right before the step that uses the batch: the RNG order is the
             # step's, so resume replays it
-            yield batch if self.id_dropout is None else drop_ids(batch, self.id_dropout)
+            if self.id_dropout is not None:
+                batch = drop_ids(batch, self.id_dropout)
+            if self.device.type != "cpu":
+                batch = (batch.pin() if self.pin else batch).to(self.device, non_blocking=True)
+            yield batch
 
     def losses(self, model: nn.Module, batch: Batch) -> dict[str, Tensor]:
         zoo = self.module(model)
@@ -88,6 +112,11 @@ class TableSource:
         if self.embedding_weight_decay > 0:  # L2 on the rows this batch touched
             out["_embedding_l2"] = self.embedding_weight_decay * zoo.embedding_l2()
         return out
+
+    def loss_counts(self, batch: Batch) -> Tensor:
+        """[T] labelled rows per task: the weight of each masked-mean task loss when several
+        processes combine their shards of one batch (``train.distributed``)."""
+        return batch.mask.sum(0)
 
     def adversarial_backward(self, model: nn.Module, batch: Batch, weights: Tensor,
                              epsilon: float) -> Tensor | None:

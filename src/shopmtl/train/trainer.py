@@ -28,6 +28,7 @@ from shopmtl.models.base import MultiTaskModel
 from shopmtl.registry import build_model
 from shopmtl.tasks import TASK_TYPES
 from shopmtl.train import checkpoint as ck
+from shopmtl.train.distributed import resolve_device, setup
 from shopmtl.train.loop import Loop, LoopState, Schedule, check_finite
 from shopmtl.train.select import MetricSelector
 from shopmtl.train.stages import Checkpointer, Stage, StageContext, run_stages
@@ -114,6 +115,12 @@ class Trainer:
         t = cfg.train
         set_threads(t.threads)
         torch.manual_seed(t.seed)
+        self.device = resolve_device(t.device)
+        # torchrun (WORLD_SIZE > 1): join the job; None for one process
+        self.dist = setup(self.device, t.dist_timeout)
+        if self.dist is not None:
+            self.device = self.dist.device
+        self.main = self.dist is None or self.dist.main
         self.schema = data.schema
         check_tasks("train.alpha", t.alpha, self.schema.task_names)
         content = data.encoders.content_tensors() if self.schema.content_features else None
@@ -121,12 +128,17 @@ class Trainer:
                                  content)
         if t.output_bias_prior and isinstance(data.train, TensorTable):
             self.model.init_output_bias(label_priors(data.train, self.schema))
+        self.model.to(self.device)
+        if self.dist is not None:  # the same initial weights on every rank
+            self.dist.broadcast_module(self.model)
         self.weighting = build_weighting(cfg.weighting.name, cfg.weighting.args,
-                                         self.schema.task_names)
+                                         self.schema.task_names).to(self.device)
         self.source = TableSource(data, t.batch_size,
                                   embedding_weight_decay=t.embedding_weight_decay,
                                   id_dropout=id_dropout_table(t.id_dropout, self.schema),
-                                  eval_batch_size=t.eval_batch_size)
+                                  eval_batch_size=t.eval_batch_size, device=self.device,
+                                  rank=self.dist.rank if self.dist else 0,
+                                  world=self.dist.world if self.dist else 1)
         if t.adversarial == "fgm" and not t.adversarial_epsilon > 0:
             raise ConfigError(f"train.adversarial_epsilon: must be > 0, got "
                               f"{t.adversarial_epsilon}")
@@ -137,14 +149,14 @@ class Trainer:
             steps=t.epochs * n, lr=t.batch_lr(), eval_every=n, lr_decay=t.lr_decay,
             decay_every=n, patience=t.early_stopping.patience,
             checkpoint_every=t.checkpoint_every, grad_clip=t.grad_clip, log_every=t.log_every,
-            seed=t.seed, log_grad_cosine=t.log_grad_cosine,
+            seed=t.seed, log_grad_cosine=t.log_grad_cosine, precision=t.precision,
             adversarial_epsilon=t.adversarial_epsilon if t.adversarial == "fgm" else 0.0)
         selector = MetricSelector(t.early_stopping.metric, t.early_stopping.mode,
                                   self.source.name)
         self.loop = Loop(self.model, [self.source], self.weighting, self.schedule, selector,
                          alpha=t.alpha, weight_decay=t.weight_decay, optimizer=t.optimizer,
-                         on_best=self._save_best)
-        self.checkpointer = Checkpointer(self.out / "checkpoints")
+                         on_best=self._save_best, dist=self.dist)
+        self.checkpointer = Checkpointer(self.out / "checkpoints", write=self.main)
 
     @property
     def state(self) -> LoopState:
@@ -166,6 +178,8 @@ class Trainer:
         return out
 
     def _save_best(self, loop: Loop, record: dict[str, Any]) -> None:
+        if not self.main:  # rank 0 writes model/
+            return
         save_model_dir(self.out / "model", self.model, self.cfg, self.schema, self.data.encoders,
                        {"epoch": record["epoch"], "valid_metric": record["valid_metric"]})
 
@@ -174,8 +188,9 @@ class Trainer:
         try:
             self.loop.run(self.progress)
         finally:
-            (self.out / "history.json").write_text(
-                json.dumps(json_safe(self.loop.state.history), indent=1))
+            if self.main:
+                (self.out / "history.json").write_text(
+                    json.dumps(json_safe(self.loop.state.history), indent=1))
         ctx.finish(self.loop)
         return json_safe(vars(self.loop.state))
 
@@ -199,7 +214,7 @@ def train_model(
     out.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(cfg, data, out, progress)
     writer = None
-    if tensorboard:
+    if tensorboard and trainer.main:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(out / "tb"))
@@ -208,7 +223,9 @@ def train_model(
     finally:
         if writer is not None:
             writer.close()
+    if trainer.dist is not None:  # rank 0 has written model/
+        trainer.dist.barrier()
     best = ck.read_tensors(out / "model", "model")
-    trainer.model.load_state_dict(best)
+    trainer.model.load_state_dict({k: v.to(trainer.device) for k, v in best.items()})
     trainer.model.eval()
     return trainer.model, state
