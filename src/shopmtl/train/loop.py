@@ -382,11 +382,12 @@ class Loop:
                     sched.eval_every > 0 and st.step % sched.eval_every == 0)
                 if at_eval:
                     self.evaluate(time.perf_counter() - t0)
-                    t0 = time.perf_counter()
                     self.train_mode()
                 if self.checkpoint is not None and ((at_eval and sched.checkpoint_evals) or (
                         sched.checkpoint_every and st.step % sched.checkpoint_every == 0)):
                     self.checkpoint(self)
+                if at_eval:  # an interval's seconds are its training steps alone
+                    t0 = time.perf_counter()
         return st
 
     def evaluate(self, seconds: float = 0.0) -> None:
