@@ -147,8 +147,14 @@ class TrainConfig:
     # torchrun: seconds a process waits in a collective before failing (a rank that died
     # ends the job instead of hanging it; docs/SCALING.md)
     dist_timeout: float = 300.0
+    # stop with a named error when a task's recent training loss exceeds this many times its
+    # loss at initialisation (a learning rate far too high); 0: off (``train.loop``)
+    divergence_factor: float = 100.0
 
     def __post_init__(self) -> None:
+        if not self.divergence_factor >= 0:
+            raise ValueError(f"divergence_factor must be >= 0 (0: off), got "
+                             f"{self.divergence_factor}")
         if self.dist_timeout <= 0:
             raise ValueError(f"dist_timeout must be > 0, got {self.dist_timeout}")
         if self.lr_base_batch < 1:

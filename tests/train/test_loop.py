@@ -200,3 +200,32 @@ def test_fit_runs_a_bounded_piece_from_given_weights_and_state() -> None:
     assert second.state.step == 7 and second.state.positions == {"b": [2, 1]}
     assert [r["step"] for r in second.state.history] == [2, 4, 6, 7]
     assert first.state.step == 4  # the caller's state is not changed
+
+
+def test_a_runaway_loss_stops_the_run_before_anything_is_saved_as_best() -> None:
+    """lr 1e6: the losses grow by orders of magnitude (finite or not); the run stops with a
+    named error before its first evaluation, so no best weights exist."""
+
+    model, batch = tiny_model(), tiny_batch()
+    loop = Loop(model, [BatchSource(batch, n_batches=4)], build_weighting("equal", {}, TASKS),
+                Schedule(steps=40, lr=1e6, eval_every=20), LossSelector())
+    with pytest.raises(NonFiniteError, match=r"diverged at step \d+|non-finite"):
+        loop.run()
+    assert loop.best is None and loop.state.history == []
+
+
+def test_the_divergence_check_follows_the_recent_loss_against_the_first() -> None:
+    from shopmtl.train.loop import DivergenceError
+
+    loop = _loop(tiny_model(), [BatchSource(tiny_batch())])
+    for v in (0.0, 0.5, 0.4, 0.3, 0.6):  # 0: a batch without labels is no reference
+        loop.check_divergence({"click": v})
+    assert loop.state.first_loss == {"click": 0.5}
+    loop.check_divergence({"click": 40.0})  # one bad batch: the recent mean stays below 100x
+    with pytest.raises(DivergenceError, match=r"recent click loss .* over 100x its first "
+                                              r"value 0\.5"):
+        for _ in range(20):
+            loop.check_divergence({"click": 600.0})
+    off = _loop(tiny_model(), [BatchSource(tiny_batch())], divergence_factor=0.0)
+    for v in (0.5, 1e30):
+        off.check_divergence({"click": v})  # switched off

@@ -297,3 +297,17 @@ def test_sqrt_lr_scaling_sets_the_rate_of_each_batch_size(world: Path, tmp_path:
         load_config(world_config_yaml(world, tmp_path / "bad.yaml", lr_base_batch=0))
     with pytest.raises(ConfigError, match="lr_scaling"):
         load_config(world_config_yaml(world, tmp_path / "bad2.yaml", lr_scaling="linear"))
+
+
+def test_a_diverging_run_is_a_named_error_and_saves_no_model(world: Path, tmp_path: Path
+                                                               ) -> None:
+    """lr 1e6 used to reach loss 8e31 and AUC 0.50, exit 0 and be saved as best."""
+    cfg = world_config_yaml(world, tmp_path / "exp.yaml", lr=1e6, epochs=2)
+    out = tmp_path / "run"
+    proc = cli("train", str(cfg), "--out", str(out))
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr
+    assert lines[0].startswith("error: training diverged at step ")
+    assert "over 100x its first value" in lines[0]
+    assert not (out / "model").exists() and not (out / "metrics.json").exists()

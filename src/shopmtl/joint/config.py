@@ -119,6 +119,8 @@ class JointTrainConfig:
     solve_heads: bool = False
     solve_l2: tuple[float, ...] = (3e-3, 1e-3, 3e-4, 1e-4, 3e-5)
     solve_iters: int = 100  # L-BFGS iterations per penalty
+    # stop when a task's recent loss exceeds this many times its first one; 0: off
+    divergence_factor: float = 100.0
 
     def __post_init__(self) -> None:
         if self.steps < 1:
@@ -133,6 +135,9 @@ class JointTrainConfig:
         if not self.solve_l2 or not all(x >= 0 for x in self.solve_l2):
             raise ValueError(f"solve_l2 must be a non-empty list of penalties >= 0, got "
                              f"{list(self.solve_l2)}")
+        if not self.divergence_factor >= 0:
+            raise ValueError(f"divergence_factor must be >= 0 (0: off), got "
+                             f"{self.divergence_factor}")
         if self.solve_iters < 1:
             raise ValueError(f"solve_iters must be >= 1, got {self.solve_iters}")
 

@@ -78,7 +78,7 @@ def _schedule(cfg: JointConfig, steps: int) -> Schedule:
     return Schedule(steps=steps, lr=t.lr, eval_every=t.eval_every, lr_decay=t.lr_decay,
                     decay_every=t.decay_every, log_every=t.log_every,
                     sampling=cfg.sampling.method, temperature=cfg.sampling.temperature,
-                    seed=t.seed)
+                    seed=t.seed, divergence_factor=t.divergence_factor)
 
 
 def _joint_stage(cfg: JointConfig, parts: list[Any], types: dict[str, str], steps: int,
@@ -131,7 +131,8 @@ def _refit_stage(cfg: JointConfig, part: Any, types: dict[str, str], log: Any) -
         alpha = {k: v for k, v in t.alpha.items() if k in part.task_names}
         weighting = build_weighting("static", {"alpha": alpha}, part.task_names)
         schedule = Schedule(steps=t.refit_steps, lr=t.refit_lr, eval_every=t.refit_eval_every,
-                            patience=t.refit_patience, seed=t.seed, checkpoint_evals=False)
+                            patience=t.refit_patience, seed=t.seed, checkpoint_evals=False,
+                            divergence_factor=t.divergence_factor)
         try:
             # only this head trains: the adapter and every other head (with any rec rows a
             # head borrows) stay as they are, and get no gradient computed

@@ -41,6 +41,11 @@ class NonFiniteError(FloatingPointError):
     """Training produced a NaN/Inf loss or weights; nothing non-finite was saved."""
 
 
+class DivergenceError(NonFiniteError):
+    """A task's loss ran away (``Schedule.divergence_factor``); training stopped before the
+    next evaluation, so nothing from the runaway steps was saved as best."""
+
+
 @dataclass(frozen=True)
 class Schedule:
     """How many steps, how fast, and when to look at validation."""
@@ -61,6 +66,9 @@ class Schedule:
     adversarial_epsilon: float = 0.0  # > 0: FGM on sources that support it
     log_grad_cosine: bool = False
     precision: str = "fp32"  # "bf16": forward and losses under torch.autocast(bfloat16)
+    # stop with DivergenceError when a task's recent training loss (an exponential mean over
+    # ~10 steps) exceeds this many times its first value (the loss at initialisation); 0: off
+    divergence_factor: float = 100.0
 
     def lr_at(self, step: int) -> float:
         if self.decay_every <= 0 or self.lr_decay == 1.0:
@@ -86,6 +94,10 @@ class LoopState:
     # task -> [sum, count] of the training losses since the last evaluation
     running: dict[str, list[float]] = field(default_factory=dict)
     losses: list[list[float]] = field(default_factory=list)  # [step, loss per task] samples
+    # per task: its first positive training loss and the exponential mean of its recent ones
+    # (the divergence guard)
+    first_loss: dict[str, float] = field(default_factory=dict)
+    recent_loss: dict[str, float] = field(default_factory=dict)
 
     @property
     def global_step(self) -> int:
@@ -335,6 +347,28 @@ class Loop:
                 self.writer.add_scalar(f"grad_cosine/{self.tasks[a]}~{self.tasks[b]}",
                                        float(cos[a, b]), self.state.step + 1)
 
+    def check_divergence(self, losses: dict[str, float]) -> None:
+        """Raise DivergenceError when a task's loss has run away from where it started (a
+        learning rate far too high: the loss grows by orders of magnitude while staying
+        finite, and the run would end with chance-level AUC saved as its best)."""
+        factor, st = self.schedule.divergence_factor, self.state
+        if not factor > 0:
+            return
+        for task, v in losses.items():
+            first = st.first_loss.get(task)
+            if first is None:
+                if v > 0:  # a batch without the task's labels gives 0: no reference
+                    st.first_loss[task] = v
+                    st.recent_loss[task] = v
+                continue
+            recent = st.recent_loss[task] = 0.9 * st.recent_loss[task] + 0.1 * v
+            if recent > factor * first:
+                raise DivergenceError(
+                    f"training diverged at step {st.step}: the recent {task} loss {recent:.3g} "
+                    f"is over {factor:g}x its first value {first:.3g}; lower the learning rate "
+                    "(or set the divergence_factor of the train section to 0 to switch this "
+                    "check off); nothing after the last evaluation was saved")
+
     def epoch(self) -> int:
         """Evaluations done: the epoch of a one-table run (its eval_every is an epoch)."""
         return len(self.state.history)
@@ -369,6 +403,7 @@ class Loop:
                     run = st.running.setdefault(k, [0.0, 0])
                     run[0] += v
                     run[1] += 1
+                self.check_divergence(losses)
                 bar.advance(job)
                 if sched.log_every and st.step % sched.log_every == 0:
                     st.losses.append([st.step, *(losses.get(t, math.nan) for t in self.tasks)])

@@ -150,6 +150,7 @@ class Trainer:
             decay_every=n, patience=t.early_stopping.patience,
             checkpoint_every=t.checkpoint_every, grad_clip=t.grad_clip, log_every=t.log_every,
             seed=t.seed, log_grad_cosine=t.log_grad_cosine, precision=t.precision,
+            divergence_factor=t.divergence_factor,
             adversarial_epsilon=t.adversarial_epsilon if t.adversarial == "fgm" else 0.0)
         selector = MetricSelector(t.early_stopping.metric, t.early_stopping.mode,
                                   self.source.name)
