@@ -1,7 +1,9 @@
 """shopmtl.
 
 ``shopmtl.load(path)`` loads a trained model directory (``shopmtl.modeldir``; imported on first
-use, so ``import shopmtl`` stays light).
+use, so ``import shopmtl`` stays light); ``shopmtl.__version__`` is the installed
+distribution's version ("0+unknown" when shopmtl runs from a source tree it was not installed
+from).
 """
 
 import os as _os
@@ -12,6 +14,18 @@ import os as _os
 # (mimalloc holds its arenas), which puts shopmtl's benchmark peak below torch-rechub's
 # (bench/peers/rss_probe.py; numbers in docs/BENCHMARKS.md).
 _os.environ.setdefault("ARROW_DEFAULT_MEMORY_POOL", "jemalloc")
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("shopmtl")
+    except PackageNotFoundError:
+        return "0+unknown"
+
+
+__version__ = _version()
 
 
 def __getattr__(name: str):

@@ -16,10 +16,21 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 _DEBUG = False  # --debug / SHOPMTL_DEBUG=1: errors re-raised, with their traceback
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        import shopmtl
+
+        typer.echo(f"shopmtl {shopmtl.__version__}")
+        raise typer.Exit(0)
+
+
 @app.callback()
 def _main(debug: Annotated[bool, typer.Option(
         "--debug", envvar="SHOPMTL_DEBUG",
-        help="Show the traceback of an error (without local variables)")] = False) -> None:
+        help="Show the traceback of an error (without local variables)")] = False,
+        version: Annotated[bool, typer.Option(
+            "--version", callback=_print_version, is_eager=True,
+            help="Print the version and exit")] = False) -> None:
     """Multi-scenario multi-task learning for e-commerce."""
     global _DEBUG
     _DEBUG = debug
@@ -157,7 +168,20 @@ def train(
     ] = False,
 ) -> None:
     """Train (and evaluate) from a config file: bring your own data. A config with a top-level
-    `sources` key is a heterogeneous joint run (examples/joint.yaml)."""
+    `sources` key is a heterogeneous joint run (examples/joint.yaml). OUT is locked for the
+    whole run: a second run into the same OUT stops at once."""
+    import contextlib
+
+    from shopmtl.train.distributed import env_world
+    from shopmtl.train.outlock import locked_output
+
+    # under torchrun rank 0 alone writes OUT, so it alone holds the lock
+    with locked_output(out) if env_world()[0] == 0 else contextlib.nullcontext():
+        _train(config, out, sets, resume, baselines, alone)
+
+
+def _train(config: Path, out: Path, sets: list[str] | None, resume: bool, baselines: bool,
+           alone: bool) -> None:
     from shopmtl.checks import load_experiment, load_joint
     from shopmtl.joint.config import is_joint_config
     from shopmtl.run import run_experiment

@@ -8,10 +8,15 @@ replaced atomically last, so a crash at any point leaves the previous checkpoint
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import hashlib
 import json
 import os
+import re
+import secrets
 import shutil
+import sys
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -44,14 +49,51 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths in one atomic step (Linux ``renameat2(RENAME_EXCHANGE)``); False where
+    the platform, the C library or the file system does not support it."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if fn(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), str(b))
+
+
+def _stale_siblings(target: Path) -> list[Path]:
+    """Temp dirs (``.<name>.tmp-*``) and set-aside old dirs (``.<name>.old-*``) of ``target``
+    left by a write that was killed."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.(tmp|old)-[A-Za-z0-9_]+")
+    return [p for p in target.parent.iterdir() if pattern.fullmatch(p.name)]
+
+
 def write_dir(
     target: Path, tensors: dict[str, dict[str, torch.Tensor]], jsons: dict[str, Any]
 ) -> Path:
     """Write ``{name}.safetensors`` and ``{name}.json`` files plus a manifest into ``target``
-    atomically (temp dir + rename). ``target`` must not exist."""
+    atomically: into a temp dir ``.<name>.tmp-*`` beside it, then renamed into place.
+
+    An existing ``target`` is replaced so that a reader finds, at every instant, either the
+    old or the new complete directory: on Linux the two are swapped in one step
+    (``renameat2(RENAME_EXCHANGE)``), then the old one (now under the temp name) is removed.
+    Elsewhere the old one is renamed aside (``.<name>.old-*``), the new one renamed into place,
+    then the old one removed; a crash between those two renames leaves ``target`` missing and
+    the previous complete directory under ``.<name>.old-*``. Stale ``.<name>.tmp-*`` and
+    ``.<name>.old-*`` siblings of a killed write are removed when the next write of the same
+    target starts (writes into one output folder are serialised by its lock,
+    ``shopmtl.train.outlock``)."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    for stale in _stale_siblings(target):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         for name, tdict in tensors.items():
             save_file(
@@ -67,28 +109,25 @@ def write_dir(
             with p.open("rb") as f:
                 os.fsync(f.fileno())
         _fsync_dir(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.rename(tmp, target)
+        if not target.exists():
+            os.rename(tmp, target)
+        elif not _exchange(tmp, target):
+            old = target.parent / f".{target.name}.old-{secrets.token_hex(6)}"
+            os.rename(target, old)
+            os.rename(tmp, target)
+            _fsync_dir(target.parent)
+            shutil.rmtree(old, ignore_errors=True)
         _fsync_dir(target.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    shutil.rmtree(tmp, ignore_errors=True)  # after an exchange: the old directory
     return target
 
 
 def shopmtl_version() -> str:
-    """``shopmtl.__version__`` where the package sets one, else the installed distribution's."""
-    import sys
-    from importlib.metadata import PackageNotFoundError, version
-
-    own = getattr(sys.modules.get("shopmtl"), "__version__", None)
-    if isinstance(own, str):
-        return own
-    try:
-        return version("shopmtl")
-    except PackageNotFoundError:
-        return "unknown"
+    """``shopmtl.__version__`` (the root package is always imported before this module)."""
+    return sys.modules["shopmtl"].__version__
 
 
 def model_meta(kind: str, tasks: list[str], **extra: Any) -> dict[str, Any]:
@@ -99,16 +138,41 @@ def model_meta(kind: str, tasks: list[str], **extra: Any) -> dict[str, Any]:
             "tasks": list(tasks), **extra}
 
 
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
 def verify_dir(path: Path) -> dict[str, str]:
+    """Check a directory against its manifest, in full: the manifest is a JSON object of file
+    name -> SHA-256 (64 lowercase hex digits); every name is a plain file name inside the
+    directory; it lists every file of the directory but itself, no more, no less, and each
+    file's digest matches. Anything else raises ``CheckpointError`` (one line naming the
+    directory and the file)."""
     path = Path(path)
     if not (path / MANIFEST).is_file():
         raise CheckpointError(f"{path}: not a checkpoint (no {MANIFEST})")
     try:
         manifest = json.loads((path / MANIFEST).read_text())
-    except json.JSONDecodeError:
+    except (json.JSONDecodeError, UnicodeDecodeError):
         raise CheckpointError(f"{path}/{MANIFEST}: corrupt manifest") from None
+    if not isinstance(manifest, dict) or not manifest:
+        raise CheckpointError(f"{path}/{MANIFEST}: corrupt manifest (not a non-empty object of "
+                              "file name -> SHA-256)")
+    for name, digest in manifest.items():
+        if (not name or name in (".", "..", MANIFEST) or "/" in name or "\\" in name
+                or os.sep in name or (os.altsep and os.altsep in name) or "\0" in name):
+            raise CheckpointError(f"{path}/{MANIFEST}: file {name!r} is not a plain file name "
+                                  "inside the directory")
+        if not isinstance(digest, str) or not _HEX64.fullmatch(digest):
+            raise CheckpointError(f"{path}/{MANIFEST}: file {name!r} has no valid SHA-256 "
+                                  "(64 hex digits)")
+    present = {p.name for p in path.iterdir()} - {MANIFEST}
+    unlisted = sorted(present - set(manifest))
+    if unlisted:
+        raise CheckpointError(f"{path}: file '{unlisted[0]}' is not listed in the manifest")
     for name, digest in manifest.items():
         f = path / name
+        if f.is_symlink():
+            raise CheckpointError(f"{path}: file '{name}' is a symbolic link (not allowed)")
         if not f.is_file():
             raise CheckpointError(f"{path}: file '{name}' listed in the manifest is missing")
         if _sha256(f) != digest:
