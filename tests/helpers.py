@@ -69,9 +69,9 @@ def content_world(out: Path, rows: int = 6_000, content: tuple[str, ...] = ("tit
     return prepare_data(data_cfg, schema)
 
 
-def assert_one_error_line(proc: subprocess.CompletedProcess, *needles: str, code: int = 2
-                          ) -> str:
-    """The run failed with exit ``code`` and said so in exactly one line ``error: ...`` on
+def assert_one_error_line(proc: subprocess.CompletedProcess, *needles: str, code: int) -> str:
+    """The run failed with exit ``code`` (2: a usage error, 1: a runtime error; no default,
+    so every test says which it expects) and said so in exactly one line ``error: ...`` on
     stderr (nothing on stdout, no traceback) that holds every one of ``needles``."""
     assert proc.returncode == code, proc.stdout + proc.stderr
     assert "Traceback" not in proc.stderr

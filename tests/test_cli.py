@@ -129,7 +129,7 @@ def _byo_config(tmp_path: Path, policy: str) -> Path:
 
 def test_bad_rows_fail_policy_names_file_line_column_reason(tmp_path: Path) -> None:
     proc = cli("train", str(_byo_config(tmp_path, "fail")), "--out", str(tmp_path / "o"))
-    assert proc.returncode == 2
+    assert proc.returncode == 1  # bad data: a runtime error
     assert "Traceback" not in proc.stderr
     assert "shop.csv: line 3" in proc.stderr and "wrong column count" in proc.stderr
     assert "u9" not in proc.stderr  # the offending cells are not echoed
@@ -150,6 +150,34 @@ def test_bad_rows_quarantine_policy_sets_exactly_them_aside(tmp_path: Path) -> N
         "wrong column count": 1, "non-numeric value in a numeric feature": 1,
         "missing or NaN label": 1, "unknown scenario": 1}
     assert summary["rows_read"] == 58  # every data line accounted for: 54 kept + 4 set aside
+
+
+def test_other_scenario_trains_saves_and_predicts_an_unseen_value(tmp_path: Path) -> None:
+    """`scenario: {values: [feed], other: rest}`: the search rows train the `rest` scenario
+    (they are not bad rows), the model directory keeps it, and predict scores a row from a
+    scenario never seen at all."""
+    raw = yaml.safe_load(_byo_config(tmp_path, "fail").read_text())
+    (tmp_path / "shop.csv").write_text(  # good rows only
+        "\n".join([",".join(HEADER), *(",".join(r) for r in GOOD * 20)]) + "\n")
+    raw["data"]["test_fraction"] = 0.2
+    raw["data"]["schema"]["scenario"] = {"column": "scenario", "values": ["feed"],
+                                         "other": "rest"}
+    cfg = tmp_path / "other.yaml"
+    cfg.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "o"
+    cli("train", str(cfg), "--out", str(out), check=True)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["scenarios"] == ["feed", "rest"]
+    assert set(metrics["test"]["click"]) == {"all", "feed", "rest"}
+    saved = json.loads((out / "model" / "schema.json").read_text())
+    assert saved["scenario"] == {"column": "scenario", "values": ["feed"], "other": "rest"}
+    rows = tmp_path / "new.csv"
+    rows.write_text(",".join(HEADER) + "\nu1,i1,10.5,checkout,,\nu2,i2,3.0,feed,,\n")
+    preds = tmp_path / "p.csv"
+    cli("predict", str(out / "model"), str(rows), "--out", str(preds), check=True)
+    got = list(csv.DictReader(preds.open()))
+    assert [r["line"] for r in got] == ["2", "3"]
+    assert all(0.0 < float(r["click"]) < 1.0 for r in got)
 
 
 def test_unknown_model_lists_valid_names(tmp_path: Path) -> None:
@@ -190,7 +218,7 @@ def test_bad_names_in_a_synthetic_config_stop_at_load(tmp_path: Path, sets: list
     cfg.write_text(yaml.safe_dump({"data": {"synthetic": {"rows": 2000}}}))
     out = tmp_path / "out"
     proc = cli("train", str(cfg), "--out", str(out), *[a for s in sets for a in ("--set", s)])
-    assert_one_error_line(proc, *needles)
+    assert_one_error_line(proc, *needles, code=2)
     assert not out.exists()  # no world generated, nothing written
 
 
@@ -200,10 +228,11 @@ def test_misspelled_alpha_task_with_a_schema_stops_at_load(tmp_path: Path) -> No
     cfg = _byo_config(tmp_path, "fail")  # its data has bad rows: reading it would fail
     out = tmp_path / "out"
     proc = cli("train", str(cfg), "--out", str(out), "--set", "train.alpha.clik=2")
-    assert_one_error_line(proc, "train.alpha: unknown task 'clik'; tasks: click, conversion")
+    assert_one_error_line(proc, "train.alpha: unknown task 'clik'; tasks: click, conversion",
+                          code=2)
     assert not out.exists()
     proc = cli("compare", str(cfg), "--out", str(out), "--set", "train.alpha.clik=2")
-    assert_one_error_line(proc, "train.alpha: unknown task 'clik'")
+    assert_one_error_line(proc, "train.alpha: unknown task 'clik'", code=2)
     assert not out.exists()
 
 
@@ -226,7 +255,7 @@ def test_debug_shows_the_traceback_without_locals(tmp_path: Path,
 def test_invalid_yaml_is_one_line(tmp_path: Path) -> None:
     cfg = tmp_path / "exp.yaml"
     cfg.write_text("data: {synthetic: {rows: 2000}\ntrain: [\n")
-    assert_one_error_line(cli("train", str(cfg)), "exp.yaml: not valid YAML", "line")
+    assert_one_error_line(cli("train", str(cfg)), "exp.yaml: not valid YAML", "line", code=2)
 
 
 def _raiser(exc: BaseException):
@@ -239,27 +268,71 @@ def _raiser(exc: BaseException):
     return command
 
 
-@pytest.mark.parametrize(("exc", "code", "line"), [
-    (OSError(28, "No space left on device"), 2, "error: [Errno 28] No space left on device"),
-    (PermissionError(13, "Permission denied", "/x/out"), 2,
-     "error: [Errno 13] Permission denied: '/x/out'"),
-    (IsADirectoryError(21, "Is a directory", "/x"), 2, "error: [Errno 21] Is a directory: '/x'"),
-    (KeyError("unknown task 'x'; known: ['click']"), 2,
-     "error: unknown task 'x'; known: ['click']"),
-    (KeyError("u123"), 1, "error: internal error (KeyError); rerun with --debug for the traceback"),
-    (ValueError("bad\nvalue"), 1,
-     "error: internal error (ValueError); rerun with --debug for the traceback"),
-    (RuntimeError("cell value 0.123"), 1,
-     "error: internal error (RuntimeError); rerun with --debug for the traceback"),
-])
-def test_every_error_is_one_line(exc: BaseException, code: int, line: str,
-                                 capsys: pytest.CaptureFixture[str]) -> None:
+def _errors() -> list[tuple[BaseException, int, str]]:
+    """One exception of every row of the exit-code table, and what the user sees."""
+    import yaml
+
+    from shopmtl.config import ConfigError
+    from shopmtl.data.ingest import DataError
+    from shopmtl.predict import OptionError
+    from shopmtl.train.checkpoint import CheckpointError
+    from shopmtl.train.loop import DivergenceError, NonFiniteError
+    from shopmtl.train.outlock import OutputInUseError
+    from shopmtl.weighting import MissingDependencyError
+
+    internal = "rerun with --debug for the traceback"
+    return [
+        # usage errors: 2
+        (ConfigError("train.batch_size: must be >= 1, got -5"), 2,
+         "error: train.batch_size: must be >= 1, got -5"),
+        (OptionError("--task: unknown task(s) ['x']"), 2, "error: --task: unknown task(s) ['x']"),
+        (yaml.YAMLError("bad"), 2, "error: not valid YAML: bad"),
+        (KeyError("unknown task 'x'; known: ['click']"), 2,
+         "error: unknown task 'x'; known: ['click']"),
+        # runtime errors: 1
+        (DataError("shop.csv: line 3, column 'price': non-numeric value"), 1,
+         "error: shop.csv: line 3, column 'price': non-numeric value"),
+        (CheckpointError("/m: file 'x' is corrupt"), 1, "error: /m: file 'x' is corrupt"),
+        (NonFiniteError("non-finite loss"), 1, "error: non-finite loss"),
+        (DivergenceError("training diverged"), 1, "error: training diverged"),
+        (MissingDependencyError("run: pip install x"), 1, "error: run: pip install x"),
+        (OutputInUseError("/o is in use by another shopmtl run (pid 1)"), 1,
+         "error: /o is in use by another shopmtl run (pid 1)"),
+        (OSError(28, "No space left on device"), 1, "error: [Errno 28] No space left on device"),
+        (PermissionError(13, "Permission denied", "/x/out"), 1,
+         "error: [Errno 13] Permission denied: '/x/out'"),
+        (IsADirectoryError(21, "Is a directory", "/x"), 1,
+         "error: [Errno 21] Is a directory: '/x'"),
+        # internal errors: 1, the type only (the message could hold a data value)
+        (KeyError("u123"), 1, f"error: internal error (KeyError); {internal}"),
+        (ValueError("bad\nvalue"), 1, f"error: internal error (ValueError); {internal}"),
+        (RuntimeError("cell value 0.123"), 1, f"error: internal error (RuntimeError); {internal}"),
+    ]
+
+
+@pytest.mark.parametrize(("exc", "code", "line"), _errors(),
+                         ids=[f"{type(e).__name__}-{c}" for e, c, _ in _errors()])
+def test_every_error_is_one_line_with_its_exit_code(exc: BaseException, code: int, line: str,
+                                                    capsys: pytest.CaptureFixture[str]) -> None:
     import typer
 
     with pytest.raises(typer.Exit) as info:
         _raiser(exc)()
     assert info.value.exit_code == code
     assert capsys.readouterr().err == line + "\n"
+
+
+def test_the_exit_code_table_is_documented() -> None:
+    """Every row of EXIT_CODES is named in the module docstring and described in --help."""
+    import shopmtl.cli
+
+    for where, code, _ in shopmtl.cli.EXIT_CODES:
+        assert where.split(":")[1] in shopmtl.cli.__doc__, where
+        assert f"{code}, a {'usage' if code == 2 else 'runtime'} error" in shopmtl.cli.__doc__
+    help_text = " ".join(cli("--help", check=True).stdout.split())  # rich wraps the epilog
+    for _, _, what in shopmtl.cli.EXIT_CODES:
+        assert what in help_text, what
+    assert "2 usage error" in help_text and "1 runtime error" in help_text
 
 
 def test_debug_re_raises(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -1,6 +1,10 @@
 from __future__ import annotations
 
+import dataclasses
+import json
 import textwrap
+import types
+import typing
 from pathlib import Path
 
 import pytest
@@ -35,12 +39,12 @@ data:
     group: user_id
 model:
   name: shared_bottom
-  args: {hidden: [64, 32], dropout: 0.1}
+  args: {bottom: [64, 32], dropout: 0.1}
 train:
   epochs: 2
   lr: 0.001
   alpha: {click: 1, conversion: 2.5}
-  early_stopping: {metric: valid.click.auc, patience: 4}
+  early_stopping: {metric: valid.click.all.auc, patience: 4}
 """
 
 
@@ -73,7 +77,7 @@ def test_load_builds_typed_dataclasses(config_file: Path) -> None:
     schema = cfg.data.schema.build()
     assert isinstance(schema, Schema)
     assert schema.availability()["ad_click"] == {"home": False, "search": False, "ad": True}
-    assert cfg.model.args == {"hidden": [64, 32], "dropout": 0.1}
+    assert cfg.model.args == {"bottom": [64, 32], "dropout": 0.1}
     assert cfg.train.epochs == 2 and cfg.train.lr == 0.001
     assert cfg.train.alpha == {"click": 1.0, "conversion": 2.5}
     assert cfg.train.early_stopping.patience == 4
@@ -104,11 +108,11 @@ def test_scientific_notation_is_a_number(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("override", "path_in_message", "also"),
     [
-        ("train.epoch=5", "ExperimentConfig.train", "'epoch'"),
-        ("data.chunk_row=5", "ExperimentConfig.data", "'chunk_row'"),
-        ("train.early_stopping.patienc=1", "ExperimentConfig.train.early_stopping", "'patienc'"),
-        ("bogus=1", "ExperimentConfig", "'bogus'"),
-        ("data.schema.scenario.colour=red", "ExperimentConfig.data.schema.scenario", "'colour'"),
+        ("train.epoch=5", "train", "'epoch'"),
+        ("data.chunk_row=5", "data", "'chunk_row'"),
+        ("train.early_stopping.patienc=1", "train.early_stopping", "'patienc'"),
+        ("bogus=1", "the top level", "'bogus'"),
+        ("data.schema.scenario.colour=red", "data.schema.scenario", "'colour'"),
     ],
 )
 def test_unknown_key_raises_with_dotted_path(
@@ -133,7 +137,7 @@ def test_unknown_key_inside_a_list_names_the_index(tmp_path: Path) -> None:
         """,
     )
     with pytest.raises(
-        ConfigError, match=r"ExperimentConfig\.data\.schema\.features\[1\]: unknown"
+        ConfigError, match=r"^data\.schema\.features\[1\]: unknown"
     ):
         load_config(path)
 
@@ -141,21 +145,21 @@ def test_unknown_key_inside_a_list_names_the_index(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("override", "dotted"),
     [
-        ("train.epochs=five", "ExperimentConfig.train.epochs"),
-        ("train.epochs=2.5", "ExperimentConfig.train.epochs"),
-        ("train.epochs=true", "ExperimentConfig.train.epochs"),
-        ("train.lr=fast", "ExperimentConfig.train.lr"),
-        ("train.lr=true", "ExperimentConfig.train.lr"),
-        ("data.streaming=1", "ExperimentConfig.data.streaming"),
-        ("data.valid=5", "ExperimentConfig.data.valid"),
-        ("data.bad_rows=drop", "ExperimentConfig.data.bad_rows"),
-        ("train.optimizer=sgd", "ExperimentConfig.train.optimizer"),
-        ("train.alpha.click=high", "ExperimentConfig.train.alpha.click"),
-        ("train.early_stopping=3", "ExperimentConfig.train.early_stopping"),
-        ("data.schema.scenario.values=ad", "ExperimentConfig.data.schema.scenario.values"),
+        ("train.epochs=five", "train.epochs"),
+        ("train.epochs=2.5", "train.epochs"),
+        ("train.epochs=true", "train.epochs"),
+        ("train.lr=fast", "train.lr"),
+        ("train.lr=true", "train.lr"),
+        ("data.streaming=1", "data.streaming"),
+        ("data.valid=5", "data.valid"),
+        ("data.bad_rows=drop", "data.bad_rows"),
+        ("train.optimizer=sgd", "train.optimizer"),
+        ("train.alpha.click=high", "train.alpha.click"),
+        ("train.early_stopping=3", "train.early_stopping"),
+        ("data.schema.scenario.values=ad", "data.schema.scenario.values"),
         (
             "data.schema.tasks=[{name: c, type: ordinal}]",
-            "ExperimentConfig.data.schema.tasks[0].type",
+            "data.schema.tasks[0].type",
         ),
     ],
 )
@@ -177,11 +181,11 @@ def test_missing_required_key(tmp_path: Path) -> None:
 def test_overrides_apply(config_file: Path) -> None:
     cfg = load_config(
         config_file,
-        ["train.epochs=5", "data.streaming=true", "model.args.hidden=[8]", "train.seed=3"],
+        ["train.epochs=5", "data.streaming=true", "model.args.bottom=[8]", "train.seed=3"],
     )
     assert cfg.train.epochs == 5 and isinstance(cfg.train.epochs, int)
     assert cfg.data.streaming is True
-    assert cfg.model.args == {"hidden": [8], "dropout": 0.1}
+    assert cfg.model.args == {"bottom": [8], "dropout": 0.1}
     assert cfg.train.seed == 3
     assert cfg.train.lr == 0.001  # untouched
 
@@ -356,9 +360,87 @@ def test_known_names_load(config_file: Path, tmp_path: Path) -> None:
 
 
 def test_a_dataclass_check_becomes_a_config_error_naming_the_section(config_file: Path) -> None:
-    with pytest.raises(ConfigError, match=r"^ExperimentConfig\.train: lr_base_batch must be"):
+    with pytest.raises(ConfigError, match=r"^train\.lr_base_batch: must be >= 1, got 0$"):
         load_config(config_file, ["train.lr_base_batch=0"])
+    # a check across keys names the section
+    with pytest.raises(ConfigError, match=r"^data: valid_fraction \+ test_fraction must be < 1"):
+        load_config(config_file, ["data.valid_fraction=0.6", "data.test_fraction=0.4"])
     # the schema's own checks run at load too, not once training starts
     with pytest.raises(ConfigError, match=r"^data\.schema: task 'conversion' is given 'buy'"):
         load_config(config_file, ["data.schema.tasks=[{name: click}, {name: conversion, "
                                   "given: buy}]", "train.alpha={}"])
+
+
+# -- every numeric key is checked against its declared range, at load ---------------------------
+
+def _outside(f, tp) -> object:
+    """A value just outside field ``f``'s range, of its type (an item of a list, a mapping's
+    value for ``click``)."""
+    from shopmtl.keys import range_of
+
+    rng = range_of(f)
+    if rng.lo is not None:
+        bad = rng.lo if rng.lo_open else rng.lo - 1
+    else:
+        bad = rng.hi if rng.hi_open else rng.hi + 1
+    inner = _strip_optional(tp)
+    origin = typing.get_origin(inner)
+    if origin is tuple:
+        item = typing.get_args(inner)[0]
+        return [int(bad) if item is int else float(bad)]
+    if origin is dict:
+        return {"click": float(bad)}
+    return int(bad) if inner is int else float(bad)
+
+
+def _strip_optional(tp):
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    return args[0] if typing.get_origin(tp) in (typing.Union, types.UnionType) else tp
+
+
+def _ranged_keys() -> list[tuple[str, object]]:
+    from shopmtl.config import EarlyStopping, TrainConfig
+    from shopmtl.keys import range_of
+
+    out = []
+    for cls, prefix in ((DataConfig, "data"), (TrainConfig, "train"),
+                        (EarlyStopping, "train.early_stopping")):
+        hints = typing.get_type_hints(cls)
+        out += [(f"{prefix}.{f.name}", _outside(f, hints[f.name]))
+                for f in dataclasses.fields(cls) if range_of(f) is not None]
+    return out
+
+
+@pytest.mark.parametrize(("key", "bad"), _ranged_keys(), ids=[k for k, _ in _ranged_keys()])
+def test_a_value_outside_its_range_is_refused_naming_the_key(config_file: Path, key: str,
+                                                            bad: object) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(config_file, [f"{key}={json.dumps(bad)}"])
+    msg = str(info.value)
+    assert msg.startswith(key) and ": must be " in msg and "\n" not in msg, msg
+
+
+@pytest.mark.parametrize("value", [".nan", ".inf", "-.inf"])
+def test_a_non_finite_number_is_refused(config_file: Path, value: str) -> None:
+    with pytest.raises(ConfigError, match=r"^train\.lr: must be > 0, got (nan|inf|-inf)$"):
+        load_config(config_file, [f"train.lr={value}"])
+
+
+def test_a_config_built_in_python_is_held_to_the_same_ranges() -> None:
+    from shopmtl.config import TrainConfig
+
+    with pytest.raises(ValueError, match=r"^batch_size: must be >= 1, got -5$"):
+        TrainConfig(batch_size=-5)
+
+
+@pytest.mark.parametrize(("metric", "problem"), [
+    ("valid.click.auc", "is not a validation metric"),
+    ("click.all.auc", "is not a validation metric"),
+    ("valid.all_tasks.all.auc", "is not a validation metric"),
+    ("valid.click.moon.auc", "names unknown scenario 'moon'; scenarios: home, search, ad, all"),
+])
+def test_a_malformed_early_stopping_metric_stops_at_load(config_file: Path, metric: str,
+                                                         problem: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(config_file, [f"train.early_stopping.metric={metric}"])
+    assert str(info.value).startswith(f"train.early_stopping.metric: {metric!r} {problem}")

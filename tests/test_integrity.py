@@ -118,12 +118,12 @@ def test_every_tampering_is_refused_in_one_line(tamper, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize("tamper", [_add_extra, _outside, _empty])
-def test_predict_on_a_tampered_copy_exits_2_in_one_line(tamper, tmp_path: Path) -> None:
+def test_predict_on_a_tampered_copy_exits_1_in_one_line(tamper, tmp_path: Path) -> None:
     d = tmp_path / "model"
     shutil.copytree(FIX / "zoo_model", d)
     name = tamper(d)
     proc = cli("predict", str(d), str(FIX / "zoo_rows.csv"), "--out", str(tmp_path / "p.csv"))
-    assert_one_error_line(proc, str(d), name)
+    assert_one_error_line(proc, str(d), name, code=1)  # a corrupt model dir: runtime
     assert not (tmp_path / "p.csv").exists()
 
 
@@ -196,7 +196,7 @@ def test_a_reader_never_finds_the_target_missing_during_a_replace(
 
 # --- output-folder lock -----------------------------------------------------------------------
 
-def test_a_second_train_into_a_locked_out_exits_2_at_once(tmp_path: Path) -> None:
+def test_a_second_train_into_a_locked_out_exits_1_at_once(tmp_path: Path) -> None:
     out = tmp_path / "out"
     out.mkdir()
     cfg = tmp_path / "bad.yaml"
@@ -205,12 +205,13 @@ def test_a_second_train_into_a_locked_out_exits_2_at_once(tmp_path: Path) -> Non
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         os.write(fd, b"4242\n")
-        line = assert_one_error_line(cli("train", str(cfg), "--out", str(out)))
+        # the lock is taken before the config is read: a runtime refusal, not a usage error
+        line = assert_one_error_line(cli("train", str(cfg), "--out", str(out)), code=1)
         assert line == f"error: {out} is in use by another shopmtl run (pid 4242)"
     finally:
         os.close(fd)  # releases the lock
     # released: the same command gets past the lock and fails on its config instead
-    line = assert_one_error_line(cli("train", str(cfg), "--out", str(out)))
+    line = assert_one_error_line(cli("train", str(cfg), "--out", str(out)), code=2)
     assert "in use" not in line
     # and released the lock on that error: this process can take it again
     fd = os.open(out / ".lock", os.O_RDWR)

@@ -1,7 +1,8 @@
 """The import graph of src/shopmtl is layered and has no circles.
 
 Layers, bottom to top (each imports only from below):
-  1 config, registry (may lazily import models to fill itself), jsonsafe, small utils
+  1 config, registry (may lazily import models to fill itself), jsonsafe, small utils;
+    keys (a config key's doc and range) imports nothing from shopmtl, so every layer may use it
   2 data/ (schema, ingest, encoders, synthetic, pipeline, the data/source.py contract, sources/)
   3 metrics, tasks
   4 nn/, models/
@@ -11,7 +12,8 @@ Layers, bottom to top (each imports only from below):
   8 apps: cli (and __main__, ``python -m shopmtl``), run, predict, compare, report;
     joint.predict is the joint half of the predict app, above predict (it scores a joint
     checkpoint's rec tasks with ``predict.predict_rows``);
-    modeldir (``shopmtl.load``: any model directory, scored through predict and joint.predict)
+    modeldir (``shopmtl.load``: any model directory, scored through predict and joint.predict);
+    configdoc (docs/CONFIG.md from the config dataclasses of every layer)
   the root package ``shopmtl/__init__.py`` is the public face above them all: its lazy
   ``__getattr__`` hands out ``shopmtl.load`` from modeldir (exempt from "nothing imports an app")
 
@@ -32,6 +34,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 ROOT_PACKAGE = "shopmtl"
 
 APPS = ("cli", "run", "checks", "predict", "compare", "report", "joint.predict", "modeldir",
+        "configdoc",
         "__main__")
 # what each layer must not import: rules (b), (c), (d). data/ may import the leaf ``metrics``.
 DATA_FORBIDDEN = ("train", "joint", *APPS, "weighting", "models", "nn", "tasks")

@@ -170,7 +170,7 @@ def test_unknown_kind_or_format_is_one_line_naming_the_dir(meta, tmp_path: Path)
     msg = str(info.value)
     assert "\n" not in msg and str(d) in msg and "known kinds: zoo, joint" in msg
     assert_one_error_line(cli("predict", str(d), str(FIX / "zoo_rows.csv")), str(d),
-                          "known kinds: zoo, joint")
+                          "known kinds: zoo, joint", code=1)
 
 
 @pytest.mark.parametrize("which", ["zoo_model", "joint_model"])
@@ -196,7 +196,7 @@ def test_tampered_or_incomplete_dirs_are_refused(which: str, tmp_path: Path) -> 
         shopmtl.load(d)
     rows = "zoo_rows.csv" if which == "zoo_model" else "joint_rows.jsonl"
     assert_one_error_line(cli("predict", str(d), str(FIX / rows), "--task", "click"),
-                          "not a checkpoint")
+                          "not a checkpoint", code=1)
 
 
 def test_new_dirs_are_format_2_and_load(tmp_path: Path) -> None:
@@ -241,7 +241,7 @@ def test_new_dirs_are_format_2_and_load(tmp_path: Path) -> None:
     assert len(got) == 1 and len(got[0]["intent"]) == 27 and isinstance(got[0]["intent_class"],
                                                                           str)
     assert_one_error_line(cli("evaluate", str(j.path), str(FIX / "zoo_rows.csv")),
-                          "`shopmtl evaluate` takes a zoo model directory")
+                          "`shopmtl evaluate` takes a zoo model directory", code=2)
 
 
 def test_import_shopmtl_stays_light() -> None:

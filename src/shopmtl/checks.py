@@ -11,6 +11,7 @@ from shopmtl.config import ConfigError, ExperimentConfig, WeightingConfig, check
 from shopmtl.config import load_config as _load_config
 from shopmtl.joint.config import REC, REC_TASKS, JointConfig, SourceConfig, load_joint_config
 from shopmtl.joint.parts import _import_source, _sources
+from shopmtl.registry import model_config
 from shopmtl.train.distributed import check_batch_size, env_world
 from shopmtl.weighting import WEIGHTINGS
 
@@ -26,9 +27,21 @@ def check_weighting(wc: WeightingConfig, where: str = "weighting") -> type:
     return cls
 
 
+def check_synthetic(cfg: ExperimentConfig) -> None:
+    """``data.synthetic``'s keys, types and ranges, read now rather than when the world is
+    generated (after the output folder is set up)."""
+    if cfg.data.synthetic is not None:
+        from shopmtl.data.synthetic import WorldConfig
+
+        from_dict(WorldConfig, dict(cfg.data.synthetic), "data.synthetic")
+
+
 def check_experiment(cfg: ExperimentConfig) -> ExperimentConfig:
-    """A one-table config's weighting (its tasks are checked by ``config.load_config``); under
-    torchrun (``WORLD_SIZE > 1``) also what several processes cannot do (docs/SCALING.md)."""
+    """A one-table config's model, weighting and synthetic world (its tasks are checked by
+    ``config.load_config``); under torchrun (``WORLD_SIZE > 1``) also what several processes
+    cannot do (docs/SCALING.md)."""
+    model_config(cfg.model.name, cfg.model.args)
+    check_synthetic(cfg)
     cls = check_weighting(cfg.weighting)
     world = env_world()[2]
     if world > 1:

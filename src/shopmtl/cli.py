@@ -1,4 +1,20 @@
-"""The `shopmtl` command line. Each subcommand is a thin wrapper over the Python API."""
+"""The `shopmtl` command line. Each subcommand is a thin wrapper over the Python API.
+
+Every failure is one line on stderr, ``error: ...``, never a traceback (``--debug`` shows it,
+without local variables), and the exit status says whose move it is (``EXIT_CODES``):
+
+- 2, a usage error: the command as typed cannot work. A bad config (ConfigError: an unknown
+  key or name, a wrong type, a value out of its range; a config file that does not exist),
+  invalid YAML (YAMLError), a bad option value (``--task`` naming a task the model lacks:
+  predict.OptionError, a ConfigError; a KeyError with a message, "unknown task ..."); bad
+  arguments (click's own usage errors). Fix the command or the config and rerun.
+- 1, a runtime error: the command was fine but the run failed. Bad data (DataError, a missing
+  data file included), a corrupt or missing checkpoint or model directory (CheckpointError),
+  training that went non-finite or diverged (NonFiniteError, DivergenceError), the output
+  folder in use by another run (OutputInUseError), the system refusing (OSError: a full disk,
+  no permission), an optional package missing (MissingDependencyError), and any other
+  exception: an internal error, a bug ("internal error (Type); rerun with --debug").
+"""
 
 from __future__ import annotations
 
@@ -9,9 +25,36 @@ from typing import Annotated
 
 import typer
 
+USAGE, RUNTIME = 2, 1
+# handled error -> exit status, the first match wins (a subclass before its base); anything
+# else is an internal error (RUNTIME). Classes are named, not imported, so that `shopmtl
+# --help` stays fast; the third column is the --help epilog's and the module docstring's line.
+EXIT_CODES: tuple[tuple[str, int, str], ...] = (
+    ("shopmtl.config:ConfigError", USAGE, "a bad or missing config, --set or option value"),
+    ("yaml:YAMLError", USAGE, "invalid YAML"),
+    ("builtins:KeyError", USAGE, "an unknown name"),
+    ("shopmtl.data.ingest:DataError", RUNTIME, "bad or missing data"),
+    ("shopmtl.train.checkpoint:CheckpointError", RUNTIME, "a corrupt or missing checkpoint"),
+    ("shopmtl.train.loop:NonFiniteError", RUNTIME, "a non-finite or diverging run"),
+    ("shopmtl.weighting.aggregators:MissingDependencyError", RUNTIME,
+     "a missing optional package"),
+    ("builtins:OSError", RUNTIME, "a full disk, no permission, OUT in use"),
+)
+
+
+def _epilog() -> str:
+    """The ``--help`` epilog: ``EXIT_CODES`` in words."""
+    def what(code: int) -> str:
+        return ", ".join(doc for _, c, doc in EXIT_CODES if c == code)
+
+    return (f"Exit status: 0 success; {USAGE} usage error (fix the command or the config: "
+            f"{what(USAGE)}); {RUNTIME} runtime error ({what(RUNTIME)}, an internal error). "
+            "--debug shows the traceback.")
+
+
 # never print local variables in a traceback: they can hold raw cell values of the user's data
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_show_locals=False,
-                  help="Multi-scenario multi-task learning for e-commerce.")
+                  help="Multi-scenario multi-task learning for e-commerce.", epilog=_epilog())
 
 _DEBUG = False  # --debug / SHOPMTL_DEBUG=1: errors re-raised, with their traceback
 
@@ -42,50 +85,63 @@ def _one_line(message: str) -> str:
     return "; ".join(lines) or "(no message)"
 
 
-def _fail(message: str, code: int = 2) -> None:
+def _fail(message: str, code: int = USAGE) -> None:
     typer.secho(f"error: {_one_line(message)}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
 
 
+def exit_code(e: BaseException) -> int | None:
+    """The exit status of a handled error (``EXIT_CODES``), None for an internal one. A bare
+    KeyError (``KeyError('u123')``, possibly a data value) is internal: only one raised with a
+    sentence ("unknown task 'x'; known: ...") is a usage error."""
+    import importlib
+
+    for where, code, _ in EXIT_CODES:
+        module, name = where.split(":")
+        if module not in sys.modules and module != "builtins":
+            continue  # never imported: nothing of it can have been raised
+        cls = getattr(importlib.import_module(module), name)
+        if isinstance(e, cls):
+            if cls is KeyError and not (e.args and " " in str(e.args[0])):
+                return None
+            return code
+    return None
+
+
+def _message(e: BaseException) -> str:
+    import yaml
+
+    if isinstance(e, yaml.YAMLError):
+        from shopmtl.config import yaml_problem
+
+        return f"not valid YAML: {yaml_problem(e)}"
+    if isinstance(e, KeyError):
+        return str(e.args[0])  # str(KeyError) would quote it
+    return str(e)
+
+
 def _guard(fn):
-    """Every failure becomes one line on stderr, never a traceback (unless --debug): a user
-    error (bad config, bad data, a missing or unwritable file, a bad checkpoint) exits 2 and
-    says what and where; anything else is a bug: exit 1, with the exception's type."""
+    """Every failure becomes one line on stderr, never a traceback (unless --debug), and exits
+    with its ``EXIT_CODES`` status: 2 for a usage error, 1 for a runtime one; an unhandled
+    exception is a bug: exit 1 with its type only (its message could hold a data value)."""
     import functools
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         import click
-        import yaml
-
-        from shopmtl.config import ConfigError
-        from shopmtl.data.ingest import DataError
-        from shopmtl.train.checkpoint import CheckpointError
-        from shopmtl.train.loop import NonFiniteError
-        from shopmtl.weighting import MissingDependencyError
 
         try:
             return fn(*args, **kwargs)
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
-            raise  # typer's own exits and usage errors
+            raise  # typer's own exits and usage errors (exit 2)
         except Exception as e:
             if _DEBUG:
                 raise
-            # a KeyError raised with a message ("unknown task 'x'; known: ..."); a bare missing
-            # key (which could be a data value) is a bug, reported as such below
-            if isinstance(e, KeyError) and e.args and " " in str(e.args[0]):
-                _fail(str(e.args[0]))
-            # OSError: a missing file, a directory, no permission, a full disk ("[Errno 28]
-            # No space left on device"); MissingDependencyError: the pip line to run
-            if isinstance(e, (ConfigError, DataError, CheckpointError, NonFiniteError,
-                              MissingDependencyError, OSError)):
-                _fail(str(e))
-            if isinstance(e, yaml.YAMLError):
-                from shopmtl.config import yaml_problem
-
-                _fail(f"not valid YAML: {yaml_problem(e)}")
-            _fail(f"internal error ({type(e).__name__}); rerun with --debug for the traceback",
-                  code=1)
+            code = exit_code(e)
+            if code is None:
+                _fail(f"internal error ({type(e).__name__}); rerun with --debug for the "
+                      "traceback", code=RUNTIME)
+            _fail(_message(e), code=code)
 
     return wrapper
 
@@ -227,9 +283,10 @@ def evaluate(
     from shopmtl.modeldir import load
 
     metrics = json_safe(load(model_dir).evaluate_file(data))
+    if out is not None:  # written before the table: a failed write (a full disk) is the only
+        out.write_text(json.dumps({"test": metrics}, indent=1))  # output, one error line
     _summary({"test": metrics})
     if out is not None:
-        out.write_text(json.dumps({"test": metrics}, indent=1))
         typer.echo(f"wrote {out}")
 
 

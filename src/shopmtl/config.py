@@ -10,13 +10,14 @@ import dataclasses
 import re
 import types
 import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
 from shopmtl.data.schema import (
+    ALL,
     CONTENT_KINDS,
     DEFAULT_TEXT_ENCODER,
     FeatureSpec,
@@ -24,6 +25,7 @@ from shopmtl.data.schema import (
     Schema,
     TaskSpec,
 )
+from shopmtl.keys import check_fields, key, range_problem
 
 # the tasks of the synthetic world (``data.synthetic``): a config with ``data.synthetic`` trains
 # these, known before the world is generated
@@ -31,7 +33,8 @@ SYNTHETIC_TASKS: tuple[str, ...] = ("click", "conversion", "ad_click")
 
 
 class ConfigError(ValueError):
-    """A configuration file or override is invalid; the message names the key."""
+    """A configuration file, an override or a command-line option is invalid; the message
+    names the key (or the option). A usage error: ``shopmtl`` exits 2."""
 
 
 class _Loader(yaml.SafeLoader):
@@ -58,11 +61,15 @@ def yaml_problem(e: yaml.YAMLError) -> str:
 
 @dataclass(frozen=True)
 class SchemaConfig:
-    features: tuple[FeatureSpec, ...]
-    tasks: tuple[TaskSpec, ...]
-    scenario: ScenarioSpec | None = None
-    group: str | None = None
-    slices: tuple[str, ...] = ()  # 0/1 columns: test metrics also on the rows where each is 1
+    features: tuple[FeatureSpec, ...] = key(doc="the input features (data.schema.features[] "
+                                                "below)")
+    tasks: tuple[TaskSpec, ...] = key(doc="the prediction targets (data.schema.tasks[] below)")
+    scenario: ScenarioSpec | None = key(None, "the scenario column and its values (null: one "
+                                              "scenario, `all`)")
+    group: str | None = key(None, "column grouping rows for GAUC (the user); a ranking task's "
+                                  "lists")
+    slices: tuple[str, ...] = key((), "0/1 columns: test metrics also on the rows where each "
+                                      "is 1")
 
     def build(self) -> Schema:
         return Schema(self.features, self.tasks, self.scenario, self.group, slices=self.slices)
@@ -72,93 +79,114 @@ class SchemaConfig:
 class DataConfig:
     # either files + a schema, or `synthetic`: WorldConfig fields (e.g. {rows: 500000,
     # scenario_shift: 1.0}); the world is generated into OUT/data and its schema is used
-    schema: SchemaConfig | None = None
-    train: str | None = None
-    synthetic: dict[str, Any] | None = None
+    schema: SchemaConfig | None = key(None, "what the files hold (with `train`)")
+    train: str | None = key(None, "training file, CSV (.csv, .csv.gz) or Parquet, relative to "
+                                  "the config")
+    synthetic: dict[str, Any] | None = key(
+        None, "instead of files: a generated world (`shopmtl synth` keys, e.g. {rows: 500000})")
     # synthetic only: item content features from the world's catalog (items.parquet), keyed by
     # item_id: `title` (text, frozen MiniLM) and/or `image` (16x16 rendered images)
-    content: tuple[Literal["title", "image"], ...] = ()
-    valid: str | None = None
-    test: str | None = None
-    # without valid/test files, seeded random fractions of `train` are held out instead
-    valid_fraction: float = 0.1
-    test_fraction: float = 0.1
-    split_seed: int = 0
-    bad_rows: Literal["fail", "quarantine"] = "fail"
-    max_bad_fraction: float = 0.05  # quarantine gives up past this share of bad rows
-    chunk_rows: int = 200_000
-    streaming: bool = False  # re-read files chunk by chunk each epoch (constant memory)
-    shuffle_buffer_chunks: int = 4
+    content: tuple[Literal["title", "image"], ...] = key(
+        (), "synthetic only: item content features from the world's catalog")
+    valid: str | None = key(None, "validation file (default: `valid_fraction` of `train`)")
+    test: str | None = key(None, "test file (default: `test_fraction` of `train`)")
+    valid_fraction: float = key(0.1, "without `valid`: share of `train` held out for "
+                                     "validation", ge=0, lt=1)
+    test_fraction: float = key(0.1, "without `test`: share of `train` held out for testing",
+                               ge=0, lt=1)
+    split_seed: int = key(0, "seed of the random held-out fractions", ge=0)
+    bad_rows: Literal["fail", "quarantine"] = key(
+        "fail", "a bad row stops the run (`fail`) or is set aside in OUT/quarantine")
+    max_bad_fraction: float = key(0.05, "quarantine gives up past this share of bad rows",
+                                  ge=0, le=1)
+    chunk_rows: int = key(200_000, "rows read (and parsed) at a time", ge=1)
+    streaming: bool = key(False, "re-read the files chunk by chunk each epoch (constant "
+                                 "memory)")
+    shuffle_buffer_chunks: int = key(4, "streaming: chunks shuffled together", ge=1)
+
+    def __post_init__(self) -> None:
+        # the held-out fractions come out of the same rows: together they must leave some
+        # to train on (valid 0.6 + test 0.5 used to train on nothing and exit 0)
+        if self.valid_fraction + self.test_fraction >= 1:
+            raise ValueError(f"valid_fraction + test_fraction must be < 1, got "
+                             f"{self.valid_fraction} + {self.test_fraction}")
 
 
 @dataclass(frozen=True)
 class ModelConfig:
-    name: str = "shared_bottom"
-    args: dict[str, Any] = field(default_factory=dict)
+    name: str = key("shared_bottom", "the architecture (`shopmtl models`; model.args below)")
+    args: dict[str, Any] = key(factory=dict, doc="the architecture's arguments (per model "
+                                                 "below)")
 
 
 @dataclass(frozen=True)
 class EarlyStopping:
-    metric: str = "valid.all_tasks.auc"  # dotted path into the validation metrics
-    mode: Literal["max", "min"] = "max"
-    patience: int = 2
+    metric: str = key("valid.all_tasks.auc", "validation metric: valid.all_tasks.METRIC or "
+                                             "valid.TASK.SCENARIO.METRIC (SCENARIO all: every "
+                                             "row)")
+    mode: Literal["max", "min"] = key("max", "whether a larger metric is better")
+    patience: int = key(2, "epochs without a better metric before stopping (0: never stop)",
+                        ge=0)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    epochs: int = 3
-    batch_size: int = 2048
-    lr: float = 2e-3
-    lr_decay: float = 1.0  # lr of epoch e is lr * lr_decay**e (a function of e: resume-safe)
+    epochs: int = key(3, "passes over the training data", ge=1)
+    batch_size: int = key(2048, "rows a step (the global batch under torchrun)", ge=1)
+    lr: float = key(2e-3, "learning rate", gt=0)
+    lr_decay: float = key(1.0, "lr of epoch e is lr * lr_decay**e", gt=0)
     # "sqrt": ``lr`` is the rate at ``lr_base_batch`` rows a step, and a run at batch B trains at
     # lr * sqrt(B / lr_base_batch), the square-root rule for Adam (Hoffer et al. 2017; Malladi
     # et al. 2022): one lr then serves batch 256 and batch 2048 (at a fixed lr, batch 2048 makes
     # 8x fewer steps per epoch and under-trains in a few epochs). "none": ``lr`` as given.
-    lr_scaling: Literal["none", "sqrt"] = "none"
-    lr_base_batch: int = 256
-    weight_decay: float = 0.0
-    embedding_weight_decay: float = 1e-6  # L2 on the rows a batch touches (sparse-friendly)
-    optimizer: Literal["adam", "adamw"] = "adam"
+    lr_scaling: Literal["none", "sqrt"] = key(
+        "none", "`sqrt`: lr is the rate at lr_base_batch, scaled by sqrt(batch_size / "
+                "lr_base_batch)")
+    lr_base_batch: int = key(256, "the batch size `lr` is meant for under lr_scaling: sqrt",
+                             ge=1)
+    weight_decay: float = key(0.0, "L2 weight decay of the dense parameters", ge=0)
+    embedding_weight_decay: float = key(1e-6, "L2 on the embedding rows a batch touches", ge=0)
+    optimizer: Literal["adam", "adamw"] = key("adam", "the optimizer")
     # start each binary task's output bias at logit(its positive rate in the training data)
     # (regression: the label mean), so the first steps rank instead of shifting every
     # prediction from 0.5 towards the base rate (in-memory training data only)
-    output_bias_prior: bool = True
-    alpha: dict[str, float] = field(default_factory=dict)  # task -> loss weight (default 1)
-    seed: int = 0
-    threads: int = 0  # torch intra-op threads; 0 = number of cores
-    checkpoint_every: int = 0  # also checkpoint every N steps (0 = each epoch only)
-    grad_clip: float = 0.0
-    early_stopping: EarlyStopping = field(default_factory=EarlyStopping)
-    eval_batch_size: int = 4096
-    log_every: int = 50
-    log_grad_cosine: bool = False  # task-gradient cosines on shared params (T extra backwards)
+    output_bias_prior: bool = key(True, "start each task's output bias at its base rate")
+    alpha: dict[str, float] = key(factory=dict, doc="task -> loss weight (default 1)", ge=0)
+    seed: int = key(0, "seed of initialisation and batch order", ge=0)
+    threads: int = key(0, "torch intra-op threads (0: number of cores)", ge=0)
+    checkpoint_every: int = key(0, "also checkpoint every N steps (0: each epoch only)", ge=0)
+    grad_clip: float = key(0.0, "clip the gradient norm to this (0: off)", ge=0)
+    early_stopping: EarlyStopping = key(factory=EarlyStopping,
+                                        doc="when to stop and which epoch to keep")
+    eval_batch_size: int = key(4096, "rows a step when scoring", ge=1)
+    log_every: int = key(50, "log the training losses every N steps (0: off)", ge=0)
+    log_grad_cosine: bool = key(False, "log task-gradient cosines on the shared parameters "
+                                       "(T extra backwards)")
     # FGM (Miyato et al. 2017): also train on the embedding table moved by epsilon along its
     # normalised gradient (one extra forward/backward per step)
-    adversarial: Literal["none", "fgm"] = "none"
-    adversarial_epsilon: float = 1.0
+    adversarial: Literal["none", "fgm"] = key("none", "`fgm`: also train on adversarially "
+                                                      "perturbed embeddings")
+    adversarial_epsilon: float = key(1.0, "size of the FGM perturbation", gt=0)
     # id dropout (DropoutNet, Volkovs et al., NeurIPS 2017): categorical feature -> probability
     # that a training row sees the OOV id instead of its own, e.g. {item_id: 0.3}; the model
     # then learns to score an item from its other (content) features, as it must for new items
-    id_dropout: dict[str, float] = field(default_factory=dict)
-    # where the loop runs: auto = cuda when torch sees a CUDA device, else cpu
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    id_dropout: dict[str, float] = key(factory=dict, doc="categorical feature -> probability "
+                                                         "a training row sees the OOV id",
+                                       ge=0, lt=1)
+    device: Literal["auto", "cpu", "cuda"] = key("auto", "where the loop runs (auto: cuda when "
+                                                         "torch sees one)")
     # bf16: the forward and the losses under torch.autocast(bfloat16); weights stay float32
-    precision: Literal["fp32", "bf16"] = "fp32"
-    # torchrun: seconds a process waits in a collective before failing (a rank that died
-    # ends the job instead of hanging it; docs/SCALING.md)
-    dist_timeout: float = 300.0
+    precision: Literal["fp32", "bf16"] = key("fp32", "bf16: forward and losses under autocast "
+                                                     "(weights stay fp32)")
+    # torchrun: a rank that died ends the job instead of hanging it (docs/SCALING.md)
+    dist_timeout: float = key(300.0, "torchrun: seconds a process waits in a collective", gt=0)
     # stop with a named error when a task's recent training loss exceeds this many times its
-    # loss at initialisation (a learning rate far too high); 0: off (``train.loop``)
-    divergence_factor: float = 100.0
+    # loss at initialisation (a learning rate far too high) (``train.loop``)
+    divergence_factor: float = key(100.0, "stop when a task's loss exceeds this many times its "
+                                          "first (0: off)", ge=0)
 
     def __post_init__(self) -> None:
-        if not self.divergence_factor >= 0:
-            raise ValueError(f"divergence_factor must be >= 0 (0: off), got "
-                             f"{self.divergence_factor}")
-        if self.dist_timeout <= 0:
-            raise ValueError(f"dist_timeout must be > 0, got {self.dist_timeout}")
-        if self.lr_base_batch < 1:
-            raise ValueError(f"lr_base_batch must be >= 1, got {self.lr_base_batch}")
+        check_fields(self)  # a config built in Python is held to the loader's ranges
 
     def batch_lr(self) -> float:
         """The learning rate of a step at ``batch_size`` (``lr_scaling`` applied)."""
@@ -172,16 +200,17 @@ class WeightingConfig:
     """How the task losses become one update: a loss weighting or a gradient aggregator
     (``shopmtl weightings`` lists them). ``train.alpha`` scales the losses before it."""
 
-    name: str = "equal"
-    args: dict[str, Any] = field(default_factory=dict)
+    name: str = key("equal", "loss weighting or gradient aggregator (`shopmtl weightings`)")
+    args: dict[str, Any] = key(factory=dict, doc="its arguments (per weighting below)")
 
 
 @dataclass(frozen=True)
 class ExperimentConfig:
-    data: DataConfig
-    model: ModelConfig = field(default_factory=ModelConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    weighting: WeightingConfig = field(default_factory=WeightingConfig)
+    data: DataConfig = key(doc="what to train on")
+    model: ModelConfig = key(factory=ModelConfig, doc="the architecture")
+    train: TrainConfig = key(factory=TrainConfig, doc="how to train")
+    weighting: WeightingConfig = key(factory=WeightingConfig,
+                                     doc="how the task losses become one update")
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> ExperimentConfig:
@@ -205,7 +234,7 @@ def _load_config(path: Path, overrides: list[str] | None) -> ExperimentConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
     raw = apply_overrides(raw, overrides or [])
-    cfg = from_dict(ExperimentConfig, raw)
+    cfg = from_dict(ExperimentConfig, raw, ROOT)
     if cfg.data.synthetic is None and (cfg.data.schema is None or cfg.data.train is None):
         raise ConfigError("data: give `train` and `schema` (your files) or `synthetic` "
                           "(a generated world)")
@@ -222,6 +251,37 @@ def config_task_names(cfg: ExperimentConfig) -> tuple[str, ...]:
     if cfg.data.schema is not None and cfg.data.synthetic is None:
         return tuple(t.name for t in cfg.data.schema.tasks)
     return SYNTHETIC_TASKS
+
+
+def config_scenario_names(cfg: ExperimentConfig) -> tuple[str, ...] | None:
+    """The scenarios of a config's schema (with ``all``, the aggregate), or None when they are
+    known only once the synthetic world is generated."""
+    if cfg.data.schema is None or cfg.data.synthetic is not None:
+        return None
+    return (*cfg.data.schema.build().scenario_names, ALL)
+
+
+METRIC_FORMS = "valid.all_tasks.<metric> or valid.<task>.<scenario|all>.<metric>"
+
+
+def check_metric(metric: str, tasks: typing.Sequence[str],
+                 scenarios: typing.Sequence[str] | None) -> None:
+    """ConfigError (one line) when the early-stopping ``metric`` path has the wrong shape or
+    names an unknown task or scenario. Its last part, the metric itself, depends on the task's
+    type and is checked at the first evaluation (``train.select``)."""
+    where = "train.early_stopping.metric"
+    parts = metric.split(".")
+    if parts[0] != "valid" or len(parts) not in (3, 4) or not all(parts):
+        raise ConfigError(f"{where}: {metric!r} is not a validation metric; use {METRIC_FORMS}")
+    task = parts[1]
+    if (task == "all_tasks") != (len(parts) == 3):
+        raise ConfigError(f"{where}: {metric!r} is not a validation metric; use {METRIC_FORMS}")
+    if task != "all_tasks" and task not in tasks:
+        raise ConfigError(f"{where}: {metric!r} names unknown task {task!r}; tasks: "
+                          f"{', '.join(tasks)} (or valid.all_tasks.<auc|logloss>)")
+    if len(parts) == 4 and scenarios is not None and parts[2] not in scenarios:
+        raise ConfigError(f"{where}: {metric!r} names unknown scenario {parts[2]!r}; "
+                          f"scenarios: {', '.join(scenarios)}")
 
 
 def check_tasks(where: str, names: Any, tasks: typing.Sequence[str]) -> None:
@@ -246,11 +306,7 @@ def check_names(cfg: ExperimentConfig) -> None:
             raise ConfigError(f"data.schema: {str(e).removeprefix('schema: ')}") from None
     tasks = config_task_names(cfg)
     check_tasks("train.alpha", cfg.train.alpha, tasks)
-    metric = cfg.train.early_stopping.metric
-    task = metric.removeprefix("valid.").split(".")[0]
-    if task != "all_tasks" and task not in tasks:
-        raise ConfigError(f"train.early_stopping.metric: {metric!r} names unknown task "
-                          f"{task!r}; tasks: {', '.join(tasks)} (or valid.all_tasks.<auc|logloss>)")
+    check_metric(cfg.train.early_stopping.metric, tasks, config_scenario_names(cfg))
     alpha = cfg.weighting.args.get("alpha")
     if isinstance(alpha, dict):  # static: per-task weights
         check_tasks("weighting.args.alpha", alpha, tasks)
@@ -286,9 +342,18 @@ def to_dict(obj: Any) -> Any:
     return obj
 
 
-def from_dict(cls: type, data: Any, where: str = "") -> Any:
-    """Build dataclass ``cls`` from ``data``; raise ConfigError on unknown keys or bad types."""
-    return _convert(cls, data, where or cls.__name__)
+ROOT = ""  # ``from_dict``'s ``where`` for a whole config file: keys named as in the file
+
+
+def from_dict(cls: type, data: Any, where: str | None = None) -> Any:
+    """Build dataclass ``cls`` from ``data``; raise ConfigError on unknown keys, bad types or
+    values outside a key's range (``keys.key``). ``where`` prefixes the key paths in messages
+    (default: the class name; ``ROOT``: none, for a whole config file)."""
+    return _convert(cls, data, cls.__name__ if where is None else where)
+
+
+def _sub(where: str, name: str) -> str:
+    return f"{where}.{name}" if where else name
 
 
 def _convert(tp: Any, value: Any, where: str) -> Any:
@@ -297,23 +362,28 @@ def _convert(tp: Any, value: Any, where: str) -> Any:
     if tp is Any:
         return value
     if dataclasses.is_dataclass(tp):
+        at = where or "the top level"
         if not isinstance(value, dict):
-            raise ConfigError(f"{where}: expected a mapping, got {type(value).__name__}")
+            raise ConfigError(f"{at}: expected a mapping, got {type(value).__name__}")
         hints = typing.get_type_hints(tp)
         fields = {f.name: f for f in dataclasses.fields(tp)}
         unknown = sorted(set(value) - set(fields))
         if unknown:
-            raise ConfigError(f"{where}: unknown key(s) {unknown}; valid keys: {sorted(fields)}")
+            raise ConfigError(f"{at}: unknown key(s) {unknown}; valid keys: {sorted(fields)}")
         kwargs = {}
         for name, f in fields.items():
             if name in value:
-                kwargs[name] = _convert(hints[name], value[name], f"{where}.{name}")
+                path = _sub(where, name)
+                kwargs[name] = _convert(hints[name], value[name], path)
+                problem = range_problem(f, kwargs[name], path)
+                if problem:
+                    raise ConfigError(problem)
             elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-                raise ConfigError(f"{where}: missing required key '{name}'")
+                raise ConfigError(f"{at}: missing required key '{name}'")
         try:
             return tp(**kwargs)
         except (ValueError, KeyError) as e:
-            raise ConfigError(f"{where}: {e}") from None
+            raise ConfigError(f"{at}: {e}") from None
     if origin in (typing.Union, types.UnionType):
         if value is None and type(None) in args:
             return None

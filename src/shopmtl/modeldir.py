@@ -111,7 +111,9 @@ class JointModelDir(Model):
 
     def _one(self, tasks: list[str] | None, how: str) -> str:
         if not tasks or len(tasks) != 1:
-            raise DataError(f"a joint model answers one task at a time: pass {how}")
+            from shopmtl.predict import OptionError
+
+            raise OptionError(f"a joint model answers one task at a time: pass {how}")
         return tasks[0]
 
     def predict(self, rows: Any, task: str | list[str] | None = None) -> pa.Table:
@@ -146,7 +148,9 @@ class JointModelDir(Model):
         return predict_joint_rows(self.model, self.cfg, self.sources, path, out, name)
 
     def evaluate_file(self, path: PathLike) -> dict:
-        raise DataError(f"{self.path}: a joint model is scored by its run (metrics.json, "
+        from shopmtl.predict import OptionError
+
+        raise OptionError(f"{self.path}: a joint model is scored by its run (metrics.json, "
                         "report.md); `shopmtl evaluate` takes a zoo model directory")
 
 

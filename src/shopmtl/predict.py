@@ -15,12 +15,19 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from shopmtl.config import ConfigError
 from shopmtl.data.dataset import TensorTable
 from shopmtl.data.encoders import Encoded
 from shopmtl.data.ingest import BadRowLog, DataError, is_csv, parse_table, read_chunks
 from shopmtl.data.schema import Schema
 from shopmtl.train.evaluate import metrics_by_scenario, predict_table
 from shopmtl.train.trainer import load_model_dir
+
+
+class OptionError(ConfigError, DataError):
+    """A command-line option (or the Python argument behind it) asks for what the model cannot
+    give, e.g. ``--task`` naming a task it lacks: a usage error like a bad config (ConfigError,
+    exit 2), and a DataError still for callers that catch those around scoring."""
 
 
 def evaluate_file(model_dir: str | Path, path: str | Path) -> dict:
@@ -104,7 +111,7 @@ def score_rows(model, schema: Schema, encoders, table: pa.Table, text: bool, nam
     wanted = list(tasks or schema.task_names)
     unknown = [t for t in wanted if t not in schema.task_names]
     if unknown:
-        raise DataError(f"--task: unknown task(s) {unknown}; this model has "
+        raise OptionError(f"--task: unknown task(s) {unknown}; this model has "
                         f"{list(schema.task_names)}")
     # labels are optional when predicting: absent columns become nulls, none is required
     loose = dataclasses.replace(schema, slices=(), tasks=tuple(

@@ -31,6 +31,14 @@ MODELS: dict[str, tuple[type[MultiTaskModel], type]] = {
 }
 
 
+def model_config(name: str, args: dict[str, Any]) -> Any:
+    """The Config of model ``name`` from ``args``, checked strictly (names, types, ranges):
+    ConfigError naming ``model.name`` or the ``model.args`` key otherwise."""
+    if name not in MODELS:
+        raise ConfigError(f"model.name: unknown model '{name}'; valid: {sorted(MODELS)}")
+    return from_dict(MODELS[name][1], dict(args), "model.args")
+
+
 def build_model(
     name: str,
     args: dict[str, Any],
@@ -40,11 +48,8 @@ def build_model(
 ) -> MultiTaskModel:
     """``content``: the fitted content matrices (``Encoders.content_tensors()``), copied into
     every ``FeatureEmbedding`` of the model; needed only when the schema has content features."""
-    if name not in MODELS:
-        raise ConfigError(f"model.name: unknown model '{name}'; valid: {sorted(MODELS)}")
-    cls, cfg_cls = MODELS[name]
-    config = from_dict(cfg_cls, dict(args), "model.args")
-    model = cls(schema, vocab_sizes, config)  # type: ignore[call-arg]
+    config = model_config(name, args)
+    model = MODELS[name][0](schema, vocab_sizes, config)  # type: ignore[call-arg]
     if content is not None:
         for m in model.modules():
             if isinstance(m, FeatureEmbedding):

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from shopmtl.data.schema import ALL, FeatureSpec, ScenarioSpec, Schema, TaskSpec
@@ -163,3 +165,63 @@ def test_given_a_task_that_is_not_binary_raises(cond: TaskSpec) -> None:
     tasks = (cond, TaskSpec("conversion", given=cond.name))
     with pytest.raises(ValueError, match="not a binary task"):
         Schema(FEATS, tasks, group="user_id")
+
+
+# -- the opt-in `other` scenario ----------------------------------------------------------------
+
+OTHER = ScenarioSpec("country", ("US", "FR", "DE"), other="rest")
+
+
+def test_other_is_one_more_scenario_after_the_values() -> None:
+    s = Schema(FEATS, (TaskSpec("click"), TaskSpec("promo", scenarios=("rest",))), OTHER)
+    assert s.scenario_names == ("US", "FR", "DE", "rest")
+    assert s.availability()["promo"] == {"US": False, "FR": False, "DE": False, "rest": True}
+    assert ScenarioSpec("country", ("US",)).names == ("US",)  # without it: the values alone
+
+
+@pytest.mark.parametrize("other", ["", "FR"])
+def test_other_must_be_a_new_name(other: str) -> None:
+    with pytest.raises(ValueError, match="other must be a new non-empty scenario name"):
+        ScenarioSpec("country", ("US", "FR"), other=other)
+
+
+def test_other_survives_the_saved_schema_round_trip() -> None:
+    """A model directory stores its schema with ``to_dict`` and loads it with ``from_dict``;
+    a schema saved before ``other`` existed (no key) loads without it."""
+    from shopmtl.config import from_dict, to_dict
+
+    s = Schema(FEATS, (TaskSpec("click"),), OTHER)
+    saved = to_dict(s)
+    assert saved["scenario"] == {"column": "country", "values": ["US", "FR", "DE"],
+                                 "other": "rest"}
+    assert from_dict(Schema, saved) == s
+    del saved["scenario"]["other"]
+    assert from_dict(Schema, saved).scenario_names == ("US", "FR", "DE")
+
+
+def _read(tmp_path: Path, spec: ScenarioSpec, countries: list[str]):
+    """The rows of a CSV with these countries (one per row) read as training reads them:
+    (scenario ids of the kept rows, (line, column, reason) of the bad ones)."""
+    import numpy as np
+
+    from shopmtl.data.ingest import BadRowLog, read_chunks
+
+    path = tmp_path / "rows.csv"
+    path.write_text("user_id,country,click\n" + "".join(f"u{i},{c},1\n"
+                                                         for i, c in enumerate(countries)))
+    schema = Schema((FeatureSpec("user_id", "categorical"),), (TaskSpec("click"),), spec)
+    log = BadRowLog("quarantine", 1.0)
+    parts = list(read_chunks(path, schema, 100, log))
+    return (np.concatenate([p.scenario for p in parts]).tolist(),
+            [(b.line, b.column, b.reason) for b in log.rows])
+
+
+def test_reading_maps_every_unlisted_value_to_other(tmp_path: Path) -> None:
+    scenario, bad = _read(tmp_path, OTHER, ["US", "JP", "DE", "", "FR"])
+    assert bad == [] and scenario == [0, 3, 2, 3, 1]
+
+
+def test_reading_without_other_still_sets_an_unknown_scenario_aside(tmp_path: Path) -> None:
+    scenario, bad = _read(tmp_path, ScenarioSpec("country", ("US", "FR", "DE")),
+                          ["US", "JP", "DE"])
+    assert bad == [(3, "country", "unknown scenario")] and scenario == [0, 2]

@@ -32,14 +32,14 @@ def _write(tmp_path: Path, raw: dict) -> Path:
     ({"sources": TWO, "weighting": {"name": "upgrad"}},
      ["weighting.name: 'upgrad' needs every task's gradient on one batch, but the sources of a "
       "joint run never share a batch; use one of: equal, static, uncertainty, dwa, rlw"]),
-    ({"sources": TWO, "train": {"steps": 0}}, ["joint.train: steps must be >= 1"]),
+    ({"sources": TWO, "train": {"steps": 0}}, ["train.steps: must be >= 1, got 0"]),
     ({"sources": [*TWO, {"name": "tiktok"}]}, ["unknown source 'tiktok'; known:", "bitext"]),
 ])
 def test_bad_joint_config_stops_at_load_in_one_line(tmp_path: Path, raw: dict,
                                                     needles: list[str]) -> None:
     out = tmp_path / "out"
     proc = cli("train", str(_write(tmp_path, raw)), "--out", str(out))
-    assert_one_error_line(proc, *needles)
+    assert_one_error_line(proc, *needles, code=2)
     assert not out.exists()  # no source loaded, no world generated
 
 

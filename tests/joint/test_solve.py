@@ -163,8 +163,8 @@ def test_solving_heads_writes_back_what_it_scored(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("sets, msg", [
     (["train.solve_l2=[]"], "solve_l2 must be a non-empty"),
-    (["train.solve_l2=[0.1,-1]"], "solve_l2 must be a non-empty"),
-    (["train.solve_iters=0"], "solve_iters must be >= 1"),
+    (["train.solve_l2=[0.1,-1]"], r"^train\.solve_l2\[1\]: must be >= 0, got -1\.0$"),
+    (["train.solve_iters=0"], r"^train\.solve_iters: must be >= 1, got 0$"),
 ])
 def test_bad_solve_settings_are_refused(sets: list[str], msg: str, tmp_path: Path) -> None:
     path = tmp_path / "joint.yaml"

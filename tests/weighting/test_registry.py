@@ -41,7 +41,7 @@ def test_unknown_name_lists_the_valid_ones():
         ("dwa", {"temperature": 0.0}, "must be > 0"),
         ("gradnorm", {"alpha": -1.0}, ">= 0"),
         ("uncertainty", {"lr": 0.0}, "must be > 0"),
-        ("mgda", {"epsilon": 0.0}, "epsilon must be positive"),
+        ("mgda", {"epsilon": 0.0}, r"weighting\.args\.epsilon: must be > 0, got 0\.0"),
         ("upgrad", {"parallel_chunk_size": 0}, ">= 1"),
         ("aligned_mtl", {"scale_mode": "max"}, "is not one of"),
     ],

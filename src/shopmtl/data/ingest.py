@@ -338,7 +338,10 @@ def parse_table(
         values = pa.array(list(schema.scenario.values), pa.string())
         idx = pc.index_in(col, value_set=values).to_numpy(zero_copy_only=False)
         idx = np.asarray(pd_fill(idx, -1), np.int64)
-        flag(idx < 0, schema.scenario.column, "unknown scenario")
+        if schema.scenario.other is None:
+            flag(idx < 0, schema.scenario.column, "unknown scenario")
+        else:  # opt-in: every value off the list (an empty cell too) is the `other` scenario
+            idx = np.where(idx < 0, len(schema.scenario.values), idx)
         scenario = np.maximum(idx, 0)
     else:
         scenario = np.zeros(n, np.int64)

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field, replace
 from itertools import pairwise
 from typing import Literal
 
+from shopmtl.keys import key as _key  # `key` is also a FeatureSpec field
+
 FeatureKind = Literal["categorical", "numeric", "sequence", "text", "image", "vector"]
 TaskTypeName = Literal["binary", "regression", "multiclass", "quantile", "ranking"]
 LossName = Literal["bce", "focal", "mse", "cross_entropy", "pinball", "softmax", "pairwise"]
@@ -44,25 +46,34 @@ class FeatureSpec:
     the history and the target are rows of one table (comparable vectors).
     """
 
-    name: str
-    kind: FeatureKind
-    column: str | None = None
-    vocab: Literal["learn", "hash"] = "learn"
-    min_count: int = 1
-    buckets: int = 0
-    transform: Literal["none", "log1p"] = "none"
-    fill: float | None = None
-    max_len: int = 10
-    sep: str = "|"
-    vocab_from: str | None = None
-    attend_to: str | None = None
-    key: str | None = None
-    table: str | None = None
-    encoder: str = DEFAULT_TEXT_ENCODER
-    mode: Literal["frozen", "lora"] = "frozen"
-    max_tokens: int = 32
-    image_size: tuple[int, ...] = (16, 16)
-    dim: int = 0
+    name: str = _key(doc="the feature's name (and its column, unless `column`)")
+    kind: FeatureKind = _key(doc="categorical, numeric, sequence, or a content kind (text, "
+                                "image, vector)")
+    column: str | None = _key(None, "the column read (default: `name`); content: the catalog "
+                                   "column")
+    vocab: Literal["learn", "hash"] = _key("learn", "categorical: learn a vocabulary, or hash "
+                                                   "into `buckets`")
+    min_count: int = _key(1, "vocab learn: values seen fewer times share the OOV id", ge=1)
+    buckets: int = _key(0, "vocab hash: number of hash buckets (>= 2 when hashing)", ge=0)
+    transform: Literal["none", "log1p"] = _key("none", "numeric: applied before "
+                                                      "standardisation")
+    fill: float | None = _key(None, "numeric: value of an empty cell (null: a bad row)",
+                             finite=True)
+    max_len: int = _key(10, "sequence: the last max_len items are kept", ge=1)
+    sep: str = _key("|", "sequence: the item separator in a cell")
+    vocab_from: str | None = _key(None, "sequence: share the vocabulary of this categorical "
+                                       "feature")
+    attend_to: str | None = _key(None, "sequence: pool by DIN attention against this "
+                                      "categorical feature (= vocab_from)")
+    key: str | None = _key(None, "content: the column joined to the catalog")
+    table: str | None = _key(None, "content: the catalog file (CSV or Parquet)")
+    encoder: str = _key(DEFAULT_TEXT_ENCODER, "text: the sentence encoder (minilm or a local "
+                                             "directory)")
+    mode: Literal["frozen", "lora"] = _key("frozen", "text: a frozen encoder with a cache, or "
+                                                    "LoRA-tuned")
+    max_tokens: int = _key(32, "text: tokens per text", ge=2)
+    image_size: tuple[int, ...] = _key((16, 16), "image: [height, width]", ge=1)
+    dim: int = _key(0, "text: output width (0: the encoder's); vector: its width", ge=0)
 
     @property
     def source(self) -> str:
@@ -104,22 +115,27 @@ class TaskSpec:
     ``k``). ``loss = None`` (the default) is the type's default loss, the first one listed.
     """
 
-    name: str
-    type: TaskTypeName = "binary"
-    column: str | None = None
-    scenarios: tuple[str, ...] = ()
-    given: str | None = None
-    required: bool = True
-    oracle_column: str | None = None
-    positive: tuple[str, ...] = ()
-    threshold: float | None = None
-    pos_weight: float = 1.0
+    name: str = _key(doc="the task's name (and its label column, unless `column`)")
+    type: TaskTypeName = _key("binary", "binary, regression, multiclass, quantile or ranking")
+    column: str | None = _key(None, "the label column (default: `name`)")
+    scenarios: tuple[str, ...] = _key((), "the scenarios where the task is defined (empty: "
+                                         "all)")
+    given: str | None = _key(None, "a binary task that must be positive for this label to "
+                                  "exist")
+    required: bool = _key(True, "an empty label where the task is defined is a bad row "
+                               "(else masked)")
+    oracle_column: str | None = _key(None, "synthetic data: the true probability")
+    positive: tuple[str, ...] = _key((), "binary: the raw strings that mean 1")
+    threshold: float | None = _key(None, "binary: a numeric cell >= threshold is 1",
+                                  finite=True)
+    pos_weight: float = _key(1.0, "binary: weight of a positive label's loss", gt=0)
     # None = the type's default loss (``resolved_loss``); an explicit value must fit the type
-    loss: LossName | None = None
-    focal_gamma: float = 2.0
-    n_classes: int = 0  # multiclass only
-    quantiles: tuple[float, ...] = ()  # quantile only
-    k: int = 10  # ranking only: the cut-off of NDCG@k
+    loss: LossName | None = _key(None, "the loss (default: the type's first: bce, mse, "
+                                      "cross_entropy, pinball, softmax)")
+    focal_gamma: float = _key(2.0, "loss focal: the focusing parameter (0: BCE)", ge=0)
+    n_classes: int = _key(0, "multiclass: number of classes (>= 2)", ge=0)
+    quantiles: tuple[float, ...] = _key((), "quantile: the levels, increasing", gt=0, lt=1)
+    k: int = _key(10, "ranking: the cut-off of NDCG@k", ge=1)
 
     def __post_init__(self) -> None:
         where = f"task '{self.name}'"
@@ -202,10 +218,25 @@ class TaskSpec:
 
 @dataclass(frozen=True)
 class ScenarioSpec:
-    """The column that says where a request came from, and its allowed values (in id order)."""
+    """The column that says where a request came from, and its allowed values (in id order).
+    ``other`` (opt-in) names one more scenario that takes every other value, an empty cell
+    included, instead of each such row being a bad row ("unknown scenario"): ``{column:
+    country, values: [US, FR, DE], other: rest}`` has four scenarios, the last one ``rest``."""
 
-    column: str
-    values: tuple[str, ...]
+    column: str = _key(doc="the column that says where a request came from")
+    values: tuple[str, ...] = _key(doc="its allowed values, in scenario id order")
+    other: str | None = _key(None, "the name of one more scenario for every other value "
+                                  "(null: such a row is bad)")
+
+    def __post_init__(self) -> None:
+        if self.other is not None and (not self.other or self.other in self.values):
+            raise ValueError(f"scenario: other must be a new non-empty scenario name, not one "
+                             f"of values, got {self.other!r}")
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        """Every scenario, in id order: the values, then ``other``."""
+        return tuple(self.values) + ((self.other,) if self.other is not None else ())
 
 
 @dataclass(frozen=True)
@@ -278,7 +309,7 @@ class Schema:
 
     @property
     def scenario_names(self) -> tuple[str, ...]:
-        return self.scenario.values if self.scenario else (ALL,)
+        return self.scenario.names if self.scenario else (ALL,)
 
     @property
     def task_names(self) -> tuple[str, ...]:

@@ -31,45 +31,54 @@ import pyarrow.parquet as pq
 
 from shopmtl.config import SYNTHETIC_TASKS
 from shopmtl.data.schema import FeatureSpec, ScenarioSpec, Schema, TaskSpec
+from shopmtl.keys import key as _key  # `key` is a loop variable below
 
 SPLITS = ("train", "valid", "test")
 
 
 @dataclass(frozen=True)
 class WorldConfig:
-    rows: int = 4_000_000
-    seed: int = 0
-    n_users: int = 3_000
-    n_items: int = 1_500
-    n_top_categories: int = 8
-    leaves_per_top: int = 5
-    n_brands: int = 96
-    n_segments: int = 6
-    latent_dim: int = 4
-    n_days: int = 30
-    split_days: tuple[int, int] = (24, 27)  # train < 24 <= valid < 27 <= test
-    scenarios: tuple[str, ...] = ("home_feed", "search", "ad_slot", "product_page")
-    traffic: tuple[float, ...] = (0.45, 0.25, 0.15, 0.15)
-    click_base: tuple[float, ...] = (-3.6, -3.1, -3.9, -3.3)
-    position_decay: tuple[float, ...] = (0.05, 0.12, 0.12, 0.08)
-    max_position: tuple[int, ...] = (20, 20, 4, 10)
-    personalised: tuple[float, ...] = (0.6, 0.8, 0.4, 0.5)  # share of impressions by taste
-    segment_category_scale: float = 0.7
-    user_bias_scale: float = 0.3
-    item_bias_scale: float = 0.5
-    affinity_scale: float = 0.6
-    scenario_shift: float = 0.3
-    task_correlation: float = 0.7
-    ad_correlation: float = 0.6
-    conversion_base: float = -3.1
-    ad_click_base: float = -3.6
-    activity_sigma: float = 1.0  # lognormal user activity: heavy tail
-    popularity_exponent: float = 0.9  # Zipf item popularity
-    cold_start_fraction: float = 0.06  # items launched on the first test day
-    cold_start_share: float = 0.03  # share of test impressions that show new items
-    history_len: int = 10
-    chunk_rows: int = 500_000
-
+    rows: int = _key(4_000_000, "impressions generated", ge=1000)
+    seed: int = _key(0, "seed of the world", ge=0)
+    n_users: int = _key(3_000, "users", ge=1)
+    n_items: int = _key(1_500, "items", ge=1)
+    n_top_categories: int = _key(8, "top-level categories", ge=1)
+    leaves_per_top: int = _key(5, "leaf categories under each top one", ge=1)
+    n_brands: int = _key(96, "brands", ge=1)
+    n_segments: int = _key(6, "user segments", ge=1)
+    latent_dim: int = _key(4, "width of the latent user taste and item attributes", ge=1)
+    n_days: int = _key(30, "days of traffic", ge=3)
+    # train < 24 <= valid < 27 <= test
+    split_days: tuple[int, int] = _key((24, 27), "first day of valid, first day of test", ge=1)
+    scenarios: tuple[str, ...] = _key(("home_feed", "search", "ad_slot", "product_page"),
+                                     "the scenarios (the next five keys: one value each)")
+    traffic: tuple[float, ...] = _key((0.45, 0.25, 0.15, 0.15), "share of impressions per "
+                                     "scenario (sums to 1)", ge=0, le=1)
+    click_base: tuple[float, ...] = _key((-3.6, -3.1, -3.9, -3.3), "base click logit per "
+                                        "scenario", finite=True)
+    position_decay: tuple[float, ...] = _key((0.05, 0.12, 0.12, 0.08), "position bias per "
+                                            "scenario: logit lost per position", ge=0)
+    max_position: tuple[int, ...] = _key((20, 20, 4, 10), "positions shown per scenario", ge=1)
+    personalised: tuple[float, ...] = _key((0.6, 0.8, 0.4, 0.5), "share of impressions chosen "
+                                          "by taste per scenario", ge=0, le=1)
+    segment_category_scale: float = _key(0.7, "weight of segment x category affinity", ge=0)
+    user_bias_scale: float = _key(0.3, "spread of the per-user click bias", ge=0)
+    item_bias_scale: float = _key(0.5, "spread of the per-item click bias", ge=0)
+    affinity_scale: float = _key(0.6, "weight of the latent user x item affinity", ge=0)
+    scenario_shift: float = _key(0.3, "how much taste differs between scenarios", ge=0)
+    task_correlation: float = _key(0.7, "latent part shared by click and conversion (< 0: "
+                                       "conflicting tasks)", ge=-1, le=1)
+    ad_correlation: float = _key(0.6, "latent part shared by click and ad click", ge=-1, le=1)
+    conversion_base: float = _key(-3.1, "base conversion logit", finite=True)
+    ad_click_base: float = _key(-3.6, "base ad-click logit", finite=True)
+    activity_sigma: float = _key(1.0, "lognormal user activity: heavy tail", ge=0)
+    popularity_exponent: float = _key(0.9, "Zipf exponent of item popularity", ge=0)
+    cold_start_fraction: float = _key(0.06, "share of items launched on the first test day",
+                                     ge=0, lt=1)
+    cold_start_share: float = _key(0.03, "share of test impressions that show new items",
+                                  ge=0, le=1)
+    history_len: int = _key(10, "length of the behaviour history", ge=1)
+    chunk_rows: int = _key(500_000, "rows generated at a time (constant memory)", ge=1)
 
 TASKS = SYNTHETIC_TASKS
 

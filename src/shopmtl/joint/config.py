@@ -6,13 +6,14 @@ has ``data``/``model``/``train``). Example: ``examples/joint.yaml``.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
 
 from shopmtl.config import (
+    ROOT,
     SYNTHETIC_TASKS,
     ConfigError,
     WeightingConfig,
@@ -22,6 +23,7 @@ from shopmtl.config import (
     yaml_problem,
 )
 from shopmtl.data.schema import DEFAULT_TEXT_ENCODER
+from shopmtl.keys import check_fields, key
 from shopmtl.train.sampling import SamplingMethod
 
 REC = "rec"  # the recommendation / ads source: the synthetic world through a zoo model
@@ -34,124 +36,119 @@ class SourceConfig:
     batch size and its constructor arguments (``rec``: ``rows``, ``seed`` of the synthetic
     world, ``model`` and ``model_args`` of the zoo model, ``content``)."""
 
-    name: str
-    cls: str | None = None  # your own source: "package.module:Class" (docs/JOINT.md)
-    batch_size: int = 128
-    args: dict[str, Any] = field(default_factory=dict)
-    max_examples: int = 0  # > 0: every split cut to n seeded random examples (a quick slice)
+    name: str = key(doc="a built-in source (rec, search, bitext, reviews, retail) or your "
+                        "own with `cls`")
+    cls: str | None = key(None, "your own source class: package.module:Class "
+                                "(docs/JOINT.md)")
+    batch_size: int = key(128, "examples a step from this source", ge=1)
+    args: dict[str, Any] = key(factory=dict, doc="the source's constructor arguments")
+    max_examples: int = key(0, "> 0: every split cut to n seeded random examples (a quick "
+                               "slice)", ge=0)
 
     def __post_init__(self) -> None:
-        if self.batch_size < 1:
-            raise ValueError(f"source '{self.name}': batch_size must be >= 1")
-        if self.max_examples < 0:
-            raise ValueError(f"source '{self.name}': max_examples must be >= 0")
+        check_fields(self)
 
 
 @dataclass(frozen=True)
 class TextConfig:
     """The shared sentence encoder: frozen with a cache (the CPU default) or LoRA-tuned."""
 
-    encoder: str = DEFAULT_TEXT_ENCODER
-    max_tokens: int = 64
-    mode: Literal["frozen", "lora"] = "frozen"
-    cache_dir: str | None = None  # default: shopmtl.data.text.default_cache_dir()
-    # hashed word n-grams beside the sentence vector (0 buckets: none); docs/JOINT.md
-    ngrams: int = 2  # uni- and bigrams
-    ngram_buckets: int = 131072
-    ngram_max: int = 256  # n-grams kept per text (the first ones)
+    encoder: str = key(DEFAULT_TEXT_ENCODER, "the sentence encoder (minilm or a local "
+                                             "directory)")
+    max_tokens: int = key(64, "tokens per text", ge=2)
+    mode: Literal["frozen", "lora"] = key("frozen", "frozen with a cache, or LoRA-tuned")
+    cache_dir: str | None = key(None, "the sentence-vector cache (default: "
+                                      "data.text.default_cache_dir())")
+    # hashed word n-grams beside the sentence vector (docs/JOINT.md)
+    ngrams: int = key(2, "hashed word n-grams up to this n (2: uni- and bigrams)", ge=1)
+    ngram_buckets: int = key(131072, "hash buckets of the n-grams (0: no n-grams)", ge=0)
+    ngram_max: int = key(256, "n-grams kept per text (the first ones)", ge=1)
 
     def __post_init__(self) -> None:
-        if self.ngrams < 1 or self.ngram_buckets < 0 or self.ngram_max < 1:
-            raise ValueError("ngrams and ngram_max must be >= 1, ngram_buckets >= 0")
+        check_fields(self)
 
 
 @dataclass(frozen=True)
 class JointModelConfig:
-    adapter_hidden: int = 256  # the shared text adapter: width -> hidden -> text_dim
-    text_dim: int = 128
-    hidden: tuple[int, ...] = (128,)  # each source's trunk
-    id_dim: int = 16  # id embeddings (products, items, classes)
-    ngram_dim: int = 32  # width of the hashed n-gram table
-    wide: bool = True  # text sources: a linear n-gram term per task (Wide & Deep)
+    adapter_hidden: int = key(256, "the shared text adapter: width -> hidden -> text_dim", ge=1)
+    text_dim: int = key(128, "width of the adapted text vector", ge=1)
+    hidden: tuple[int, ...] = key((128,), "each source's trunk: layer widths", ge=1)
+    id_dim: int = key(16, "id embeddings (products, items, classes)", ge=1)
+    ngram_dim: int = key(32, "width of the hashed n-gram table", ge=1)
+    wide: bool = key(True, "text sources: a linear n-gram term per task (Wide & Deep)")
     # text sources, frozen encoder: a linear term per task on the raw sentence vector too, so
     # the head holds the linear probe on [n-grams, vector] that beats TF-IDF (bench/text_probe.py)
-    wide_vector: bool = False
-    dropout: float = 0.1
+    wide_vector: bool = key(False, "text sources, frozen encoder: a linear term on the raw "
+                                   "sentence vector too")
+    dropout: float = key(0.1, "dropout probability", ge=0, lt=1)
     # shared entity embeddings: a source's id name -> a categorical feature of the rec model,
     # e.g. {item: item_id}. A source's id of that name (with ``SourceData.id_keys``) then adds
     # the rec model's row of the same entity to its own row, so search lists train the item
     # vectors that the click model reads (docs/JOINT.md, "Shared item embeddings")
-    share_ids: dict[str, str] = field(default_factory=dict)
+    share_ids: dict[str, str] = key(factory=dict, doc="a source's id name -> a categorical "
+                                                      "feature of the rec model")
 
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    method: SamplingMethod = "temperature"
-    temperature: float = 2.0
+    method: SamplingMethod = key("temperature", "how the next source is picked")
+    temperature: float = key(2.0, "temperature sampling: p ~ size^(1/T) (1: proportional)",
+                             gt=0)
 
 
 @dataclass(frozen=True)
 class JointTrainConfig:
-    steps: int = 3000
-    lr: float = 2e-3
-    lr_decay: float = 1.0  # lr multiplied by this every `decay_every` steps
-    decay_every: int = 1000
-    weight_decay: float = 0.0
-    seed: int = 0
-    threads: int = 0  # 0: torch's default
+    steps: int = key(3000, "joint training steps", ge=1)
+    lr: float = key(2e-3, "learning rate", gt=0)
+    lr_decay: float = key(1.0, "lr multiplied by this every `decay_every` steps", gt=0)
+    decay_every: int = key(1000, "steps between lr decays (0: no decay)", ge=0)
+    weight_decay: float = key(0.0, "L2 weight decay", ge=0)
+    seed: int = key(0, "seed of initialisation and sampling", ge=0)
+    threads: int = key(0, "torch threads (0: torch's default)", ge=0)
     # legacy: the top-level ``weighting`` replaces it ("uncertainty" here still means
     # ``weighting: {name: uncertainty}``; see JointConfig.__post_init__)
-    weighting: Literal["equal", "uncertainty"] = "equal"
-    alpha: dict[str, float] = field(default_factory=dict)  # task -> loss weight (default 1)
-    log_every: int = 200
-    # > 0: score the validation splits every n steps and keep the best step's weights
+    weighting: Literal["equal", "uncertainty"] = key("equal", "legacy: use the top-level "
+                                                              "`weighting`")
+    alpha: dict[str, float] = key(factory=dict, doc="task -> loss weight (default 1)", ge=0)
+    log_every: int = key(200, "log the training losses every n steps (0: off)", ge=0)
     # (``joint.train.valid_score``)
-    eval_every: int = 0
-    # > 0: after the joint steps, the shared parts frozen, each source's head trains alone for
-    # up to this many steps and keeps its own best validation step (``joint.train.refit_heads``)
-    refit_steps: int = 0
-    refit_lr: float = 5e-4
-    refit_eval_every: int = 250
-    refit_patience: int = 4  # evaluations without a better validation score before stopping
-    # then each table head's output layer is solved by full-batch L-BFGS for each L2 penalty
-    # of solve_l2 (whole layer; linear part alone, mixed with the trained layer), and the best
-    # on validation replaces the trained layer if it beats it (``joint.solve``)
-    solve_heads: bool = False
-    solve_l2: tuple[float, ...] = (3e-3, 1e-3, 3e-4, 1e-4, 3e-5)
-    solve_iters: int = 100  # L-BFGS iterations per penalty
-    # stop when a task's recent loss exceeds this many times its first one; 0: off
-    divergence_factor: float = 100.0
+    eval_every: int = key(0, "> 0: score validation every n steps and keep the best step",
+                          ge=0)
+    # after the joint steps, the shared parts frozen, each source's head trains alone and keeps
+    # its own best validation step (``joint.train.refit_heads``)
+    refit_steps: int = key(0, "> 0: then each head trains alone for up to n steps", ge=0)
+    refit_lr: float = key(5e-4, "learning rate of the head refit", gt=0)
+    refit_eval_every: int = key(250, "head refit: steps between validation scores", ge=1)
+    refit_patience: int = key(4, "head refit: evaluations without a better score before "
+                                 "stopping", ge=1)
+    # each table head's output layer is solved by full-batch L-BFGS for each L2 penalty of
+    # solve_l2 (whole layer; linear part alone, mixed with the trained layer), and the best on
+    # validation replaces the trained layer if it beats it (``joint.solve``)
+    solve_heads: bool = key(False, "then solve each table head's output layer by L-BFGS")
+    solve_l2: tuple[float, ...] = key((3e-3, 1e-3, 3e-4, 1e-4, 3e-5),
+                                      "the L2 penalties tried by solve_heads", ge=0)
+    solve_iters: int = key(100, "L-BFGS iterations per penalty", ge=1)
+    divergence_factor: float = key(100.0, "stop when a task's loss exceeds this many times "
+                                          "its first (0: off)", ge=0)
 
     def __post_init__(self) -> None:
-        if self.steps < 1:
-            raise ValueError("steps must be >= 1")
-        if not self.lr > 0:
-            raise ValueError(f"lr must be > 0, got {self.lr}")
-        if self.refit_steps < 0 or self.refit_eval_every < 1 or self.refit_patience < 1:
-            raise ValueError("refit_steps must be >= 0, refit_eval_every and refit_patience "
-                             ">= 1")
-        if not self.refit_lr > 0:
-            raise ValueError(f"refit_lr must be > 0, got {self.refit_lr}")
-        if not self.solve_l2 or not all(x >= 0 for x in self.solve_l2):
-            raise ValueError(f"solve_l2 must be a non-empty list of penalties >= 0, got "
-                             f"{list(self.solve_l2)}")
-        if not self.divergence_factor >= 0:
-            raise ValueError(f"divergence_factor must be >= 0 (0: off), got "
-                             f"{self.divergence_factor}")
-        if self.solve_iters < 1:
-            raise ValueError(f"solve_iters must be >= 1, got {self.solve_iters}")
+        check_fields(self)  # a config built in Python: the loader's ranges
+        if not self.solve_l2:
+            raise ValueError("solve_l2 must be a non-empty list of penalties >= 0, got []")
 
 
 @dataclass(frozen=True)
 class JointConfig:
-    sources: tuple[SourceConfig, ...]
-    text: TextConfig = TextConfig()
-    model: JointModelConfig = JointModelConfig()
-    sampling: SamplingConfig = SamplingConfig()
-    train: JointTrainConfig = JointTrainConfig()
-    # how the task losses become one update (``shopmtl weightings``); only the loss weightings:
-    # a gradient method needs every task's gradient on one batch, and sources never share one
-    weighting: WeightingConfig = field(default_factory=WeightingConfig)
+    sources: tuple[SourceConfig, ...] = key(doc="the data sources (sources[] below)")
+    text: TextConfig = key(TextConfig(), "the shared sentence encoder")
+    model: JointModelConfig = key(JointModelConfig(), "the shared parts and the heads")
+    sampling: SamplingConfig = key(SamplingConfig(), "which source feeds the next step")
+    train: JointTrainConfig = key(JointTrainConfig(), "how to train")
+    # only the loss weightings: a gradient method needs every task's gradient on one batch,
+    # and sources never share one
+    weighting: WeightingConfig = key(factory=WeightingConfig,
+                                     doc="how the task losses become one update (loss "
+                                         "weightings only)")
 
     def __post_init__(self) -> None:
         names = [s.name for s in self.sources]
@@ -177,6 +174,8 @@ def is_joint_config(path: str | Path) -> bool:
 
 def load_joint_config(path: str | Path, overrides: list[str] | None = None) -> JointConfig:
     p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
     try:
         raw = _yaml_load(p.read_text())
     except yaml.YAMLError as e:
@@ -185,7 +184,7 @@ def load_joint_config(path: str | Path, overrides: list[str] | None = None) -> J
         raise ConfigError(f"{p}: expected a mapping at the top level")
     raw = apply_overrides(raw, overrides or [])
     try:
-        cfg = from_dict(JointConfig, raw, "joint")
+        cfg = from_dict(JointConfig, raw, ROOT)
     except ConfigError:
         raise
     except ValueError as e:  # a dataclass's own check outside from_dict

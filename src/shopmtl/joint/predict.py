@@ -28,7 +28,7 @@ from shopmtl.data.ingest import DataError
 from shopmtl.joint.checkpoint import task_owner
 from shopmtl.joint.config import REC
 from shopmtl.joint.parts import text_bank
-from shopmtl.predict import predict_rows
+from shopmtl.predict import OptionError, predict_rows
 from shopmtl.tasks import TASK_TYPES
 
 
@@ -69,7 +69,7 @@ def owner_of(sources: dict[str, Any], task: str) -> str:
     try:
         return task_owner(sources, task)
     except KeyError as e:
-        raise DataError(f"--task: {e.args[0]}") from None
+        raise OptionError(f"--task: {e.args[0]}") from None
 
 
 def score_joint(model, cfg, sources: dict[str, Any], task: str, rows: list[dict[str, Any]],

@@ -29,7 +29,15 @@ from torch import Tensor, nn
 
 from shopmtl.data.dataset import Batch
 from shopmtl.data.schema import Schema
-from shopmtl.models.base import MultiTaskModel
+from shopmtl.keys import key
+from shopmtl.models.base import (
+    MultiTaskModel,
+    cross_layers_arg,
+    dropout_arg,
+    embed_dim_arg,
+    interaction_arg,
+    widths_arg,
+)
 from shopmtl.nn.chains import (
     GivenChains,
     bce_from_log_prob,
@@ -42,13 +50,15 @@ from shopmtl.tasks import out_dim
 
 @dataclass(frozen=True)
 class AITMConfig:
-    embed_dim: int = 16
-    interaction: Literal["none", "dot", "cross"] = "dot"
-    cross_layers: int = 2
-    tower: tuple[int, ...] = (128, 64)  # task tower; its last width is the AIT dimension
-    head: tuple[int, ...] = (32,)
-    calibrator: float = 0.6  # weight of the behavioural expectation calibrator (paper: alpha)
-    dropout: float = 0.0
+    embed_dim: int = embed_dim_arg()
+    interaction: Literal["none", "dot", "cross"] = interaction_arg()
+    cross_layers: int = cross_layers_arg()
+    tower: tuple[int, ...] = widths_arg((128, 64), "task tower (its last width is the AIT "
+                                                   "dimension)")
+    head: tuple[int, ...] = widths_arg((32,), "each task's head after the transfer")
+    calibrator: float = key(0.6, "weight of the behavioural expectation calibrator "
+                                 "(0: off)", ge=0)
+    dropout: float = dropout_arg()
 
     def __post_init__(self) -> None:
         if not self.tower:

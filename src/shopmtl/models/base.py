@@ -9,13 +9,47 @@ which parameters the tasks share.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from shopmtl.data.dataset import Batch
 from shopmtl.data.schema import Schema
+from shopmtl.keys import key
 from shopmtl.tasks import TASK_TYPES
+
+# The arguments every architecture shares (``model.args``), declared once with their meaning
+# and range (``keys.key``) so each model's Config reads the same and docs/CONFIG.md lists them.
+
+def embed_dim_arg() -> Any:
+    return key(16, "width of every feature embedding", ge=1)
+
+
+def interaction_arg() -> Any:
+    return key("dot", "feature interactions beside the embeddings: none, dot (pairwise "
+                      "products) or cross (DCN-v2)")
+
+
+def cross_layers_arg() -> Any:
+    return key(2, "interaction cross: number of cross layers", ge=0)
+
+
+def input_norm_arg(of: str = "the bottom's") -> Any:
+    return key("layer", f"normalisation of {of} input: none, batch or layer")
+
+
+def dropout_arg() -> Any:
+    return key(0.0, "dropout probability of the MLPs", ge=0, lt=1)
+
+
+def widths_arg(default: tuple[int, ...], doc: str) -> Any:
+    """A list of layer widths, each >= 1 (empty: no hidden layer)."""
+    return key(default, f"{doc}: layer widths", ge=1)
+
+
+def count_arg(default: int, doc: str) -> Any:
+    return key(default, doc, ge=1)
 
 
 class MultiTaskModel(nn.Module):

@@ -20,7 +20,15 @@ from torch import Tensor, nn
 
 from shopmtl.data.dataset import Batch
 from shopmtl.data.schema import Schema
-from shopmtl.models.base import MultiTaskModel
+from shopmtl.models.base import (
+    MultiTaskModel,
+    cross_layers_arg,
+    dropout_arg,
+    embed_dim_arg,
+    input_norm_arg,
+    interaction_arg,
+    widths_arg,
+)
 from shopmtl.nn.chains import GivenChains, bce_from_log_prob, shared_dense_parameters
 from shopmtl.nn.layers import (
     MLP,
@@ -34,12 +42,12 @@ from shopmtl.tasks import out_dim
 
 @dataclass(frozen=True)
 class ESMMConfig:
-    embed_dim: int = 16
-    interaction: Literal["none", "dot", "cross"] = "dot"
-    cross_layers: int = 2
-    input_norm: Literal["none", "batch", "layer"] = "layer"  # LayerNorm on the towers' input
-    tower: tuple[int, ...] = (128, 64)
-    dropout: float = 0.0
+    embed_dim: int = embed_dim_arg()
+    interaction: Literal["none", "dot", "cross"] = interaction_arg()
+    cross_layers: int = cross_layers_arg()
+    input_norm: Literal["none", "batch", "layer"] = input_norm_arg("the towers'")
+    tower: tuple[int, ...] = widths_arg((128, 64), "each task's tower")
+    dropout: float = dropout_arg()
 
 
 class ESMM(MultiTaskModel):

@@ -20,7 +20,16 @@ from torch import Tensor, nn
 
 from shopmtl.data.dataset import Batch
 from shopmtl.data.schema import Schema
-from shopmtl.models.base import MultiTaskModel
+from shopmtl.keys import key
+from shopmtl.models.base import (
+    MultiTaskModel,
+    count_arg,
+    cross_layers_arg,
+    dropout_arg,
+    embed_dim_arg,
+    interaction_arg,
+    widths_arg,
+)
 from shopmtl.nn.layers import MLP, FeatureEmbedding, interaction_features, make_interaction
 from shopmtl.nn.moe import Experts
 from shopmtl.nn.scenario import MetaLinear, MetaTower, feature_fields
@@ -29,17 +38,18 @@ from shopmtl.tasks import out_dim
 
 @dataclass(frozen=True)
 class M2MConfig:
-    embed_dim: int = 16
-    interaction: Literal["none", "dot", "cross"] = "dot"
-    cross_layers: int = 2
-    n_experts: int = 4
-    expert: tuple[int, ...] = (128, 64)
-    scenario_dim: int = 16  # size of the scenario knowledge vector s
-    domain_features: tuple[str, ...] = ()  # beside the scenario, for the scenario knowledge
-    task_dim: int = 16
-    attention_dim: int = 32
-    meta_layers: int = 2
-    dropout: float = 0.0
+    embed_dim: int = embed_dim_arg()
+    interaction: Literal["none", "dot", "cross"] = interaction_arg()
+    cross_layers: int = cross_layers_arg()
+    n_experts: int = count_arg(4, "experts")
+    expert: tuple[int, ...] = widths_arg((128, 64), "each expert")
+    scenario_dim: int = count_arg(16, "size of the scenario knowledge vector s")
+    domain_features: tuple[str, ...] = key((), "features beside the scenario for the scenario "
+                                                "knowledge")
+    task_dim: int = count_arg(16, "size of each task's embedding")
+    attention_dim: int = count_arg(32, "width of the expert attention")
+    meta_layers: int = count_arg(2, "meta units stacked in each tower")
+    dropout: float = dropout_arg()
 
     def __post_init__(self) -> None:
         if self.n_experts < 1 or not self.expert:

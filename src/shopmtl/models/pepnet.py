@@ -21,7 +21,16 @@ from torch import Tensor, nn
 
 from shopmtl.data.dataset import Batch
 from shopmtl.data.schema import Schema
-from shopmtl.models.base import MultiTaskModel
+from shopmtl.keys import key
+from shopmtl.models.base import (
+    MultiTaskModel,
+    count_arg,
+    cross_layers_arg,
+    dropout_arg,
+    embed_dim_arg,
+    interaction_arg,
+    widths_arg,
+)
 from shopmtl.nn.layers import FeatureEmbedding, interaction_features, make_interaction
 from shopmtl.nn.scenario import GateNU, feature_fields
 from shopmtl.tasks import out_dim
@@ -29,15 +38,17 @@ from shopmtl.tasks import out_dim
 
 @dataclass(frozen=True)
 class PEPNetConfig:
-    embed_dim: int = 16
-    interaction: Literal["none", "dot", "cross"] = "dot"
-    cross_layers: int = 2
-    tower: tuple[int, ...] = (128, 64)
-    gate_hidden: int = 64
-    gamma: float = 2.0
-    domain_features: tuple[str, ...] = ()  # beside the scenario, for EPNet's domain side
-    prior_features: tuple[str, ...] = ()  # PPNet's personal priors; () = every categorical
-    dropout: float = 0.0
+    embed_dim: int = embed_dim_arg()
+    interaction: Literal["none", "dot", "cross"] = interaction_arg()
+    cross_layers: int = cross_layers_arg()
+    tower: tuple[int, ...] = widths_arg((128, 64), "each task's tower")
+    gate_hidden: int = count_arg(64, "hidden width of each gate neural unit")
+    gamma: float = key(2.0, "gate scale: gamma * sigmoid(.) (2: gates start at 1)", gt=0)
+    domain_features: tuple[str, ...] = key((), "features beside the scenario for EPNet's "
+                                                "domain side")
+    prior_features: tuple[str, ...] = key((), "PPNet's personal priors (empty: every "
+                                               "categorical)")
+    dropout: float = dropout_arg()
 
     def __post_init__(self) -> None:
         if self.gate_hidden < 1 or self.gamma <= 0:

@@ -16,7 +16,16 @@ from torch import Tensor, nn
 
 from shopmtl.data.dataset import Batch
 from shopmtl.data.schema import Schema
-from shopmtl.models.base import MultiTaskModel
+from shopmtl.models.base import (
+    MultiTaskModel,
+    count_arg,
+    cross_layers_arg,
+    dropout_arg,
+    embed_dim_arg,
+    input_norm_arg,
+    interaction_arg,
+    widths_arg,
+)
 from shopmtl.nn.layers import (
     MLP,
     FeatureEmbedding,
@@ -30,16 +39,16 @@ from shopmtl.tasks import out_dim
 
 @dataclass(frozen=True)
 class PLEConfig:
-    embed_dim: int = 16
-    interaction: Literal["none", "dot", "cross"] = "dot"
-    cross_layers: int = 2
-    input_norm: Literal["none", "batch", "layer"] = "layer"  # LayerNorm on the bottom's input
-    levels: int = 2
-    specific_experts: int = 1  # per task, per level
-    shared_experts: int = 2  # per level
-    expert: tuple[int, ...] = (64,)
-    tower: tuple[int, ...] = (64,)
-    dropout: float = 0.0
+    embed_dim: int = embed_dim_arg()
+    interaction: Literal["none", "dot", "cross"] = interaction_arg()
+    cross_layers: int = cross_layers_arg()
+    input_norm: Literal["none", "batch", "layer"] = input_norm_arg()
+    levels: int = count_arg(2, "stacked extraction layers")
+    specific_experts: int = count_arg(1, "experts per task, per level")
+    shared_experts: int = count_arg(2, "shared experts per level")
+    expert: tuple[int, ...] = widths_arg((64,), "each expert")
+    tower: tuple[int, ...] = widths_arg((64,), "each task's tower")
+    dropout: float = dropout_arg()
 
     def __post_init__(self) -> None:
         if self.levels < 1 or self.specific_experts < 1 or self.shared_experts < 1:

@@ -14,7 +14,15 @@ from torch import Tensor, nn
 
 from shopmtl.data.dataset import Batch
 from shopmtl.data.schema import Schema
-from shopmtl.models.base import MultiTaskModel
+from shopmtl.models.base import (
+    MultiTaskModel,
+    cross_layers_arg,
+    dropout_arg,
+    embed_dim_arg,
+    input_norm_arg,
+    interaction_arg,
+    widths_arg,
+)
 from shopmtl.nn.layers import (
     MLP,
     FeatureEmbedding,
@@ -27,13 +35,13 @@ from shopmtl.tasks import out_dim
 
 @dataclass(frozen=True)
 class SharedBottomConfig:
-    embed_dim: int = 16
-    interaction: Literal["none", "dot", "cross"] = "dot"
-    cross_layers: int = 2
-    input_norm: Literal["none", "batch", "layer"] = "layer"  # LayerNorm on the bottom's input
-    bottom: tuple[int, ...] = (256, 128)
-    tower: tuple[int, ...] = (64,)
-    dropout: float = 0.0
+    embed_dim: int = embed_dim_arg()
+    interaction: Literal["none", "dot", "cross"] = interaction_arg()
+    cross_layers: int = cross_layers_arg()
+    input_norm: Literal["none", "batch", "layer"] = input_norm_arg()
+    bottom: tuple[int, ...] = widths_arg((256, 128), "the shared bottom")
+    tower: tuple[int, ...] = widths_arg((64,), "each task's tower")
+    dropout: float = dropout_arg()
 
 
 class SharedBottom(MultiTaskModel):

@@ -17,7 +17,15 @@ from torch import Tensor, nn
 
 from shopmtl.data.dataset import Batch
 from shopmtl.data.schema import Schema
-from shopmtl.models.base import MultiTaskModel
+from shopmtl.keys import key
+from shopmtl.models.base import (
+    MultiTaskModel,
+    cross_layers_arg,
+    dropout_arg,
+    embed_dim_arg,
+    interaction_arg,
+    widths_arg,
+)
 from shopmtl.nn.layers import MLP, FeatureEmbedding, interaction_features, make_interaction
 from shopmtl.nn.scenario import AuxiliaryNetwork, PartitionedNorm, StarMLP
 from shopmtl.tasks import out_dim
@@ -25,15 +33,16 @@ from shopmtl.tasks import out_dim
 
 @dataclass(frozen=True)
 class STARConfig:
-    embed_dim: int = 16
-    interaction: Literal["none", "dot", "cross"] = "dot"
-    cross_layers: int = 2
-    star: tuple[int, ...] = (256, 128)
-    tower: tuple[int, ...] = (64,)
-    aux: tuple[int, ...] = (32,)
-    partitioned_norm: bool = True
-    norm_momentum: float = 0.1
-    dropout: float = 0.0
+    embed_dim: int = embed_dim_arg()
+    interaction: Literal["none", "dot", "cross"] = interaction_arg()
+    cross_layers: int = cross_layers_arg()
+    star: tuple[int, ...] = widths_arg((256, 128), "the star-topology FC")
+    tower: tuple[int, ...] = widths_arg((64,), "each task's tower")
+    aux: tuple[int, ...] = widths_arg((32,), "the auxiliary scenario network")
+    partitioned_norm: bool = key(True, "partitioned normalisation (per-scenario "
+                                       "statistics)")
+    norm_momentum: float = key(0.1, "momentum of the partitioned normalisation", gt=0, le=1)
+    dropout: float = dropout_arg()
 
     def __post_init__(self) -> None:
         if not self.star:

@@ -35,6 +35,7 @@ import torch
 from torch import Tensor, nn
 
 from shopmtl.config import ConfigError
+from shopmtl.keys import key
 from shopmtl.weighting.base import GradientWeighting, SharedModel, StepInfo, split_parameters
 
 TORCHJD_PIN = "torchjd==0.18.0"
@@ -46,39 +47,41 @@ class MissingDependencyError(ImportError):
 
 @dataclass(frozen=True)
 class JDConfig:
-    # rows of the Jacobian differentiated at once (None: all T in one vmapped pass; 1: a loop,
-    # for models torch.vmap cannot handle)
-    parallel_chunk_size: int | None = None
+    # 1: a loop, for models torch.vmap cannot handle
+    parallel_chunk_size: int | None = key(None, "Jacobian rows differentiated at once (null: "
+                                                "all in one vmapped pass)", ge=1)
 
 
 @dataclass(frozen=True)
 class UPGradConfig(JDConfig):
-    norm_eps: float = 1e-4
-    reg_eps: float = 1e-4
+    norm_eps: float = key(1e-4, "added to gradient norms", ge=0)
+    reg_eps: float = key(1e-4, "regularisation of the Gramian", ge=0)
 
 
 @dataclass(frozen=True)
 class MGDAConfig(JDConfig):
-    epsilon: float = 1e-3
-    max_iters: int = 100
+    epsilon: float = key(1e-3, "stopping tolerance of the Frank-Wolfe solver", gt=0)
+    max_iters: int = key(100, "solver iterations", ge=1)
 
 
 @dataclass(frozen=True)
 class CAGradConfig(JDConfig):
-    c: float = 0.4  # radius of the ball around the mean gradient (paper: 0.4 to 0.5)
-    norm_eps: float = 1e-4
+    c: float = key(0.4, "radius of the ball around the mean gradient (paper: 0.4 to 0.5)",
+                   ge=0)
+    norm_eps: float = key(1e-4, "added to gradient norms", ge=0)
 
 
 @dataclass(frozen=True)
 class NashMTLConfig(JDConfig):
-    max_norm: float = 1.0
-    update_weights_every: int = 1
-    optim_niter: int = 20
+    max_norm: float = key(1.0, "clip of the aggregated gradient's norm (0: off)", ge=0)
+    update_weights_every: int = key(1, "steps between solves of the weights", ge=1)
+    optim_niter: int = key(20, "iterations of the weight solver", ge=1)
 
 
 @dataclass(frozen=True)
 class AlignedMTLConfig(JDConfig):
-    scale_mode: Literal["min", "median", "rmse"] = "min"
+    scale_mode: Literal["min", "median", "rmse"] = key("min", "how the aligned gradient is "
+                                                              "scaled")
 
 
 class JacobianAggregation(GradientWeighting):

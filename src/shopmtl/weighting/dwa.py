@@ -17,12 +17,13 @@ import torch
 from torch import Tensor
 
 from shopmtl.config import ConfigError
+from shopmtl.keys import key
 from shopmtl.weighting.base import LossWeighting, StepInfo
 
 
 @dataclass(frozen=True)
 class DWAConfig:
-    temperature: float = 2.0  # tau; large = closer to equal weights
+    temperature: float = key(2.0, "tau: large is closer to equal weights", gt=0)
 
 
 class DWAWeighting(LossWeighting):

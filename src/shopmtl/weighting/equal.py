@@ -4,12 +4,13 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from shopmtl.config import ConfigError
+from shopmtl.keys import key
 from shopmtl.weighting.base import LossWeighting, StepInfo
 
 
@@ -20,7 +21,7 @@ class EqualConfig:
 
 @dataclass(frozen=True)
 class StaticConfig:
-    alpha: dict[str, float] = field(default_factory=dict)  # task -> weight (default 1)
+    alpha: dict[str, float] = key(factory=dict, doc="task -> weight (default 1)", ge=0)
 
 
 class StaticWeighting(LossWeighting):

@@ -26,14 +26,15 @@ import torch
 from torch import Tensor, nn
 
 from shopmtl.config import ConfigError
+from shopmtl.keys import key
 from shopmtl.weighting.base import GradientWeighting, SharedModel, StepInfo, split_parameters
 
 
 @dataclass(frozen=True)
 class GradNormConfig:
-    alpha: float = 1.5  # restoring-force strength (paper: 0.12 to 3; 1.5 for most of its tasks)
-    lr: float | None = None  # learning rate of the weights (None: the model's)
-    min_weight: float = 1e-3  # floor before renormalisation (a weight must stay positive)
+    alpha: float = key(1.5, "restoring-force strength (paper: 0.12 to 3)", ge=0)
+    lr: float | None = key(None, "learning rate of the weights (null: the model's)", gt=0)
+    min_weight: float = key(1e-3, "floor before renormalisation", gt=0, lt=1)
 
 
 class GradNormWeighting(GradientWeighting):

@@ -17,12 +17,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from shopmtl.keys import key
 from shopmtl.weighting.base import LossWeighting, StepInfo
 
 
 @dataclass(frozen=True)
 class RLWConfig:
-    seed: int = 0
+    seed: int = key(0, "seed of the random weights (with the step)")
 
 
 def rlw_logits(seed: int, step: int, num_tasks: int) -> Tensor:

@@ -21,13 +21,14 @@ import torch
 from torch import Tensor, nn
 
 from shopmtl.config import ConfigError
+from shopmtl.keys import key
 from shopmtl.weighting.base import LossWeighting, StepInfo
 
 
 @dataclass(frozen=True)
 class UncertaintyConfig:
-    init: float = 0.0  # initial log-variance s_i
-    lr: float | None = None  # learning rate of s (None: the model's)
+    init: float = key(0.0, "initial log-variance s_i", finite=True)
+    lr: float | None = key(None, "learning rate of s (null: the model's)", gt=0)
 
 
 class UncertaintyWeighting(LossWeighting):
