@@ -50,7 +50,8 @@ def _fail(message: str, code: int = 2) -> None:
 def _guard(fn):
     """Every failure becomes one line on stderr, never a traceback (unless --debug): a user
     error (bad config, bad data, a missing or unwritable file, a bad checkpoint) exits 2 and
-    says what and where; anything else is a bug: exit 1, with the exception's type."""
+    says what and where; a missing optional package (MissingDependencyError) exits 1 with the
+    pip line of its extra; anything else is a bug: exit 1, with the exception's type."""
     import functools
 
     @functools.wraps(fn)
@@ -60,9 +61,9 @@ def _guard(fn):
 
         from shopmtl.config import ConfigError
         from shopmtl.data.ingest import DataError
+        from shopmtl.deps import MissingDependencyError
         from shopmtl.train.checkpoint import CheckpointError
         from shopmtl.train.loop import NonFiniteError
-        from shopmtl.weighting import MissingDependencyError
 
         try:
             return fn(*args, **kwargs)
@@ -75,10 +76,14 @@ def _guard(fn):
             # key (which could be a data value) is a bug, reported as such below
             if isinstance(e, KeyError) and e.args and " " in str(e.args[0]):
                 _fail(str(e.args[0]))
+            # MissingDependencyError: not installed here (a runtime error, not a usage error):
+            # the pip line of the extra to install
+            if isinstance(e, MissingDependencyError):
+                _fail(str(e), code=1)
             # OSError: a missing file, a directory, no permission, a full disk ("[Errno 28]
-            # No space left on device"); MissingDependencyError: the pip line to run
+            # No space left on device")
             if isinstance(e, (ConfigError, DataError, CheckpointError, NonFiniteError,
-                              MissingDependencyError, OSError)):
+                              OSError)):
                 _fail(str(e))
             if isinstance(e, yaml.YAMLError):
                 from shopmtl.config import yaml_problem
