@@ -63,7 +63,7 @@ class LoRATextTower(nn.Module):
 
         _, base = load_encoder(encoder)
         cfg = peft.LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT,
-                         target_modules=["query", "value"])
+                              target_modules=["query", "value"])
         self.encoder = peft.get_peft_model(copy.deepcopy(base), cfg)  # the cached base stays frozen
 
     def forward(self, tokens: Tensor, mask: Tensor) -> Tensor:
