@@ -1,7 +1,8 @@
 """The import graph of src/shopmtl is layered and has no circles.
 
 Layers, bottom to top (each imports only from below):
-  1 config, registry (may lazily import models to fill itself), jsonsafe, small utils;
+  1 config, registry (may lazily import models to fill itself), jsonsafe, deps (the optional
+    packages: ``require``, ``MissingDependencyError``), small utils;
     keys (a config key's doc and range) imports nothing from shopmtl, so every layer may use it
   2 data/ (schema, ingest, encoders, synthetic, pipeline, the data/source.py contract, sources/)
   3 metrics, tasks
@@ -18,7 +19,8 @@ Layers, bottom to top (each imports only from below):
   ``__getattr__`` hands out ``shopmtl.load`` from modeldir (exempt from "nothing imports an app")
 
 ``metrics`` is a leaf: it imports nothing from shopmtl (checked below), so the file sources in
-data/sources/ may score their predictions with it although it is listed above data.
+data/sources/ may score their predictions with it although it is listed above data. ``deps``
+is a leaf too (checked below): every layer may ask it for an optional package.
 
 Every import statement counts: module level, inside functions, and inside ``if TYPE_CHECKING:``
 blocks (none is exempted). A package ``__init__`` importing its own submodules is not a circle.
@@ -202,6 +204,11 @@ def test_metrics_and_tasks_import_nothing_above_them():
 def test_metrics_is_a_leaf():
     bad = [e for e in import_edges(read_sources()) if e[0] == f"{ROOT_PACKAGE}.metrics"]
     assert not bad, "shopmtl.metrics must import nothing from shopmtl:\n" + _show(bad)
+
+
+def test_deps_is_a_leaf():
+    bad = [e for e in import_edges(read_sources()) if e[0] == f"{ROOT_PACKAGE}.deps"]
+    assert not bad, "shopmtl.deps must import nothing from shopmtl:\n" + _show(bad)
 
 
 def test_nothing_below_the_apps_imports_an_app():

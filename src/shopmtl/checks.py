@@ -1,4 +1,5 @@
-"""Checks of a loaded config against what it names: tasks, weightings, sources. They run
+"""Checks of a loaded config against what it names: tasks, weightings, sources, and the
+optional packages it needs (the 'text' extra for text features and joint runs). They run
 right after the YAML is read and before any data is (``load_experiment``, ``load_joint``), so a
 misspelled name costs one line, not a data preparation. They live here, above the config
 layer, because they need the weighting registry and the joint source classes."""
@@ -9,6 +10,7 @@ from pathlib import Path
 
 from shopmtl.config import ConfigError, ExperimentConfig, WeightingConfig, check_tasks, from_dict
 from shopmtl.config import load_config as _load_config
+from shopmtl.deps import require_extra
 from shopmtl.joint.config import REC, REC_TASKS, JointConfig, SourceConfig, load_joint_config
 from shopmtl.joint.parts import _import_source, _sources
 from shopmtl.registry import model_config
@@ -43,6 +45,10 @@ def check_experiment(cfg: ExperimentConfig) -> ExperimentConfig:
     model_config(cfg.model.name, cfg.model.args)
     check_synthetic(cfg)
     cls = check_weighting(cfg.weighting)
+    schema_text = cfg.data.schema is not None and any(
+        f.kind == "text" for f in cfg.data.schema.features)
+    if schema_text or "title" in cfg.data.content:
+        require_extra("text", "text features")
     world = env_world()[2]
     if world > 1:
         if cls.needs_gradients:
@@ -97,7 +103,10 @@ def check_joint_names(cfg: JointConfig) -> None:
 
 
 def load_joint(path: str | Path, overrides: list[str] | None = None) -> JointConfig:
-    """``joint.config.load_joint_config`` and every check of this module."""
+    """``joint.config.load_joint_config`` and every check of this module. A joint run always
+    has the shared sentence encoder (and its text sources their TF-IDF baselines): the 'text'
+    extra is checked here, before any data is generated or read."""
     cfg = load_joint_config(path, overrides)
     check_joint_names(cfg)
+    require_extra("text", "a joint run (a config with `sources`)")
     return cfg

@@ -36,7 +36,7 @@ EXIT_CODES: tuple[tuple[str, int, str], ...] = (
     ("shopmtl.data.ingest:DataError", RUNTIME, "bad or missing data"),
     ("shopmtl.train.checkpoint:CheckpointError", RUNTIME, "a corrupt or missing checkpoint"),
     ("shopmtl.train.loop:NonFiniteError", RUNTIME, "a non-finite or diverging run"),
-    ("shopmtl.weighting.aggregators:MissingDependencyError", RUNTIME,
+    ("shopmtl.deps:MissingDependencyError", RUNTIME,
      "a missing optional package"),
     ("builtins:OSError", RUNTIME, "a full disk, no permission, OUT in use"),
 )

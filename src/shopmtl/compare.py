@@ -50,6 +50,7 @@ from shopmtl.config import (
 from shopmtl.data.dataset import TensorTable
 from shopmtl.data.pipeline import PreparedData, prepare_data
 from shopmtl.data.schema import ALL
+from shopmtl.deps import installed, note_skipped
 
 # task -> scenario -> value
 Cells = dict[str, dict[str, float]]
@@ -462,7 +463,9 @@ def write_markdown(out: Path, result: dict[str, Any]) -> Path:
         "",
     ]
     lines += markdown_tables(result)
-    if result["single_task"] is not None and plot_deltas(result, out / "compare.png"):
+    if result["single_task"] is not None and not installed("matplotlib"):
+        note_skipped("the delta figure (compare.png)", "matplotlib", "viz")
+    elif result["single_task"] is not None and plot_deltas(result, out / "compare.png"):
         lines += ["", "![delta AUC to single-task](compare.png)"]
     lines += ["", "Model arguments:", ""]
     for name, c in result["combinations"].items():

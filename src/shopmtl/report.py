@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from shopmtl.data.schema import ALL
+from shopmtl.deps import install_hint, installed, note_skipped
 
 
 def _f(x: Any, nd: int = 4) -> str:
@@ -125,8 +126,13 @@ def write_report(out_dir: Path, title: str, metrics: dict[str, Any],
                   "Negative delta AUC means sharing hurt the task (flagged below -0.002).", ""]
         lines += transfer_table(metrics["negative_transfer"])
     if histories:
-        plot_curves(histories, out_dir / "curves.png")
-        lines += ["", "## Training curves", "", "![curves](curves.png)"]
+        lines += ["", "## Training curves", ""]
+        if installed("matplotlib"):
+            plot_curves(histories, out_dir / "curves.png")
+            lines += ["![curves](curves.png)"]
+        else:  # the report without its figure
+            note_skipped("the training-curves figure (curves.png)", "matplotlib", "viz")
+            lines += [f"No figure: matplotlib is not installed ({install_hint('viz')})."]
     path = out_dir / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path

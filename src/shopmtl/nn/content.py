@@ -56,14 +56,15 @@ class LoRATextTower(nn.Module):
 
     def __init__(self, encoder: str) -> None:
         super().__init__()
-        from peft import LoraConfig, get_peft_model
-
         from shopmtl.data.text import load_encoder
+        from shopmtl.deps import require
+
+        peft = require("peft", "text", "text features with mode: lora")
 
         _, base = load_encoder(encoder)
-        cfg = LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT,
-                         target_modules=["query", "value"])
-        self.encoder = get_peft_model(copy.deepcopy(base), cfg)  # the cached base stays frozen
+        cfg = peft.LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=LORA_DROPOUT,
+                              target_modules=["query", "value"])
+        self.encoder = peft.get_peft_model(copy.deepcopy(base), cfg)  # the cached base stays frozen
 
     def forward(self, tokens: Tensor, mask: Tensor) -> Tensor:
         from shopmtl.data.text import mean_pool

@@ -202,6 +202,19 @@ class Trainer:
         return LoopState(**results["train"])
 
 
+def tensorboard_writer(log_dir: Path) -> Any:
+    """A TensorBoard SummaryWriter into ``log_dir``, or None (one info line, once) when the
+    'viz' extra's tensorboard is not installed: training runs the same without it."""
+    from shopmtl.deps import installed, note_skipped
+
+    if not installed("tensorboard"):
+        note_skipped("TensorBoard logging", "tensorboard", "viz")
+        return None
+    from torch.utils.tensorboard import SummaryWriter
+
+    return SummaryWriter(str(log_dir))
+
+
 def train_model(
     cfg: ExperimentConfig,
     data: PreparedData,
@@ -214,11 +227,7 @@ def train_model(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     trainer = Trainer(cfg, data, out, progress)
-    writer = None
-    if tensorboard and trainer.main:
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(out / "tb"))
+    writer = tensorboard_writer(out / "tb") if tensorboard and trainer.main else None
     try:
         state = trainer.fit(resume=resume, writer=writer)
     finally:

@@ -19,9 +19,10 @@ about 1 (a mean), PCGrad with weights about 1 each (a sum), while the non-shared
 sum-scale gradients; with Adam (the trainer's optimizers) a constant per-parameter factor is
 immaterial.
 
-TorchJD is optional: ``pip install "torchjd[quadprog-projector]==0.18.0"`` for UPGrad (the
-quadprog extra; MGDA, PCGrad, IMTL-G and Aligned-MTL need only torchjd), ``torchjd[cagrad]`` for
-CAGrad and ``torchjd[nash-mtl]`` for Nash-MTL (both bring cvxpy; ``torchjd[full]`` has all).
+TorchJD is imported only when one of these is built. The core install has
+``torchjd[quadprog-projector]`` (UPGrad needs the quadprog extra; MGDA, PCGrad, IMTL-G and
+Aligned-MTL need only torchjd); ``torchjd[cagrad]`` for CAGrad and ``torchjd[nash-mtl]`` for
+Nash-MTL are not installed by shopmtl (both bring cvxpy; ``torchjd[full]`` has all).
 A missing one raises ``MissingDependencyError`` naming the pip line when the weighting is built.
 """
 
@@ -35,14 +36,11 @@ import torch
 from torch import Tensor, nn
 
 from shopmtl.config import ConfigError
+from shopmtl.deps import MissingDependencyError
 from shopmtl.keys import key
 from shopmtl.weighting.base import GradientWeighting, SharedModel, StepInfo, split_parameters
 
 TORCHJD_PIN = "torchjd==0.18.0"
-
-
-class MissingDependencyError(ImportError):
-    """An optional package a weighting needs is not installed; the message says what to run."""
 
 
 @dataclass(frozen=True)

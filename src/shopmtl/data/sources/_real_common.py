@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from shopmtl.data.ingest import DataError
+from shopmtl.deps import require
 
 if TYPE_CHECKING:
     from sklearn.feature_extraction.text import TfidfVectorizer
@@ -130,14 +131,14 @@ def stratified_split(strata: Sequence[str], seed: int = 0,
 def one_thread() -> AbstractContextManager:
     """BLAS / OpenMP limited to one thread for the baseline fits: these models are small, and
     lbfgs on a busy 2-core machine ran 10x slower with two contending threads than with one."""
-    from threadpoolctl import threadpool_limits  # a scikit-learn dependency
-
-    return threadpool_limits(1)
+    # a scikit-learn dependency
+    return require("threadpoolctl", "text", "the text baselines").threadpool_limits(1)
 
 
 def tfidf() -> TfidfVectorizer:
     """The text features of the text baselines: word 1-2 grams, sublinear tf (sklearn is
     imported here, only when a baseline runs)."""
+    require("sklearn", "text", "the text baselines")
     from sklearn.feature_extraction.text import TfidfVectorizer
 
     return TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=2, dtype=np.float32)

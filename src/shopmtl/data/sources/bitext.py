@@ -86,9 +86,9 @@ class BitextSource:
 
     def baseline(self, data: SourceData) -> dict[str, dict[str, float]]:
         """TF-IDF (word 1-2 grams) + logistic regression per task, fit on train, on test."""
+        vec = tfidf()  # first: it says which extra a missing scikit-learn is in
         from sklearn.linear_model import LogisticRegression
 
-        vec = tfidf()
         x_train = vec.fit_transform(_texts(data.train))
         x_test = vec.transform(_texts(data.test))
         out = {}

@@ -126,9 +126,9 @@ class ReviewsSource:
     def baseline(self, data: SourceData) -> dict[str, dict[str, float]]:
         """TF-IDF (word 1-2 grams) + ridge for rating (clipped to 1..5), + logistic regression
         for recommend; fit on train, scored on test. Text only (no age, no class)."""
+        vec = tfidf()  # first: it says which extra a missing scikit-learn is in
         from sklearn.linear_model import LogisticRegression, Ridge
 
-        vec = tfidf()
         assert data.train.text is not None and data.test.text is not None
         x_train = vec.fit_transform(data.train.text)
         x_test = vec.transform(data.test.text)

@@ -186,6 +186,9 @@ def bm25_scores(corpus: Sequence[str], queries: Sequence[str],
 def tfidf_scores(corpus: Sequence[str], queries: Sequence[str],
                  cand_text: Sequence[Sequence[str]]) -> np.ndarray:
     """float64 [n, L]: cosine of TF-IDF vectors (vocabulary and idf fitted on ``corpus``)."""
+    from shopmtl.deps import require
+
+    require("sklearn", "text", "the TF-IDF search baseline")
     from sklearn.feature_extraction.text import TfidfVectorizer
 
     # the default token pattern drops one-character tokens, i.e. the numbers 0-9 of
