@@ -7,6 +7,7 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -341,3 +342,102 @@ def test_debug_re_raises(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(shopmtl.cli, "_DEBUG", True)
     with pytest.raises(RuntimeError, match="boom"):
         _raiser(RuntimeError("boom"))()
+
+
+# -- predict/evaluate: output formats, id columns, bad rows (the format-1 zoo fixture) ---------
+
+FIX = Path(__file__).parent / "fixtures" / "format1"
+ZOO_TASKS = ("click", "conversion", "ad_click")
+
+
+def _read_output(path: Path) -> list[dict]:
+    import pyarrow.parquet as pq
+
+    if path.suffix == ".jsonl":
+        return [json.loads(line) for line in path.read_text().splitlines()]
+    if path.suffix == ".csv":
+        return list(csv.DictReader(path.open(newline="")))
+    return pq.read_table(path).to_pylist()
+
+
+@pytest.mark.parametrize("out_name,fmt", [("p.csv", None), ("p.parquet", None),
+                                          ("p.jsonl", None), ("p.out", "parquet")])
+def test_predict_writes_each_format_with_the_ids_as_read(tmp_path: Path, out_name: str,
+                                                         fmt: str | None) -> None:
+    out = tmp_path / out_name
+    args = ["--format", fmt] if fmt else []
+    proc = cli("predict", str(FIX / "zoo_model"), str(FIX / "zoo_rows.csv"), "--out", str(out),
+               "--id-columns", "user_id,item_id", *args, check=True)
+    assert proc.stdout.strip() == f"wrote 8 rows to {out}"
+    rows = _read_output(out)
+    assert list(rows[0]) == ["line", "user_id", "item_id", *ZOO_TASKS]
+    source = list(csv.DictReader((FIX / "zoo_rows.csv").open(newline="")))
+    old = json.loads((FIX / "zoo_predictions.json").read_text())  # what the old code wrote
+    assert [int(r["line"]) for r in rows] == [r["line"] for r in old] == list(range(2, 10))
+    # ids pass through as the CSV's text, whatever the format
+    assert [(r["user_id"], r["item_id"]) for r in rows] == [(s["user_id"], s["item_id"])
+                                                            for s in source]
+    for t in ZOO_TASKS:
+        np.testing.assert_allclose([float(r[t]) for r in rows], [r[t] for r in old], atol=1e-6)
+    assert not list(tmp_path.glob(".*tmp*"))  # the temporary sibling was renamed into place
+
+
+def _zoo_rows_with_trouble(tmp_path: Path) -> Path:
+    """The fixture rows with a blank line, an unknown scenario and a non-numeric price."""
+    lines = (FIX / "zoo_rows.csv").read_text().splitlines()
+    header, rows = lines[0], lines[1:]
+    bad_scenario = rows[2].replace('"home_feed"', '"moon"')
+    bad_price = rows[4].replace(",9.71,", ",cheap,")
+    body = [rows[0], "", rows[1], bad_scenario, rows[3], bad_price, *rows[5:]]
+    path = tmp_path / "trouble.csv"
+    path.write_text("\n".join([header, *body]) + "\n")
+    return path  # data lines 2..10 minus blank line 3: bad on lines 5 and 7
+
+
+def test_predict_quarantine_sets_bad_rows_aside_next_to_out(tmp_path: Path) -> None:
+    data = _zoo_rows_with_trouble(tmp_path)
+    out = tmp_path / "sub" / "preds.csv"
+    proc = cli("predict", str(FIX / "zoo_model"), str(data), "--out", str(out),
+               "--bad-rows", "quarantine", "--id-columns", "user_id", check=True)
+    qcsv, qjson = out.with_name("preds.quarantine.csv"), out.with_name("preds.quarantine.json")
+    assert proc.stdout.strip() == (f"wrote 6 rows to {out}; 2 bad rows set aside in {qcsv} "
+                                   "(counts per reason in preds.quarantine.json); 1 blank lines "
+                                   "skipped")
+    assert [int(r["line"]) for r in _read_output(out)] == [2, 4, 6, 8, 9, 10]
+    bad = list(csv.DictReader(qcsv.open(newline="")))
+    assert [(int(b["line"]), b["column"], b["reason"]) for b in bad] == [
+        (5, "scenario", "unknown scenario"), (7, "price", "non-numeric value in a numeric feature")]
+    assert [b["raw"] for b in bad] == [data.read_text().splitlines()[i] for i in (4, 6)]
+    summary = json.loads(qjson.read_text())
+    assert summary["rows_read"] == 8 == summary["scored"] + summary["bad_rows"]
+    assert summary["blank_lines_skipped"] == 1
+    # the same file under fail: one line naming the first bad row and the count, no output
+    out2 = tmp_path / "fail.csv"
+    proc = cli("predict", str(FIX / "zoo_model"), str(data), "--out", str(out2))
+    assert_one_error_line(proc, "bad row: trouble.csv: line 5, column 'scenario': unknown "
+                                "scenario (2 bad rows in all)", code=1)
+    assert not out2.exists() and not list(tmp_path.glob(".fail.csv*"))
+
+
+def test_evaluate_quarantine_writes_next_to_out_and_needs_it(tmp_path: Path) -> None:
+    data = _zoo_rows_with_trouble(tmp_path)
+    proc = cli("evaluate", str(FIX / "zoo_model"), str(data), "--bad-rows", "quarantine")
+    assert_one_error_line(proc, "--bad-rows quarantine needs --out", code=2)
+    out = tmp_path / "eval.json"
+    # the fixture model's run allows 5% of bad rows; 2 of 8 is past it
+    proc = cli("evaluate", str(FIX / "zoo_model"), str(data), "--out", str(out),
+               "--bad-rows", "quarantine")
+    assert_one_error_line(proc, "2 of 8 rows are bad", "max_bad_fraction", code=1)
+    bad = list(csv.DictReader((tmp_path / "eval.quarantine.csv").open(newline="")))
+    assert [int(b["line"]) for b in bad] == [5, 7]
+    proc = cli("evaluate", str(FIX / "zoo_model"), str(data))
+    assert_one_error_line(proc, "bad row: trouble.csv: line 5, column 'scenario'", code=1)
+
+
+def test_id_columns_are_checked(tmp_path: Path) -> None:
+    model, rows = str(FIX / "zoo_model"), str(FIX / "zoo_rows.csv")
+    proc = cli("predict", model, rows, "--out", str(tmp_path / "p.csv"), "--id-columns", "click")
+    assert_one_error_line(proc, "--id-columns: ['click'] would clash", code=2)
+    proc = cli("predict", model, rows, "--out", str(tmp_path / "p.csv"), "--id-columns",
+               "order_id")
+    assert_one_error_line(proc, "zoo_rows.csv: missing column(s) ['order_id']", code=1)

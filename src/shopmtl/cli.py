@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import sys
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated
 
@@ -271,23 +272,51 @@ def _train(config: Path, out: Path, sets: list[str] | None, resume: bool, baseli
     typer.echo(f"wrote {out / 'metrics.json'} and {out / 'report.md'}")
 
 
+class BadRows(StrEnum):
+    fail = "fail"
+    quarantine = "quarantine"
+
+
+class OutFormat(StrEnum):
+    csv = "csv"
+    parquet = "parquet"
+    jsonl = "jsonl"
+
+
+BadRowsOption = Annotated[BadRows, typer.Option(
+    "--bad-rows", help="fail: the first bad row (file:line, column, reason) and the count stop "
+    "the run; quarantine: bad rows are set aside next to OUT, in OUT's stem + .quarantine.csv "
+    "(file, line, column, reason, the raw row) and .quarantine.json (counts per reason), e.g. "
+    "p.csv -> p.quarantine.csv, p.quarantine.json")]
+
+
 @app.command()
 @_guard
 def evaluate(
     model_dir: Annotated[Path, typer.Argument(help="A model directory (OUT/model)")],
     data: Annotated[Path, typer.Argument(help="CSV or Parquet file with labels")],
     out: Annotated[Path | None, typer.Option(help="Write metrics JSON here")] = None,
+    bad_rows: BadRowsOption = BadRows.fail,
 ) -> None:
-    """Metrics per task x scenario of a saved model on a labelled file."""
+    """Metrics per task x scenario of a saved model on a labelled file, read as training reads
+    it. Under --bad-rows quarantine the metrics are over the good rows (up to the run's
+    data.max_bad_fraction of bad rows)."""
+    from shopmtl.config import ConfigError
     from shopmtl.jsonsafe import json_safe
     from shopmtl.modeldir import load
 
-    metrics = json_safe(load(model_dir).evaluate_file(data))
+    if bad_rows is BadRows.quarantine and out is None:
+        raise ConfigError("--bad-rows quarantine needs --out: the quarantine file is written "
+                          "next to it")
+    metrics, report = load(model_dir).evaluate_file(data, bad_rows.value, out)
+    metrics = json_safe(metrics)
     if out is not None:  # written before the table: a failed write (a full disk) is the only
-        out.write_text(json.dumps({"test": metrics}, indent=1))  # output, one error line
+        rows = {"read": report.rows_read, "scored": report.scored, "bad": report.bad_rows,
+                "blank_lines_skipped": report.blank_lines, "per_reason": report.per_reason}
+        out.write_text(json.dumps({"test": metrics, "rows": rows}, indent=1))  # output
     _summary({"test": metrics})
     if out is not None:
-        typer.echo(f"wrote {out}")
+        typer.echo(f"wrote {out}{report.describe()}")
 
 
 @app.command()
@@ -295,17 +324,30 @@ def evaluate(
 def predict(
     model_dir: Annotated[Path, typer.Argument(help="A model directory (OUT/model)")],
     data: Annotated[Path, typer.Argument(help="CSV or Parquet file (labels not needed)")],
-    out: Annotated[Path, typer.Option(help="Output CSV of predictions")] = Path("predictions.csv"),
+    out: Annotated[Path, typer.Option(
+        help="Predictions: line, the id columns, one column per task; .csv, .parquet or "
+        ".jsonl by its extension (CSV otherwise)")] = Path("predictions.csv"),
     task: Annotated[list[str] | None, typer.Option(help="Only these tasks")] = None,
+    bad_rows: BadRowsOption = BadRows.fail,
+    id_columns: Annotated[str | None, typer.Option(
+        "--id-columns", help="Comma-separated columns copied to the output as read (a CSV "
+        "cell as text), after line: a,b")] = None,
+    fmt: Annotated[OutFormat | None, typer.Option(
+        "--format", help="Output format, instead of OUT's extension")] = None,
 ) -> None:
-    """Probabilities per task for every row of a file (joined back by line number).
-    A joint model directory (``shopmtl train`` on a joint config) answers one ``--task``."""
+    """Probabilities per task for every row of a file, read as training reads it; each row is
+    named by `line` (the CSV line it starts on, or the Parquet row from 1). Every data row
+    read is predicted or (under --bad-rows quarantine) set aside; blank lines are skipped and
+    counted. A joint model directory (``shopmtl train`` on a joint config) answers one
+    ``--task``."""
     from shopmtl.modeldir import load
 
     # the directory's meta.json kind picks the loader (modeldir.KINDS); each kind's model
-    # writes its own predictions (zoo: CSV; joint: the task's rows, one task at a time)
-    n = load(model_dir).predict_file(data, out, task)
-    typer.echo(f"wrote {n} rows to {out}")
+    # writes its predictions through predict.TableWriter
+    ids = [c for c in (id_columns or "").split(",") if c.strip()]
+    report = load(model_dir).predict_file(data, out, task, bad_rows.value, ids,
+                                          None if fmt is None else fmt.value)
+    typer.echo(f"wrote {report.scored} rows to {out}{report.describe()}")
 
 
 @app.command()

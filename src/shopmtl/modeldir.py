@@ -13,27 +13,32 @@ before) still load: a format-1 meta without ``kind`` is a zoo model, ``kind: joi
 ``load`` verifies the manifest, reads the kind and calls that kind's loader in ``KINDS``; the
 ``Model`` it returns answers ``predict`` in memory (the Python API) and ``predict_file`` /
 ``evaluate_file`` (``shopmtl predict`` / ``shopmtl evaluate``) through the same parsing and
-scoring code: ``predict.score_rows`` for zoo rows, ``joint.predict.score_joint`` for the joint
-model's text and search tasks.
+scoring code: ``predict.score_chunks`` for zoo rows (read by the reader of training,
+``data.ingest.read_chunks``), ``joint.predict.score_joint`` for the joint model's text and
+search tasks.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
 from shopmtl.data.ingest import DataError
 from shopmtl.train import checkpoint as ck
 
+if TYPE_CHECKING:
+    from shopmtl.predict import RowReport
+
 PathLike = str | Path
 
 
 class Model:
     """A loaded model directory: ``kind`` ("zoo" or "joint"), ``tasks`` (every task name),
-    ``path``; ``predict(rows, task=None)`` returns a ``pyarrow.Table`` in row order."""
+    ``path``; ``predict(rows, task=None, bad_rows="fail", id_columns=())`` returns a
+    ``pyarrow.Table`` in row order."""
 
     kind: str
 
@@ -43,16 +48,21 @@ class Model:
     def __repr__(self) -> str:
         return f"<shopmtl.Model kind={self.kind!r} tasks={list(self.tasks)} path='{self.path}'>"
 
-    def predict(self, rows: Any, task: str | list[str] | None = None) -> pa.Table:
+    def predict(self, rows: Any, task: str | list[str] | None = None, bad_rows: str = "fail",
+                id_columns: Sequence[str] = ()) -> pa.Table:
         raise NotImplementedError
 
-    def predict_file(self, path: PathLike, out: PathLike, tasks: list[str] | None = None
-                     ) -> int:
-        """``shopmtl predict``: predictions of every row of ``path`` written to ``out``."""
+    def predict_file(self, path: PathLike, out: PathLike, tasks: list[str] | None = None,
+                     bad_rows: str = "fail", id_columns: Sequence[str] = (),
+                     fmt: str | None = None) -> RowReport:
+        """``shopmtl predict``: predictions of every good row of ``path`` written to ``out``
+        (bad rows: ``predict.predict_rows``)."""
         raise NotImplementedError
 
-    def evaluate_file(self, path: PathLike) -> dict:
-        """``shopmtl evaluate``: metrics per task x scenario of a labelled file."""
+    def evaluate_file(self, path: PathLike, bad_rows: str = "fail", out: PathLike | None = None
+                      ) -> tuple[dict, RowReport]:
+        """``shopmtl evaluate``: metrics per task x scenario of a labelled file, and its rows
+        (under quarantine the bad rows go next to ``out``)."""
         raise NotImplementedError
 
 
@@ -65,7 +75,9 @@ def _task_list(task: str | list[str] | None) -> list[str] | None:
 class ZooModel(Model):
     """A zoo model (``shopmtl train`` on an experiment config). ``predict`` takes a pandas
     DataFrame, a pyarrow Table, a list of dicts (the training columns; labels not needed) or a
-    CSV/Parquet path, and gives one float column per task (``task``: only those)."""
+    CSV/Parquet path, and gives the ``id_columns`` as read and one float column per task
+    (``task``: only those); a bad row raises, or under ``bad_rows="quarantine"`` is left out
+    (``predict.predict_in_memory``)."""
 
     kind = "zoo"
 
@@ -75,21 +87,28 @@ class ZooModel(Model):
         self.model, self.cfg, self.schema, self.encoders = load_model_dir(path, verify=False)
         super().__init__(path, list(self.schema.task_names), meta)
 
-    def predict(self, rows: Any, task: str | list[str] | None = None) -> pa.Table:
+    def predict(self, rows: Any, task: str | list[str] | None = None, bad_rows: str = "fail",
+                id_columns: Sequence[str] = ()) -> pa.Table:
         from shopmtl.predict import predict_in_memory
 
-        return predict_in_memory(self.model, self.schema, self.encoders, rows, _task_list(task))
+        return predict_in_memory(self.model, self.schema, self.encoders, rows, _task_list(task),
+                                 bad_rows, id_columns)
 
-    def predict_file(self, path: PathLike, out: PathLike, tasks: list[str] | None = None
-                     ) -> int:
+    def predict_file(self, path: PathLike, out: PathLike, tasks: list[str] | None = None,
+                     bad_rows: str = "fail", id_columns: Sequence[str] = (),
+                     fmt: str | None = None) -> RowReport:
         from shopmtl.predict import predict_rows
 
-        return predict_rows(self.model, self.schema, self.encoders, path, out, tasks)
+        return predict_rows(self.model, self.schema, self.encoders, path, out, tasks,
+                            bad_rows=bad_rows, id_columns=id_columns, fmt=fmt,
+                            chunk_rows=self.cfg.data.chunk_rows)
 
-    def evaluate_file(self, path: PathLike) -> dict:
+    def evaluate_file(self, path: PathLike, bad_rows: str = "fail", out: PathLike | None = None
+                      ) -> tuple[dict, RowReport]:
         from shopmtl.predict import evaluate_rows
 
-        return evaluate_rows(self.model, self.cfg, self.schema, self.encoders, path)
+        return evaluate_rows(self.model, self.cfg, self.schema, self.encoders, path, bad_rows,
+                             out)
 
 
 class JointModelDir(Model):
@@ -116,15 +135,18 @@ class JointModelDir(Model):
             raise OptionError(f"a joint model answers one task at a time: pass {how}")
         return tasks[0]
 
-    def predict(self, rows: Any, task: str | list[str] | None = None) -> pa.Table:
+    def predict(self, rows: Any, task: str | list[str] | None = None, bad_rows: str = "fail",
+                id_columns: Sequence[str] = ()) -> pa.Table:
         from shopmtl.joint.config import REC
-        from shopmtl.joint.predict import _read_jsonl, owner_of, score_joint
+        from shopmtl.joint.predict import _read_jsonl, only_rows, owner_of, score_joint
         from shopmtl.predict import ROWS, predict_in_memory, rows_table
 
         name = self._one(_task_list(task), "task=NAME")
         if owner_of(self.sources, name) == REC:
             s = self.sources[REC]
-            return predict_in_memory(self.model.rec, s["_schema"], s["_encoders"], rows, [name])
+            return predict_in_memory(self.model.rec, s["_schema"], s["_encoders"], rows, [name],
+                                     bad_rows, id_columns)
+        only_rows(name, bad_rows, id_columns)
         if isinstance(rows, str | Path):
             records = _read_jsonl(Path(rows))
             file = Path(rows).name
@@ -140,14 +162,17 @@ class JointModelDir(Model):
         out = score_joint(self.model, self.cfg, self.sources, name, records, where)
         return pa.Table.from_pylist(out)
 
-    def predict_file(self, path: PathLike, out: PathLike, tasks: list[str] | None = None
-                     ) -> int:
+    def predict_file(self, path: PathLike, out: PathLike, tasks: list[str] | None = None,
+                     bad_rows: str = "fail", id_columns: Sequence[str] = (),
+                     fmt: str | None = None) -> RowReport:
         from shopmtl.joint.predict import predict_joint_rows
 
         name = self._one(tasks, "--task NAME")
-        return predict_joint_rows(self.model, self.cfg, self.sources, path, out, name)
+        return predict_joint_rows(self.model, self.cfg, self.sources, path, out, name,
+                                  bad_rows=bad_rows, id_columns=id_columns, fmt=fmt)
 
-    def evaluate_file(self, path: PathLike) -> dict:
+    def evaluate_file(self, path: PathLike, bad_rows: str = "fail", out: PathLike | None = None
+                      ) -> tuple[dict, RowReport]:
         from shopmtl.predict import OptionError
 
         raise OptionError(f"{self.path}: a joint model is scored by its run (metrics.json, "

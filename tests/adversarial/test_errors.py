@@ -4,7 +4,9 @@ full disk, a corrupt model directory, a bug."""
 
 from __future__ import annotations
 
+import os
 import shutil
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -47,6 +49,8 @@ def test_a_full_disk_is_one_line(trained: tuple[Path, Path], command: str) -> No
     model, data = trained
     proc = cli(command, str(model), str(data), "--out", "/dev/full")
     assert_clean_failure(proc, "No space left on device", code=RUNTIME)
+    # written in place: an atomic rename over it would have replaced the device with a file
+    assert stat.S_ISCHR(os.stat("/dev/full").st_mode)
 
 
 def _copy(model: Path, tmp_path: Path) -> Path:

@@ -585,3 +585,244 @@ def test_masked_labels_are_zero(write_csv: Callable[..., Path], schema: Schema) 
     parts, _ = read_all(write_csv("x.csv", rows), schema)
     np.testing.assert_array_equal(cat(parts, "mask"), [[True, False, False]])
     np.testing.assert_array_equal(cat(parts, "labels"), [[0, 0, 0]])
+
+
+# --- the one reader: exact lines, raw records, encodings, numeric range ----------------------
+
+SMALL = Schema(
+    (FeatureSpec("user_id", "categorical"), FeatureSpec("note", "categorical"),
+     FeatureSpec("price", "numeric")),
+    (TaskSpec("click"),),
+)
+
+
+def _bytes_file(tmp_path: Path, name: str, data: bytes) -> Path:
+    path = tmp_path / name
+    path.write_bytes(gzip.compress(data) if name.endswith(".gz") else data)
+    return path
+
+
+def _physical_line(data: bytes, offset: int) -> int:
+    """A reference independent of the scan: line breaks (\\n, \\r\\n, lone \\r) before
+    ``offset``, plus one."""
+    import re
+
+    return len(re.findall(rb"\r\n|\r|\n", data[:offset])) + 1
+
+
+TRICKY = (
+    b"user_id,note,price,click\r\n"
+    b"u1,plain,1.5,1\r\n"  # line 2
+    b"\r\n"  # 3: blank
+    b'u2,"two\r\nlines",2.5,0\r\n'  # 4-5: a quoted field with a CRLF inside
+    b'u3,"a ""quoted"" word",3.5,1\n'  # 6: escaped quotes, LF ending
+    b"u4,short\n"  # 7: too few columns
+    b',,,\n'  # 8: delimiters only (a spreadsheet's empty row)
+    b'u5,"x\ny\nz",cheap,1\n'  # 9-11: a non-numeric price after a two-newline field
+    b'u6,12" screen,4.5,0\n'  # 12: a literal quote inside an unquoted field
+    b"\n\n"  # 13, 14: blank
+    b"u7,last,5.5,1"  # 15: no final line break
+)
+
+
+@pytest.mark.parametrize("name", ["t.csv", "t.csv.gz"])
+@pytest.mark.parametrize("chunk_rows", [1, 2, 10_000])
+def test_csv_rows_are_named_by_their_physical_line(tmp_path: Path, name: str,
+                                                   chunk_rows: int) -> None:
+    path = _bytes_file(tmp_path, name, TRICKY)
+    parts, log = read_all(path, SMALL, chunk_rows=chunk_rows, policy="quarantine")
+    assert cat(parts, "lines").tolist() == [2, 4, 6, 12, 15]
+    assert strings(parts, "categorical", "user_id") == ["u1", "u2", "u3", "u6", "u7"]
+    assert strings(parts, "categorical", "note") == [
+        "plain", "two\r\nlines", 'a "quoted" word', '12" screen', "last"]
+    # each good row's line is where its user id is written in the file
+    for line, user in zip([2, 4, 6, 12, 15], ["u1", "u2", "u3", "u6", "u7"], strict=True):
+        assert _physical_line(TRICKY, TRICKY.index(user.encode())) == line
+    bad = sorted(log.rows, key=lambda b: b.line)
+    assert [(b.line, b.column, b.reason.split(":")[0]) for b in bad] == [
+        (7, "", "wrong column count"), (9, "price", "non-numeric value in a numeric feature")]
+    # the quarantine keeps each bad record exactly as written, its inner line breaks too
+    assert [b.raw for b in bad] == ["u4,short", 'u5,"x\ny\nz",cheap,1']
+    # rows in = kept + bad; blank lines (and the delimiters-only row) counted apart
+    assert log.seen == 7 and log.blank_lines == 4
+
+
+def test_the_line_map_agrees_with_pyarrow_on_random_files(tmp_path: Path) -> None:
+    """Seeded random files of quotes, escaped quotes, delimiters and every line break: the
+    records the scan finds are pyarrow's rows (same count, same cells) and each starts on the
+    physical line a regex count gives."""
+    import io
+    import random
+
+    import pyarrow.csv as pacsv
+
+    from shopmtl.data.csvlines import scan_records
+
+    def parse(data: bytes) -> list[dict]:
+        return pacsv.read_csv(
+            io.BytesIO(data),
+            read_options=pacsv.ReadOptions(column_names=["a", "b", "c"]),
+            parse_options=pacsv.ParseOptions(newlines_in_values=True, ignore_empty_lines=False),
+            convert_options=pacsv.ConvertOptions(column_types=dict.fromkeys("abc", pa.binary())),
+        ).to_pylist()
+
+    rng = random.Random(7)
+    pieces = [b"a", b'"', b"\n", b"\r", b"\r\n", b'""', b'"q,\n"', b"7"]
+    checked = 0
+    while checked < 150:
+        records = [b",".join(b"".join(rng.choice(pieces) for _ in range(rng.randint(0, 3)))
+                             for _ in range(3)) for _ in range(rng.randint(1, 5))]
+        data = rng.choice([b"\n", b"\r\n", b"\r"]).join(records) + rng.choice([b"", b"\n"])
+        chunks = list(scan_records(io.BytesIO(data).read, ",", 2, block_bytes=rng.choice([3, 64])))
+        found = [(c, i) for c in chunks for i in range(len(c))]
+        if any(c.unterminated for c in chunks) or any(
+                c.fields[i] != 3 and c.ends[i] > c.starts[i] for c, i in found):
+            continue  # a malformed file: pyarrow refuses it whole
+        rows = parse(data)
+        assert len(rows) == len(found), data
+        offset = 0
+        for row, (c, i) in zip(rows, found, strict=True):
+            if c.ends[i] > c.starts[i]:
+                assert parse(c.data[c.starts[i]:c.ends[i]]) == [row], data
+            assert c.lines[i] == _physical_line(data, offset + int(c.starts[i])), data
+            if i == len(c) - 1:
+                offset += len(c.data)
+        checked += 1
+
+
+def test_training_lines_after_a_multiline_field(tmp_path: Path, schema: Schema, ecom) -> None:
+    """The rows after a quoted field holding line breaks keep their true lines in training's
+    quarantine too (the reader numbered records, not lines, before)."""
+    cells = [list(r) for r in ecom.rows[:4]]
+    cells[1][1] = f'"{cells[1][1]}\nsecond line"'  # an item id over two lines
+    rows = [",".join(r) for r in cells]
+    bad = BAD_CASES["unknown_scenario"][0]
+    path = tmp_path / "m.csv"
+    path.write_text("\n".join([",".join(HEADER), *rows, bad]) + "\n")
+    parts, log = read_all(path, schema, policy="quarantine")
+    assert cat(parts, "lines").tolist() == [2, 3, 5, 6]
+    assert [(b.line, b.reason) for b in log.rows] == [(7, "unknown scenario")]
+
+
+def test_a_bad_byte_makes_only_its_row_bad(tmp_path: Path) -> None:
+    data = (b"user_id,note,price,click\n"
+            b"u1,fine,1.0,1\n"
+            b"u2,caf\xe9 latin-1,2.0,0\n"  # line 3: not UTF-8
+            b"u3,caf\xc3\xa9 utf-8,3.0,1\n")
+    path = _bytes_file(tmp_path, "enc.csv", data)
+    parts, log = read_all(path, SMALL, policy="quarantine")
+    assert strings(parts, "categorical", "note") == ["fine", "café utf-8"]
+    assert [(b.line, b.column, b.reason) for b in log.rows] == [(3, "note", "invalid UTF-8")]
+    assert log.rows[0].raw == "u2,caf\ufffd latin-1,2.0,0"  # the record, leniently decoded
+    with pytest.raises(DataError, match=r"enc.csv: line 3, column 'note': invalid UTF-8"):
+        read_all(path, SMALL, policy="fail")
+
+
+def test_a_bad_byte_in_an_unread_column_is_harmless(tmp_path: Path) -> None:
+    data = b"user_id,note,price,click,comment\nu1,a,1.0,1,\xff\xfe\n"
+    parts, log = read_all(_bytes_file(tmp_path, "x.csv", data), SMALL)
+    assert sum(p.n for p in parts) == 1 and not log.rows
+
+
+@pytest.mark.parametrize("policy", ["fail", "quarantine"])
+def test_numeric_overflow_is_a_bad_row_not_a_crash(tmp_path: Path, policy: str) -> None:
+    """1e308 made the encoder's moments overflow (OverflowError in NumericEncoder.finish)."""
+    rows = [["u1", "a", "1e308", "1"], ["u2", "b", "2.0", "0"], ["u3", "c", "-1e200", "1"],
+            ["u4", "d", "3.0", "1"]]
+    path = tmp_path / "o.csv"
+    path.write_text("user_id,note,price,click\n" + "\n".join(",".join(r) for r in rows) + "\n")
+    if policy == "fail":
+        with pytest.raises(DataError, match=r"o.csv: line 2, column 'price': numeric value out "
+                                            "of range"):
+            read_all(path, SMALL, policy=policy)
+        return
+    parts, log = read_all(path, SMALL, policy=policy)
+    assert [(b.line, b.reason) for b in log.rows] == [(2, "numeric value out of range"),
+                                                      (4, "numeric value out of range")]
+    enc = Encoders(SMALL)
+    for p in parts:
+        enc.partial_fit(p)
+    enc.finish()  # finite moments now
+    assert np.isfinite([enc.numeric["price"].mean_, enc.numeric["price"].std_]).all()
+
+
+def test_values_the_fitted_encoder_cannot_standardise_are_bad(tmp_path: Path) -> None:
+    """A held-out value far outside the training range overflows float32 once standardised:
+    read with the fitted encoders' bounds it is a bad row (the training rows never are)."""
+    train = tmp_path / "train.csv"
+    train.write_text("user_id,note,price,click\nu1,a,1.0,1\nu2,b,2.0,0\nu3,c,3.0,1\n")
+    parts, _ = read_all(train, SMALL)
+    enc = Encoders(SMALL)
+    for p in parts:
+        enc.partial_fit(p)
+    enc.finish()
+    held = tmp_path / "held.csv"
+    held.write_text("user_id,note,price,click\nu1,a,1e40,1\nu2,b,1e30,0\n")
+    log = BadRowLog("quarantine", 1.0)
+    kept = list(read_chunks(held, SMALL, 100, log, bounds=enc.numeric_bounds()))
+    assert [(b.line, b.reason) for b in log.rows] == [(2, "numeric value out of range")]
+    assert np.isfinite(enc.transform(kept[0]).num).all()
+    again = BadRowLog("quarantine", 1.0)
+    assert sum(p.n for p in read_chunks(train, SMALL, 100, again,
+                                        bounds=enc.numeric_bounds())) == 3
+
+
+def test_a_headerless_csv_names_the_missing_columns_only(tmp_path: Path, schema: Schema,
+                                                         ecom) -> None:
+    path = tmp_path / "nohead.csv"
+    path.write_text("\n".join(",".join(r) for r in ecom.rows) + "\n")
+    with pytest.raises(DataError) as info:
+        read_all(path, schema)
+    msg = str(info.value)
+    assert msg.startswith("nohead.csv: missing column(s) ['user_id', 'item_id', 'price'")
+    assert "line 1 must name the columns" in msg
+    assert ecom.rows[0][0] not in msg and ecom.rows[0][2] not in msg  # no cell of line 1
+
+
+def test_quoted_header_and_bom_and_text_cells(tmp_path: Path) -> None:
+    """A spreadsheet export: BOM, quoted header names, ids with leading zeros, NA/null
+    categories. Every cell is text; only an empty cell is missing."""
+    data = ('\ufeff"user_id","note","price","click"\r\n'
+            '"007",NA,1.0,1\r\n'
+            '"0070",null,2.0,0\r\n'
+            '"",,3.0,1\r\n').encode()
+    parts, log = read_all(_bytes_file(tmp_path, "q.csv", data), SMALL)
+    assert not log.rows
+    assert strings(parts, "categorical", "user_id") == ["007", "0070", None]
+    assert strings(parts, "categorical", "note") == ["NA", "null", None]
+
+
+def test_an_unterminated_quote_is_one_bad_row(tmp_path: Path) -> None:
+    data = b'user_id,note,price,click\nu1,a,1.0,1\nu2,"open,2.0,0\nu3,b,3.0,1\n'
+    parts, log = read_all(_bytes_file(tmp_path, "u.csv", data), SMALL, policy="quarantine")
+    assert cat(parts, "lines").tolist() == [2]
+    assert [(b.line, b.reason) for b in log.rows] == [(3, "unterminated quoted field")]
+    assert log.rows[0].raw == 'u2,"open,2.0,0\nu3,b,3.0,1\n'
+    assert log.seen == 2
+
+
+def test_tsv_gz_is_tab_separated(tmp_path: Path) -> None:
+    data = b"user_id\tnote\tprice\tclick\nu1\ta,b\t1.0\t1\n"
+    parts, _ = read_all(_bytes_file(tmp_path, "t.tsv.gz", data), SMALL)
+    assert strings(parts, "categorical", "note") == ["a,b"]
+
+
+def test_parquet_bad_rows_keep_the_row_as_json(tmp_path: Path) -> None:
+    path = tmp_path / "b.parquet"
+    pq.write_table(pa.table({"user_id": ["u1", "u2"], "note": ["a", None],
+                             "price": [1.0, float("inf")], "click": [1, 0]}), path)
+    _, log = read_all(path, SMALL, policy="quarantine")
+    assert [(b.line, b.column) for b in log.rows] == [(2, "price")]
+    assert json.loads(log.rows[0].raw) == {"user_id": "u2", "note": None, "price": None,
+                                           "click": 0}
+
+
+def test_in_memory_rows_are_read_by_the_same_reader() -> None:
+    table = pa.table({"user_id": ["u1", "u2", "u3"], "note": ["a", "b", "c"],
+                      "price": ["1.5", "cheap", "2"], "click": [1, 0, 1]})
+    log = BadRowLog("quarantine", 1.0)
+    parts = list(read_chunks(table, SMALL, 2, log, passthrough=["user_id"]))
+    assert cat(parts, "lines").tolist() == [0, 2]  # in-memory rows are numbered from 0
+    assert [b.describe() for b in log.rows] == [
+        "rows: row 1, column 'price': non-numeric value in a numeric feature"]
+    assert [v for p in parts for v in p.passthrough["user_id"].to_pylist()] == ["u1", "u3"]

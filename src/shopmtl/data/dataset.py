@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from shopmtl.data.encoders import Encoded, Encoders
-from shopmtl.data.ingest import BadRowLog, read_chunks
+from shopmtl.data.ingest import BadRowLog, Parsed, read_chunks
 from shopmtl.data.schema import Schema
 
 
@@ -132,10 +132,18 @@ class TensorTable:
 
     def split(self, fraction: float, seed: int) -> tuple[TensorTable, TensorTable]:
         """A seeded random split (rest, held-out)."""
-        g = torch.Generator().manual_seed(_seed(seed, -1))
-        perm = torch.randperm(len(self), generator=g)
-        n_out = max(1, round(fraction * len(self)))
-        return _subset(self, perm[n_out:].sort().values), _subset(self, perm[:n_out].sort().values)
+        rest, held = split_indices(len(self), fraction, seed)
+        return _subset(self, rest), _subset(self, held)
+
+
+def split_indices(n: int, fraction: float, seed: int) -> tuple[Tensor, Tensor]:
+    """The rows (in order) of ``TensorTable.split``'s two parts: the rest and the held-out
+    ``fraction``. A function of ``n`` and the seed alone, so a split's rows can be named (by
+    the line numbers of the rows it was made from)."""
+    g = torch.Generator().manual_seed(_seed(seed, -1))
+    perm = torch.randperm(n, generator=g)
+    n_out = max(1, round(fraction * n))
+    return perm[n_out:].sort().values, perm[:n_out].sort().values
 
 
 TABLE_COLUMNS = ("cat", "num", "seq", "scenario", "labels", "mask", "group", "content", "slices")
@@ -171,6 +179,11 @@ class StreamingSource:
     def num_batches(self, batch_size: int) -> int:
         return (self.rows + batch_size - 1) // batch_size
 
+    def _read(self, log: BadRowLog) -> Iterator[Parsed]:
+        # the rows the fit pass kept: values the encoders cannot standardise are bad rows
+        return read_chunks(self.path, self.schema, self.chunk_rows, log,
+                           bounds=self.encoders.numeric_bounds())
+
     def batches(
         self, batch_size: int, epoch: int = 0, seed: int = 0, shuffle: bool = True, skip: int = 0
     ) -> Iterator[Batch]:
@@ -202,7 +215,7 @@ class StreamingSource:
                 else:
                     carry = _subset(table, rest.sort().values)
 
-        for parsed in read_chunks(self.path, self.schema, self.chunk_rows, log):
+        for parsed in self._read(log):
             buffer.append(self.encoders.transform(parsed))
             if len(buffer) >= self.buffer_chunks:
                 yield from drain(buffer, final=False)
@@ -213,7 +226,7 @@ class StreamingSource:
     def tables(self) -> Iterator[TensorTable]:
         """The file's rows in file order, one encoded chunk at a time (evaluation)."""
         log = BadRowLog("quarantine", 1.0)
-        for parsed in read_chunks(self.path, self.schema, self.chunk_rows, log):
+        for parsed in self._read(log):
             yield TensorTable(self.encoders.transform(parsed))
 
 

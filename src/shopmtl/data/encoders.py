@@ -87,6 +87,9 @@ def _stable_hash(value: str, buckets: int) -> int:
     )
 
 
+F32_REACH = float(np.finfo(np.float32).max) / 2
+
+
 class NumericEncoder:
     """Standardises to zero mean, unit variance with moments from the training split."""
 
@@ -110,6 +113,12 @@ class NumericEncoder:
 
     def transform(self, x: np.ndarray) -> np.ndarray:
         return ((x - self.mean_) / self.std_).astype(np.float32)
+
+    def bounds(self) -> tuple[float, float]:
+        """The values whose standardised value is a finite float32 (half the float32 range:
+        room for rounding); the reader makes a value outside a bad row."""
+        reach = self.std_ * F32_REACH
+        return self.mean_ - reach, self.mean_ + reach
 
     def to_json(self) -> dict:
         return {"type": "numeric", "mean": self.mean_, "std": self.std_}
@@ -202,6 +211,11 @@ class Encoders:
         for content in self.content.values():
             content.fit()
         return self
+
+    def numeric_bounds(self) -> dict[str, tuple[float, float]]:
+        """Per numeric feature, the values its encoder can standardise (``read_chunks``'s
+        ``bounds``): a file read with these encoders makes a value outside a bad row."""
+        return {name: enc.bounds() for name, enc in self.numeric.items()}
 
     def vocab_size(self, f: FeatureSpec) -> int:
         if f.kind == "categorical":

@@ -1,11 +1,21 @@
-"""Reading CSV and Parquet in chunks, with row-level validation and a bad-row policy.
+"""The one reader of tabular data: CSV/TSV (plain or gzip), Parquet and in-memory tables, in
+chunks, with row-level validation and a bad-row policy. Training, ``shopmtl evaluate``,
+``shopmtl predict`` and ``shopmtl.load(...).predict`` all read through ``read_chunks``.
+
+Parsing rules, the same everywhere: every CSV cell is read as text (``007`` stays ``007``,
+``NA`` and ``null`` are categories) and only an empty cell is missing; a UTF-8 byte-order mark
+is dropped and quoted header names are unquoted; a CSV row is named by the physical line it
+starts on (``csvlines``: blank lines and line breaks inside quoted fields are counted), a
+Parquet or in-memory row by its position.
 
 Each chunk is parsed against the schema into plain arrays (``Parsed``). A row that cannot be
-parsed (wrong column count, a non-numeric value in a numeric feature, a missing or invalid label
-where the task is defined, an unknown scenario, ...) is a bad row: under ``fail`` the first one
-stops the run with file, line, column and reason; under ``quarantine`` bad rows go to a
-quarantine file with per-reason counts, and nothing is dropped silently. Error messages never
-echo cell values (they may be personal data); the quarantine file keeps the raw rows.
+parsed (wrong column count, bytes that are not UTF-8, a non-numeric or out-of-range value in a
+numeric feature, a missing or invalid label where the task is defined, an unknown scenario,
+...) is a bad row: under ``fail`` the first one stops the run with file, line, column and
+reason; under ``quarantine`` bad rows go to a quarantine file with per-reason counts, and
+nothing is dropped silently. Error messages never echo cell values (they may be personal
+data); the quarantine file keeps the raw rows: a CSV record's own bytes, a Parquet or
+in-memory row as JSON.
 """
 
 from __future__ import annotations
@@ -14,8 +24,9 @@ import csv
 import gzip
 import json
 import math
+import zlib
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +36,15 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
+from shopmtl.data.csvlines import MAX_RECORD_BYTES, Records, RecordTooLong, scan_records
 from shopmtl.data.schema import Schema, TaskSpec
+from shopmtl.jsonsafe import json_safe
+
+ROWS = "rows"  # how errors name in-memory rows: "rows: row 3, column 'price': ..." (from 0)
+# a numeric feature's value (after its transform) beyond this is a bad row: the encoder's
+# moments (sum of squares, mean**2) must stay finite in float64 (1e308 raised OverflowError)
+MAX_NUMERIC = 1e150
+OUT_OF_RANGE = "numeric value out of range"
 
 
 class DataError(ValueError):
@@ -35,10 +54,10 @@ class DataError(ValueError):
 @dataclass(frozen=True)
 class BadRow:
     file: str
-    line: int  # 1-based line in a CSV file (header = line 1); 1-based row in a Parquet file
+    line: int  # CSV: physical line the row starts on (header = 1); Parquet: row from 1
     column: str
     reason: str
-    raw: str = ""
+    raw: str = ""  # CSV: the record's bytes as in the file; Parquet and in-memory: JSON
 
     def describe(self) -> str:
         where = "line" if is_csv(self.file) else "row"
@@ -62,29 +81,42 @@ class Parsed:
     lines: np.ndarray  # source line/row numbers of the kept rows
     content: dict[str, pa.Array] = field(default_factory=dict)  # content feature -> key strings
     slices: np.ndarray | None = None  # bool [n, K]: the rows in each evaluation slice
+    passthrough: dict[str, pa.Array] = field(default_factory=dict)  # columns as read (ids)
 
 
 @dataclass
 class BadRowLog:
-    """Collects bad rows of one run; writes the quarantine file and per-reason counts."""
+    """Collects bad rows of one run; writes the quarantine file and per-reason counts.
+
+    ``policy`` fail: the first chunk holding a bad row raises (``stop_at_first``), or, with
+    ``stop_at_first`` off, every bad row is collected and ``raise_if_bad`` names the first and
+    the count (prediction: "2 bad rows in all")."""
 
     policy: str
     max_fraction: float
     rows: list[BadRow] = field(default_factory=list)
-    seen: int = 0
+    seen: int = 0  # data rows read (bad ones included; blank lines not)
     blank_lines: int = 0  # skipped, not bad: reported in quarantine.json
+    stop_at_first: bool = True
 
     def record(self, bad: list[BadRow], total: int) -> None:
         self.seen += total
         if not bad:
             return
-        if self.policy == "fail":
+        if self.policy == "fail" and self.stop_at_first:
             first = min(bad, key=lambda b: b.line)
             raise DataError(
                 f"bad row: {first.describe()} (policy 'fail'; use 'quarantine' to "
                 "set bad rows aside)"
             )
         self.rows.extend(bad)
+
+    def raise_if_bad(self) -> None:
+        """Under ``fail``: the first bad row and how many there were."""
+        if self.policy == "fail" and self.rows:
+            first = min(self.rows, key=lambda b: (b.file, b.line))
+            n = len(self.rows)
+            raise DataError(f"bad row: {first.describe()} ({n} bad row{'s' * (n != 1)} in all)")
 
     def check_fraction(self) -> None:
         if self.seen and len(self.rows) / self.seen > self.max_fraction:
@@ -97,25 +129,32 @@ class BadRowLog:
     def counts(self) -> Counter:
         return Counter(_reason_key(b.reason) for b in self.rows)
 
-    def write(self, out_dir: str | Path) -> Path | None:
-        if not self.rows:
-            return None
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        path = out / "quarantine.csv"
-        with path.open("w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["file", "line", "column", "reason", "raw"])
-            for b in sorted(self.rows, key=lambda b: (b.file, b.line)):
-                w.writerow([b.file, b.line, b.column, b.reason, b.raw])
-        summary = {
+    def summary(self) -> dict:
+        return {
             "bad_rows": len(self.rows),
             "rows_read": self.seen,
             "blank_lines_skipped": self.blank_lines,
             "per_reason": dict(self.counts()),
         }
-        (out / "quarantine.json").write_text(json.dumps(summary, indent=2))
-        return path
+
+    def write(self, out_dir: str | Path) -> Path | None:
+        """``out_dir``/quarantine.csv and quarantine.json, when there is a bad row."""
+        if not self.rows:
+            return None
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        return self.write_files(out / "quarantine.csv", out / "quarantine.json")
+
+    def write_files(self, csv_path: Path, json_path: Path, **extra: object) -> Path:
+        """The bad rows (file, line, column, reason, raw) to ``csv_path``, sorted by file and
+        line, and the summary (plus ``extra``) to ``json_path``."""
+        with csv_path.open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["file", "line", "column", "reason", "raw"])
+            for b in sorted(self.rows, key=lambda b: (b.file, b.line)):
+                w.writerow([b.file, b.line, b.column, b.reason, b.raw])
+        json_path.write_text(json.dumps({**self.summary(), **extra}, indent=2))
+        return csv_path
 
 
 def _reason_key(reason: str) -> str:
@@ -123,112 +162,230 @@ def _reason_key(reason: str) -> str:
 
 
 def is_csv(path: str | Path) -> bool:
-    return str(path).endswith((".csv", ".tsv", ".txt", ".csv.gz"))
+    return str(path).endswith((".csv", ".tsv", ".txt", ".csv.gz", ".tsv.gz", ".txt.gz"))
+
+
+@dataclass
+class _Chunk:
+    """Rows as read, before validation: the wanted columns (text for CSV), each row's line,
+    its raw form (for the quarantine file), and the rows already found bad (structure,
+    encoding) with how many data rows the chunk held in all."""
+
+    table: pa.Table
+    lines: np.ndarray
+    raw: Callable[[int], str]
+    bad: list[BadRow]
+    total: int
 
 
 def read_chunks(
-    path: str | Path, schema: Schema, chunk_rows: int, log: BadRowLog
+    source: str | Path | pa.Table,
+    schema: Schema,
+    chunk_rows: int,
+    log: BadRowLog,
+    *,
+    nulls: Collection[str] = (),
+    passthrough: Sequence[str] = (),
+    bounds: Mapping[str, tuple[float, float]] | None = None,
 ) -> Iterator[Parsed]:
-    """Parse ``path`` chunk by chunk; bad rows go to ``log`` (which may raise)."""
-    path = Path(path)
-    if not path.is_file():
-        raise DataError(f"data file not found: {path}")
-    columns = schema.source_columns()
-    if is_csv(path):
-        yield from _csv_chunks(path, schema, columns, chunk_rows, log)
+    """Parse ``source`` (a CSV/TSV/gzip/Parquet path, or an in-memory table named ``rows``)
+    chunk by chunk; bad rows go to ``log`` (which may raise).
+
+    ``nulls``: columns of the schema not read (all missing: the labels when predicting);
+    ``passthrough``: columns kept as read in ``Parsed.passthrough`` (ids for the output);
+    ``bounds``: per numeric feature, the values its fitted encoder can standardise
+    (``Encoders.numeric_bounds``); a value outside is a bad row."""
+    columns = [c for c in schema.source_columns() if c not in nulls]
+    columns += [c for c in passthrough if c not in columns]
+    if isinstance(source, pa.Table):
+        name, chunks = ROWS, _table_chunks(source, ROWS, columns, chunk_rows, first=0)
     else:
-        yield from _parquet_chunks(path, schema, columns, chunk_rows, log)
+        path = Path(source)
+        if not path.is_file():
+            raise DataError(f"data file not found: {path}")
+        name = path.name
+        chunks = (_csv_chunks(path, columns, chunk_rows, log) if is_csv(path)
+                  else _parquet_chunks(path, columns, chunk_rows))
+    for chunk in chunks:
+        table = chunk.table
+        for c in schema.source_columns():
+            if c not in table.column_names:
+                table = table.append_column(c, pa.nulls(table.num_rows, pa.string()))
+        parsed, bad = parse_table(table, schema, chunk.lines, name, raw=chunk.raw, bounds=bounds,
+                                  passthrough=passthrough)
+        log.record(chunk.bad + bad, chunk.total)
+        if parsed.n:
+            yield parsed
 
 
-def _csv_chunks(
-    path: Path, schema: Schema, columns: list[str], chunk_rows: int, log: BadRowLog
-) -> Iterator[Parsed]:
-    delimiter = "\t" if str(path).endswith(".tsv") else ","
-    # the header as pyarrow will see it: gzip decompressed, a UTF-8 byte-order mark dropped
-    opener = gzip.open if str(path).endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8-sig", errors="replace") as f:
-        header = next(csv.reader([f.readline()], delimiter=delimiter), [])
-    missing = [c for c in columns if c not in header]
-    if missing:
-        raise DataError(f"{path.name}: missing column(s) {missing}; the file has {header}")
-    dupes = [c for c, k in Counter(header).items() if k > 1]
-    if dupes:
-        raise DataError(f"{path.name}: duplicate column(s) {dupes} in the header")
-    structural: list[BadRow] = []
+def _missing(name: str, have: Sequence[str], columns: Sequence[str], csv_header: bool) -> None:
+    missing = [c for c in columns if c not in have]
+    if not missing:
+        return
+    if csv_header:
+        # the first line may be data (a file without a header): never print it
+        raise DataError(f"{name}: missing column(s) {missing} in the header (line 1 must name "
+                        "the columns)")
+    what = "the rows have" if name == ROWS else "the file has"
+    raise DataError(f"{name}: missing column(s) {missing}; {what} {list(have)}")
 
-    def on_invalid(row: pacsv.InvalidRow) -> str:
-        structural.append(
-            BadRow(
-                path.name,
-                int(row.number or 0),
-                "",
-                f"wrong column count: expected {row.expected_columns}, got {row.actual_columns}",
-                row.text,
-            )
-        )
-        return "skip"
 
-    # Everything is read as text, then converted column by column, so a bad cell is a bad row
-    # (with its line) instead of a failed file. Threads off: pyarrow then reports line numbers.
-    reader = pacsv.open_csv(
-        path,
-        read_options=pacsv.ReadOptions(block_size=max(1 << 20, chunk_rows * 64), use_threads=False),
-        # blank lines are kept as all-null rows (then dropped below) so line numbers stay true
-        parse_options=pacsv.ParseOptions(
-            delimiter=delimiter, invalid_row_handler=on_invalid, ignore_empty_lines=False
-        ),
+# --- CSV -----------------------------------------------------------------------------------
+
+
+def _csv_chunks(path: Path, columns: list[str], chunk_rows: int, log: BadRowLog
+                ) -> Iterator[_Chunk]:
+    delimiter = "\t" if str(path).removesuffix(".gz").endswith(".tsv") else ","
+    gz = str(path).endswith(".gz")
+    try:
+        with (gzip.open(path, "rb") if gz else path.open("rb")) as f:
+            records = scan_records(f.read, delimiter, chunk_rows)
+            head = next(records, None)
+            if head is None:
+                raise DataError(f"{path.name}: empty file (no header line)")
+            header = next(csv.reader([head.raw(0)], delimiter=delimiter), [])
+            _missing(path.name, header, columns, csv_header=True)
+            dupes = [c for c, k in Counter(header).items() if k > 1]
+            if dupes:
+                raise DataError(f"{path.name}: duplicate column(s) {dupes} in the header")
+            for rec in records:
+                yield _csv_chunk(rec, header, columns, delimiter, path.name, log)
+    except RecordTooLong as e:
+        raise DataError(f"{path.name}: line {e.line}: a row runs over "
+                        f"{MAX_RECORD_BYTES >> 20} MiB (a quoted field without its closing "
+                        "quote?)") from None
+    except (EOFError, zlib.error, gzip.BadGzipFile) as e:
+        raise DataError(f"{path.name}: not a readable gzip file ({type(e).__name__})") from None
+
+
+def _csv_chunk(rec: Records, header: list[str], columns: list[str], delimiter: str, name: str,
+               log: BadRowLog) -> _Chunk:
+    """Blank records counted, malformed ones set aside, the rest parsed by pyarrow as binary
+    and checked to be UTF-8 column by column."""
+    blank = rec.blank()
+    log.blank_lines += int(blank.sum())
+    bad: list[BadRow] = []
+    structural = ~blank & (rec.fields != len(header))
+    if rec.unterminated and not blank[-1]:
+        structural[-1] = False
+        bad.append(BadRow(name, int(rec.lines[-1]), "", "unterminated quoted field",
+                          rec.raw(len(rec) - 1)))
+    for i in np.flatnonzero(structural):
+        bad.append(BadRow(name, int(rec.lines[i]), "", f"wrong column count: expected "
+                          f"{len(header)}, got {int(rec.fields[i])}", rec.raw(int(i))))
+    keep = ~blank & ~structural
+    if rec.unterminated:
+        keep[-1] = False
+    wanted = [c for c in columns if c in header]
+    table, idx = _parse_records(rec, keep, header, wanted, delimiter, name, bad)
+    table, not_utf8 = _utf8(table)
+    for r, col in not_utf8.items():
+        i = int(idx[r])
+        bad.append(BadRow(name, int(rec.lines[i]), col, "invalid UTF-8", rec.raw(i)))
+    if not_utf8:
+        ok = np.ones(table.num_rows, bool)
+        ok[list(not_utf8)] = False
+        table, idx = table.filter(pa.array(ok)), idx[ok]
+    return _Chunk(table, rec.lines[idx], lambda r, idx=idx: rec.raw(int(idx[r])), bad,
+                  int((~blank).sum()))
+
+
+def _read_csv_bytes(data: bytes, header: list[str], wanted: list[str], delimiter: str
+                    ) -> pa.Table:
+    # binary, not string: a cell that is not UTF-8 must make its row bad, not the file
+    return pacsv.read_csv(
+        pa.py_buffer(data),
+        read_options=pacsv.ReadOptions(column_names=header, use_threads=False,
+                                       block_size=max(1 << 20, len(data) + 1)),
+        parse_options=pacsv.ParseOptions(delimiter=delimiter, newlines_in_values=True,
+                                         ignore_empty_lines=False),
         convert_options=pacsv.ConvertOptions(
-            column_types={c: pa.string() for c in header},
+            column_types={c: pa.binary() for c in wanted},
             strings_can_be_null=True,
             null_values=[""],  # only an empty cell is missing: "NA" may be a real category
-            include_columns=columns,
+            include_columns=wanted,
         ),
     )
-    next_line = 2
-    reported = 0
+
+
+def _parse_records(rec: Records, keep: np.ndarray, header: list[str], wanted: list[str],
+                   delimiter: str, name: str, bad: list[BadRow]) -> tuple[pa.Table, np.ndarray]:
+    """The kept records as a table of ``wanted`` binary columns, one row per record, and the
+    records it holds. The scan and pyarrow agree on where records end (tests/data/
+    test_ingest.py); should they ever not, the chunk is parsed record by record and a record
+    pyarrow refuses is a bad row."""
+    idx = np.flatnonzero(keep)
+    empty = pa.table({c: pa.array([], pa.binary()) for c in wanted})
+    if not len(idx):
+        return empty, idx
     try:
-        for batch in reader:
-            table = pa.Table.from_batches([batch])
-            bad_lines = {b.line for b in structural}
-            lines = []
-            while len(lines) < table.num_rows:
-                if next_line not in bad_lines:
-                    lines.append(next_line)
-                next_line += 1
-            blank = np.ones(table.num_rows, bool)
-            for col in table.columns:
-                blank &= col.is_null().to_numpy(zero_copy_only=False)
-            if blank.any():  # blank lines (or rows of empty cells): no data, counted
-                log.blank_lines += int(blank.sum())
-                table = table.filter(pa.array(~blank))
-                lines = [ln for ln, b in zip(lines, blank, strict=True) if not b]
-            new_struct = structural[reported:]
-            reported = len(structural)
-            for start in range(0, table.num_rows, chunk_rows):
-                part = table.slice(start, chunk_rows)
-                ln = np.asarray(lines[start : start + part.num_rows], dtype=np.int64)
-                parsed, bad = parse_table(part, schema, ln, path.name, text=True)
-                log.record(new_struct + bad, part.num_rows + len(new_struct))
-                new_struct = []
-                if parsed.n:
-                    yield parsed
-        if structural[reported:]:
-            log.record(structural[reported:], len(structural[reported:]))
-    except pa.ArrowInvalid as e:
-        raise DataError(f"{path.name}: cannot be read as CSV ({e})") from None
+        table = _read_csv_bytes(rec.select(keep), header, wanted, delimiter)
+        if table.num_rows == len(idx):
+            return table, idx
+    except pa.ArrowInvalid:
+        pass
+    parts, ok = [], np.ones(len(idx), bool)
+    for k, i in enumerate(idx.tolist()):
+        try:
+            one = _read_csv_bytes(rec.data[rec.starts[i] : rec.ends[i]] + b"\n", header, wanted,
+                                  delimiter)
+        except pa.ArrowInvalid:
+            one = empty
+        if one.num_rows == 1:
+            parts.append(one)
+        else:
+            ok[k] = False
+            bad.append(BadRow(name, int(rec.lines[i]), "", "not a CSV row", rec.raw(i)))
+    return (pa.concat_tables(parts) if parts else empty), idx[ok]
 
 
-def _parquet_chunks(
-    path: Path, schema: Schema, columns: list[str], chunk_rows: int, log: BadRowLog
-) -> Iterator[Parsed]:
+def _utf8(table: pa.Table) -> tuple[pa.Table, dict[int, str]]:
+    """Binary columns as strings, and the rows holding a cell that is not UTF-8 (row -> its
+    first such column; the cell becomes null). Cell by cell only for a column that has one."""
+    bad: dict[int, str] = {}
+    cols = []
+    for name in table.column_names:
+        col = table.column(name)
+        try:
+            cols.append(col.cast(pa.string()))
+            continue
+        except pa.ArrowInvalid:
+            pass
+        cells: list[str | None] = []
+        for r, v in enumerate(col.to_pylist()):
+            try:
+                cells.append(None if v is None else v.decode("utf-8"))
+            except UnicodeDecodeError:
+                bad.setdefault(r, name)
+                cells.append(None)
+        cols.append(pa.array(cells, pa.string()))
+    return pa.table(cols, names=table.column_names), bad
+
+
+# --- Parquet and in-memory tables --------------------------------------------------------------
+
+
+def _row_json(table: pa.Table) -> Callable[[int], str]:
+    """A row as JSON (the raw form of a Parquet or in-memory row in the quarantine file)."""
+    return lambda r: json.dumps(json_safe(table.slice(r, 1).to_pylist()[0]), default=str)
+
+
+def _table_chunks(table: pa.Table, name: str, columns: list[str], chunk_rows: int, first: int
+                  ) -> Iterator[_Chunk]:
+    _missing(name, table.column_names, columns, csv_header=False)
+    table = table.select(columns)
+    for start in range(0, table.num_rows, chunk_rows):
+        part = table.slice(start, chunk_rows)
+        lines = np.arange(first + start, first + start + part.num_rows, dtype=np.int64)
+        yield _Chunk(part, lines, _row_json(part), [], part.num_rows)
+
+
+def _parquet_chunks(path: Path, columns: list[str], chunk_rows: int) -> Iterator[_Chunk]:
     try:
         pf = pq.ParquetFile(path)
     except (pa.ArrowInvalid, OSError) as e:
         raise DataError(f"{path.name}: not a readable Parquet file ({e})") from None
-    names = pf.schema_arrow.names
-    missing = [c for c in columns if c not in names]
-    if missing:
-        raise DataError(f"{path.name}: missing column(s) {missing}; the file has {names}")
+    _missing(path.name, pf.schema_arrow.names, columns, csv_header=False)
     start = 1
     try:
         # one row group at a time, sliced into chunks: ParquetFile.iter_batches kept ~35
@@ -236,14 +393,8 @@ def _parquet_chunks(
         # 8M rows; bench/scaling.py), this holds one row group
         for g in range(pf.metadata.num_row_groups):
             group = pf.read_row_group(g, columns=columns)
-            for batch in group.to_batches(max_chunksize=chunk_rows):
-                table = pa.Table.from_batches([batch])
-                lines = np.arange(start, start + table.num_rows, dtype=np.int64)
-                start += table.num_rows
-                parsed, bad = parse_table(table, schema, lines, path.name, text=False)
-                log.record(bad, table.num_rows)
-                if parsed.n:
-                    yield parsed
+            yield from _table_chunks(group, path.name, columns, chunk_rows, start)
+            start += group.num_rows
             del group
     except (pa.ArrowInvalid, OSError) as e:
         raise DataError(f"{path.name}: corrupt or truncated Parquet data ({e})") from None
@@ -322,9 +473,18 @@ def _split_sequence(col: pa.Array, sep: str) -> pa.ListArray:
 
 
 def parse_table(
-    table: pa.Table, schema: Schema, lines: np.ndarray, file: str, text: bool
+    table: pa.Table,
+    schema: Schema,
+    lines: np.ndarray,
+    file: str,
+    raw: Callable[[int], str] | None = None,
+    bounds: Mapping[str, tuple[float, float]] | None = None,
+    passthrough: Sequence[str] = (),
 ) -> tuple[Parsed, list[BadRow]]:
-    """Validate and convert one chunk. Returns the good rows and the bad ones."""
+    """Validate and convert one chunk. Returns the good rows and the bad ones.
+
+    ``raw(row)``: a bad row's raw form for the quarantine file (default: the row as JSON);
+    ``bounds``: see ``read_chunks``; ``passthrough``: columns kept as they are."""
     n = table.num_rows
     bad_reason: dict[int, tuple[str, str]] = {}  # row -> (column, reason); first reason wins
 
@@ -361,6 +521,8 @@ def parse_table(
         if f.transform == "log1p":
             flag(vals <= -1, f.source, "value <= -1 cannot take log1p")
             vals = np.log1p(np.maximum(vals, -1 + 1e-9))
+        lo, hi = (bounds or {}).get(f.name, (-math.inf, math.inf))
+        flag((np.abs(vals) > MAX_NUMERIC) | (vals < lo) | (vals > hi), f.source, OUT_OF_RANGE)
         numeric[f.name] = np.nan_to_num(vals, nan=0.0, posinf=0.0, neginf=0.0)
     sequence: dict[str, pa.ListArray] = {}
     for f in schema.of_kind("sequence"):
@@ -409,18 +571,15 @@ def parse_table(
     labels = np.where(mask, labels, 0.0).astype(np.float32)  # a masked label is never a value
 
     group = _as_string(table.column(schema.group)) if schema.group else None
+    kept = {c: _combined(table.column(c)) for c in passthrough}
 
     bad: list[BadRow] = []
     if bad_reason:
         rows = sorted(bad_reason)
-        raw_cols = table.column_names
-        pydict = table.take(pa.array(rows)).to_pydict() if text else None
-        for k, r in enumerate(rows):
+        raw = raw or _row_json(table)
+        for r in rows:
             column, reason = bad_reason[r]
-            raw = ""
-            if pydict is not None:
-                raw = ",".join("" if pydict[c][k] is None else str(pydict[c][k]) for c in raw_cols)
-            bad.append(BadRow(file, int(lines[r]), column, reason, raw))
+            bad.append(BadRow(file, int(lines[r]), column, reason, raw(r)))
         keep = np.ones(n, bool)
         keep[rows] = False
         sel = pa.array(keep)
@@ -432,11 +591,16 @@ def parse_table(
         scenario, labels, mask, lines = scenario[keep], labels[keep], mask[keep], lines[keep]
         oracle = oracle[keep] if oracle is not None else None
         group = group.filter(sel) if group is not None else None
+        kept = {k: v.filter(sel) for k, v in kept.items()}
         n = int(keep.sum())
     return Parsed(
         n, categorical, numeric, sequence, scenario, labels, mask, oracle, group, lines, content,
-        slices,
+        slices, kept,
     ), bad
+
+
+def _combined(arr: pa.ChunkedArray | pa.Array) -> pa.Array:
+    return arr.combine_chunks() if isinstance(arr, pa.ChunkedArray) else arr
 
 
 def pd_fill(idx: np.ndarray, value: int) -> np.ndarray:
@@ -445,4 +609,4 @@ def pd_fill(idx: np.ndarray, value: int) -> np.ndarray:
     return np.where(np.isnan(idx), value, idx)
 
 
-__all__ = ["BadRow", "BadRowLog", "DataError", "Parsed", "math", "read_chunks"]
+__all__ = ["ROWS", "BadRow", "BadRowLog", "DataError", "Parsed", "read_chunks"]

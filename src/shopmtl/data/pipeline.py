@@ -41,7 +41,8 @@ def _read_all(path: str, schema: Schema, cfg: DataConfig, log: BadRowLog) -> lis
 def encode_file(
     path: str, schema: Schema, encoders: Encoders, cfg: DataConfig, log: BadRowLog
 ) -> TensorTable:
-    parts = [encoders.transform(p) for p in read_chunks(path, schema, cfg.chunk_rows, log)]
+    parts = [encoders.transform(p) for p in read_chunks(
+        path, schema, cfg.chunk_rows, log, bounds=encoders.numeric_bounds())]
     if not parts:
         raise DataError(f"{Path(path).name}: no usable rows")
     return TensorTable(Encoded.concat(parts))
@@ -52,7 +53,8 @@ def stream_file(
 ) -> StreamingSource:
     """A split left on disk: one pass now validates its rows (bad rows are logged and
     quarantined here) and counts them; evaluation re-reads it chunk by chunk."""
-    rows = sum(p.n for p in read_chunks(path, schema, cfg.chunk_rows, log))
+    rows = sum(p.n for p in read_chunks(path, schema, cfg.chunk_rows, log,
+                                        bounds=encoders.numeric_bounds()))
     if rows == 0:
         raise DataError(f"{Path(path).name}: no usable rows")
     stream = StreamingSource(path, schema, encoders, cfg.chunk_rows, cfg.shuffle_buffer_chunks)

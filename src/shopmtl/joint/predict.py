@@ -8,27 +8,30 @@ JSON lines, one example per line:
 - a ranking source (search relevance): ``{"query": ..., "candidates": [L texts],
   "<id name>": [L ints]}``.
 
-Predictions go to a JSON-lines file: ``{"line": n, "<task>": ...}`` (class probabilities and
-the predicted class for multiclass tasks, quantiles for quantile tasks, one score per candidate
-for ranking). A bad line stops the run with its line number and what was wrong; the text
-itself is never echoed.
+Predictions go through the zoo model's writer (``predict.TableWriter``), as JSON lines unless
+OUT's extension or ``--format`` says CSV or Parquet: ``{"line": n, "<task>": ...}`` (class
+probabilities and the predicted class for multiclass tasks, quantiles for quantile tasks, one
+score per candidate for ranking). A bad line stops the run with its line number and what was
+wrong; the text itself is never echoed.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
 import torch
 
+from shopmtl.config import ConfigError
 from shopmtl.data.ingest import DataError
 from shopmtl.joint.checkpoint import task_owner
 from shopmtl.joint.config import REC
 from shopmtl.joint.parts import text_bank
-from shopmtl.predict import OptionError, predict_rows
+from shopmtl.predict import OptionError, RowReport, TableWriter, output_format, predict_rows
 from shopmtl.tasks import TASK_TYPES
 
 
@@ -145,17 +148,28 @@ def score_joint(model, cfg, sources: dict[str, Any], task: str, rows: list[dict[
     return records
 
 
+def only_rows(task: str, bad_rows: str, id_columns: Sequence[str]) -> None:
+    """A bad-row policy other than fail and id columns are for CSV/Parquet rows (a rec task)."""
+    if bad_rows != "fail" or id_columns:
+        raise ConfigError(f"--bad-rows quarantine and --id-columns need CSV/Parquet rows (a zoo "
+                          f"model or a rec task); task '{task}' reads JSON lines")
+
+
 def predict_joint_rows(model, cfg, sources: dict[str, Any], path: str | Path, out: str | Path,
-                       task: str) -> int:
+                       task: str, *, bad_rows: str = "fail", id_columns: Sequence[str] = (),
+                       fmt: str | None = None) -> RowReport:
     """``shopmtl predict --task`` with a loaded joint model: a rec task reads CSV/Parquet rows
     (``predict.predict_rows``), the others JSON lines; predictions go to ``out``."""
     if owner_of(sources, task) == REC:
         s = sources[REC]
-        return predict_rows(model.rec, s["_schema"], s["_encoders"], path, out, [task])
+        return predict_rows(model.rec, s["_schema"], s["_encoders"], path, out, [task],
+                            bad_rows=bad_rows, id_columns=id_columns, fmt=fmt)
+    only_rows(task, bad_rows, id_columns)
     rows = _read_jsonl(Path(path))
     name = Path(path).name
     records = score_joint(model, cfg, sources, task, rows, lambda r: f"{name} line {r['_line']}")
-    with Path(out).open("w") as f:
-        for r, rec in zip(rows, records, strict=True):
-            f.write(json.dumps({"line": r["_line"], **rec}) + "\n")
-    return len(rows)
+    table = pa.Table.from_pylist([{"line": r["_line"], **rec}
+                                  for r, rec in zip(rows, records, strict=True)])
+    with TableWriter(out, output_format(out, fmt, default="jsonl"), table.schema) as w:
+        w.write(table)
+    return RowReport(len(rows), len(rows), 0, 0, {})
