@@ -5,11 +5,28 @@ layer, because they need the weighting registry and the joint source classes."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-from shopmtl.config import ConfigError, ExperimentConfig, WeightingConfig, check_tasks, from_dict
+from shopmtl.config import (
+    ConfigError,
+    ExperimentConfig,
+    WeightingConfig,
+    check_tasks,
+    config_from_dict,
+    from_dict,
+)
 from shopmtl.config import load_config as _load_config
-from shopmtl.joint.config import REC, REC_TASKS, JointConfig, SourceConfig, load_joint_config
+from shopmtl.joint.config import (
+    REC,
+    REC_TASKS,
+    JointConfig,
+    SourceConfig,
+    is_joint_config,
+    joint_config_from_dict,
+    load_joint_config,
+)
 from shopmtl.joint.parts import _import_source, _sources
 from shopmtl.train.distributed import check_batch_size, env_world
 from shopmtl.weighting import WEIGHTINGS
@@ -26,9 +43,21 @@ def check_weighting(wc: WeightingConfig, where: str = "weighting") -> type:
     return cls
 
 
+def check_model_name(name: str) -> None:
+    """The zoo model's name, as ``registry.build_model`` checks it, before any data is read: a
+    run refused then has written nothing in its output folder (which a new run needs empty).
+    (Its args are still checked when the model is built.)"""
+    from shopmtl.registry import MODELS
+
+    if name not in MODELS:
+        raise ConfigError(f"model.name: unknown model '{name}'; valid: {sorted(MODELS)}")
+
+
 def check_experiment(cfg: ExperimentConfig) -> ExperimentConfig:
-    """A one-table config's weighting (its tasks are checked by ``config.load_config``); under
-    torchrun (``WORLD_SIZE > 1``) also what several processes cannot do (docs/SCALING.md)."""
+    """A one-table config's model name and weighting (its tasks are checked by
+    ``config.load_config``); under torchrun (``WORLD_SIZE > 1``) also what several processes
+    cannot do (docs/SCALING.md)."""
+    check_model_name(cfg.model.name)
     cls = check_weighting(cfg.weighting)
     world = env_world()[2]
     if world > 1:
@@ -88,3 +117,23 @@ def load_joint(path: str | Path, overrides: list[str] | None = None) -> JointCon
     cfg = load_joint_config(path, overrides)
     check_joint_names(cfg)
     return cfg
+
+
+def load_run_config(config: str | Path | Mapping[str, Any], overrides: Sequence[str] = ()
+                    ) -> ExperimentConfig | JointConfig:
+    """What ``shopmtl train`` trains: a YAML file, or a dict shaped like one (the Python API;
+    relative data paths are then relative to the working directory). A top-level ``sources``
+    key makes it a joint config. Every check of this module runs."""
+    overrides = list(overrides)
+    if isinstance(config, Mapping):
+        raw = dict(config)
+        if "sources" in raw:
+            cfg = joint_config_from_dict(raw, overrides)
+            check_joint_names(cfg)
+            return cfg
+        return check_experiment(config_from_dict(raw, overrides))
+    if not isinstance(config, str | Path):
+        raise ConfigError(f"config: a YAML file's path or a dict, got {type(config).__name__}")
+    if is_joint_config(config):
+        return load_joint(config, overrides)
+    return load_experiment(config, overrides)
