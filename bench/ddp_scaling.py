@@ -79,12 +79,15 @@ def train_rows(data: Path) -> int:
 
 
 def cpu_run(cfg: Path, out: Path, nproc: int, timeout: float) -> dict[str, Any]:
+    # --overwrite: a rerun with the same --workdir replaces that run (a non-empty --out is
+    # refused otherwise)
     if nproc == 1:
-        cmd = [sys.executable, "-m", "shopmtl", "train", str(cfg), "--out", str(out)]
+        cmd = [sys.executable, "-m", "shopmtl", "train", str(cfg), "--out", str(out),
+               "--overwrite"]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                f"--nproc_per_node={nproc}", "-m", "shopmtl", "train", str(cfg), "--out",
-               str(out)]
+               str(out), "--overwrite"]
     env = {**os.environ, "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(REPO / "src"), str(REPO),
                                           os.environ.get("PYTHONPATH", "")])}

@@ -183,12 +183,14 @@ def test_other_scenario_trains_saves_and_predicts_an_unseen_value(tmp_path: Path
 
 def test_unknown_model_lists_valid_names(tmp_path: Path) -> None:
     cfg = _byo_config(tmp_path, "quarantine")
-    proc = cli("train", str(cfg), "--set", "model.name=transformer9000")
+    out = ("--out", str(tmp_path / "o"))
+    proc = cli("train", str(cfg), *out, "--set", "model.name=transformer9000")
     assert proc.returncode == 2 and "valid:" in proc.stderr and "mmoe" in proc.stderr
-    proc = cli("train", str(cfg), "--set", "weighting.name=magic")
+    proc = cli("train", str(cfg), *out, "--set", "weighting.name=magic")
     assert proc.returncode == 2 and "upgrad" in proc.stderr
-    proc = cli("train", str(cfg), "--set", "train.epochz=3")
+    proc = cli("train", str(cfg), *out, "--set", "train.epochz=3")
     assert proc.returncode == 2 and "epochz" in proc.stderr
+    assert not (tmp_path / "o").exists()  # each stopped at load: nothing written
 
 
 def test_listing_commands() -> None:
@@ -256,7 +258,8 @@ def test_debug_shows_the_traceback_without_locals(tmp_path: Path,
 def test_invalid_yaml_is_one_line(tmp_path: Path) -> None:
     cfg = tmp_path / "exp.yaml"
     cfg.write_text("data: {synthetic: {rows: 2000}\ntrain: [\n")
-    assert_one_error_line(cli("train", str(cfg)), "exp.yaml: not valid YAML", "line", code=2)
+    proc = cli("train", str(cfg), "--out", str(tmp_path / "o"))
+    assert_one_error_line(proc, "exp.yaml: not valid YAML", "line", code=2)
 
 
 def _raiser(exc: BaseException):

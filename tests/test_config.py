@@ -299,16 +299,90 @@ def test_regression_task_saved_with_the_old_default_loss_still_loads() -> None:
     assert t == TaskSpec("dwell", type="regression") and t.resolved_loss == "mse"
 
 
-def test_importing_shopmtl_picks_jemalloc_for_arrow_unless_the_user_chose() -> None:
+# what a user's process must keep through ``import shopmtl`` and its use: variables the old
+# code set (Arrow's pool at import; the hub's offline switches at an encoder load)
+_CHOSEN_ELSEWHERE = ("ARROW_DEFAULT_MEMORY_POOL", "HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE",
+                     "HF_HUB_DISABLE_PROGRESS_BARS")
+
+
+def _clean_env() -> dict[str, str]:
+    import os
+
+    return {k: v for k, v in os.environ.items() if k not in _CHOSEN_ELSEWHERE}
+
+
+_PROCESS_STATE = """
+import json, os, sys
+from pathlib import Path
+import matplotlib
+
+def state():
+    # the backend as set, unresolved (reading rcParams["backend"] would pick one)
+    return {"env": dict(os.environ),
+            "backend": repr(dict.__getitem__(matplotlib.rcParams, "backend")),
+            "pyplot": "matplotlib.pyplot" in sys.modules}
+
+before = state()
+import shopmtl, shopmtl.modeldir, shopmtl.cli, shopmtl.api, shopmtl.run, shopmtl.checks
+import shopmtl.compare, shopmtl.report, shopmtl.predict, shopmtl.joint.report
+import shopmtl.joint.train, shopmtl.data.text, shopmtl.train.trainer
+imported = state()
+
+# and used: a report's curves drawn, the text encoder loaded
+from transformers.utils import logging as hf
+hf.set_verbosity_info()  # the user's choice
+from shopmtl.report import plot_curves
+hist = [{"epoch": e, "valid_auc": {"click": 0.6}, "train_loss": {"click": 0.5}} for e in (1, 2)]
+plot_curves({"multi_task": hist}, Path(sys.argv[1]))
+from shopmtl.data.text import load_encoder
+load_encoder("minilm")
+used = state()
+print(json.dumps({"before": before, "imported": imported, "used": used,
+                  "verbosity": hf.get_verbosity(), "bars": hf.is_progress_bar_enabled()}))
+"""
+
+
+def test_importing_and_using_shopmtl_changes_no_process_state(tmp_path) -> None:
+    import json
     import subprocess
     import sys
 
-    code = "import shopmtl, pyarrow as pa; print(pa.default_memory_pool().backend_name)"
-    env = {k: v for k, v in __import__("os").environ.items() if k != "ARROW_DEFAULT_MEMORY_POOL"}
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True).stdout.split()
+    png = tmp_path / "curves.png"
+    proc = subprocess.run([sys.executable, "-c", _PROCESS_STATE, str(png)], env=_clean_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert got["imported"] == got["before"]  # not one variable, no backend, no pyplot
+    # in use: torch itself sets a variable or two as transformers loads a model
+    # (TORCHINDUCTOR_CACHE_DIR); none of shopmtl's old ones, no backend chosen, no pyplot
+    assert not set(_CHOSEN_ELSEWHERE) & set(got["used"].pop("env"))
+    assert got["used"] == {k: v for k, v in got["before"].items() if k != "env"}
+    assert got["verbosity"] == 20 and got["bars"]  # transformers: INFO, bars on, as set
+    assert png.stat().st_size > 10_000  # the curves were drawn all the same
+
+
+_POOL = """
+import sys
+from shopmtl.cli import app
+sys.argv = ["shopmtl", "models"]
+try:
+    app()
+except SystemExit:
+    pass
+import pyarrow as pa
+print(pa.default_memory_pool().backend_name)
+"""
+
+
+def test_the_cli_picks_jemalloc_for_arrow_unless_the_user_chose() -> None:
+    import subprocess
+    import sys
+
+    env = _clean_env()
+    out = subprocess.run([sys.executable, "-c", _POOL], env=env, capture_output=True,
+                         text=True, check=True).stdout.split()
     assert out[-1] == "jemalloc"
-    chosen = subprocess.run([sys.executable, "-c", code],
+    chosen = subprocess.run([sys.executable, "-c", _POOL],
                             env={**env, "ARROW_DEFAULT_MEMORY_POOL": "system"},
                             capture_output=True, text=True, check=True).stdout.split()
     assert chosen[-1] == "system"

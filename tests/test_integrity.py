@@ -241,8 +241,87 @@ def test_the_lock_is_held_for_the_run_and_released(tmp_path: Path) -> None:
     assert not out.exists()  # created here and left empty: removed again
     with locked_output(out):
         (out / "metrics.json").write_text("{}")
+    # the lock file this call created goes with it; the run's files stay
+    assert sorted(p.name for p in out.iterdir()) == ["metrics.json"]
+    (out / ".lock").write_text("4242\n")  # a dead run's: no lock, and kept (not this call's)
+    with locked_output(out):
+        assert (out / ".lock").read_text().strip() == str(os.getpid())
     assert sorted(p.name for p in out.iterdir()) == [".lock", "metrics.json"]
     assert issubclass(OutputInUseError, OSError)
+
+
+# --- checkpoint retention: this run's checkpoints only --------------------------------------
+
+def _save(cp, tag: str) -> None:
+    cp.save(tag, {"weights": {"x": torch.ones(2)}}, {"tag": tag})
+
+
+def _names(d: Path) -> list[str]:
+    return sorted(p.name for p in d.iterdir())
+
+
+def test_checkpoint_order_is_stage_then_step_with_a_stage_end_last() -> None:
+    from shopmtl.train.stages import checkpoint_order, expired
+
+    names = ["ckpt-01-000000002", "ckpt-00-end", "ckpt-00-000000010", "ckpt-00-000000009"]
+    assert sorted(names, key=checkpoint_order) == [  # type: ignore[arg-type]
+        "ckpt-00-000000009", "ckpt-00-000000010", "ckpt-00-end", "ckpt-01-000000002"]
+    assert checkpoint_order("ckpt-foo-bar") is None and checkpoint_order("latest") is None
+    assert expired(names, newest="ckpt-01-000000002") == ["ckpt-00-000000009",
+                                                          "ckpt-00-000000010"]
+    # the one just written is kept even where it is not the last in order (a rewound run)
+    assert expired(names, newest="ckpt-00-000000009") == ["ckpt-00-000000010", "ckpt-00-end"]
+
+
+def test_retention_deletes_only_checkpoints_of_the_current_run(tmp_path: Path) -> None:
+    from shopmtl.train.stages import Checkpointer
+
+    d = tmp_path / "checkpoints"
+    old = Checkpointer(d, run_id="old-run")
+    for step in (100, 200):
+        _save(old, f"00-{step:09d}")
+    (d / "ckpt-foo-bar").mkdir()  # a user's folder, named like a checkpoint
+    (d / "ckpt-foo-bar" / "notes.txt").write_text("mine")
+    new = Checkpointer(d, run_id="new-run")
+    for step in (1, 2, 3, 4):  # fewer steps than the old run: all before its checkpoints
+        _save(new, f"00-{step:09d}")
+    assert _names(d) == ["ckpt-00-000000003", "ckpt-00-000000004", "ckpt-00-000000100",
+                         "ckpt-00-000000200", "ckpt-foo-bar", "latest"]
+    assert (d / "latest").read_text() == "ckpt-00-000000004"
+    # a resume continues the run that wrote the latest checkpoint: its id, its retention
+    resumed = Checkpointer(d)
+    latest = resumed.latest()
+    assert latest is not None
+    _, meta = resumed.load(latest)
+    assert resumed.run_id == "new-run" == meta["run_id"]
+    _save(resumed, "00-end")
+    assert _names(d) == ["ckpt-00-000000004", "ckpt-00-000000100", "ckpt-00-000000200",
+                         "ckpt-00-end", "ckpt-foo-bar", "latest"]
+    assert (d / "ckpt-foo-bar" / "notes.txt").read_text() == "mine"
+    assert ck.checkpoint_run_id(d / "ckpt-00-000000200") == "old-run"
+    # a checkpointer without an id that starts afresh gets a new one
+    fresh = Checkpointer(tmp_path / "other")
+    _save(fresh, "00-000000001")
+    assert fresh.run_id not in (None, "old-run", "new-run")
+
+
+def test_stale_temps_are_found_anywhere_and_only_they(tmp_path: Path) -> None:
+    keep = [tmp_path / "model", tmp_path / "checkpoints" / "ckpt-00-000000001",
+            tmp_path / ".hidden-but-mine", tmp_path / "data" / "model.tmp-notmine"]
+    gone = [tmp_path / ".model.tmp-k2j_9", tmp_path / "checkpoints" / ".ckpt-00-end.old-ab12",
+            tmp_path / "a" / "b" / ".model.tmp-x1"]
+    for p in keep + gone:
+        p.mkdir(parents=True)
+        (p / "f").write_text("x")
+    (tmp_path / "checkpoints" / ".latest.tmp").write_text("ckpt-00-000000001")
+    (tmp_path / "target").mkdir()
+    (tmp_path / "target" / "f").write_text("elsewhere")
+    (tmp_path / ".link.tmp-abc").symlink_to(tmp_path / "target")  # not followed, not removed
+    removed = ck.remove_stale_temps(tmp_path)
+    assert sorted(removed) == sorted([*gone, tmp_path / "checkpoints" / ".latest.tmp"])
+    assert all(p.is_dir() for p in keep) and not any(p.exists() for p in gone)
+    assert (tmp_path / ".link.tmp-abc").is_symlink()
+    assert (tmp_path / "target" / "f").read_text() == "elsewhere"
 
 
 # --- version ----------------------------------------------------------------------------------

@@ -15,8 +15,10 @@ Layers, bottom to top (each imports only from below):
     checkpoint's rec tasks with ``predict.predict_rows``);
     modeldir (``shopmtl.load``: any model directory, scored through predict and joint.predict);
     configdoc (docs/CONFIG.md from the config dataclasses of every layer)
+    api (``shopmtl.train``: a config trained into an output folder, the ``shopmtl train`` path)
   the root package ``shopmtl/__init__.py`` is the public face above them all: its lazy
-  ``__getattr__`` hands out ``shopmtl.load`` from modeldir (exempt from "nothing imports an app")
+  ``__getattr__`` hands out ``shopmtl.load`` from modeldir and the callable ``shopmtl.train``
+  package calls api on first use (exempt from "nothing imports an app")
 
 ``metrics`` is a leaf: it imports nothing from shopmtl (checked below), so the file sources in
 data/sources/ may score their predictions with it although it is listed above data. ``deps``
@@ -36,8 +38,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 ROOT_PACKAGE = "shopmtl"
 
 APPS = ("cli", "run", "checks", "predict", "compare", "report", "joint.predict", "modeldir",
-        "configdoc",
-        "__main__")
+        "configdoc", "api", "__main__")
 # what each layer must not import: rules (b), (c), (d). data/ may import the leaf ``metrics``.
 DATA_FORBIDDEN = ("train", "joint", *APPS, "weighting", "models", "nn", "tasks")
 LOW_FORBIDDEN = ("train", "joint", "models", "nn", "weighting", *APPS)

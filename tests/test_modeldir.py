@@ -288,3 +288,57 @@ def test_readme_python_api_example_runs_as_written(tmp_path: Path) -> None:
     assert len(preds) == 3 and all(0.0 < p[t] < 1.0 for p in preds
                                    for t in ("income_50k", "never_married"))
     assert lines[2] == "['income_50k']"
+
+
+# --- shopmtl.train: the command's path from Python ----------------------------------------------
+
+def _shop_config(tmp_path: Path) -> dict:
+    """The adversarial tests' small CSV run as a dict (its data path absolute)."""
+    from tests.adversarial.common import config, good_lines, write_csv
+
+    write_csv(tmp_path / "shop.csv", good_lines(300))
+    raw = yaml.safe_load(config(tmp_path).read_text())
+    raw["data"]["train"] = str(tmp_path / "shop.csv")
+    return raw
+
+
+def test_shopmtl_train_from_a_dict_returns_the_model_with_the_commands_checks(tmp_path: Path
+                                                                              ) -> None:
+    import shopmtl.train.trainer  # binds the package to the name shopmtl.train: still callable
+    from shopmtl.config import ConfigError
+    from shopmtl.train.outdir import OutputFolderError
+
+    assert shopmtl.train is sys.modules["shopmtl.train"] and callable(shopmtl.train)
+    raw, out = _shop_config(tmp_path), tmp_path / "run"
+    m = shopmtl.train(raw, out, log=lambda *_: None)
+    assert (m.kind, m.tasks, m.path) == ("zoo", ("click", "conversion"), out / "model")
+    assert len(m.predict([{"user_id": "u1", "item_id": "i3", "price": "2.5",
+                           "scenario": "feed"}])) == 1
+    assert raw["data"]["train"] == str(tmp_path / "shop.csv")  # the caller's dict is untouched
+    before = sorted(p.name for p in out.iterdir())
+    with pytest.raises(OutputFolderError, match=r"is not empty .* --resume .* --overwrite"):
+        shopmtl.train(raw, out, log=lambda *_: None)
+    with pytest.raises(OutputFolderError, match="cannot be used together"):
+        shopmtl.train(raw, out, resume=True, overwrite=True)
+    assert sorted(p.name for p in out.iterdir()) == before
+    m = shopmtl.train(raw, out, overrides=["train.seed=5"], overwrite=True, log=lambda *_: None)
+    assert yaml.safe_load((out / "config.yaml").read_text())["train"]["seed"] == 5
+    assert m.path == out / "model"
+    assert issubclass(OutputFolderError, ConfigError)
+    with pytest.raises(ConfigError, match="a YAML file's path or a dict, got int"):
+        shopmtl.train(42, tmp_path / "nowhere")  # type: ignore[arg-type]
+    assert not (tmp_path / "nowhere").exists()
+
+
+def test_shopmtl_train_on_a_joint_config_returns_the_joint_model(tmp_path: Path) -> None:
+    joint = {"sources": [{"name": "bitext", "batch_size": 16, "max_examples": 40}],
+             "text": {"ngram_buckets": 1024},
+             "model": {"adapter_hidden": 8, "text_dim": 8, "hidden": [8], "ngram_dim": 4},
+             "train": {"steps": 4, "threads": 1, "log_every": 0}}
+    path = tmp_path / "joint.yaml"
+    path.write_text(yaml.safe_dump(joint))
+    m = shopmtl.train(path, tmp_path / "j", log=lambda *_: None)
+    assert (m.kind, m.tasks, m.path) == ("joint", JOINT_TASKS, tmp_path / "j" / "joint" / "model")
+    m = shopmtl.train(joint, tmp_path / "j", overwrite=True, log=lambda *_: None)
+    assert m.kind == "joint"
+    assert json.loads((tmp_path / "j" / "shopmtl-run.json").read_text())["command"] == "train"

@@ -17,6 +17,12 @@ import numpy as np
 import torch
 
 from bench.peers import common as C
+from shopmtl.arrowpool import prefer_jemalloc
+
+# Arrow's allocator as the ``shopmtl`` command chooses it (cli._main; ``import shopmtl`` leaves a
+# process alone), before anything allocates: bench/peers/rss_probe.py measures the command's
+# memory
+prefer_jemalloc()
 
 
 def model_args(model: str, variant: str) -> dict[str, Any]:

@@ -6,12 +6,29 @@ layer, because they need the weighting registry and the joint source classes."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
-from shopmtl.config import ConfigError, ExperimentConfig, WeightingConfig, check_tasks, from_dict
+from shopmtl.config import (
+    ConfigError,
+    ExperimentConfig,
+    WeightingConfig,
+    check_tasks,
+    config_from_dict,
+    from_dict,
+)
 from shopmtl.config import load_config as _load_config
 from shopmtl.deps import require_extra
-from shopmtl.joint.config import REC, REC_TASKS, JointConfig, SourceConfig, load_joint_config
+from shopmtl.joint.config import (
+    REC,
+    REC_TASKS,
+    JointConfig,
+    SourceConfig,
+    is_joint_config,
+    joint_config_from_dict,
+    load_joint_config,
+)
 from shopmtl.joint.parts import _import_source, _sources
 from shopmtl.registry import model_config
 from shopmtl.train.distributed import check_batch_size, env_world
@@ -110,3 +127,24 @@ def load_joint(path: str | Path, overrides: list[str] | None = None) -> JointCon
     check_joint_names(cfg)
     require_extra("text", "a joint run (a config with `sources`)")
     return cfg
+
+
+def load_run_config(config: str | Path | Mapping[str, Any], overrides: Sequence[str] = ()
+                    ) -> ExperimentConfig | JointConfig:
+    """What ``shopmtl train`` trains: a YAML file, or a dict shaped like one (the Python API;
+    relative data paths are then relative to the working directory). A top-level ``sources``
+    key makes it a joint config. Every check of this module runs."""
+    overrides = list(overrides)
+    if isinstance(config, Mapping):
+        raw = dict(config)
+        if "sources" in raw:
+            cfg = joint_config_from_dict(raw, overrides)
+            check_joint_names(cfg)
+            require_extra("text", "a joint run (a config with `sources`)")
+            return cfg
+        return check_experiment(config_from_dict(raw, overrides))
+    if not isinstance(config, str | Path):
+        raise ConfigError(f"config: a YAML file's path or a dict, got {type(config).__name__}")
+    if is_joint_config(config):
+        return load_joint(config, overrides)
+    return load_experiment(config, overrides)

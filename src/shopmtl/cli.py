@@ -78,6 +78,11 @@ def _main(debug: Annotated[bool, typer.Option(
     """Multi-scenario multi-task learning for e-commerce."""
     global _DEBUG
     _DEBUG = debug
+    from shopmtl.arrowpool import prefer_jemalloc
+
+    # this process is the command: its Arrow allocator is shopmtl's choice (the Python API
+    # leaves the importing process alone); set before anything allocates
+    prefer_jemalloc()
 
 
 def _one_line(message: str) -> str:
@@ -158,7 +163,9 @@ def quickstart(
     seed: Annotated[int, typer.Option(help="Seed for the world and training")] = 0,
     baselines: Annotated[bool, typer.Option(help="Also train single-task baselines")] = True,
 ) -> None:
-    """Generate the default synthetic world, train, evaluate against the oracle, report."""
+    """Generate the default synthetic world, train, evaluate against the oracle, report.
+    Rerun on the same OUT, it replaces its own previous run; any other non-empty OUT is
+    refused."""
     from shopmtl.run import quickstart as run_quickstart
 
     metrics = run_quickstart(out, rows, seed, progress=sys.stderr.isatty(), baselines=baselines)
@@ -219,6 +226,9 @@ def train(
     out: Annotated[Path, typer.Option(help="Output directory")] = Path("runs/train"),
     sets: Sets = None,
     resume: Annotated[bool, typer.Option(help="Continue from the last checkpoint in OUT")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        help="Replace the previous shopmtl run in OUT (a folder no shopmtl run made is refused)")
+    ] = False,
     baselines: Annotated[bool, typer.Option(help="Also train single-task baselines")] = False,
     alone: Annotated[bool, typer.Option(
         help="Joint config: also train each source alone (same steps) for the comparison")
@@ -226,49 +236,21 @@ def train(
 ) -> None:
     """Train (and evaluate) from a config file: bring your own data. A config with a top-level
     `sources` key is a heterogeneous joint run (examples/joint.yaml). OUT is locked for the
-    whole run: a second run into the same OUT stops at once."""
-    import contextlib
+    whole run: a second run into the same OUT stops at once. A non-empty OUT needs --resume
+    (continue it) or --overwrite (replace it)."""
+    from shopmtl.api import run_training
 
-    from shopmtl.train.distributed import env_world
-    from shopmtl.train.outlock import locked_output
-
-    # under torchrun rank 0 alone writes OUT, so it alone holds the lock
-    with locked_output(out) if env_world()[0] == 0 else contextlib.nullcontext():
-        _train(config, out, sets, resume, baselines, alone)
-
-
-def _train(config: Path, out: Path, sets: list[str] | None, resume: bool, baselines: bool,
-           alone: bool) -> None:
-    from shopmtl.checks import load_experiment, load_joint
-    from shopmtl.joint.config import is_joint_config
-    from shopmtl.run import run_experiment
-
-    if is_joint_config(config):
-        from shopmtl.joint.report import run_joint
-        from shopmtl.train.distributed import env_world
-
-        if env_world()[2] > 1:
-            from shopmtl.config import ConfigError
-
-            raise ConfigError("a joint run (a config with `sources`) is not supported with "
-                              "several processes (torchrun) yet; run it in one process")
-
-        jcfg = load_joint(config, sets or [])
-        if resume and not (out / "joint" / "checkpoints" / "latest").is_file():
-            from shopmtl.train.checkpoint import CheckpointError
-
-            raise CheckpointError(f"--resume: no checkpoint in {out / 'joint' / 'checkpoints'}")
-        result = run_joint(jcfg, out, alone=alone, resume=resume)
+    # the Python API's path (shopmtl.train): the same checks, the same files
+    result = run_training(config, out, overrides=sets or [], resume=resume, overwrite=overwrite,
+                          baselines=baselines, alone=alone, progress=sys.stderr.isatty())
+    if not result.metrics:  # a torchrun rank other than 0: rank 0 reports
+        return
+    if result.kind == "joint":
         typer.echo((out / "report.md").read_text())
         typer.echo(f"wrote {out / 'metrics.json'}, {out / 'report.md'} and "
-                   f"{out / 'joint' / 'model'} (joint steps: {result['joint']['steps']})")
+                   f"{result.model_dir} (joint steps: {result.metrics['joint']['steps']})")
         return
-    cfg = load_experiment(config, sets or [])
-    metrics = run_experiment(cfg, out, baselines=baselines, resume=resume,
-                             progress=sys.stderr.isatty())
-    if not metrics:  # a torchrun rank other than 0: rank 0 reports
-        return
-    _summary(metrics)
+    _summary(result.metrics)
     typer.echo(f"wrote {out / 'metrics.json'} and {out / 'report.md'}")
 
 

@@ -51,6 +51,7 @@ from shopmtl.data.dataset import TensorTable
 from shopmtl.data.pipeline import PreparedData, prepare_data
 from shopmtl.data.schema import ALL
 from shopmtl.deps import installed, note_skipped
+from shopmtl.report import agg_figure
 
 # task -> scenario -> value
 Cells = dict[str, dict[str, float]]
@@ -479,11 +480,6 @@ def write_markdown(out: Path, result: dict[str, Any]) -> Path:
 def plot_deltas(result: dict[str, Any], path: Path) -> Path | None:
     """Grouped bars: delta AUC to single-task per task x scenario, one bar per combination,
     error bars = delta_std."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     pairs = [(t, s) for t, s in cells(result)
              if any(math.isfinite(_num((c.get("delta") or {}).get(t, {}).get(s)))
                     for c in result["combinations"].values())]
@@ -491,8 +487,8 @@ def plot_deltas(result: dict[str, Any], path: Path) -> Path | None:
         return None
     combos = result["combinations"]
     width = 0.8 / max(len(combos), 1)
-    fig, ax = plt.subplots(figsize=(min(16.0, max(6.0, 0.35 * len(pairs) * (len(combos) + 1))),
-                                    4.5))
+    fig = agg_figure(figsize=(min(16.0, max(6.0, 0.35 * len(pairs) * (len(combos) + 1))), 4.5))
+    ax = fig.subplots()
     x = np.arange(len(pairs))
     for k, (name, c) in enumerate(combos.items()):
         d = [_num(c["delta"].get(t, {}).get(s)) for t, s in pairs]
@@ -506,5 +502,4 @@ def plot_deltas(result: dict[str, Any], path: Path) -> Path | None:
     ax.legend(fontsize=7, ncol=max(1, len(combos) // 6))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path

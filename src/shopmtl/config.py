@@ -224,6 +224,20 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> Experim
         raise ConfigError(f"{path}: {e}") from None
 
 
+def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None,
+                     base: str | Path = ".") -> ExperimentConfig:
+    """The experiment config of a dict shaped like the YAML file (the Python API), checked as
+    ``load_config`` checks a file; relative data paths are relative to ``base``."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: expected a mapping, got {type(raw).__name__}")
+    try:
+        return _config_from_raw(raw, overrides, Path(base))
+    except ConfigError:
+        raise
+    except ValueError as e:
+        raise ConfigError(f"config: {e}") from None
+
+
 def _load_config(path: Path, overrides: list[str] | None) -> ExperimentConfig:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
@@ -233,6 +247,11 @@ def _load_config(path: Path, overrides: list[str] | None) -> ExperimentConfig:
         raise ConfigError(f"{path}: not valid YAML: {yaml_problem(e)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
+    return _config_from_raw(raw, overrides, path.parent)
+
+
+def _config_from_raw(raw: dict[str, Any], overrides: list[str] | None, base: Path
+                     ) -> ExperimentConfig:
     raw = apply_overrides(raw, overrides or [])
     cfg = from_dict(ExperimentConfig, raw, ROOT)
     if cfg.data.synthetic is None and (cfg.data.schema is None or cfg.data.train is None):
@@ -242,7 +261,7 @@ def _load_config(path: Path, overrides: list[str] | None) -> ExperimentConfig:
         raise ConfigError("data.content: only for a synthetic world; with your own files, add "
                           "text/image/vector features to data.schema.features (docs/CONTENT.md)")
     check_names(cfg)
-    return _resolve_paths(cfg, path.parent)
+    return _resolve_paths(cfg, base)
 
 
 def config_task_names(cfg: ExperimentConfig) -> tuple[str, ...]:

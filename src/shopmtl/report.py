@@ -78,14 +78,22 @@ def transfer_table(nt: dict[str, dict[str, dict[str, float]]]) -> list[str]:
     return lines
 
 
+def agg_figure(**kwargs: Any) -> Any:
+    """A matplotlib figure drawn by the Agg canvas, outside pyplot: no backend is chosen for
+    the process (a user's interactive backend stays), and no figure is kept in pyplot's list
+    (nothing to close)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(**kwargs)
+    FigureCanvasAgg(fig)
+    return fig
+
+
 def plot_curves(histories: dict[str, list[dict[str, Any]]], path: Path) -> Path:
     """Validation AUC and training loss per epoch, one line per run x task."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    fig = agg_figure(figsize=(11, 4))
+    axes = fig.subplots(1, 2)
     for run, hist in histories.items():
         if not hist:
             continue
@@ -104,7 +112,6 @@ def plot_curves(histories: dict[str, list[dict[str, Any]]], path: Path) -> Path:
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
-    plt.close(fig)
     return path
 
 

@@ -31,7 +31,12 @@ from shopmtl.train.evaluate import (
     predict_split,
     predict_table,
 )
+from shopmtl.train.outdir import check_output, start_run
+from shopmtl.train.outlock import locked_output
 from shopmtl.train.trainer import train_model
+
+# where a ``data.synthetic`` run generates its world (reused by the next run when it matches)
+SYNTHETIC_DATA = "data"
 
 
 def _subset_table(t: TensorTable, cols: list[int]) -> TensorTable:
@@ -64,9 +69,10 @@ def restrict(data: PreparedData, tasks: tuple[str, ...]) -> PreparedData:
 
 def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, baselines: bool = False,
                    resume: bool = False, progress: bool = True, extra: dict | None = None,
-                   log: Any = print) -> dict[str, Any]:
+                   log: Any = print, run_id: str | None = None) -> dict[str, Any]:
     """Train the multi-task model (and optionally one single-task model per task), evaluate on
-    the test split, write metrics.json and report.md. Returns the metrics dict.
+    the test split, write metrics.json and report.md. Returns the metrics dict. ``run_id``: the
+    id of the run in ``out_dir`` (``train.outdir``), carried by every checkpoint it writes.
 
     Under torchrun (``WORLD_SIZE > 1``) every process trains its shard; rank 0 alone writes
     files and evaluates the test split, and returns the metrics (the other ranks return {}
@@ -84,7 +90,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, baselines: boo
             progress = False
             log = _quiet
             dist.barrier()  # rank 0 generates a synthetic world first
-    cfg, world = resolve_synthetic(cfg, out / "data", log)
+    cfg, world = resolve_synthetic(cfg, out / SYNTHETIC_DATA, log)
     if world is not None:
         extra = {"world": world, **(extra or {})}
     if main:
@@ -104,7 +110,7 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, baselines: boo
     histories: dict[str, list] = {}
 
     t1 = time.perf_counter()
-    model, state = train_model(cfg, data, out, resume=resume, progress=progress)
+    model, state = train_model(cfg, data, out, resume=resume, progress=progress, run_id=run_id)
     if not main:
         shutdown()  # waits for rank 0's test evaluation and files
         return {}
@@ -130,7 +136,8 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, baselines: boo
                 train=dataclasses.replace(cfg.train, alpha={},
                                           early_stopping=_single_es(cfg, task)))
             t2 = time.perf_counter()
-            smodel, sstate = train_model(scfg, sub, out / "single_task" / task, progress=progress)
+            smodel, sstate = train_model(scfg, sub, out / "single_task" / task, progress=progress,
+                                         run_id=run_id)
             histories[f"single:{task}"] = sstate.history
             stest = sub.test if sub.test is not None else sub.valid
             single.update(metrics_by_scenario(sub.schema, stest, predict_table(smodel, stest)))
@@ -192,11 +199,19 @@ def quickstart_config(rows: int, seed: int) -> ExperimentConfig:
 def quickstart(out_dir: str | Path, rows: int = 4_000_000, seed: int = 0, progress: bool = True,
                baselines: bool = True, log: Any = print) -> dict[str, Any]:
     """Generate the default synthetic world, train the multi-task model and the single-task
-    baselines, and report every metric beside the oracle."""
-    torch.manual_seed(seed)
+    baselines, and report every metric beside the oracle.
+
+    ``out_dir`` is locked for the run (``train.outlock``). The README's first command is rerun
+    on one folder, so a previous quickstart's folder is replaced (its generated world kept:
+    reused when it is the same world); any other non-empty folder is refused
+    (``train.outdir``)."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    cfg = quickstart_config(rows, seed)
-    command = f"shopmtl quickstart --out {out} --rows {rows} --seed {seed}\n"
-    (out / "command.txt").write_text(command)
-    return run_experiment(cfg, out, baselines=baselines, progress=progress, log=log)
+    with locked_output(out):
+        action = check_output(out, command="quickstart")
+        run_id = start_run(out, action, command="quickstart", keep=(SYNTHETIC_DATA,))
+        torch.manual_seed(seed)
+        cfg = quickstart_config(rows, seed)
+        command = f"shopmtl quickstart --out {out} --rows {rows} --seed {seed}\n"
+        (out / "command.txt").write_text(command)
+        return run_experiment(cfg, out, baselines=baselines, progress=progress, log=log,
+                              run_id=run_id)

@@ -14,11 +14,13 @@ feature is used, so ``import shopmtl`` does not pay for it.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -77,27 +79,36 @@ def text_digest(enc_id: str, text: str) -> bytes:
     return hashlib.sha256(f"{enc_id}\0{text}".encode()).digest()
 
 
-def silence_transformers() -> None:
-    """No hub access, no progress bars or load reports on stderr."""
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+@contextlib.contextmanager
+def quiet_transformers() -> Iterator[None]:
+    """No progress bars or load reports on stderr while an encoder loads; the user's
+    transformers verbosity and progress-bar setting are restored after (the process keeps no
+    trace of the load: no environment variable, no global setting)."""
     require("transformers", "text", "text features")
     from transformers.utils import logging as hf_logging
 
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 @functools.lru_cache(maxsize=2)
 def load_encoder(encoder: str) -> tuple[Any, torch.nn.Module]:
-    """(tokenizer, model) in eval mode, loaded once per process; callers that train it copy it."""
+    """(tokenizer, model) in eval mode, loaded once per process; callers that train it copy it.
+    From the local directory only (``local_files_only``: the hub is never asked, whatever the
+    environment says)."""
     path = encoder_path(encoder)
-    silence_transformers()
     from transformers import AutoModel, AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    model = AutoModel.from_pretrained(str(path))
+    with quiet_transformers():
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        model = AutoModel.from_pretrained(str(path), local_files_only=True)
     model.eval()
     return tokenizer, model
 

@@ -182,13 +182,21 @@ def load_joint_config(path: str | Path, overrides: list[str] | None = None) -> J
         raise ConfigError(f"{p}: not valid YAML: {yaml_problem(e)}") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: expected a mapping at the top level")
+    return joint_config_from_dict(raw, overrides, where=str(p))
+
+
+def joint_config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None,
+                           where: str = "config") -> JointConfig:
+    """The joint config of a dict shaped like the YAML file (the Python API, or a file's)."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where}: expected a mapping at the top level")
     raw = apply_overrides(raw, overrides or [])
     try:
         cfg = from_dict(JointConfig, raw, ROOT)
     except ConfigError:
         raise
     except ValueError as e:  # a dataclass's own check outside from_dict
-        raise ConfigError(f"{p}: {e}") from None
+        raise ConfigError(f"{where}: {e}") from None
     return cfg
 
 

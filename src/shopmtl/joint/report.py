@@ -30,17 +30,20 @@ def baselines(parts: list[Any]) -> dict[str, dict[str, dict[str, Any]]]:
 
 
 def run_joint(cfg: JointConfig, out_dir: str | Path, *, alone: bool = False,
-              log: Any = print, resume: bool = False) -> dict[str, Any]:
+              log: Any = print, resume: bool = False, run_id: str | None = None
+              ) -> dict[str, Any]:
     """The joint model, each source's baseline and (``alone``) each source trained alone for
     the number of steps it got in the joint run (the same batches seen, the same budget per
     source); metrics.json + report.md. The rec source's baseline, the same zoo model ID-only,
     is trained for the steps rec got in any case; with ``alone`` the rec source is also
     trained alone with its title (the same model without sharing). ``resume``: every run
-    continues from its latest checkpoint (one that had none starts afresh)."""
+    continues from its latest checkpoint (one that had none starts afresh). ``run_id``: the id
+    every run's checkpoints carry (``train.outdir``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     parts, texts, load_s = load_parts(cfg, out, log)
-    joint = train_joint(cfg, out / "joint", log=log, shared=(parts, texts), resume=resume)
+    joint = train_joint(cfg, out / "joint", log=log, shared=(parts, texts), resume=resume,
+                        run_id=run_id)
     joint["seconds"]["load"] = sum(load_s.values())
     types = joint["tasks"]
     t0 = time.perf_counter()
@@ -53,7 +56,7 @@ def run_joint(cfg: JointConfig, out_dir: str | Path, *, alone: bool = False,
             log(f"alone: {p.name} for {n} steps")
             result["alone"][p.name] = train_joint(
                 replace_steps(cfg, n), out / "alone" / p.name, only=(p.name,), log=log,
-                save=False, shared=(parts, texts), resume=resume)
+                save=False, shared=(parts, texts), resume=resume, run_id=run_id)
     # the rec source's baseline is a model too: the same zoo model without the title field
     rec = next((p for p in parts if isinstance(p, RecPart)), None)
     if rec is not None and rec.args["content"]:
@@ -63,7 +66,7 @@ def run_joint(cfg: JointConfig, out_dir: str | Path, *, alone: bool = False,
         log(f"baseline: rec ID-only for {n} steps")
         result["rec_id_only"] = train_joint(
             replace_steps(cfg, n), out / "alone" / "rec_id_only", log=log, save=False,
-            shared=([id_only], texts), resume=resume)
+            shared=([id_only], texts), resume=resume, run_id=run_id)
     result["table"] = comparison_table(result, types)
     result = json_safe(result)
     (out / "metrics.json").write_text(json.dumps(result, indent=1, allow_nan=False))

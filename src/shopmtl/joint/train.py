@@ -175,10 +175,11 @@ def refit_heads(model: JointModel, parts: list[Any], cfg: JointConfig, types: di
 def train_joint(cfg: JointConfig, out_dir: str | Path, *, only: tuple[str, ...] | None = None,
                 steps: int | None = None, log: Any = print, save: bool = True,
                 shared: tuple[list[Any], TextIndex] | None = None,
-                resume: bool = False) -> dict[str, Any]:
+                resume: bool = False, run_id: str | None = None) -> dict[str, Any]:
     """Train every source of ``cfg`` (or the sources in ``only``) jointly; evaluate each on its
     valid and test splits; write metrics.json and the checkpoint ``model/`` into ``out_dir``.
-    ``resume``: continue from the latest checkpoint under ``out_dir/checkpoints`` if any."""
+    ``resume``: continue from the latest checkpoint under ``out_dir/checkpoints`` if any.
+    ``run_id``: the id its checkpoints carry (``train.stages.Checkpointer``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.train.seed)
@@ -215,7 +216,7 @@ def train_joint(cfg: JointConfig, out_dir: str | Path, *, only: tuple[str, ...] 
     if cfg.train.solve_heads:
         stages.append(Stage("solve", lambda ctx: solve_heads(
             ctx.model, parts, cfg.train.solve_l2, cfg.train.solve_iters, log)))
-    checkpointer = Checkpointer(out / "checkpoints")
+    checkpointer = Checkpointer(out / "checkpoints", run_id=run_id)
     resume = resume and checkpointer.latest() is not None
     t2 = time.perf_counter()
     try:

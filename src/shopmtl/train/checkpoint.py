@@ -74,6 +74,36 @@ def _stale_siblings(target: Path) -> list[Path]:
     return [p for p in target.parent.iterdir() if pattern.fullmatch(p.name)]
 
 
+# what a killed write leaves: ``write_dir``'s ``.<name>.tmp-*`` / ``.<name>.old-*`` folders
+# (also a retired checkpoint renamed aside before its removal, ``train.stages``) and
+# ``write_pointer``'s ``.<name>.tmp`` file
+_STALE_TEMP = re.compile(r"\..+\.(tmp|old)-[A-Za-z0-9_]+|\..+\.tmp")
+
+
+def is_stale_temp(name: str) -> bool:
+    return _STALE_TEMP.fullmatch(name) is not None
+
+
+def remove_stale_temps(root: Path) -> list[Path]:
+    """Remove every temp file and folder a killed write left anywhere under ``root`` (a run's
+    output folder, at the start of the next run there: its lock is held, so no write of
+    another run is in flight). Symbolic links are neither followed nor removed. Returns what
+    was removed."""
+    removed = []
+    for parent, dirs, files in os.walk(root):
+        here = Path(parent)
+        for name in [d for d in dirs if is_stale_temp(d)]:
+            dirs.remove(name)  # not walked into: it is going
+            if not (here / name).is_symlink():
+                shutil.rmtree(here / name, ignore_errors=True)
+                removed.append(here / name)
+        for name in files:
+            if is_stale_temp(name) and not (here / name).is_symlink():
+                (here / name).unlink(missing_ok=True)
+                removed.append(here / name)
+    return removed
+
+
 def write_dir(
     target: Path, tensors: dict[str, dict[str, torch.Tensor]], jsons: dict[str, Any]
 ) -> Path:
@@ -192,6 +222,18 @@ def read_json(path: Path, name: str) -> Any:
         return json.loads((Path(path) / f"{name}.json").read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}/{name}.json: unreadable ({e})") from None
+
+
+def checkpoint_run_id(path: Path) -> str | None:
+    """The id of the run that wrote checkpoint ``path`` (its ``run.json``'s ``run_id``); None
+    for anything else: a checkpoint from before run ids, a folder a user made, an unreadable
+    file."""
+    try:
+        meta = json.loads((Path(path) / "run.json").read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None
+    run_id = meta.get("run_id") if isinstance(meta, dict) else None
+    return run_id if isinstance(run_id, str) else None
 
 
 def write_pointer(directory: Path, name: str, value: str) -> None:

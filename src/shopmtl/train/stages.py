@@ -4,16 +4,18 @@ A one-table run is one stage (``Loop.run``). A joint run is a joint stage, then 
 stage per source (a ``Loop`` over that source alone, its head's parameters only), then the
 solve stage (``joint.solve``): the same loop with other parameters, not another loop.
 
-Checkpoints (``checkpoints/ckpt-<stage>-<step>/`` and a ``latest`` pointer, the last two kept)
-are written inside a stage by its loop (weights, optimizer, weighting, RNG, the loop's state)
-and at the end of each stage but the last (weights, RNG, every source's stream position, each
-finished stage's results and the tensors it hands to later stages). ``resume`` starts from
-the latest one, so a run killed anywhere ends with the same weights, bit for bit on CPU, as a
-run never killed.
+Checkpoints (``checkpoints/ckpt-<stage>-<step>/`` and a ``latest`` pointer, the run's last
+two kept) are written inside a stage by its loop (weights, optimizer, weighting, RNG, the
+loop's state) and at the end of each stage but the last (weights, RNG, every source's stream
+position, each finished stage's results and the tensors it hands to later stages). ``resume``
+starts from the latest one, so a run killed anywhere ends with the same weights, bit for bit
+on CPU, as a run never killed.
 """
 
 from __future__ import annotations
 
+import re
+import secrets
 import shutil
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,30 +28,73 @@ from torch import Tensor, nn
 from shopmtl.jsonsafe import json_safe
 from shopmtl.train import checkpoint as ck
 from shopmtl.train.loop import Loop, NonFiniteError, check_finite, state_json
+from shopmtl.train.outdir import new_run_id
 
-KEEP = 2  # checkpoints kept (the newest ones)
+KEEP = 2  # checkpoints kept (the newest ones of the run)
+
+_CKPT = re.compile(r"ckpt-(\d+)-(\d+|end)")
+
+
+def checkpoint_order(name: str) -> tuple[int, float] | None:
+    """Where checkpoint ``name`` stands in its run: (stage, step), a stage's ``end`` after
+    all of its steps; None for a name not written by ``Checkpointer`` (a user's folder)."""
+    m = _CKPT.fullmatch(name)
+    if m is None:
+        return None
+    return int(m.group(1)), float("inf") if m.group(2) == "end" else int(m.group(2))
+
+
+def expired(names: list[str], newest: str, keep: int = KEEP) -> list[str]:
+    """Of one run's checkpoints ``names`` (all named by ``Checkpointer``), those retention
+    deletes: all but ``newest`` (just written) and the ``keep - 1`` latest others."""
+    others = sorted((n for n in names if n != newest),
+                    key=lambda n: checkpoint_order(n) or (-1, -1.0))
+    return others[:max(len(others) - (keep - 1), 0)]
 
 
 class Checkpointer:
     """``ckpt-*`` directories under ``directory``, written atomically (``train.checkpoint``).
 
+    Each checkpoint carries ``run_id`` (``train.outdir``: the id of the run in the output
+    folder); retention deletes only checkpoints of that run, so a user's folder or another
+    run's checkpoint in the same directory is never touched. ``run_id`` None: the id of the
+    checkpoint a resume loads, else a new one.
+
     ``write=False``: a torchrun rank other than 0, which reads checkpoints (``--resume``) but
     leaves writing them to rank 0."""
 
-    def __init__(self, directory: Path, write: bool = True) -> None:
+    def __init__(self, directory: Path, write: bool = True, run_id: str | None = None
+                 ) -> None:
         self.dir = Path(directory)
         self.write = write
+        self.run_id = run_id
 
     def save(self, tag: str, tensors: dict[str, dict[str, Tensor]], meta: dict[str, Any]
              ) -> Path:
         if not self.write:
             return self.dir / f"ckpt-{tag}"
-        path = ck.write_dir(self.dir / f"ckpt-{tag}", tensors, {"run": json_safe(meta)})
+        if self.run_id is None:
+            self.run_id = new_run_id()
+        path = ck.write_dir(self.dir / f"ckpt-{tag}", tensors,
+                            {"run": json_safe({**meta, "run_id": self.run_id})})
         ck.write_pointer(self.dir, "latest", path.name)
-        for old in sorted(self.dir.glob("ckpt-*"))[:-KEEP]:
-            if old.name != path.name:
-                shutil.rmtree(old, ignore_errors=True)
+        for name in expired(self.own(), path.name):
+            self._discard(self.dir / name)
         return path
+
+    def own(self) -> list[str]:
+        """Names of this run's checkpoints in the directory."""
+        return [p.name for p in self.dir.iterdir()
+                if checkpoint_order(p.name) is not None and p.is_dir() and not p.is_symlink()
+                and ck.checkpoint_run_id(p) == self.run_id]
+
+    @staticmethod
+    def _discard(path: Path) -> None:
+        # renamed aside first: a removal killed midway leaves a ``.<name>.old-*`` folder,
+        # which the next run's start removes (train.outdir), never half a checkpoint
+        aside = path.with_name(f".{path.name}.old-{secrets.token_hex(6)}")
+        path.rename(aside)
+        shutil.rmtree(aside, ignore_errors=True)
 
     def latest(self) -> Path | None:
         pointer = self.dir / "latest"
@@ -60,7 +105,10 @@ class Checkpointer:
     def load(self, path: Path) -> tuple[dict[str, dict[str, Tensor]], dict[str, Any]]:
         ck.verify_dir(path)
         names = [p.name.removesuffix(".safetensors") for p in path.glob("*.safetensors")]
-        return {n: ck.read_tensors(path, n) for n in names}, ck.read_json(path, "run")
+        meta = ck.read_json(path, "run")
+        if self.run_id is None:  # a resume continues the run that wrote the checkpoint
+            self.run_id = meta.get("run_id")
+        return {n: ck.read_tensors(path, n) for n in names}, meta
 
 
 @dataclass

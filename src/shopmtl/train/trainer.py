@@ -108,7 +108,8 @@ class Trainer:
     """Build the zoo model, its table source, weighting and loop from an experiment config."""
 
     def __init__(
-        self, cfg: ExperimentConfig, data: PreparedData, out_dir: str | Path, progress: bool = True
+        self, cfg: ExperimentConfig, data: PreparedData, out_dir: str | Path, progress: bool = True,
+        run_id: str | None = None,
     ) -> None:
         self.cfg, self.data, self.out = cfg, data, Path(out_dir)
         self.progress = progress
@@ -157,7 +158,8 @@ class Trainer:
         self.loop = Loop(self.model, [self.source], self.weighting, self.schedule, selector,
                          alpha=t.alpha, weight_decay=t.weight_decay, optimizer=t.optimizer,
                          on_best=self._save_best, dist=self.dist)
-        self.checkpointer = Checkpointer(self.out / "checkpoints", write=self.main)
+        # run_id: the output folder's run (train.outdir); retention deletes only its checkpoints
+        self.checkpointer = Checkpointer(self.out / "checkpoints", write=self.main, run_id=run_id)
 
     @property
     def state(self) -> LoopState:
@@ -222,11 +224,13 @@ def train_model(
     resume: bool = False,
     progress: bool = True,
     tensorboard: bool = True,
+    run_id: str | None = None,
 ) -> tuple[MultiTaskModel, LoopState]:
-    """Train, then reload the best weights (what was saved in ``out_dir/model``)."""
+    """Train, then reload the best weights (what was saved in ``out_dir/model``). ``run_id``:
+    the id its checkpoints carry (``train.stages.Checkpointer``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    trainer = Trainer(cfg, data, out, progress)
+    trainer = Trainer(cfg, data, out, progress, run_id=run_id)
     writer = tensorboard_writer(out / "tb") if tensorboard and trainer.main else None
     try:
         state = trainer.fit(resume=resume, writer=writer)
