@@ -242,6 +242,7 @@ class Loop:
         # the label prior's validation metrics, per source and task (None: a task without a
         # prior), shaped like ``TaskSource.evaluate``'s; scored by ``selector.prior``
         self.prior = prior
+        self._prior_tried = False
 
     # -- state --------------------------------------------------------------------------------
     def snapshot(self) -> tuple[dict[str, dict[str, Tensor]], dict[str, Any]]:
@@ -441,7 +442,9 @@ class Loop:
 
     def evaluate(self, seconds: float = 0.0) -> None:
         st = self.state
-        want_prior = self.prior is not None and not st.prior
+        # the prior's metrics once per process (a resumed run has them in its state)
+        want_prior = self.prior is not None and not st.prior and not self._prior_tried
+        self._prior_tried = True
         prior_valid = None
         if self.dist is None or self.dist.main:
             valid = {s.name: s.evaluate(self.model, "valid") for s in self.sources}
@@ -470,7 +473,7 @@ class Loop:
         # the first evaluation is the best so far even when its score is NaN (a split with
         # one class); a NaN never beats a number. A refit stage presets ``best`` (its start).
         # With a known prior, only a score strictly above the prior's counts.
-        if st.prior:
+        if self._guarded():
             better = math.isfinite(score) and score > st.prior["score"] and (
                 st.best_score is None or score > st.best_score)
         else:
@@ -505,11 +508,16 @@ class Loop:
         if got is not None:
             self.state.prior = {"score": got[0], "metric": got[1]}
 
+    def _guarded(self) -> bool:
+        """The prior guard is on (``prior`` given: a resumed run with it switched off is not
+        held to the prior its checkpoint recorded) and the prior's score is known."""
+        return self.prior is not None and bool(self.state.prior)
+
     def check_prior(self) -> None:
         """Raise NoBetterThanPriorError when the run has evaluated but no evaluation beat the
         label prior (so none was saved as best)."""
         st = self.state
-        if not st.prior or not st.history or st.best_score is not None:
+        if not self._guarded() or not st.history or st.best_score is not None:
             return
         name = getattr(self.selector, "metric", "the validation score")
         key = "valid_metric" if all("valid_metric" in r for r in st.history) else "score"
