@@ -10,7 +10,8 @@ without local variables), and the exit status says whose move it is (``EXIT_CODE
   arguments (click's own usage errors). Fix the command or the config and rerun.
 - 1, a runtime error: the command was fine but the run failed. Bad data (DataError, a missing
   data file included), a corrupt or missing checkpoint or model directory (CheckpointError),
-  training that went non-finite or diverged (NonFiniteError, DivergenceError), the output
+  training that went non-finite or diverged or never beat its label prior (NonFiniteError,
+  DivergenceError, NoBetterThanPriorError), the output
   folder in use by another run (OutputInUseError), the system refusing (OSError: a full disk,
   no permission), an optional package missing (MissingDependencyError), and any other
   exception: an internal error, a bug ("internal error (Type); rerun with --debug").
@@ -36,7 +37,8 @@ EXIT_CODES: tuple[tuple[str, int, str], ...] = (
     ("builtins:KeyError", USAGE, "an unknown name"),
     ("shopmtl.data.ingest:DataError", RUNTIME, "bad or missing data"),
     ("shopmtl.train.checkpoint:CheckpointError", RUNTIME, "a corrupt or missing checkpoint"),
-    ("shopmtl.train.loop:NonFiniteError", RUNTIME, "a non-finite or diverging run"),
+    ("shopmtl.train.loop:NonFiniteError", RUNTIME, "a non-finite or diverging run, or one no "
+     "better than its label prior"),
     ("shopmtl.deps:MissingDependencyError", RUNTIME,
      "a missing optional package"),
     ("builtins:OSError", RUNTIME, "a full disk, no permission, OUT in use"),

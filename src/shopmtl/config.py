@@ -184,6 +184,11 @@ class TrainConfig:
     # loss at initialisation (a learning rate far too high) (``train.loop``)
     divergence_factor: float = key(100.0, "stop when a task's loss exceeds this many times its "
                                           "first (0: off)", ge=0)
+    # model selection must beat the label prior (the constant prediction of each task's
+    # training label rate/mean) on the validation split: an evaluation that does not is never
+    # saved as best, and a run with none that does ends with a named error (``train.loop``)
+    prior_guard: bool = key(True, "save as best only evaluations that beat the label prior's "
+                                  "validation metric; fail when none does")
 
     def __post_init__(self) -> None:
         check_fields(self)  # a config built in Python is held to the loader's ranges

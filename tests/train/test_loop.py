@@ -229,3 +229,16 @@ def test_the_divergence_check_follows_the_recent_loss_against_the_first() -> Non
     off = _loop(tiny_model(), [BatchSource(tiny_batch())], divergence_factor=0.0)
     for v in (0.5, 1e30):
         off.check_divergence({"click": v})  # switched off
+
+
+def test_the_metric_selector_scores_the_prior_only_when_its_tasks_have_one() -> None:
+    from shopmtl.train.select import MetricSelector
+
+    prior = {"table": {"click": {"auc": 0.5, "logloss": 0.2, "by_scenario": {}},
+                       "category": None}}  # a multiclass task: no prior
+    assert MetricSelector("valid.click.all.auc", "max", "table").prior(prior) == (0.5, 0.5)
+    assert MetricSelector("valid.click.all.logloss", "min", "table").prior(prior) == (-0.2, 0.2)
+    assert MetricSelector("valid.all_tasks.auc", "max", "table").prior(prior) is None
+    assert MetricSelector("valid.category.all.accuracy", "max", "table").prior(prior) is None
+    nan = {"table": {"click": {"auc": float("nan"), "by_scenario": {}}}}  # one class
+    assert MetricSelector("valid.click.all.auc", "max", "table").prior(nan) is None

@@ -311,3 +311,59 @@ def test_a_diverging_run_is_a_named_error_and_saves_no_model(world: Path, tmp_pa
     assert lines[0].startswith("error: training diverged at step ")
     assert "over 100x its first value" in lines[0]
     assert not (out / "model").exists() and not (out / "metrics.json").exists()
+
+
+def test_a_run_no_better_than_the_label_prior_is_a_named_error_and_saves_no_model(
+        world: Path, tmp_path: Path) -> None:
+    """lr 0.3 kills the network without a runaway loss: every row gets one score, AUC 0.5 on
+    every task, which the label prior (a constant) scores too; that used to exit 0 with the
+    constant model saved as best."""
+    cfg = world_config_yaml(world, tmp_path / "exp.yaml", lr=0.3, epochs=2)
+    out = tmp_path / "run"
+    proc = cli("train", str(cfg), "--out", str(out))
+    assert proc.returncode == 1, proc.stderr  # NoBetterThanPriorError: a runtime error
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[0].startswith("error: no evaluation beat the label prior: the best "
+                               "valid.all_tasks.auc 0.5 is no better than the label prior's 0.5")
+    assert "lower train.lr, check the labels" in lines[0]
+    assert not (out / "model").exists() and not (out / "metrics.json").exists()
+    history = json.loads((out / "history.json").read_text())
+    assert [r["valid_metric"] for r in history] == [0.5, 0.5]
+
+    # train.prior_guard false: the same run finishes and saves its (constant) model
+    off = world_config_yaml(world, tmp_path / "off.yaml", lr=0.3, epochs=2, prior_guard=False)
+    proc = cli("train", str(off), "--out", str(tmp_path / "off"))
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "off" / "model" / "model.safetensors").is_file()
+
+
+def test_a_learnable_run_saves_only_evaluations_better_than_the_prior(
+        world: Path, tmp_path: Path) -> None:
+    from shopmtl.metrics import logloss
+    from shopmtl.train.loop import NoBetterThanPriorError
+
+    assert issubclass(NoBetterThanPriorError, NonFiniteError)  # the CLI's exit 1
+    cfg = load_config(world_config_yaml(
+        world, tmp_path / "exp.yaml", epochs=2,
+        early_stopping={"metric": "valid.click.all.logloss", "mode": "min"}))
+    data = prepare_data(cfg.data, cfg.data.schema.build())
+    trainer = Trainer(cfg, data, tmp_path / "run", progress=False)
+    state = trainer.fit()
+    # the prior: the training click rate predicted for every validation row
+    click = data.schema.task_names.index("click")
+    train_rate = float(data.train.labels[data.train.mask[:, click], click].double().mean())
+    valid = data.valid.labels[data.valid.mask[:, click], click].numpy()
+    want = logloss(valid, [train_rate] * len(valid))
+    assert state.prior["metric"] == pytest.approx(want, rel=1e-6)
+    assert state.prior["score"] == pytest.approx(-want, rel=1e-6)
+    assert state.best_metric is not None and state.best_metric < want
+    assert state.best_score > state.prior["score"]
+    assert (tmp_path / "run" / "model" / "model.safetensors").is_file()
+
+    # AUC: the prior's is 0.5 (a constant ranks nothing)
+    auc_cfg = load_config(world_config_yaml(world, tmp_path / "auc.yaml", epochs=1))
+    trainer = Trainer(auc_cfg, data, tmp_path / "auc", progress=False)
+    state = trainer.fit()
+    assert state.prior == {"score": 0.5, "metric": 0.5}
+    assert state.best_metric > 0.5

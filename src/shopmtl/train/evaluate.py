@@ -61,6 +61,8 @@ def metrics_by_scenario(
     avail = schema.availability()
     out: dict[str, dict[str, dict[str, float]]] = {}
     for j, t in enumerate(schema.tasks):
+        if t.name not in preds:  # a task left out by the caller (e.g. one without a prior)
+            continue
         tt = TASK_TYPES[t.type]
         per: dict[str, dict[str, float]] = {}
         scopes = [(ALL, mask[:, j])]

@@ -46,6 +46,12 @@ class DivergenceError(NonFiniteError):
     next evaluation, so nothing from the runaway steps was saved as best."""
 
 
+class NoBetterThanPriorError(NonFiniteError):
+    """No evaluation of the run scored better than the label prior (the constant prediction
+    of each task's training label rate or mean) on the validation split, so nothing was saved
+    as best (``Loop(prior=...)``: the one-table run's ``train.prior_guard``)."""
+
+
 @dataclass(frozen=True)
 class Schedule:
     """How many steps, how fast, and when to look at validation."""
@@ -98,6 +104,9 @@ class LoopState:
     # (the divergence guard)
     first_loss: dict[str, float] = field(default_factory=dict)
     recent_loss: dict[str, float] = field(default_factory=dict)
+    # the label prior's selection score and metric on the validation split ({} when unknown:
+    # no guard); an evaluation must beat the score to be saved as best
+    prior: dict[str, float] = field(default_factory=dict)
 
     @property
     def global_step(self) -> int:
@@ -189,7 +198,8 @@ class Loop:
                  writer: Any = None,
                  checkpoint: Callable[[Loop], None] | None = None,
                  on_best: Callable[[Loop, dict[str, Any]], None] | None = None,
-                 dist: Dist | None = None) -> None:
+                 dist: Dist | None = None,
+                 prior: Callable[[], dict[str, dict[str, Any]] | None] | None = None) -> None:
         if not sources:
             raise ValueError("a loop needs at least one source")
         self.model, self.sources, self.weighting = model, list(sources), weighting
@@ -229,6 +239,10 @@ class Loop:
         self._present: dict[str, Tensor | None] = {}  # source -> tasks it has (None: all)
         self._zero = torch.zeros((), device=self.device)
         self.last_valid: dict[str, dict[str, Any]] = {}
+        # the label prior's validation metrics, per source and task (None: a task without a
+        # prior), shaped like ``TaskSource.evaluate``'s; scored by ``selector.prior``
+        self.prior = prior
+        self._prior_tried = False
 
     # -- state --------------------------------------------------------------------------------
     def snapshot(self) -> tuple[dict[str, dict[str, Tensor]], dict[str, Any]]:
@@ -423,16 +437,25 @@ class Loop:
                     self.checkpoint(self)
                 if at_eval:  # an interval's seconds are its training steps alone
                     t0 = time.perf_counter()
+        self.check_prior()
         return st
 
     def evaluate(self, seconds: float = 0.0) -> None:
         st = self.state
+        # the prior's metrics once per process (a resumed run has them in its state)
+        want_prior = self.prior is not None and not st.prior and not self._prior_tried
+        self._prior_tried = True
+        prior_valid = None
         if self.dist is None or self.dist.main:
             valid = {s.name: s.evaluate(self.model, "valid") for s in self.sources}
+            if want_prior:
+                prior_valid = self.prior()  # type: ignore[misc]
         else:
             valid = {}
         if self.dist is not None:  # rank 0's metrics: the same best/stop decision everywhere
-            valid = self.dist.broadcast_json(valid)
+            valid, prior_valid = self.dist.broadcast_json([valid, prior_valid])
+        if want_prior:
+            self._set_prior(prior_valid)
         self.last_valid = valid
         score, record = self.selector.score(valid, st.history)
         train_loss = {t: (st.running[t][0] / st.running[t][1]) if t in st.running else 0.0
@@ -449,8 +472,13 @@ class Loop:
                         self.writer.add_scalar(prefix + k, v, st.step)
         # the first evaluation is the best so far even when its score is NaN (a split with
         # one class); a NaN never beats a number. A refit stage presets ``best`` (its start).
-        better = self.best is None or (
-            math.isfinite(score) and (st.best_score is None or score > st.best_score))
+        # With a known prior, only a score strictly above the prior's counts.
+        if self._guarded():
+            better = math.isfinite(score) and score > st.prior["score"] and (
+                st.best_score is None or score > st.best_score)
+        else:
+            better = self.best is None or (
+                math.isfinite(score) and (st.best_score is None or score > st.best_score))
         if better:
             st.best_score = score if math.isfinite(score) else None
             st.best_step = st.step
@@ -471,6 +499,38 @@ class Loop:
         if self.log is not None:
             self.log(f"step {st.step}: validation score {score:+.4f}"
                      + (" (best)" if st.best_step == st.step else ""))
+
+    def _set_prior(self, prior_valid: dict[str, dict[str, Any]] | None) -> None:
+        """``state.prior`` from the prior's validation metrics (left empty, no guard, when
+        there are none or the selector cannot score them, e.g. the joint run's gain)."""
+        score_prior = getattr(self.selector, "prior", None)
+        got = score_prior(prior_valid) if prior_valid and score_prior is not None else None
+        if got is not None:
+            self.state.prior = {"score": got[0], "metric": got[1]}
+
+    def _guarded(self) -> bool:
+        """The prior guard is on (``prior`` given: a resumed run with it switched off is not
+        held to the prior its checkpoint recorded) and the prior's score is known."""
+        return self.prior is not None and bool(self.state.prior)
+
+    def check_prior(self) -> None:
+        """Raise NoBetterThanPriorError when the run has evaluated but no evaluation beat the
+        label prior (so none was saved as best)."""
+        st = self.state
+        if not self._guarded() or not st.history or st.best_score is not None:
+            return
+        name = getattr(self.selector, "metric", "the validation score")
+        key = "valid_metric" if all("valid_metric" in r for r in st.history) else "score"
+        vals = [r[key] for r in st.history if r[key] is not None and math.isfinite(r[key])]
+        mode = getattr(self.selector, "mode", "max")
+        best = (min(vals) if mode == "min" else max(vals)) if vals else math.nan
+        prior = st.prior["metric"] if key == "valid_metric" else st.prior["score"]
+        raise NoBetterThanPriorError(
+            f"no evaluation beat the label prior: the best {name} {best:.4g} is no better than "
+            f"the label prior's {prior:.4g} (each task's training label rate or mean, "
+            "predicted for every row); "
+            "lower train.lr, check the labels (or set train.prior_guard: false); no model "
+            "was saved")
 
     def load_best(self) -> None:
         if self.best is not None:

@@ -99,3 +99,23 @@ class MetricSelector:
     def source_score(self, valid: dict[str, dict[str, Any]], source: TaskSource,
                      history: list[dict[str, Any]]) -> float:
         return self.score(valid, history)[0]
+
+    def prior(self, prior_valid: dict[str, dict[str, Any]]) -> tuple[float, float] | None:
+        """(score, metric) of the label prior's validation metrics (``{source: {task: metrics
+        or None}}``, None for a task without a prior, e.g. multiclass); None when the metric
+        needs a task without one, or the prior's value is not finite (e.g. one class)."""
+        per_task = prior_valid.get(self.source)
+        if not per_task:
+            return None
+        parts = self.metric.removeprefix("valid.").split(".")
+        needed = per_task.values() if parts[0] == "all_tasks" else [per_task.get(parts[0])]
+        if any(m is None for m in needed):
+            return None
+        try:
+            score, record = self.score(
+                {self.source: {t: m for t, m in per_task.items() if m is not None}}, [])
+        except ConfigError:
+            return None
+        if not math.isfinite(score):
+            return None
+        return score, record["valid_metric"]

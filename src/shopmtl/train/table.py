@@ -8,14 +8,16 @@ import dataclasses
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from shopmtl.config import ConfigError
-from shopmtl.data.dataset import Batch, TensorTable
+from shopmtl.data.dataset import Batch, TensorTable, concat_tables, labels_only
 from shopmtl.data.pipeline import PreparedData
 from shopmtl.data.schema import ALL, Schema, TaskSpec
 from shopmtl.models.base import MultiTaskModel
+from shopmtl.tasks import TASK_TYPES
 from shopmtl.train.adversarial import fgm_backward
 from shopmtl.train.distributed import check_batch_size, pin_memory
 from shopmtl.train.evaluate import metrics_by_scenario, predict_split
@@ -145,3 +147,23 @@ class TableSource:
         return {task: {**per.get(ALL, {}),
                        "by_scenario": {s: m for s, m in per.items() if s != ALL}}
                 for task, per in self.scenario_metrics(model, split).items()}
+
+    def prior_metrics(self, priors: dict[str, float], split: str = "valid"
+                      ) -> dict[str, dict[str, Any] | None]:
+        """Per task, the metrics of the label prior on ``split`` (shaped like ``evaluate``'s):
+        every row predicted as the task's ``priors`` value (its type's ``label_prior``, an
+        output bias) activated, e.g. the training positive rate; None for a task without a
+        prior. A constant scores AUC and GAUC 0.5, and the logloss / RMSE of the base rate."""
+        table = self.split(split)
+        if table is None:
+            return {}
+        if not isinstance(table, TensorTable):  # streamed: its label columns, chunk by chunk
+            table = concat_tables([labels_only(c) for c in table.tables()])
+        n = len(table.scenario)
+        preds = {t.name: np.full(n, float(TASK_TYPES[t.type].activate(
+                     torch.tensor(priors[t.name], dtype=torch.float64))), np.float64)
+                 for t in self.tasks if priors.get(t.name) is not None}
+        per_task = metrics_by_scenario(self.schema, table, preds)
+        return {t: ({**per_task[t].get(ALL, {}),
+                     "by_scenario": {s: m for s, m in per_task[t].items() if s != ALL}}
+                    if t in per_task else None) for t in self.task_names}

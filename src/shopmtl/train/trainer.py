@@ -157,7 +157,8 @@ class Trainer:
                                   self.source.name)
         self.loop = Loop(self.model, [self.source], self.weighting, self.schedule, selector,
                          alpha=t.alpha, weight_decay=t.weight_decay, optimizer=t.optimizer,
-                         on_best=self._save_best, dist=self.dist)
+                         on_best=self._save_best, dist=self.dist,
+                         prior=self._prior_metrics if t.prior_guard else None)
         # run_id: the output folder's run (train.outdir); retention deletes only its checkpoints
         self.checkpointer = Checkpointer(self.out / "checkpoints", write=self.main, run_id=run_id)
 
@@ -179,6 +180,14 @@ class Trainer:
         out = self.loop.step(self.source, batch)
         self.loop.state.step += 1
         return out
+
+    def _prior_metrics(self) -> dict[str, dict[str, Any]] | None:
+        """The label prior's validation metrics (the loop's prior guard); None without an
+        in-memory training table to take the priors from (streamed training: no guard)."""
+        if not isinstance(self.data.train, TensorTable):
+            return None
+        priors = label_priors(self.data.train, self.schema)
+        return {self.source.name: self.source.prior_metrics(priors)}
 
     def _save_best(self, loop: Loop, record: dict[str, Any]) -> None:
         if not self.main:  # rank 0 writes model/
