@@ -128,6 +128,26 @@ def _message(e: BaseException) -> str:
     return str(e)
 
 
+def _peer_lost(e: BaseException) -> str | None:
+    """In a torchrun job, a collective that failed because another rank died or stopped
+    answering (gloo: the connection closed, NCCL/gloo: the ``train.dist_timeout`` passed) is
+    no bug of this rank: say so in one line and leave naming the rank to torchrun's summary.
+    None outside a job or for any other error."""
+    dist = sys.modules.get("shopmtl.train.distributed")
+    if dist is None or dist.current() is None or not isinstance(e, RuntimeError):
+        return None
+    import torch
+
+    text = str(e).lower()
+    if not (isinstance(e, torch.distributed.DistError)
+            or any(w in text for w in ("gloo", "nccl", "connection", "timed out", "timeout"))):
+        return None
+    me = dist.current()
+    return (f"rank {me.rank} of {me.world}: a collective failed ({type(e).__name__}): another "
+            "process of the torchrun job died or stopped answering; torchrun's summary names "
+            "the rank that failed")
+
+
 def _guard(fn):
     """Every failure becomes one line on stderr, never a traceback (unless --debug), and exits
     with its ``EXIT_CODES`` status: 2 for a usage error, 1 for a runtime one; an unhandled
@@ -146,6 +166,9 @@ def _guard(fn):
             if _DEBUG:
                 raise
             code = exit_code(e)
+            lost = _peer_lost(e) if code is None else None
+            if lost:
+                _fail(lost, code=RUNTIME)
             if code is None:
                 _fail(f"internal error ({type(e).__name__}); rerun with --debug for the "
                       "traceback", code=RUNTIME)

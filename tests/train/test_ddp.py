@@ -4,6 +4,7 @@ CPU, each rank's shard of a batch, refusals, and a real torchrun job of two CPU 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -250,3 +251,105 @@ def test_config_checks_refuse_what_several_processes_cannot_do(
                          (["train.batch_size=255"], "divisible")):
         with pytest.raises(ConfigError, match=needle):
             load_experiment(cfg, sets)
+
+
+def _children(pid: int) -> list[int]:
+    """The direct children of ``pid`` (``/proc/PID/task/*/children``); none once it is gone."""
+    kids: list[int] = []
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").iterdir())
+    except FileNotFoundError:
+        return kids
+    for task in tasks:
+        with contextlib.suppress(FileNotFoundError, ProcessLookupError):
+            kids += [int(k) for k in (task / "children").read_text().split()]
+    return kids
+
+
+def _rank_of(pid: int) -> int | None:
+    try:
+        env = Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
+    except (FileNotFoundError, ProcessLookupError, PermissionError):
+        return None
+    ranks = [int(e[5:]) for e in env if e.startswith(b"RANK=")]
+    return ranks[0] if ranks else None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
+def test_a_rank_that_dies_ends_the_job_at_once_and_resume_continues(
+        world: Path, tmp_path: Path) -> None:
+    """SIGKILL rank 1 mid-epoch: torchrun exits non-zero within seconds (rank 0's next
+    collective fails on the closed connection, torchrun stops it), its summary names rank 1,
+    rank 0 prints at most one ``error:`` line (no traceback of shopmtl, no locals), no
+    ``model/`` is saved, no process of the job is left, and ``--resume`` from the last
+    checkpoint completes the run."""
+    import time
+
+    cfg = world_config_yaml(world, tmp_path / "exp.yaml", epochs=3, batch_size=32,
+                            log_every=0, checkpoint_every=50, dist_timeout=30)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           "--nproc_per_node=2", "-m", "shopmtl", "train", str(cfg), "--out", str(out)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    log = tmp_path / "torchrun.log"
+    pids: list[int] = []
+    with log.open("w") as sink:
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, text=True,
+                                env=env, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 240  # data, rendezvous, 50 steps; a busy machine
+            while not (out / "checkpoints" / "latest").exists():
+                assert proc.poll() is None, f"ended before training:\n{log.read_text()}"
+                assert time.monotonic() < deadline, f"no checkpoint:\n{log.read_text()}"
+                time.sleep(0.2)
+            pids = _children(proc.pid)
+            ranks = {p: _rank_of(p) for p in pids}
+            assert sorted(r for r in ranks.values() if r is not None) == [0, 1], ranks
+            victim = next(p for p, r in ranks.items() if r == 1)
+            killed = time.monotonic()
+            os.kill(victim, signal.SIGKILL)
+            try:
+                rc = proc.wait(timeout=120)
+            except subprocess.TimeoutExpired:
+                raise AssertionError(f"job hung after rank 1 died:\n{log.read_text()}"
+                                     ) from None
+            took = time.monotonic() - killed
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+    text = log.read_text()
+    errors = [ln for ln in text.splitlines() if ln.startswith("error:")]
+    print(f"rank 1 killed -> torchrun exited {rc} after {took:.1f}s; rank 0: {errors}")
+    assert rc != 0, text
+    assert took < 120, text
+    # torchrun's summary names the rank that died and how
+    root = text.split("Root Cause", 1)[1]
+    assert "rank      : 1" in root and "exitcode  : -9" in root, text
+    # rank 0: at most one error line, never a traceback of its own (or its locals)
+    assert not [ln for ln in text.splitlines() if 'File "' in ln and "shopmtl" in ln], text
+    assert "locals" not in text.lower() and "internal error" not in text, text
+    for ln in text.splitlines():
+        if ln.startswith("error:"):
+            assert "rank 0 of 2" in ln and "died or stopped answering" in ln, ln
+    # nothing of the job is left
+    for pid in [proc.pid, *pids]:
+        assert not _alive(pid), f"pid {pid} outlived the job"
+    with pytest.raises(ProcessLookupError):
+        os.killpg(proc.pid, 0)
+    # no model saved as if complete; the last checkpoint resumes the run to its end
+    assert not (out / "model").exists()
+    assert not (out / "metrics.json").exists()
+    _torchrun(["train", str(cfg), "--out", str(out), "--resume"], nproc=2)
+    assert (out / "model" / "model.safetensors").is_file()
+    assert (out / "metrics.json").is_file()
+    steps = [r["step"] for r in json.loads((out / "history.json").read_text())]
+    assert steps and steps == sorted(steps)
