@@ -283,7 +283,6 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="needs Linux /proc")
 def test_a_rank_that_dies_ends_the_job_at_once_and_resume_continues(
         world: Path, tmp_path: Path) -> None:
     """SIGKILL rank 1 mid-epoch: torchrun exits non-zero within seconds (rank 0's next
