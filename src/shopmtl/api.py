@@ -43,7 +43,7 @@ def run_training(config: ConfigLike, out: str | Path, *, overrides: Sequence[str
     config is checked before anything in ``out`` is replaced. ``baselines``: also single-task
     models (zoo); ``alone``: also each source alone (joint)."""
     from shopmtl.checks import load_run_config
-    from shopmtl.config import ConfigError, to_dict
+    from shopmtl.config import to_dict
     from shopmtl.joint.config import JointConfig
     from shopmtl.train.checkpoint import CheckpointError
     from shopmtl.train.distributed import env_world
@@ -58,16 +58,13 @@ def run_training(config: ConfigLike, out: str | Path, *, overrides: Sequence[str
 
     out = Path(out)
     check_flags(resume, overwrite)
-    rank, _, world = env_world()
+    rank = env_world()[0]
     main = rank == 0
     # under torchrun rank 0 alone writes OUT, so it alone holds the lock and prepares OUT
     with locked_output(out) if main else contextlib.nullcontext():
         action = check_output(out, resume=resume, overwrite=overwrite) if main else None
         cfg = load_run_config(config, overrides)
         joint = isinstance(cfg, JointConfig)
-        if joint and world > 1:
-            raise ConfigError("a joint run (a config with `sources`) is not supported with "
-                              "several processes (torchrun) yet; run it in one process")
         checkpoints = out / "joint" / "checkpoints" if joint else out / "checkpoints"
         if resume and not (checkpoints / "latest").is_file():
             raise CheckpointError(f"--resume: no checkpoint in {checkpoints}")

@@ -123,8 +123,16 @@ def load_joint(path: str | Path, overrides: list[str] | None = None) -> JointCon
     """``joint.config.load_joint_config`` and every check of this module. A joint run always
     has the shared sentence encoder (and its text sources their TF-IDF baselines): the 'text'
     extra is checked here, before any data is generated or read."""
-    cfg = load_joint_config(path, overrides)
+    return check_joint(load_joint_config(path, overrides))
+
+
+def check_joint(cfg: JointConfig) -> JointConfig:
+    """A parsed joint config's names, the 'text' extra every joint run needs, and (like
+    ``check_experiment``) what several processes cannot do: a joint run under torchrun."""
     check_joint_names(cfg)
+    if env_world()[2] > 1:
+        raise ConfigError("a joint run (a config with `sources`) is not supported with "
+                          "several processes (torchrun) yet; run it in one process")
     require_extra("text", "a joint run (a config with `sources`)")
     return cfg
 
@@ -138,10 +146,7 @@ def load_run_config(config: str | Path | Mapping[str, Any], overrides: Sequence[
     if isinstance(config, Mapping):
         raw = dict(config)
         if "sources" in raw:
-            cfg = joint_config_from_dict(raw, overrides)
-            check_joint_names(cfg)
-            require_extra("text", "a joint run (a config with `sources`)")
-            return cfg
+            return check_joint(joint_config_from_dict(raw, overrides))
         return check_experiment(config_from_dict(raw, overrides))
     if not isinstance(config, str | Path):
         raise ConfigError(f"config: a YAML file's path or a dict, got {type(config).__name__}")

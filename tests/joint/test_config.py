@@ -99,3 +99,16 @@ def test_own_source_alpha_checked_when_it_declares_its_tasks(
     raw["sources"][0]["cls"] = "ticket_source:Nope"
     with pytest.raises(ConfigError, match="source 'tickets': cannot import"):
         load_joint_config(_write(tmp_path, raw))
+
+
+def test_a_joint_run_under_torchrun_is_refused_at_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checked with the config (checks.check_joint), before anything in OUT is touched."""
+    from shopmtl.checks import load_run_config
+
+    path = Path(__file__).resolve().parents[2] / "examples" / "joint.yaml"
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(ConfigError, match=r"joint run .* not supported with several processes"):
+        load_joint_config(path)
+    with pytest.raises(ConfigError, match="several processes"):
+        load_run_config(path)
