@@ -14,12 +14,13 @@ A source also owns how its predictions are scored (``metrics``), in the units it
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 
+from shopmtl.data.contract import Contract
 from shopmtl.data.schema import TaskSpec
 
 SPLITS = ("train", "valid", "test")
@@ -37,6 +38,9 @@ class SourceSplit:
     Ranking sources: ``text`` is the query of each list, ``cand_text`` the L candidate texts of
     each list ([n][L]), ``cand_ids`` name -> int64 [n, L], and the ranking task's label is a float32
     graded relevance [n, L] (NaN pads a short list).
+    ``raw``: each example as its user would send it (the fields of the source's ``Contract``),
+    or None; a sequence, possibly lazy (``take(idx)`` if it has one, else indexing). What
+    ``shopmtl predict`` is tested with: the raw held-out rows must give the run's predictions.
     """
 
     text: list[str] | None
@@ -45,6 +49,7 @@ class SourceSplit:
     labels: dict[str, np.ndarray] = field(default_factory=dict)
     cand_text: list[list[str]] | None = None
     cand_ids: dict[str, np.ndarray] = field(default_factory=dict)
+    raw: Sequence[dict[str, Any]] | None = None
 
     def __len__(self) -> int:
         return len(self.numeric)
@@ -63,7 +68,17 @@ class SourceSplit:
             {k: v[idx] for k, v in self.labels.items()},
             None if self.cand_text is None else [self.cand_text[i] for i in idx],
             {k: v[idx] for k, v in self.cand_ids.items()},
+            take_raw(self.raw, idx),
         )
+
+
+def take_raw(raw: Sequence[dict[str, Any]] | None, idx: np.ndarray
+             ) -> Sequence[dict[str, Any]] | None:
+    """The raw examples ``idx`` of a split's ``raw`` (a list, or a lazy sequence with ``take``)."""
+    if raw is None:
+        return None
+    take = getattr(raw, "take", None)
+    return take(idx) if callable(take) else [raw[int(i)] for i in idx]
 
 
 @dataclass(frozen=True)
@@ -112,6 +127,28 @@ class Source(Protocol):
     def baseline(self, data: SourceData) -> dict[str, dict[str, float]]:
         """The simple baseline's test metrics per task (same keys as ``metrics``)."""
         ...
+
+
+class RawSource(Source, Protocol):
+    """A source whose tasks answer raw requests (``shopmtl predict --task``, ``shopmtl.load(
+    ...).predict``, ``shopmtl describe``): what every built-in source is. A source without
+    these methods trains, but its tasks cannot be asked (predict says so).
+
+    - ``contract(data)``: the input fields, the outputs (class labels, the training labels'
+      range) and an example request (``data.contract.Contract``); stored in the model directory.
+    - ``encode(meta, rows)`` (a staticmethod: it runs from the directory, without the
+      dataset): requests already checked by the contract (``Contract.read``) -> the model's
+      inputs, by the same code and fitted statistics (``meta``) that built the training
+      inputs. Labels are not needed.
+    - ``to_user(meta, split, task, pred)`` (a staticmethod, optional): activated predictions of
+      ``split`` -> the user's units (demand: the scaled target -> units sold); identity if
+      absent.
+    """
+
+    def contract(self, data: SourceData) -> Contract: ...
+
+    @staticmethod
+    def encode(meta: dict[str, Any], rows: list[dict[str, Any]]) -> SourceSplit: ...
 
 
 class TaskSource(Protocol):

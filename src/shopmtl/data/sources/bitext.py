@@ -5,6 +5,9 @@ rows, SOURCE.md). Each example is one customer utterance (``instruction``); the 
 two-level hierarchy (every intent belongs to one category), a natural pair of multiclass heads.
 No numeric features and no ids: the text is everything (the joint trainer embeds it).
 
+Requests (``contract``): ``{"text": <the customer's message>}``; answers: the intent and the
+category labels of the training data, top-k with their probabilities.
+
 Split: stratified by intent, 70/15/15, by a seeded random order within each intent
 (``stratified_split``), so every intent is in every split in the same proportion and the same
 file always gives the same split.
@@ -12,10 +15,13 @@ file always gives the same split.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from shopmtl.data.contract import Contract, Field, Output
 from shopmtl.data.ingest import DataError
 from shopmtl.data.schema import TaskSpec
 from shopmtl.data.source import SPLITS, SourceData, SourceSplit
@@ -33,6 +39,8 @@ DATASET = "bitext_customer_support"
 FILE_NAME = "bitext_customer_support_tagged_train.csv"
 TEXT = "instruction"
 TASKS = ("intent", "category")  # task name = column name
+INPUTS = (Field("text", "text", "the customer's message, as typed"),)
+EXAMPLE = {"text": "I want to cancel the order I placed yesterday"}
 
 
 class BitextSource:
@@ -78,6 +86,23 @@ class BitextSource:
                           "seed": self.seed, "sizes": {s: len(rows[s]) for s in SPLITS}},
             },
         )
+
+    def contract(self, data: SourceData) -> Contract:
+        classes = data.meta["classes"]
+        return Contract(
+            self.name, INPUTS,
+            (Output("intent", "multiclass", "what the customer wants",
+                    labels=tuple(map(str, classes["intent"]))),
+             Output("category", "multiclass", "the intent's category",
+                    labels=tuple(map(str, classes["category"])))),
+            EXAMPLE, doc="customer-service utterances (Bitext)")
+
+    @staticmethod
+    def encode(meta: dict[str, Any], rows: list[dict[str, Any]]) -> SourceSplit:
+        """Requests -> model inputs: the text is everything (the joint model embeds it)."""
+        return SourceSplit(text=[r["text"] for r in rows],
+                           numeric=np.zeros((len(rows), 0), np.float32),
+                           raw=[{"text": r["text"]} for r in rows])
 
     def metrics(self, data: SourceData, split: str, task: str, pred: np.ndarray
                 ) -> dict[str, float]:
@@ -139,11 +164,9 @@ def _split(table: Table, rows: np.ndarray, classes: dict[str, list[str]]) -> Sou
                 )
             out[j] = k
         labels[t] = out
-    return SourceSplit(
-        text=[table.columns[TEXT][i] for i in rows],
-        numeric=np.zeros((len(rows), 0), np.float32),
-        labels=labels,
-    )
+    # the inputs are built from the raw requests by the code that serves them (``encode``)
+    requests = [{"text": table.columns[TEXT][i]} for i in rows]
+    return replace(BitextSource.encode({}, requests), labels=labels)
 
 
 def _texts(split: SourceSplit) -> list[str]:
