@@ -15,6 +15,7 @@ Layers, bottom to top (each imports only from below):
     checkpoint's rec tasks with ``predict.predict_rows``);
     modeldir (``shopmtl.load``: any model directory, scored through predict and joint.predict);
     configdoc (docs/CONFIG.md from the config dataclasses of every layer)
+    describe (``shopmtl describe``, docs/PREDICT.md: the contracts of a model directory)
     api (``shopmtl.train``: a config trained into an output folder, the ``shopmtl train`` path)
   the root package ``shopmtl/__init__.py`` is the public face above them all: its lazy
   ``__getattr__`` hands out ``shopmtl.load`` from modeldir and the callable ``shopmtl.train``
@@ -38,7 +39,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 ROOT_PACKAGE = "shopmtl"
 
 APPS = ("cli", "run", "checks", "predict", "compare", "report", "joint.predict", "modeldir",
-        "configdoc", "api", "__main__")
+        "configdoc", "describe", "api", "__main__")
 # what each layer must not import: rules (b), (c), (d). data/ may import the leaf ``metrics``.
 DATA_FORBIDDEN = ("train", "joint", *APPS, "weighting", "models", "nn", "tasks")
 LOW_FORBIDDEN = ("train", "joint", "models", "nn", "weighting", *APPS)

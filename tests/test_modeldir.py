@@ -49,11 +49,18 @@ def _assert_zoo_matches(table: pa.Table, tasks=ZOO_TASKS) -> None:
 
 
 def _assert_joint_matches(records: list[dict], task: str) -> None:
+    """The old code wrote the class probabilities as one vector and the top class; the new
+    answer names them: ``<task>`` is that class, ``<task>_p_<label>`` each probability
+    (``all_classes``), and the labels are the training data's, stored in the old directory."""
     old = _old_joint()[task]
+    labels = json.loads((FIX / "joint_model" / "sources.json").read_text()
+                        )["bitext"]["meta"]["classes"][task]
     assert len(records) == len(old)
     for new, was in zip(records, old, strict=True):
-        np.testing.assert_allclose(new[task], was[task], atol=1e-6, rtol=0)
-        assert new[f"{task}_class"] == was[f"{task}_class"]
+        np.testing.assert_allclose([new[f"{task}_p_{lab}"] for lab in labels], was[task],
+                                   atol=1e-6, rtol=0)
+        assert new[task] == was[f"{task}_class"]
+        assert new[f"{task}_p"] == pytest.approx(max(was[task]), abs=1e-6)
 
 
 def test_fixtures_are_format_1_and_small() -> None:
@@ -95,16 +102,15 @@ def test_old_joint_dir_loads_and_predicts_what_the_old_code_did() -> None:
     assert (m.kind, m.tasks) == ("joint", JOINT_TASKS)
     texts = [json.loads(line) for line in (FIX / "joint_rows.jsonl").read_text().splitlines()]
     for task in JOINT_TASKS:
-        _assert_joint_matches(m.predict(FIX / "joint_rows.jsonl", task=task).to_pylist(), task)
-        _assert_joint_matches(m.predict(texts, task=task).to_pylist(), task)
-        _assert_joint_matches(m.predict(pa.Table.from_pylist(texts), task=task).to_pylist(),
-                              task)
+        for rows in (FIX / "joint_rows.jsonl", texts, pa.Table.from_pylist(texts)):
+            _assert_joint_matches(m.predict(rows, task=task, all_classes=True).to_pylist(),
+                                  task)
 
 
 def test_old_joint_dir_through_the_cli(tmp_path: Path) -> None:
     out = tmp_path / "p.jsonl"
     cli("predict", str(FIX / "joint_model"), str(FIX / "joint_rows.jsonl"), "--out", str(out),
-        "--task", "category", check=True)
+        "--task", "category", "--all-classes", check=True)
     records = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["line"] for r in records] == [r["line"] for r in _old_joint()["category"]]
     _assert_joint_matches(records, "category")
@@ -132,7 +138,8 @@ def test_in_memory_rows_are_checked_by_the_cli_rules(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="expected a pyarrow Table"):
         m.predict(42)
     j = shopmtl.load(FIX / "joint_model")
-    with pytest.raises(DataError, match="rows: row 1: 'text' must be a non-empty string"):
+    with pytest.raises(DataError, match=r"bad row: rows: row 1: unknown field\(s\) \['txt'\]; "
+                       r"the fields are \['text'\] \(1 bad row in all\)"):
         j.predict([{"text": "where is my order"}, {"txt": 1}], task="intent")
     with pytest.raises(DataError, match="one task at a time: pass task=NAME"):
         j.predict([{"text": "where is my order"}])

@@ -341,20 +341,47 @@ def predict(
         "cell as text), after line: a,b")] = None,
     fmt: Annotated[OutFormat | None, typer.Option(
         "--format", help="Output format, instead of OUT's extension")] = None,
+    top_k: Annotated[int, typer.Option(
+        "--top-k", help="Multiclass tasks: the K most likely labels with their probabilities",
+        min=1)] = 1,
+    all_classes: Annotated[bool, typer.Option(
+        "--all-classes", help="Multiclass tasks: also one probability column per label")
+    ] = False,
 ) -> None:
-    """Probabilities per task for every row of a file, read as training reads it; each row is
-    named by `line` (the CSV line it starts on, or the Parquet row from 1). Every data row
-    read is predicted or (under --bad-rows quarantine) set aside; blank lines are skipped and
-    counted. A joint model directory (``shopmtl train`` on a joint config) answers one
-    ``--task``."""
+    """Answers per task for every row of a file, read as training reads it; each row is named
+    by `line` (the line it starts on, or the Parquet row from 1). Every data row read is
+    answered or (under --bad-rows quarantine) set aside; blank lines are skipped and counted.
+    A joint model directory (``shopmtl train`` on a joint config) answers one ``--task``,
+    reading the raw fields ``shopmtl describe`` lists (JSON lines, CSV or Parquet)."""
     from shopmtl.modeldir import load
 
     # the directory's meta.json kind picks the loader (modeldir.KINDS); each kind's model
     # writes its predictions through predict.TableWriter
     ids = [c for c in (id_columns or "").split(",") if c.strip()]
     report = load(model_dir).predict_file(data, out, task, bad_rows.value, ids,
-                                          None if fmt is None else fmt.value)
+                                          None if fmt is None else fmt.value, top_k=top_k,
+                                          all_classes=all_classes)
     typer.echo(f"wrote {report.scored} rows to {out}{report.describe()}")
+
+
+@app.command()
+@_guard
+def describe(
+    model_dir: Annotated[Path, typer.Argument(help="A model directory (OUT/model)")],
+    task: Annotated[list[str] | None, typer.Option(help="Only these tasks")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON instead of text")] = False,
+) -> None:
+    """What each task reads and answers: its input fields (type, unit, range), its output
+    columns, and a ready example request with the command that answers it."""
+    from shopmtl import describe as d
+    from shopmtl.modeldir import load
+
+    model = load(model_dir)
+    tasks = list(task) if task else list(model.tasks)
+    if as_json:
+        typer.echo(json.dumps([d.task_info(model, t) for t in tasks], indent=1))
+    else:
+        typer.echo(d.text(model, tasks))
 
 
 @app.command()

@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING, Any
 
 import pyarrow as pa
 
-from shopmtl.data.ingest import DataError
 from shopmtl.train import checkpoint as ck
 
 if TYPE_CHECKING:
+    from shopmtl.data.contract import Contract
     from shopmtl.predict import RowReport
 
 PathLike = str | Path
@@ -49,14 +49,20 @@ class Model:
         return f"<shopmtl.Model kind={self.kind!r} tasks={list(self.tasks)} path='{self.path}'>"
 
     def predict(self, rows: Any, task: str | list[str] | None = None, bad_rows: str = "fail",
-                id_columns: Sequence[str] = ()) -> pa.Table:
+                id_columns: Sequence[str] = (), top_k: int = 1, all_classes: bool = False
+                ) -> pa.Table:
         raise NotImplementedError
 
     def predict_file(self, path: PathLike, out: PathLike, tasks: list[str] | None = None,
                      bad_rows: str = "fail", id_columns: Sequence[str] = (),
-                     fmt: str | None = None) -> RowReport:
+                     fmt: str | None = None, top_k: int = 1, all_classes: bool = False
+                     ) -> RowReport:
         """``shopmtl predict``: predictions of every good row of ``path`` written to ``out``
         (bad rows: ``predict.predict_rows``)."""
+        raise NotImplementedError
+
+    def contract(self, task: str) -> Contract:
+        """What ``task`` reads and answers (``data.contract``; ``shopmtl describe``)."""
         raise NotImplementedError
 
     def evaluate_file(self, path: PathLike, bad_rows: str = "fail", out: PathLike | None = None
@@ -88,7 +94,8 @@ class ZooModel(Model):
         super().__init__(path, list(self.schema.task_names), meta)
 
     def predict(self, rows: Any, task: str | list[str] | None = None, bad_rows: str = "fail",
-                id_columns: Sequence[str] = ()) -> pa.Table:
+                id_columns: Sequence[str] = (), top_k: int = 1, all_classes: bool = False
+                ) -> pa.Table:
         from shopmtl.predict import predict_in_memory
 
         return predict_in_memory(self.model, self.schema, self.encoders, rows, _task_list(task),
@@ -96,12 +103,19 @@ class ZooModel(Model):
 
     def predict_file(self, path: PathLike, out: PathLike, tasks: list[str] | None = None,
                      bad_rows: str = "fail", id_columns: Sequence[str] = (),
-                     fmt: str | None = None) -> RowReport:
+                     fmt: str | None = None, top_k: int = 1, all_classes: bool = False
+                     ) -> RowReport:
         from shopmtl.predict import predict_rows
 
         return predict_rows(self.model, self.schema, self.encoders, path, out, tasks,
                             bad_rows=bad_rows, id_columns=id_columns, fmt=fmt,
                             chunk_rows=self.cfg.data.chunk_rows)
+
+    def contract(self, task: str) -> Contract:
+        from shopmtl.data.contract import table_contract
+
+        _known(self, task)
+        return table_contract("table", self.schema, self.encoders)
 
     def evaluate_file(self, path: PathLike, bad_rows: str = "fail", out: PathLike | None = None
                       ) -> tuple[dict, RowReport]:
@@ -113,12 +127,11 @@ class ZooModel(Model):
 
 class JointModelDir(Model):
     """A joint model (``shopmtl train`` on a joint config): one task at a time. A rec task
-    takes the rows of a zoo model; a text or search task a list of dicts, a pyarrow Table or
-    DataFrame with the keys of ``shopmtl predict``'s JSON lines (``{"text": ...}``,
-    ``{"query": ..., "candidates": [...]}``; joint/predict.py), or a JSON-lines path. The
-    result has the columns of the records ``shopmtl predict --task`` writes, without ``line``:
-    ``<task>`` (class probabilities, quantiles, candidate scores or a probability) and
-    ``<task>_class`` for a multiclass task."""
+    takes the rows of a zoo model; any other task the raw requests of its source's contract
+    (``contract(task)``, ``shopmtl describe``) as dicts, a pyarrow Table, a DataFrame or a
+    JSON-lines/CSV/Parquet path. The result has the columns ``shopmtl predict --task`` writes
+    (``joint/predict.py``): the answer in the user's terms (labels top-k, clamped values, named
+    quantiles; a ranking task one row per candidate, best first)."""
 
     kind = "joint"
 
@@ -136,40 +149,36 @@ class JointModelDir(Model):
         return tasks[0]
 
     def predict(self, rows: Any, task: str | list[str] | None = None, bad_rows: str = "fail",
-                id_columns: Sequence[str] = ()) -> pa.Table:
-        from shopmtl.joint.config import REC
-        from shopmtl.joint.predict import _read_jsonl, only_rows, owner_of, score_joint
-        from shopmtl.predict import ROWS, predict_in_memory, rows_table
+                id_columns: Sequence[str] = (), top_k: int = 1, all_classes: bool = False
+                ) -> pa.Table:
+        from shopmtl.joint.predict import predict_joint_memory
 
         name = self._one(_task_list(task), "task=NAME")
-        if owner_of(self.sources, name) == REC:
-            s = self.sources[REC]
-            return predict_in_memory(self.model.rec, s["_schema"], s["_encoders"], rows, [name],
-                                     bad_rows, id_columns)
-        only_rows(name, bad_rows, id_columns)
-        if isinstance(rows, str | Path):
-            records = _read_jsonl(Path(rows))
-            file = Path(rows).name
-            where: Callable[[dict], str] = lambda r: f"{file} line {r['_line']}"  # noqa: E731
-        else:
-            # a dict is a JSON line as it is; a table or DataFrame gives one dict per row
-            dicts = (list(rows) if isinstance(rows, list | tuple)
-                     and all(isinstance(r, dict) for r in rows) else rows_table(rows).to_pylist())
-            records = [{"_line": i, **r} for i, r in enumerate(dicts)]
-            if not records:
-                raise DataError(f"{ROWS}: no rows")
-            where = lambda r: f"{ROWS}: row {r['_line']}"  # noqa: E731
-        out = score_joint(self.model, self.cfg, self.sources, name, records, where)
-        return pa.Table.from_pylist(out)
+        return predict_joint_memory(self.model, self.cfg, self.sources, rows, name,
+                                    bad_rows=bad_rows, id_columns=id_columns, top_k=top_k,
+                                    all_classes=all_classes)
 
     def predict_file(self, path: PathLike, out: PathLike, tasks: list[str] | None = None,
                      bad_rows: str = "fail", id_columns: Sequence[str] = (),
-                     fmt: str | None = None) -> RowReport:
+                     fmt: str | None = None, top_k: int = 1, all_classes: bool = False
+                     ) -> RowReport:
         from shopmtl.joint.predict import predict_joint_rows
 
         name = self._one(tasks, "--task NAME")
         return predict_joint_rows(self.model, self.cfg, self.sources, path, out, name,
-                                  bad_rows=bad_rows, id_columns=id_columns, fmt=fmt)
+                                  bad_rows=bad_rows, id_columns=id_columns, fmt=fmt,
+                                  top_k=top_k, all_classes=all_classes)
+
+    def contract(self, task: str) -> Contract:
+        from shopmtl.data.contract import table_contract
+        from shopmtl.joint.config import REC
+        from shopmtl.joint.predict import contract_of, owner_of
+
+        owner = owner_of(self.sources, task)
+        if owner == REC:
+            s = self.sources[REC]
+            return table_contract(REC, s["_schema"], s["_encoders"])
+        return contract_of(self.cfg, self.sources, owner)
 
     def evaluate_file(self, path: PathLike, bad_rows: str = "fail", out: PathLike | None = None
                       ) -> tuple[dict, RowReport]:
@@ -177,6 +186,14 @@ class JointModelDir(Model):
 
         raise OptionError(f"{self.path}: a joint model is scored by its run (metrics.json, "
                         "report.md); `shopmtl evaluate` takes a zoo model directory")
+
+
+def _known(model: Model, task: str) -> None:
+    if task not in model.tasks:
+        from shopmtl.predict import OptionError
+
+        raise OptionError(f"--task: unknown task {task!r}; this model answers: "
+                          f"{sorted(model.tasks)}")
 
 
 def _load_zoo(path: Path, meta: dict[str, Any]) -> Model:

@@ -20,38 +20,11 @@ from shopmtl.joint.parts import SourcePart, load_parts, text_width
 from shopmtl.joint.train import build_joint_model, train_joint
 from tests.helpers import cli
 
-SMALL = {
-    "sources": [
-        {"name": "rec", "batch_size": 256, "args": {"rows": 30000}},
-        {"name": "search", "batch_size": 16, "args": {"n_train": 80, "n_valid": 30,
-                                                       "n_test": 30}},
-        {"name": "bitext", "batch_size": 32, "max_examples": 150},
-        {"name": "reviews", "batch_size": 32, "max_examples": 150},
-        {"name": "retail", "batch_size": 32, "max_examples": 300},
-    ],
-    "model": {"adapter_hidden": 32, "text_dim": 16, "hidden": [16], "id_dim": 16,
-              "wide_vector": True, "share_ids": {"item": "item_id"}},
-    "sampling": {"method": "round_robin"},
-    "train": {"steps": 60, "lr": 0.003, "threads": 1, "log_every": 0,
-              "solve_heads": True, "solve_l2": [1e-3], "solve_iters": 20},
-}
+# examples/joint_tiny.yaml: every source on a small slice (tests/joint/conftest.py trains it)
+SMALL = yaml.safe_load((Path(__file__).parents[2] / "examples" / "joint_tiny.yaml").read_text())
 TASKS = {"click": "rec", "conversion": "rec", "ad_click": "rec", "relevance": "search",
          "intent": "bitext", "category": "bitext", "rating": "reviews", "recommend": "reviews",
          "demand_1d": "retail", "demand_7d": "retail"}
-
-
-@pytest.fixture(scope="module")
-def small_cfg(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    path = tmp_path_factory.mktemp("cfg") / "joint.yaml"
-    path.write_text(yaml.safe_dump(SMALL))
-    return path
-
-
-@pytest.fixture(scope="module")
-def run(small_cfg: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("joint")
-    cli("train", str(small_cfg), "--out", str(out), "--alone", check=True)
-    return out
 
 
 def test_every_task_is_trained_and_scored(run: Path) -> None:

@@ -22,6 +22,7 @@ This module imports nothing from shopmtl above layer 2.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -124,8 +125,14 @@ class Field:
                 except ValueError:
                     pass
             raise bad
+        if isinstance(value, str):  # a CSV cell holds the list as JSON
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError:
+                raise bad from None
         if not isinstance(value, list | tuple) or len(value) < self.min_items:
-            raise bad
+            raise DataError(f"{where}: field '{self.name}': expected {self.expects()}, got "
+                            f"{_kind(value)}")
         out = []
         for j, item in enumerate(value):
             at = f"{where}: field '{self.name}' item {j}"
@@ -364,3 +371,54 @@ class Contract:
         return cls(d["source"], tuple(Field.from_json(f) for f in d["inputs"]),
                    tuple(Output.from_json(o) for o in d["outputs"]), dict(d["example"]),
                    d.get("doc", ""), tuple(tuple(g) for g in d.get("one_of", ())))
+
+
+def table_contract(name: str, schema: Any, encoders: Any) -> Contract:
+    """The contract of a zoo model (or a joint run's rec source): one field per column the
+    schema reads, the scenario column, one probability per task. Its rows are read by the
+    reader of training (``data.ingest.read_chunks``), not by ``Contract.read``: this contract
+    describes them (``shopmtl describe``) with a ready example built from the fitted
+    vocabularies and means."""
+    fields: list[Field] = []
+    example: dict[str, Any] = {}
+    for f in schema.features:
+        col = f.source
+        if f.kind == "numeric":
+            enc = encoders.numeric[f.name]
+            mean = float(enc.mean_)
+            fields.append(Field(col, "number", f"numeric feature {f.name}"
+                                + (" (log1p applied)" if f.transform == "log1p" else "")
+                                + ("; empty: filled" if f.fill is not None else ""),
+                                required=f.fill is None))
+            example[col] = round(math.expm1(mean) if f.transform == "log1p" else mean, 4)
+        elif f.kind == "sequence":
+            vocab = _vocabulary(encoders, f.vocab_from or f.name)
+            fields.append(Field(col, "string", f"sequence feature {f.name}: items joined by "
+                                f"'{f.sep}', the last {f.max_len} kept", required=False))
+            example[col] = f.sep.join(vocab[:2])
+        elif col not in example:  # categorical, or a content feature's key
+            vocab = _vocabulary(encoders, f.name)
+            what = ("the key of a catalog row" if f.kind not in ("categorical",)
+                    else "categorical feature")
+            fields.append(Field(col, "string", f"{what} {f.name} (unknown or empty: the "
+                                "unknown row)", required=False))
+            example[col] = vocab[0] if vocab else "x"
+    if schema.scenario is not None:
+        sc = schema.scenario
+        other = f"; any other value: '{sc.other}'" if sc.other is not None else ""
+        fields.append(Field(sc.column, "string", f"where the request comes from: one of "
+                            f"{list(sc.values)}{other}", required=sc.other is None))
+        example[sc.column] = sc.values[0]
+    outputs = tuple(Output(t.name, t.type if t.type in OUTPUT_TYPES else "regression",
+                           f"{t.name} = 1" if t.type == "binary" else t.name,
+                           quantiles=tuple(getattr(t, "quantiles", ()) or ()))
+                    for t in schema.tasks)
+    return Contract(name, tuple(fields), outputs, example,
+                    doc="rows of the training table's columns (CSV, Parquet or records); "
+                        "label columns are not read")
+
+
+def _vocabulary(encoders: Any, feature: str) -> list[str]:
+    enc = (getattr(encoders, "categorical", {}).get(feature)
+           or getattr(encoders, "sequence_vocab", {}).get(feature))
+    return [str(v) for v in getattr(enc, "vocabulary_", []) or []]

@@ -60,7 +60,7 @@ class BadRow:
     raw: str = ""  # CSV: the record's bytes as in the file; Parquet and in-memory: JSON
 
     def describe(self) -> str:
-        where = "line" if is_csv(self.file) else "row"
+        where = "line" if is_csv(self.file) or is_json_lines(self.file) else "row"
         col = f", column '{self.column}'" if self.column else ""
         return f"{self.file}: {where} {self.line}{col}: {self.reason}"
 
@@ -159,6 +159,10 @@ class BadRowLog:
 
 def _reason_key(reason: str) -> str:
     return reason.split(":")[0]
+
+
+def is_json_lines(path: str | Path) -> bool:
+    return str(path).endswith((".jsonl", ".ndjson", ".json"))
 
 
 def is_csv(path: str | Path) -> bool:

@@ -62,13 +62,19 @@ def _import_source(path: str, name: str) -> type:
     return cls
 
 
-def build_source(sc: SourceConfig) -> Source:
-    known = _sources()
+def source_class(sc: SourceConfig) -> type:
+    """The class of a (non-rec) source: a built-in one by name, or a user's ``class:``."""
     if sc.cls is not None:
-        known = {sc.name: _import_source(sc.cls, sc.name)}
-    elif sc.name not in known:
+        return _import_source(sc.cls, sc.name)
+    known = _sources()
+    if sc.name not in known:
         raise ConfigError(f"unknown source {sc.name!r}; known: {sorted([REC, *known])} (or "
                          "give class: package.module:Class for your own)")
+    return known[sc.name]
+
+
+def build_source(sc: SourceConfig) -> Source:
+    cls = source_class(sc)
     args = dict(sc.args)
     if sc.name == "search" and isinstance(args.get("world"), dict):
         from shopmtl.config import from_dict
@@ -76,7 +82,7 @@ def build_source(sc: SourceConfig) -> Source:
 
         args["world"] = from_dict(WorldConfig, args["world"], "sources.search.args.world")
     try:
-        return known[sc.name](**args)
+        return cls(**args)
     except TypeError as e:
         raise ConfigError(f"source '{sc.name}': bad args {sorted(sc.args)} ({e})") from None
 
@@ -236,6 +242,9 @@ class SourcePart:
             "meta": self.data.meta,
             # ids that add the rec model's rows (their row map is a buffer in the weights)
             "shared_ids": list(model.heads[self.name].shared),
+            # what its tasks read and answer (data.contract; None: a source without one)
+            "contract": (self.source.contract(self.data).to_json()
+                         if callable(getattr(self.source, "contract", None)) else None),
         }
 
     def extra_tensors(self) -> dict[str, dict[str, Tensor]]:
@@ -248,11 +257,7 @@ class SourcePart:
         return {t: (m["best"] if isinstance(m.get("best"), dict) else m) for t, m in res.items()}
 
     def logits(self, model: JointModel, b: SplitTensors) -> dict[str, Tensor]:
-        head = model.heads[self.name]
-        if self.ranking:
-            assert b.cand_text is not None
-            return head(model.text.encode(b.text), model.text.encode(b.cand_text), b.cand_ids)
-        return head.run(model.text, b.text if self.has_text else None, b.numeric, b.ids)
+        return head_logits(model, self.name, self.ranking, self.has_text, b)
 
     def losses(self, model: JointModel, b: SplitTensors) -> dict[str, Tensor]:
         out = self.logits(model, b)
@@ -280,6 +285,16 @@ class SourcePart:
     def evaluate(self, model: JointModel, split: str) -> dict[str, dict[str, float]]:
         preds = self.predict(model, split)
         return {t: self.source.metrics(self.data, split, t, p) for t, p in preds.items()}
+
+
+def head_logits(model: JointModel, name: str, ranking: bool, has_text: bool, b: SplitTensors
+                ) -> dict[str, Tensor]:
+    """Source ``name``'s head on a batch: what training, evaluation and ``shopmtl predict`` run."""
+    head = model.heads[name]
+    if ranking:
+        assert b.cand_text is not None
+        return head(model.text.encode(b.text), model.text.encode(b.cand_text), b.cand_ids)
+    return head.run(model.text, b.text if has_text else None, b.numeric, b.ids)
 
 
 def _rec(model: nn.Module) -> nn.Module:
