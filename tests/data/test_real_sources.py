@@ -6,6 +6,7 @@ module); malformed inputs are small files written here."""
 from __future__ import annotations
 
 import csv
+import json
 import math
 from dataclasses import replace
 from pathlib import Path
@@ -13,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from shopmtl.data.contract import Contract
 from shopmtl.data.ingest import DataError
 from shopmtl.data.schema import TaskSpec
 from shopmtl.data.source import SPLITS, SourceData, SourceSplit
@@ -539,3 +541,76 @@ def test_retail_missing_column_and_short_calendar(tmp_path) -> None:
     path.write_text(RETAIL_HEADER + "2011-01-02,A,cup,3,1\n", encoding="utf-8")
     with pytest.raises(DataError, match="too short a calendar"):
         RetailDemandSource(tmp_path).load()
+
+
+# -- raw requests: the reviews contract ---------------------------------------------------------
+
+
+def _reread(src: ReviewsSource, data: SourceData, part: SourceSplit) -> SourceSplit:
+    """``part``'s raw requests checked by the contract and encoded from the meta as a model
+    directory keeps it (through JSON), as ``shopmtl predict`` does."""
+    contract = src.contract(data)
+    assert part.raw is not None and len(part.raw) == len(part)
+    rows = [contract.read(r, f"request {i}") for i, r in enumerate(part.raw)]
+    return ReviewsSource.encode(json.loads(json.dumps(data.meta)), rows)
+
+
+@needs_datasets
+def test_reviews_raw_requests_rebuild_the_inputs(rv) -> None:
+    """Training and prediction share one code path: the test split's raw rows, read and
+    encoded, give its inputs bit for bit (the sampled split's raw rows too)."""
+    src, data = rv
+    for part in (data.test, data.sample(300, seed=1).train):
+        got = _reread(src, data, part)
+        assert got.text == part.text
+        assert got.numeric.dtype == np.float32 and got.numeric.shape == (len(part), 1)
+        assert got.numeric.tobytes() == part.numeric.tobytes()
+        assert got.ids.keys() == part.ids.keys()
+        np.testing.assert_array_equal(got.ids["class_name"], part.ids["class_name"])
+    # absent optional fields are left out of a raw request, as a user would leave them out
+    assert all(v is not None for r in data.test.raw or [] for v in r.values())
+    assert any("title" not in r for r in data.test.raw or [])
+
+
+@needs_datasets
+def test_reviews_contract_outputs_example_and_json(rv) -> None:
+    src, data = rv
+    c = src.contract(data)
+    assert [f.name for f in c.inputs] == ["title", "review", "age", "class_name"]
+    rating = c.output("rating")
+    assert (rating.type, rating.unit, rating.low, rating.high) == ("regression", "stars", 1.0,
+                                                                    5.0)
+    assert c.output("recommend").type == "binary"
+    assert c.example["class_name"] == "Dresses"
+    ex = ReviewsSource.encode(data.meta, [c.read(c.example, "example")])
+    assert ex.ids["class_name"][0] == data.meta["class_name"].index("Dresses")
+    assert Contract.from_json(json.loads(json.dumps(c.to_json()))) == c
+
+
+@needs_datasets
+@pytest.mark.parametrize("request_,message", [
+    ({"review": "soft", "age": 200}, r"field 'age'.*0\.\.150"),
+    ({"review": "soft", "age": -1}, r"field 'age'.*0\.\.150"),
+    ({"review": "soft"}, r"missing field 'age'"),
+    ({"title": " ", "age": 30}, r"at least one of the fields \['title', 'review'\]"),
+    ({"age": 30, "class_name": "Dresses"}, "at least one of"),
+    ({"review": "soft", "age": 30, "stars": 5}, r"unknown field\(s\) \['stars'\]"),
+])
+def test_reviews_bad_requests_name_the_field(rv, request_, message) -> None:
+    src, data = rv
+    with pytest.raises(DataError, match=message):
+        src.contract(data).read(request_, "request 0")
+
+
+@needs_datasets
+def test_reviews_unknown_or_absent_class_is_id_0(rv) -> None:
+    src, data = rv
+    c = src.contract(data)
+    rows = [c.read(r, "request") for r in ({"review": "soft", "age": "40", "class_name": "Capes"},
+                                           {"title": "Nice", "age": 40})]
+    got = ReviewsSource.encode(data.meta, rows)
+    np.testing.assert_array_equal(got.ids["class_name"], [0, 0])
+    assert got.text == ["soft", "Nice"] and got.raw == [
+        {"review": "soft", "age": 40.0, "class_name": "Capes"}, {"title": "Nice", "age": 40.0}]
+    expected = np.float32((40.0 - data.meta["age_mean"]) / data.meta["age_std"])
+    assert got.numeric[0, 0] == expected == got.numeric[1, 0]

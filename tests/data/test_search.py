@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import replace
 
 import numpy as np
 import pytest
 
+from shopmtl.data.contract import Contract
+from shopmtl.data.ingest import DataError
 from shopmtl.data.source import SPLITS, SourceData, SourceSplit
 from shopmtl.data.sources.search import (
     BM25,
@@ -173,3 +176,73 @@ def test_too_many_queries_for_a_tiny_world() -> None:
                        price_p=0.0, typo_p=0.0)
     with pytest.raises(ValueError, match="distinct queries"):
         src.load()
+
+
+# -- raw requests: the contract ------------------------------------------------------------------
+
+
+def _reread(source: SearchSource, data: SourceData, part: SourceSplit) -> SourceSplit:
+    """``part``'s raw requests checked by the contract and encoded from the meta as a model
+    directory keeps it (through JSON), as ``shopmtl predict`` does."""
+    contract = source.contract(data)
+    assert part.raw is not None and len(part.raw) == len(part)
+    rows = [contract.read(r, f"request {i}") for i, r in enumerate(part.raw)]
+    return SearchSource.encode(json.loads(json.dumps(data.meta)), rows)
+
+
+def test_raw_requests_rebuild_the_inputs(source: SearchSource, data: SourceData) -> None:
+    """Training and prediction share one code path: the test split's raw lists, read and
+    encoded, give its inputs exactly (the sampled split's raw lists too)."""
+    for part in (data.test, data.sample(40, seed=2).train):
+        got = _reread(source, data, part)
+        assert got.text == part.text and got.cand_text == part.cand_text
+        assert got.numeric.shape == (len(part), 0) and got.numeric.dtype == np.float32
+        ids = got.cand_ids["item"]
+        assert got.cand_ids.keys() == part.cand_ids.keys() and ids.dtype == np.int64
+        np.testing.assert_array_equal(ids, part.cand_ids["item"])
+    first = data.test.raw[0]["candidates"][0]  # type: ignore[index]
+    assert first["item_id"] == str(int(data.test.cand_ids["item"][0, 0]) - 1)
+
+
+def test_contract_example_and_json(source: SearchSource, data: SourceData) -> None:
+    c = source.contract(data)
+    (out,) = c.outputs
+    assert (out.task, out.type, out.item) == ("relevance", "ranking", "item_id")
+    assert c.example["query"] == data.test.text[0]  # type: ignore[index]
+    assert len(c.example["candidates"]) == 3
+    got = SearchSource.encode(data.meta, [c.read(c.example, "example")])
+    np.testing.assert_array_equal(got.cand_ids["item"], data.test.cand_ids["item"][:1, :3])
+    assert got.cand_text == [data.test.cand_text[0][:3]]  # type: ignore[index]
+    assert Contract.from_json(json.loads(json.dumps(c.to_json()))) == c
+
+
+def test_unknown_item_ids_are_id_0(data: SourceData) -> None:
+    keys = ["0", "1499", "1500", "-1", "17.0", "abc", "1_7", " 17 "]
+    row = {"query": "red dress", "candidates": [{"item_id": k, "title": "t"} for k in keys]}
+    got = SearchSource.encode(data.meta, [row])
+    np.testing.assert_array_equal(got.cand_ids["item"], [[1, 1500, 0, 0, 0, 0, 0, 18]])
+
+
+def test_mixed_list_lengths_raise(data: SourceData) -> None:
+    def row(n: int) -> dict:
+        return {"query": "q", "candidates": [{"item_id": "1", "title": "t"}] * n}
+
+    with pytest.raises(DataError, match=r"same number of candidates.*\[2, 3\]"):
+        SearchSource.encode(data.meta, [row(2), row(3)])
+    empty = SearchSource.encode(data.meta, [])
+    assert empty.cand_ids["item"].shape == (0, 0) and len(empty) == 0
+
+
+@pytest.mark.parametrize("request_,message", [
+    ({"candidates": [{"item_id": "1", "title": "t"}]}, r"missing field 'query'"),
+    ({"query": "q", "candidates": []}, r"field 'candidates': .*at least 1"),
+    ({"query": "q", "candidates": [{"item_id": "1"}]},
+     r"field 'candidates' item 0: missing field 'title'"),
+    ({"query": "q", "candidates": [{"item_id": 17, "title": "t"}]},
+     r"field 'candidates' item 0: field 'item_id'"),
+    ({"query": "q", "candidates": ["t"]}, r"field 'candidates' item 0: expected an object"),
+])
+def test_bad_requests_name_the_field(source: SearchSource, data: SourceData, request_,
+                                     message) -> None:
+    with pytest.raises(DataError, match=message):
+        source.contract(data).read(request_, "request 0")

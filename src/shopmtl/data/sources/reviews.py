@@ -10,16 +10,24 @@ accuracy of the rounded prediction. ``recommend`` is ``Recommended IND`` (binary
 Numeric: the reviewer's age, standardised with the training split's mean and std.
 Ids: ``class_name`` (20 garment classes; vocabulary from train, 0 = empty or unseen).
 
+Requests (``contract``): ``{"title", "review", "age", "class_name"}`` (title and review
+optional, at least one of them); the inputs are built by ``encode``, the code that builds the
+training inputs, with the training statistics kept in ``meta``. Answers: the rating clamped
+to the training labels' range, the probability of a recommendation.
+
 Split: stratified by rating, 70/15/15, by a seeded random order within each rating.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from shopmtl.data.contract import Contract, Field, Output
 from shopmtl.data.ingest import DataError
 from shopmtl.data.schema import TaskSpec
 from shopmtl.data.source import SPLITS, SourceData, SourceSplit
@@ -38,6 +46,13 @@ FILE_NAME = "womens_clothing_ecommerce_reviews.csv"
 TITLE, BODY, AGE, RATING, RECOMMEND, CLASS = (
     "Title", "Review Text", "Age", "Rating", "Recommended IND", "Class Name")
 STARS = (1, 5)
+INPUTS = (
+    Field("title", "text", "the review's title", required=False),
+    Field("review", "text", "the review's text", required=False),
+    Field("age", "number", "the reviewer's age", unit="years", ge=0, le=150),
+    Field("class_name", "string", 'the garment class, e.g. "Dresses" (an unknown or absent '
+          "one reads as unknown, as in training)", required=False),
+)
 
 
 class ReviewsSource:
@@ -68,37 +83,70 @@ class ReviewsSource:
         mean, std = float(age[rows["train"]].mean()), float(age[rows["train"]].std())
         std = std if std > 0 else 1.0
         names = table.columns[CLASS]
-        vocab = sorted({names[i] for i in rows["train"] if names[i]})
-        index = {c: k + 1 for k, c in enumerate(vocab)}  # 0 = empty or unseen
-        splits = {
-            s: SourceSplit(
-                text=[text[i] for i in r],
-                numeric=((age[r] - mean) / std).astype(np.float32)[:, None],
-                ids={"class_name": np.asarray([index.get(names[i], 0) for i in r], np.int64)},
-                labels={"rating": rating[r].astype(np.float32),
-                        "recommend": recommend[r].astype(np.float32)},
-            )
-            for s, r in rows.items()
+        vocab = sorted({names[i] for i in rows["train"] if names[i].strip()})
+        meta = {
+            "file": str(path),
+            "rows": len(table),
+            "skipped_no_text": len(table) - len(kept),
+            "text": f'{TITLE} + ". " + {BODY}',
+            "numeric": ["age"],
+            "age_mean": mean,
+            "age_std": std,
+            "class_name": ["<unknown>", *vocab],  # id -> name; 0 = empty or unseen
+            "rating_range": list(STARS),
+            "split": {"method": "stratified by rating, seeded order within each rating",
+                      "seed": self.seed, "sizes": {s: len(rows[s]) for s in SPLITS}},
         }
+        splits = {}
+        for s, r in rows.items():
+            # the inputs are built from the raw requests by the code that serves them
+            requests = [_request(table, int(i), float(age[i])) for i in r]
+            splits[s] = replace(self.encode(meta, requests),
+                                labels={"rating": rating[r].astype(np.float32),
+                                        "recommend": recommend[r].astype(np.float32)})
         self.rows = rows
         return SourceData(
             name=self.name,
             tasks=(TaskSpec("rating", type="regression"), TaskSpec("recommend", type="binary")),
             train=splits["train"], valid=splits["valid"], test=splits["test"],
-            id_sizes={"class_name": len(vocab) + 1},
-            meta={
-                "file": str(path),
-                "rows": len(table),
-                "skipped_no_text": len(table) - len(kept),
-                "text": f'{TITLE} + ". " + {BODY}',
-                "numeric": ["age"],
-                "age_mean": mean,
-                "age_std": std,
-                "class_name": ["<unknown>", *vocab],  # id -> name
-                "rating_range": list(STARS),
-                "split": {"method": "stratified by rating, seeded order within each rating",
-                          "seed": self.seed, "sizes": {s: len(rows[s]) for s in SPLITS}},
-            },
+            id_sizes={"class_name": len(vocab) + 1}, meta=meta,
+        )
+
+    def contract(self, data: SourceData) -> Contract:
+        """The review's fields; the rating is clamped to the training labels' range."""
+        y = data.train.labels["rating"]
+        vocab = data.meta["class_name"][1:]
+        example: dict[str, Any] = {
+            "title": "Lovely summer dress",
+            "review": "The fabric is soft and it fits true to size; I ordered my usual small.",
+            "age": 35,
+        }
+        if vocab:
+            example["class_name"] = "Dresses" if "Dresses" in vocab else vocab[0]
+        return Contract(
+            self.name, INPUTS,
+            (Output("rating", "regression", "the star rating", unit="stars",
+                    low=float(y.min()), high=float(y.max())),
+             Output("recommend", "binary", "the reviewer recommends the product")),
+            example, doc="women's clothing reviews (e-commerce)",
+            one_of=(("title", "review"),))
+
+    @staticmethod
+    def encode(meta: dict[str, Any], rows: list[dict[str, Any]]) -> SourceSplit:
+        """Requests (checked by the contract: age a float, absent fields None) -> the text,
+        the age standardised with the training mean and std, and the class id (0: absent or
+        not in the training vocabulary). ``raw``: the requests' fields, absent ones left out
+        (as a user leaves them out); keys passed by ``Contract.read``'s ``extra`` are no
+        fields and are dropped."""
+        index = {c: k for k, c in enumerate(meta["class_name"]) if k > 0}
+        age = np.asarray([r["age"] for r in rows], np.float64)
+        return SourceSplit(
+            text=[_text(r["title"] or "", r["review"] or "") for r in rows],
+            numeric=((age - meta["age_mean"]) / meta["age_std"]).astype(np.float32)[:, None],
+            ids={"class_name": np.asarray([index.get(r["class_name"], 0) for r in rows],
+                                          np.int64)},
+            raw=[{f.name: r[f.name] for f in INPUTS if r.get(f.name) is not None}
+                 for r in rows],
         )
 
     def metrics(self, data: SourceData, split: str, task: str, pred: np.ndarray
@@ -141,6 +189,13 @@ class ReviewsSource:
             "recommend": self.metrics(data, "test", "recommend",
                                       logit.predict_proba(x_test)[:, 1]),
         }
+
+
+def _request(table: Table, i: int, age: float) -> dict[str, Any]:
+    """Data row ``i`` as a checked request (``Contract.read``'s form: empty fields None)."""
+    title, body, name = (table.columns[c][i] for c in (TITLE, BODY, CLASS))
+    return {"title": title if title.strip() else None, "review": body if body.strip() else None,
+            "age": age, "class_name": name if name.strip() else None}
 
 
 def _text(title: str, body: str) -> str:

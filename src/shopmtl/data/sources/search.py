@@ -53,6 +53,11 @@ Splits are by query string: the train, valid and test queries are disjoint (ever
 distinct query); an intent may recur with another wording, as reformulated head queries do in
 a real search log. Everything is seeded by ``(WorldConfig.seed, seed)``.
 
+Requests (``contract``): ``{"query": ..., "candidates": [{"item_id": "17", "title": ...},
+...]}``; ``item_id`` is the world item id as the recommendation model's ``item_id`` vocabulary
+writes it (an unknown one reads as the unknown item, id 0). ``encode`` builds the inputs of
+training and of prediction alike. The answer: the candidates ranked, best first, with scores.
+
 Metrics: NDCG@k (gain ``2**rel - 1``, discount ``1 / log2(rank + 1)``) and MRR of the first
 candidate with grade >= 2, those of ``shopmtl.metrics`` with ``ties="average"`` and
 ``min_grade=2``. Tied scores count with their expected value over all orders of the tie, not
@@ -68,10 +73,13 @@ import math
 import re
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any
 
 import numpy as np
 
+from shopmtl.data.contract import Contract, Field, Output
+from shopmtl.data.ingest import DataError
 from shopmtl.data.schema import TaskSpec
 from shopmtl.data.source import SPLITS, SourceData, SourceSplit
 from shopmtl.data.synthetic import (
@@ -128,6 +136,16 @@ KIND_P = (0.22, 0.18, 0.1, 0.1, 0.16, 0.14, 0.1)
 PRICE_WORDS: dict[int, tuple[str, str]] = {0: ("cheap", "budget"), 2: ("premium", "luxury")}
 
 _TOKEN = re.compile(r"\w+")
+_ITEM_ID = re.compile(r"[0-9]+")  # a world item id as the rec vocabulary writes it
+
+INPUTS = (
+    Field("query", "text", "the search query, as typed"),
+    Field("candidates", "records", "the items to rank for the query", min_items=1, items=(
+        Field("item_id", "string", 'the item id as the recommendation data writes it, e.g. '
+              '"17" (an unknown one reads as an unknown item)'),
+        Field("title", "text", "the item's title"),
+    )),
+)
 
 
 def tokenize(text: str) -> list[str]:
@@ -269,23 +287,8 @@ class SearchSource:
         perm = np.random.default_rng([self.world_config.seed, 32, self.seed]).permutation(total)
         queries = [queries[i] for i in perm]
         cands, grades, kinds = cands[perm], grades[perm], kinds[perm]
-        splits: dict[str, SourceSplit] = {}
-        start = 0
-        kind_counts: dict[str, dict[str, int]] = {}
-        for name in SPLITS:
-            sl = slice(start, start + self.sizes[name])
-            start = sl.stop
-            c = cands[sl]
-            splits[name] = SourceSplit(
-                text=queries[sl],
-                numeric=np.zeros((len(c), 0), np.float32),
-                labels={TASK: grades[sl].astype(np.float32)},
-                cand_text=[[titles[i] for i in row] for row in c],
-                cand_ids={"item": (c + 1).astype(np.int64)},
-            )
-            kind_counts[name] = {str(k): v for k, v in sorted(Counter(kinds[sl]).items())}
         g = grades[: self.sizes["train"]]
-        meta = {
+        meta: dict[str, Any] = {
             "world_seed": self.world_config.seed,
             "seed": self.seed,
             "n_items": self.world_config.n_items,
@@ -299,15 +302,67 @@ class SearchSource:
             "quality_share": self.quality_share,
             "price_p": self.price_p,
             "typo_p": self.typo_p,
-            "query_kinds": kind_counts,
+            "query_kinds": {},
             "train_grade_share": {str(v): float(np.mean(g == v)) for v in range(MAX_GRADE + 1)},
             "id_note": "cand_ids['item'] = world item id + 1 (0 = unknown)",
         }
+        splits: dict[str, SourceSplit] = {}
+        start = 0
+        for name in SPLITS:
+            sl = slice(start, start + self.sizes[name])
+            start = sl.stop
+            # the inputs are built from the raw requests by the code that serves them
+            requests = [_request(q, c, titles) for q, c in zip(queries[sl], cands[sl],
+                                                                 strict=True)]
+            splits[name] = replace(self.encode(meta, requests),
+                                   labels={TASK: grades[sl].astype(np.float32)})
+            meta["query_kinds"][name] = {str(k): v
+                                         for k, v in sorted(Counter(kinds[sl]).items())}
         return SourceData(
             name=self.name, tasks=(self.task,), train=splits["train"], valid=splits["valid"],
             test=splits["test"], id_sizes={"item": self.world_config.n_items + 1}, meta=meta,
             # the rec model's item_id vocabulary holds the world ids as strings
             id_keys={"item": ["", *map(str, range(self.world_config.n_items))]},
+        )
+
+    # -------------------------------------------------------------- requests
+    def contract(self, data: SourceData) -> Contract:
+        """A query and its candidates; the example is the first test list's first three
+        candidates (real world titles and ids)."""
+        part = data.test
+        assert part.text is not None and part.cand_text is not None
+        ids = part.cand_ids["item"][0]
+        example = {"query": part.text[0],
+                   "candidates": [{"item_id": str(int(i) - 1), "title": t}
+                                  for i, t in zip(ids[:3], part.cand_text[0][:3], strict=True)]}
+        return Contract(
+            self.name, INPUTS,
+            (Output(TASK, "ranking", "graded relevance of the candidate to the query",
+                    item="item_id"),),
+            example, doc="search relevance: rank candidate items for a query (synthetic world)")
+
+    @staticmethod
+    def encode(meta: dict[str, Any], rows: list[dict[str, Any]]) -> SourceSplit:
+        """Requests (checked by the contract) -> the query text, the candidates' titles and
+        item ids (world id + 1; 0 for an id outside the world's ``meta["n_items"]``). One call
+        encodes lists of one length L (the model's inputs are [n, L]): the caller groups
+        requests by their number of candidates; mixed lengths raise."""
+        lengths = sorted({len(r["candidates"]) for r in rows})
+        if len(lengths) > 1:
+            raise DataError(f"search: the requests of one batch must have the same number of "
+                            f"candidates, got lists of {lengths}; group them by length")
+        n_items = int(meta["n_items"])
+        ids = np.asarray([[_item_row(c["item_id"], n_items) for c in r["candidates"]]
+                          for r in rows], np.int64).reshape(len(rows), lengths[0] if rows else 0)
+        return SourceSplit(
+            text=[r["query"] for r in rows],
+            numeric=np.zeros((len(rows), 0), np.float32),
+            cand_text=[[c["title"] for c in r["candidates"]] for r in rows],
+            cand_ids={"item": ids},
+            raw=[{"query": r["query"], "candidates": [{"item_id": c["item_id"],
+                                                       "title": c["title"]}
+                                                      for c in r["candidates"]]}
+                 for r in rows],
         )
 
     # --------------------------------------------------------------- scoring
@@ -354,6 +409,22 @@ class SearchSource:
             flat.update({f"{name}.{key}": v for key, v in m.items() if key != "n"})
         flat["best_is_bm25"] = float(best == "bm25")
         return {TASK: flat}
+
+
+def _request(query: str, cands: np.ndarray, titles: Sequence[str]) -> dict[str, Any]:
+    """One generated list as its user would send it: world ids as the rec vocabulary's keys."""
+    return {"query": query,
+            "candidates": [{"item_id": str(int(i)), "title": titles[i]} for i in cands]}
+
+
+def _item_row(item_id: str, n_items: int) -> int:
+    """The embedding row of a world item id ("17" -> 18); 0 for an unknown one. Only the
+    plain decimal form the rec vocabulary writes counts (no sign, no "_", no "17.0")."""
+    key = item_id.strip()
+    if _ITEM_ID.fullmatch(key) is None:
+        return 0
+    k = int(key)
+    return k + 1 if k < n_items else 0
 
 
 def _ranking_task(data: SourceData, task: str) -> TaskSpec:
