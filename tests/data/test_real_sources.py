@@ -1,11 +1,13 @@
 """The real-data sources of the joint run (Bitext intents, clothing reviews, retail demand):
 splits, labels, no future data in the demand features, baselines, metrics pinned by hand, and
-clear errors on malformed copies. Reads ``shared/datasets`` (each source is loaded once per
-module); malformed inputs are small files written here."""
+clear errors on malformed copies; the demand source's raw requests (contract, encode,
+to_user). Reads ``shared/datasets`` (each source is loaded once per module); malformed inputs
+are small files written here."""
 
 from __future__ import annotations
 
 import csv
+import datetime as dt
 import json
 import math
 from dataclasses import replace
@@ -60,6 +62,19 @@ def _same(a: SourceData, b: SourceData) -> None:
             assert fx.keys() == fy.keys()
             for k in fx:
                 np.testing.assert_array_equal(fx[k], fy[k])
+
+
+def _scale(data: SourceData, split: str) -> np.ndarray:
+    """The demand scales of a split's examples (units a day), from their level_28 column."""
+    return retail._scale(data.meta, data.split(split).numeric)
+
+
+def _panel_features(q: np.ndarray, origins: np.ndarray, weekday: np.ndarray
+                    ) -> tuple[np.ndarray, np.ndarray]:
+    """The retail feature function on a panel's windows, as load() calls it, reshaped to
+    [products, origins, features] and [products, origins]."""
+    raw, scale = retail._features(*retail._panel_windows(q, origins, weekday))
+    return raw.reshape(len(q), len(origins), -1), scale.reshape(len(q), len(origins))
 
 
 def _rewrite(src: Path, dst: Path, edit) -> Path:
@@ -158,7 +173,7 @@ def test_retail_panel_split_by_time_and_targets(rt) -> None:
         part = data.split(s)
         n_origins = meta["origins"][s][1] - meta["origins"][s][0] + 1
         assert part.numeric.shape == (len(part), len(retail.FEATURES))
-        assert retail._scale(data, s).min() >= retail.MIN_SCALE
+        assert _scale(data, s).min() >= retail.MIN_SCALE
         assert np.array_equal(part.ids["product"], np.repeat(np.arange(1, 101), n_origins))
         y1, y7 = part.labels["demand_1d"], part.labels["demand_7d"]
         assert np.isfinite(y1).all() and y1.min() >= 0
@@ -227,8 +242,8 @@ def test_retail_features_do_not_see_a_later_day(rt, tmp_path) -> None:
     # the scale of origins d .. d+27 of the product rose with day d: their scaled labels fell,
     # their labels in units did not move
     rescaled = mine & (origin >= day) & (origin < day + retail.LEVEL)
-    assert (retail._scale(changed, "valid") > retail._scale(data, "valid"))[rescaled].all()
-    a, b = (d.valid.labels["demand_1d"] * retail._scale(d, "valid") for d in (data, changed))
+    assert (_scale(changed, "valid") > _scale(data, "valid"))[rescaled].all()
+    a, b = (d.valid.labels["demand_1d"] * _scale(d, "valid") for d in (data, changed))
     other = ~hit["demand_1d"]
     np.testing.assert_allclose(a[other], b[other], rtol=1e-6)
     assert b[~other] == pytest.approx(a[~other] + 5000)
@@ -253,7 +268,7 @@ def test_retail_feature_function_reads_days_up_to_the_origin_only() -> None:
     q[2, :40] = 0.0  # a product launched on day 40: its level is below the floor before
     weekday = np.arange(60) % 7
     origins = np.arange(retail.HISTORY - 1, 59)
-    base, scale = retail._features(q, origins, weekday)
+    base, scale = _panel_features(q, origins, weekday)
     # the scale: the mean of days t-27 .. t, floored at MIN_SCALE
     level = np.stack([q[:, t - retail.LEVEL + 1:t + 1].mean(axis=1) for t in origins], axis=1)
     np.testing.assert_allclose(scale, np.maximum(level, retail.MIN_SCALE))
@@ -265,7 +280,7 @@ def test_retail_feature_function_reads_days_up_to_the_origin_only() -> None:
     for product, day in ((1, 30), (1, 45), (1, 58), (2, 50)):
         q2 = q.copy()
         q2[product, day] += 40.0
-        out, scale2 = retail._features(q2, origins, weekday)
+        out, scale2 = _panel_features(q2, origins, weekday)
         before = origins < day
         np.testing.assert_array_equal(base[:, before], out[:, before])
         np.testing.assert_array_equal(scale[:, before], scale2[:, before])
@@ -287,7 +302,7 @@ def test_retail_naive_reads_back_the_lagged_quantities(rt) -> None:
     first, last = data.meta["origins"]["test"]
     t = np.tile(np.arange(first, last + 1), 100)
     p = data.test.ids["product"]
-    scale = retail._scale(data, "test")  # recomputed from the level_28 column
+    scale = _scale(data, "test")  # recomputed from the level_28 column
     level = sum(q[p, t - k] for k in range(retail.LEVEL)) / retail.LEVEL
     np.testing.assert_allclose(scale, np.maximum(level, retail.MIN_SCALE), rtol=1e-6)
     naive = retail._naive(data, "test")
@@ -307,8 +322,8 @@ def test_retail_metrics_follow_a_sample_of_the_split(rt) -> None:
     ``SourceData.sample`` subset are those of the same rows scored in units by hand."""
     src, data = rt
     sub = data.sample(500, seed=4)
-    scale = retail._scale(sub, "test")
-    assert len(scale) == 500 and not np.array_equal(scale, retail._scale(data, "test")[:500])
+    scale = _scale(sub, "test")
+    assert len(scale) == 500 and not np.array_equal(scale, _scale(data, "test")[:500])
     y = sub.test.labels["demand_7d"].astype(np.float64)
     pred = np.nan_to_num(y, nan=1.0) * 1.1 + 0.2  # scaled; units = 1.1 y + 0.2 scale
     m = src.metrics(sub, "test", "demand_7d", pred)
@@ -316,6 +331,171 @@ def test_retail_metrics_follow_a_sample_of_the_split(rt) -> None:
     err = np.abs(0.1 * y[keep] + 0.2) * scale[keep]
     assert m["n"] == keep.sum()
     assert m["wape"] == pytest.approx(err.sum() / (y[keep] * scale[keep]).sum(), rel=1e-9)
+
+
+# -- retail requests: contract, encode, to_user -----------------------------------------------
+
+
+def _read_all(contract: Contract, raw) -> list[dict]:
+    """Raw requests through JSON (what a user sends) and the contract's checks."""
+    return [contract.read(json.loads(json.dumps(r)), f"request {i}") for i, r in enumerate(raw)]
+
+
+def _same_inputs(a: SourceSplit, b: SourceSplit) -> None:
+    assert a.text == b.text and a.numeric.dtype == b.numeric.dtype
+    assert a.numeric.tobytes() == b.numeric.tobytes()  # bit for bit, not close
+    assert a.ids.keys() == b.ids.keys()
+    for k in a.ids:
+        np.testing.assert_array_equal(a.ids[k], b.ids[k])
+
+
+@needs_datasets
+def test_retail_encode_of_the_raw_requests_is_the_split(rt) -> None:
+    """The test split's raw requests (and those of a sample of it: the lazy ``raw`` follows
+    ``take``), read by the contract and encoded from the checkpoint's meta alone, are the
+    split's inputs to the bit; leaving out ``date`` gives the same (no closure in the test
+    period: the default next trading day is the calendar's)."""
+    src, data = rt
+    contract = src.contract(data)
+    for part in (data.test, data.sample(300, seed=5).test):
+        assert part.raw is not None and len(part.raw) == len(part)
+        encoded = src.encode(json.loads(json.dumps(data.meta)), _read_all(contract, part.raw))
+        _same_inputs(encoded, part)
+        assert encoded.raw == list(part.raw)  # the requests as read, target date filled in
+    undated = [{k: v for k, v in r.items() if k != "date"} for r in data.test.raw]
+    _same_inputs(src.encode(data.meta, _read_all(contract, undated)), data.test)
+
+
+def _history(last: dt.date, n: int = retail.HISTORY) -> list[dict]:
+    """n trading days (no Saturdays) up to ``last``, 1 .. n units."""
+    days: list[dt.date] = []
+    d = last
+    while len(days) < n:
+        if d.weekday() != 5:
+            days.append(d)
+        d -= dt.timedelta(days=1)
+    return [{"date": d.isoformat(), "units": float(i + 1)} for i, d in enumerate(days[::-1])]
+
+
+def _weekday(data: SourceData, split: SourceSplit) -> np.ndarray:
+    """The target weekday of encoded examples, read back from the standardised dow columns."""
+    cols = [retail.FEATURES.index(f"dow_{d}") for d in range(7)]
+    mean = np.asarray(data.meta["numeric_mean"])[cols]
+    std = np.asarray(data.meta["numeric_std"])[cols]
+    return np.argmax(split.numeric[:, cols] * std + mean, axis=1)
+
+
+@needs_datasets
+def test_retail_request_defaults_product_and_description(rt) -> None:
+    """After a Friday the default target is the Sunday (the shop never trades on
+    Saturdays); a Saturday asked for is refused; a known product's text is its training
+    description unless the request gives one; an unknown product is id 0, without text."""
+    src, data = rt
+    contract = src.contract(data)
+    friday = dt.date(2011, 11, 25)
+    code = data.meta["stock_codes"][3]
+    rows = [contract.read(r, "request") for r in (
+        {"product": code, "history": _history(friday)},
+        {"product": code, "history": _history(friday), "date": "2011-11-28"},
+        {"product": code, "history": _history(friday), "description": "RED MUG"},
+        {"product": "NO-SUCH-CODE", "history": _history(friday)},
+        {"product": "NO-SUCH-CODE", "history": _history(friday), "description": "RED MUG"})]
+    out = src.encode(data.meta, rows)
+    assert [r["date"] for r in out.raw] == ["2011-11-27", "2011-11-28", *["2011-11-27"] * 3]
+    np.testing.assert_array_equal(_weekday(data, out), [6, 0, 6, 6, 6])
+    np.testing.assert_array_equal(out.ids["product"], [3, 3, 3, 0, 0])
+    assert out.text == [data.meta["descriptions"][3]] * 2 + ["RED MUG", "", "RED MUG"]
+    assert out.text[0] == data.train.text[int(np.argmax(data.train.ids["product"] == 3))]
+    # the same history gives the same numbers whatever the product or its text
+    assert (out.numeric[[0, 2, 3, 4]] == out.numeric[0]).all()
+    saturday = contract.read({"product": code, "history": _history(friday),
+                              "date": "2011-11-26"}, "request")
+    with pytest.raises(DataError, match="request 0: field 'date': a Saturday"):
+        src.encode(data.meta, [saturday])
+
+
+@needs_datasets
+@pytest.mark.parametrize("edit, match", [
+    (lambda r: r["history"].reverse(), "request 0: field 'history': dates must be strictly "
+                                       "increasing"),
+    (lambda r: r["history"].__setitem__(5, dict(r["history"][4])), "field 'history': dates"),
+    (lambda r: r.__setitem__("date", r["history"][-1]["date"]),
+     "field 'date': must be after the last history date"),
+])
+def test_retail_encode_refuses_bad_dates(rt, edit, match) -> None:
+    src, data = rt
+    request = json.loads(json.dumps(data.test.raw[0]))
+    edit(request)
+    with pytest.raises(DataError, match=match):
+        src.encode(data.meta, [src.contract(data).read(request, "request 0")])
+
+
+@needs_datasets
+@pytest.mark.parametrize("edit, match", [
+    (lambda r: r["history"].pop(0), r"field 'history': expected a list of objects \{date, "
+                                    r"units\} \(at least 28\), got a list of 27"),
+    (lambda r: r["history"][3].__setitem__("units", -1.0),
+     "field 'history' item 3: field 'units': .* outside that range"),
+    (lambda r: r["history"][3].__setitem__("units", math.nan),
+     "field 'history' item 3: field 'units': .* non-finite"),
+    (lambda r: r["history"][3].__setitem__("date", "2011-13-01"),
+     "field 'history' item 3: field 'date': expected a date"),
+    (lambda r: r.pop("product"), "missing field 'product'"),
+])
+def test_retail_contract_names_the_bad_field(rt, edit, match) -> None:
+    src, data = rt
+    request = json.loads(json.dumps(data.test.raw[0]))
+    edit(request)
+    with pytest.raises(DataError, match=match):
+        src.contract(data).read(request, "request 0")
+
+
+@needs_datasets
+def test_retail_to_user_is_the_metrics_unit_conversion(rt) -> None:
+    """to_user of the scaled labels is the units sold in the file (what metrics scores);
+    a quantile matrix is converted column by column, a sample follows its rows."""
+    src, data = rt
+    rows = _rows(retail)[1:]
+    codes, dates = data.meta["stock_codes"], sorted({r[0] for r in rows})
+    day = {d: i for i, d in enumerate(dates)}
+    q = np.zeros((101, len(dates)))
+    for r in rows:
+        q[codes.index(r[1]), day[r[0]]] = float(r[3])
+    first, last = data.meta["origins"]["test"]
+    t = np.tile(np.arange(first, last + 1), 100)
+    y = src.to_user(data.meta, data.test, "demand_1d", data.test.labels["demand_1d"])
+    np.testing.assert_allclose(y, q[data.test.ids["product"], t + 1], rtol=1e-5)
+    pred = np.stack([data.test.labels["demand_1d"] * f for f in (0.5, 1.0, 2.0)], axis=1)
+    units = src.to_user(data.meta, data.test, "demand_1d", pred)
+    np.testing.assert_allclose(units, y[:, None] * [0.5, 1.0, 2.0], rtol=1e-6)
+    m = src.metrics(data, "test", "demand_1d", pred)
+    assert m["wape"] == pytest.approx(0.0) and m["coverage_80"] == 1.0
+    sub = data.sample(300, seed=2)
+    np.testing.assert_array_equal(
+        src.to_user(sub.meta, sub.test, "demand_7d", sub.test.labels["demand_7d"]),
+        sub.test.labels["demand_7d"] * _scale(sub, "test"))
+    with pytest.raises(KeyError, match="demand_3d"):
+        src.to_user(data.meta, data.test, "demand_3d", pred)
+
+
+@needs_datasets
+def test_retail_contract_round_trips_through_json(rt) -> None:
+    src, data = rt
+    contract = src.contract(data)
+    text = json.dumps(contract.to_json())
+    back = Contract.from_json(json.loads(text))
+    assert back == contract
+    assert [o.task for o in back.outputs] == list(retail.TASKS)
+    for o in back.outputs:
+        assert (o.type, o.quantiles, o.unit, o.low, o.high) == (
+            "quantile", retail.QUANTILES, "units sold", 0.0, None)
+    assert [f.name for f in back.inputs] == ["product", "history", "date", "description"]
+    assert [f.required for f in back.inputs] == [True, True, False, False]
+    # the example is a valid request, and encodes like the example it was taken from
+    example = contract.read(back.example, "example")
+    test = data.test
+    first = SourceSplit(test.text[:1], test.numeric[:1], {"product": test.ids["product"][:1]})
+    _same_inputs(src.encode(data.meta, [example]), first)
 
 
 # -- baselines --------------------------------------------------------------------------------
@@ -439,7 +619,7 @@ def test_retail_metrics_in_units_by_hand() -> None:
         RetailDemandSource().metrics(data, "test", "demand_1d", pred[:, :2])
     # a level below the floor: the scale is min_scale (units)
     low = replace(data, meta={**data.meta, "min_scale": 3.0})
-    np.testing.assert_allclose(retail._scale(low, "test"), [3.0, 3.0, 10.0, 10.0], rtol=1e-6)
+    np.testing.assert_allclose(_scale(low, "test"), [3.0, 3.0, 10.0, 10.0], rtol=1e-6)
 
 
 def test_stratified_split_is_seeded_and_keeps_rare_classes_in_train() -> None:

@@ -135,7 +135,8 @@ def test_rec_tasks_answer_the_raw_test_rows_as_the_run_scored_them(
 
 
 def test_multiclass_answers_carry_the_training_labels_top_k(model: Any) -> None:
-    t = model.predict([{"text": "I want to cancel my order"}], task="intent", top_k=3).to_pylist()[0]
+    t = model.predict([{"text": "I want to cancel my order"}], task="intent", top_k=3
+                      ).to_pylist()[0]
     labels = model.contract("intent").output("intent").labels
     assert "cancel_order" in labels and len(labels) == 27
     assert {t["intent"], t["intent_2"], t["intent_3"]} <= set(labels)

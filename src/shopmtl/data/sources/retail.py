@@ -46,6 +46,24 @@ in training, e.g. Saturday, becomes 0). The scale of an example reads days <= t 
 statistics come from the training examples only, so a valid or test day changes nothing before
 it.
 
+Requests (``contract``, ``encode``): ``{"product": <stock code>, "history": [{"date", "units"},
+...] (at least 28 trading days, dates strictly increasing; the last 28 are read), "date":
+<the target day t+1>, "description": <text>}``, ``date`` and ``description`` optional. The
+training inputs and a request's inputs come from one function (``_features`` on windows of
+28 days' units, then ``_inputs`` standardises with ``meta``): ``load`` takes the windows from
+the panel, ``encode`` from the requests; every split's ``raw`` is its examples as requests
+(``PanelRequests``, built on demand), and encoding them gives the split's inputs to the bit.
+- ``date`` defaults to the next day after the last history day that the shop trades on (never
+  a Saturday: after a Friday, the Sunday). Bank holidays and the Christmas closure are not in
+  a request's calendar: across them the user gives ``date``. A target weekday the training
+  data never had (Saturday) is refused: the model has no forecast for it.
+- ``description``: the text input; by default the product's description in training
+  (``meta["descriptions"]``); an unknown stock code is the unknown product (id 0, as in
+  training) and without a description has no text.
+- Answers (``to_user``): the scaled quantiles times the example's scale (recomputed from its
+  ``level_28`` input, ``_scale``), i.e. units sold, as ``metrics`` scores them; floored at 0
+  and not capped (``contract``).
+
 Split by time: the first 70% of the days are the training target days, the next 15% valid, the
 last 15% test; an example belongs to the split of its first target day t+1. A ``demand_7d``
 label whose week runs past the end of its split is NaN (masked): no training label contains a
@@ -62,11 +80,16 @@ are multiplied by the per-example scale (``_scale``) into units.
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 import math
+from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from shopmtl.data.contract import Contract, Field, Output
 from shopmtl.data.ingest import DataError
 from shopmtl.data.schema import TaskSpec
 from shopmtl.data.source import SPLITS, SourceData, SourceSplit
@@ -90,6 +113,25 @@ FEATURES = (
     [f"lag_{k}" for k in range(LAGS)] + ["mean_7", "mean_28", LEVEL_COLUMN, "zero_28"]
     + [f"dow_{d}" for d in range(7)]
 )
+UNIT = "units sold"
+INPUTS = (
+    Field("product", "string", "the product's stock code, e.g. 85123A; a code not among the "
+          "100 trained products is the unknown product (id 0), as in training"),
+    Field("history", "records", f"the product's daily sales, one entry per trading day (a "
+          f"day without a sale is 0), oldest first, dates strictly increasing; the last "
+          f"{HISTORY} are read", min_items=HISTORY,
+          items=(Field("date", "date", "the trading day"),
+                 Field("units", "number", "units sold that day", unit=UNIT, ge=0.0))),
+    Field("date", "date", "the target day: demand_1d is its sales, demand_7d those of it and "
+          "the next 5 trading days; after the last history date. Default: the next trading "
+          "day after it (the shop never trades on Saturdays: after a Friday, the Sunday); "
+          "give it after a closure (a bank holiday, Christmas)", required=False),
+    Field("description", "text", "the product's description (the model's text input). "
+          "Default: the product's description in training; an unknown product without one "
+          "has no text", required=False),
+)
+OUTPUT_DOCS = {"demand_1d": "units sold on the target day",
+               "demand_7d": "units sold over the target day and the next 5 trading days"}
 
 
 class RetailDemandSource:
@@ -119,61 +161,112 @@ class RetailDemandSource:
         # origins t of each split: its target day t+1 lies in the split; t >= HISTORY - 1
         origins = {s: np.arange(max(lo - 1, HISTORY - 1), hi - 1) for s, (lo, hi) in bounds.items()}
         weekday = np.asarray([d.weekday() for d in dates])
-        raw, scale = {}, {}
-        for s in SPLITS:
-            raw[s], scale[s] = _features(q, origins[s], weekday)
-        flat = raw["train"].reshape(-1, len(FEATURES))
+        # the standardisation statistics: the training examples' raw features
+        flat = _features(*_panel_windows(q, origins["train"], weekday))[0]
         mean = flat.mean(axis=0)
         std = flat.std(axis=0)
         std = np.where(std > 1e-6, std, 1.0)  # a constant column (Saturday) becomes 0
+        meta = {
+            "file": str(path),
+            "stock_codes": ["<unknown>", *codes],  # product id -> stock code
+            # product id -> its description (the text input of a request without one)
+            "descriptions": ["", *descriptions],
+            # per-example scale = max(min_scale, expm1(level_28)), level_28 destandardised
+            "min_scale": MIN_SCALE,
+            "level_days": LEVEL,
+            # product id -> its training-period mean (floored): the baseline's interval only
+            "product_scale": [1.0, *map(float, product_scale)],
+            "naive_mae": _naive_mae(q[:, :n_train]),  # task -> units, the MASE denominator
+            "season": SEASON,
+            "week": WEEK,
+            "quantiles": list(QUANTILES),
+            "numeric": list(FEATURES),
+            "numeric_mean": mean.tolist(),
+            "numeric_std": std.tolist(),
+            "days": n_days,
+            # first / last origin day index and the dates of the first / last (first) target
+            # day of each split; product_scale is the mean over the scale_days (train
+            # period); examples are product-major, origin ascending: example (p, t) of
+            # split s is row (p - 1) * n_origins + (t - first origin)
+            "origins": {s: [int(o[0]), int(o[-1])] for s, o in origins.items()},
+            "target_dates": {s: [dates[o[0] + 1].isoformat(), dates[o[-1] + 1].isoformat()]
+                             for s, o in origins.items()},
+            "scale_days": [dates[0].isoformat(), dates[n_train - 1].isoformat()],
+            "split": {"method": "by time: target day in the first 70% / next 15% / last 15% "
+                      "of the trading days",
+                      "sizes": {s: len(codes) * len(origins[s]) for s in SPLITS}},
+        }
         cum = np.concatenate([np.zeros((len(codes), 1)), np.cumsum(q, axis=1)], axis=1)
         splits = {}
         for s in SPLITS:
             t = origins[s]
+            product = np.repeat(np.arange(1, len(codes) + 1, dtype=np.int64), len(t))
+            inputs, scale = _inputs(meta, product, *_panel_windows(q, t, weekday),
+                                    [descriptions[p - 1] for p in product])
             y7 = np.full((len(codes), len(t)), np.nan)
             full = t + WEEK < bounds[s][1]  # the week t+1..t+6 lies inside the split
             y7[:, full] = cum[:, t[full] + 1 + WEEK] - cum[:, t[full] + 1]
-            splits[s] = SourceSplit(
-                text=[descriptions[p] for p in range(len(codes)) for _ in t],
-                numeric=((raw[s] - mean) / std).reshape(-1, len(FEATURES)).astype(np.float32),
-                ids={"product": np.repeat(np.arange(1, len(codes) + 1, dtype=np.int64), len(t))},
-                labels={"demand_1d": (q[:, t + 1] / scale[s]).reshape(-1).astype(np.float32),
-                        "demand_7d": (y7 / scale[s]).reshape(-1).astype(np.float32)},
-            )
+            labels = {"demand_1d": (q[:, t + 1].reshape(-1) / scale).astype(np.float32),
+                      "demand_7d": (y7.reshape(-1) / scale).astype(np.float32)}
+            splits[s] = replace(inputs, labels=labels,
+                                raw=PanelRequests(dates, meta["stock_codes"], q, product,
+                                                  np.tile(t, len(codes))))
         return SourceData(
             name=self.name,
             tasks=tuple(TaskSpec(t, type="quantile", quantiles=QUANTILES) for t in TASKS),
             train=splits["train"], valid=splits["valid"], test=splits["test"],
-            id_sizes={"product": len(codes) + 1},
-            meta={
-                "file": str(path),
-                "stock_codes": ["<unknown>", *codes],  # product id -> stock code
-                # per-example scale = max(min_scale, expm1(level_28)), level_28 destandardised
-                "min_scale": MIN_SCALE,
-                "level_days": LEVEL,
-                # product id -> its training-period mean (floored): the baseline's interval only
-                "product_scale": [1.0, *map(float, product_scale)],
-                "naive_mae": _naive_mae(q[:, :n_train]),  # task -> units, the MASE denominator
-                "season": SEASON,
-                "week": WEEK,
-                "quantiles": list(QUANTILES),
-                "numeric": list(FEATURES),
-                "numeric_mean": mean.tolist(),
-                "numeric_std": std.tolist(),
-                "days": n_days,
-                # first / last origin day index and the dates of the first / last (first) target
-                # day of each split; product_scale is the mean over the scale_days (train
-                # period); examples are product-major, origin ascending: example (p, t) of
-                # split s is row (p - 1) * n_origins + (t - first origin)
-                "origins": {s: [int(o[0]), int(o[-1])] for s, o in origins.items()},
-                "target_dates": {s: [dates[o[0] + 1].isoformat(), dates[o[-1] + 1].isoformat()]
-                                 for s, o in origins.items()},
-                "scale_days": [dates[0].isoformat(), dates[n_train - 1].isoformat()],
-                "split": {"method": "by time: target day in the first 70% / next 15% / last 15% "
-                          "of the trading days",
-                          "sizes": {s: len(splits[s]) for s in SPLITS}},
-            },
+            id_sizes={"product": len(codes) + 1}, meta=meta,
         )
+
+    def contract(self, data: SourceData) -> Contract:
+        """The request fields (module doc, Requests) and the two quantile answers in units
+        sold, floored at 0 and not capped above: demand grows past its training range (in
+        the Q4 peak of the test period the largest day and week exceed every training label,
+        and a third of the products their own training maximum), and a cap at the training
+        maximum would clip exactly the forecasts of a growing product. The example is the
+        first test example (a real request)."""
+        raw = data.test.raw
+        example = dict(raw[0]) if raw is not None and len(raw) else {}
+        return Contract(
+            self.name, INPUTS,
+            tuple(Output(t, "quantile", doc, unit=UNIT, low=0.0, quantiles=QUANTILES)
+                  for t, doc in OUTPUT_DOCS.items()),
+            example, doc="daily demand of the 100 top products (UCI Online Retail)")
+
+    @staticmethod
+    def encode(meta: dict[str, Any], rows: list[dict[str, Any]]) -> SourceSplit:
+        """Requests (checked by the contract) -> the model's inputs, by the feature function
+        and the training statistics that built the training inputs (``_inputs``). A request's
+        last ``HISTORY`` days are its window; ``raw`` echoes each request as it was read, with
+        its target date filled in."""
+        product = {c: i for i, c in enumerate(meta["stock_codes"]) if i}
+        closed = _closed_weekdays(meta)
+        ids = np.zeros(len(rows), np.int64)
+        window = np.empty((len(rows), HISTORY))
+        weekday = np.empty(len(rows), np.int64)
+        text, raw = [], []
+        for i, r in enumerate(rows):
+            days = [h["date"] for h in r["history"]][-HISTORY:]
+            target = _target_date(r, closed, f"request {i}")
+            ids[i] = product.get(r["product"], 0)
+            window[i] = [h["units"] for h in r["history"][-HISTORY:]]
+            weekday[i] = target.weekday()
+            text.append(r.get("description") or meta["descriptions"][ids[i]])
+            raw.append(_request(r["product"], target, days, window[i], r.get("description")))
+        inputs, _ = _inputs(meta, ids, window, weekday, text)
+        return replace(inputs, raw=raw)
+
+    @staticmethod
+    def to_user(meta: dict[str, Any], split: SourceSplit, task: str, pred: np.ndarray
+                ) -> np.ndarray:
+        """Scaled predictions of ``split`` ([n] or [n, Q]) -> units sold: times each
+        example's scale, recomputed from its ``level_28`` column (``_scale``); what
+        ``metrics`` scores in."""
+        if task not in TASKS:
+            raise KeyError(f"retail: unknown task {task!r}; known: {list(TASKS)}")
+        pred = np.asarray(pred, np.float64)
+        scale = _scale(meta, split.numeric)
+        return pred * (scale if pred.ndim == 1 else scale[:, None])
 
     def metrics(self, data: SourceData, split: str, task: str, pred: np.ndarray
                 ) -> dict[str, float]:
@@ -190,11 +283,11 @@ class RetailDemandSource:
         if pred.shape not in ((n,), (n, len(quantiles))) or (pred.ndim == 2 and not quantiles):
             raise ValueError(f"{self.name}/{task}: pred has shape {pred.shape}, expected ({n},) "
                              f"or ({n}, {len(quantiles)}) for quantiles {list(quantiles)}")
-        scale = _scale(data, split)  # per example, from its level_28 column
         y = part.labels[task].astype(np.float64)
         keep = np.isfinite(y)
-        y_units = y[keep] * scale[keep]
-        p_units = pred[keep] * (scale[keep] if pred.ndim == 1 else scale[keep, None])
+        # in units: times the per-example scale, from the level_28 column (``to_user``)
+        y_units = self.to_user(data.meta, part, task, y)[keep]
+        p_units = self.to_user(data.meta, part, task, pred)[keep]
         if pred.ndim == 2 and 0.5 not in quantiles:
             raise ValueError(f"{self.name}/{task}: quantiles {list(quantiles)} lack 0.5, the "
                              "point forecast WAPE and MASE score")
@@ -227,21 +320,21 @@ class RetailDemandSource:
         before the per-example scale, to the float), clipped at 0 units; the median column is
         the naive itself. None of it depends on the per-example scale: the columns are built
         in units and divided by it only to pass them to ``metrics``."""
-        units = {s: {k: v * _scale(data, s) for k, v in _naive(data, s).items()}
+        scale = {s: _scale(data.meta, data.split(s).numeric) for s in ("train", "test")}
+        units = {s: {k: v * scale[s] for k, v in _naive(data, s).items()}
                  for s in ("train", "test")}
         product_scale = np.asarray(data.meta["product_scale"], np.float64)
         p_train = product_scale[data.train.ids["product"]]
         p_test = product_scale[data.test.ids["product"]]
-        test_scale = _scale(data, "test")
         out = {}
         for spec in data.tasks:
-            y = data.train.labels[spec.name] * _scale(data, "train")
+            y = data.train.labels[spec.name] * scale["train"]
             resid = ((y - units["train"][spec.name]) / p_train)[np.isfinite(y)]
             point = units["test"][spec.name]
             cols = [point if q == 0.5
                     else np.maximum(point + np.quantile(resid, q) * p_test, 0.0)
                     for q in spec.quantiles]
-            pred = np.stack(cols, axis=1) / test_scale[:, None]
+            pred = np.stack(cols, axis=1) / scale["test"][:, None]
             out[spec.name] = self.metrics(data, "test", spec.name, pred)
         return out
 
@@ -288,38 +381,125 @@ def _read_panel(path: Path) -> tuple[list[dt.date], list[str], list[str], np.nda
     return dates, codes, [descriptions[c] for c in codes], q
 
 
-def _features(q: np.ndarray, origins: np.ndarray, weekday: np.ndarray
-              ) -> tuple[np.ndarray, np.ndarray]:
-    """Raw features [products, origins, len(FEATURES)] of origins t from days <= t only, and
-    the scales [products, origins] = max(MIN_SCALE, level) they are relative to.
-
-    ``q``: quantities [products, days]; ``weekday[d]``: 0..6 of day d (only weekday[t + 1], a
-    calendar fact, is read beyond t). Every origin needs t >= HISTORY - 1 (>= LEVEL - 1).
-    """
+def _panel_windows(q: np.ndarray, origins: np.ndarray, weekday: np.ndarray
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """The examples (product-major, origin ascending) of origins t of a panel as
+    ``_features`` reads them: the units of days t-27 .. t [products * origins, HISTORY] and
+    the weekday of the target day t+1 (a calendar fact, the one thing read beyond t)."""
     window = np.lib.stride_tricks.sliding_window_view(q, HISTORY, axis=1)
-    w = window[:, origins - HISTORY + 1]  # [P, T, HISTORY] in units, last = day t
-    level = w[..., -LEVEL:].mean(axis=-1)  # [P, T]: days t-27 .. t
+    w = window[:, origins - HISTORY + 1]  # [P, T, HISTORY], a copy; last = day t
+    return w.reshape(-1, HISTORY), np.tile(weekday[origins + 1], len(q))
+
+
+def _features(w: np.ndarray, weekday: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Raw features [n, len(FEATURES)] of n examples and the scales [n] = max(MIN_SCALE,
+    level) they are relative to: the one feature function of training (``load``, through
+    ``_panel_windows``) and of requests (``encode``).
+
+    ``w``: units sold [n, HISTORY] of days t-27 .. t (the last = day t, the origin): the
+    features read nothing later; ``weekday``: 0..6 of each target day t+1.
+    """
+    level = w[:, -LEVEL:].mean(axis=-1)  # [n]: days t-27 .. t
     scale = np.maximum(level, MIN_SCALE)
-    rel = w / scale[..., None]
-    lags = np.log1p(rel[..., ::-1][..., :LAGS])
-    mean_7 = np.log1p(rel[..., -7:].mean(axis=-1))[..., None]
-    mean_28 = np.log1p(level / scale)[..., None]
-    level_28 = np.log1p(level)[..., None]
-    zero_28 = (w == 0).mean(axis=-1)[..., None]
-    dow = np.eye(7)[weekday[origins + 1]]  # [T, 7]
-    dow = np.broadcast_to(dow, (len(q), *dow.shape))
+    rel = w / scale[:, None]
+    lags = np.log1p(rel[:, ::-1][:, :LAGS])
+    mean_7 = np.log1p(rel[:, -7:].mean(axis=-1))[:, None]
+    mean_28 = np.log1p(level / scale)[:, None]
+    level_28 = np.log1p(level)[:, None]
+    zero_28 = (w == 0).mean(axis=-1)[:, None]
+    dow = np.eye(7)[weekday]
     return np.concatenate([lags, mean_7, mean_28, level_28, zero_28, dow], axis=-1), scale
 
 
-def _scale(data: SourceData, split: str) -> np.ndarray:
-    """The per-example scales [n] of a split (units a day), recomputed from its standardised
-    ``level_28`` column: max(min_scale, expm1(level_28)). Reads ``split.numeric``, so it
-    follows any subset of the rows (``SourceData.sample``)."""
-    meta = data.meta
+def _inputs(meta: dict[str, Any], product: np.ndarray, w: np.ndarray, weekday: np.ndarray,
+            text: list[str]) -> tuple[SourceSplit, np.ndarray]:
+    """The model's inputs of n examples (no labels) and their scales: ``_features``,
+    standardised with the training statistics in ``meta``. ``load`` and ``encode`` differ
+    only in where the windows come from (the panel, the requests)."""
+    raw, scale = _features(w, weekday)
+    mean = np.asarray(meta["numeric_mean"], np.float64)
+    std = np.asarray(meta["numeric_std"], np.float64)
+    numeric = ((raw - mean) / std).astype(np.float32)
+    return SourceSplit(text=text, numeric=numeric, ids={"product": product}), scale
+
+
+def _scale(meta: dict[str, Any], numeric: np.ndarray) -> np.ndarray:
+    """The per-example scales [n] (units a day) of standardised inputs ``numeric``,
+    recomputed from their ``level_28`` column: max(min_scale, expm1(level_28)). Reads the
+    inputs only, so it follows any subset of a split's rows (``SourceData.sample``) and
+    works on the inputs of requests (``to_user``)."""
     col = meta["numeric"].index(LEVEL_COLUMN)
-    x = data.split(split).numeric[:, col].astype(np.float64)
+    x = np.asarray(numeric)[:, col].astype(np.float64)
     level = np.expm1(x * meta["numeric_std"][col] + meta["numeric_mean"][col])
     return np.maximum(level, float(meta["min_scale"]))
+
+
+def _closed_weekdays(meta: dict[str, Any]) -> set[int]:
+    """Weekdays (0 = Monday) that were never a training target day: their ``dow_`` column's
+    training mean is 0 (the shop never trades on Saturdays). The model has no forecast for
+    them: a request's target day is never one (``_target_date``)."""
+    names, mean = meta["numeric"], meta["numeric_mean"]
+    return {d for d in range(7) if mean[names.index(f"dow_{d}")] == 0.0}
+
+
+def _target_date(row: dict[str, Any], closed: set[int], where: str) -> dt.date:
+    """A request's target day: its ``date``, or else the day after its last history day,
+    skipping days the shop does not trade (after a Friday: the Sunday). A closure (a bank
+    holiday, the Christmas break) is not in a request's calendar: its user gives ``date``
+    then (the training requests always do: their target is the calendar's next day). History dates
+    must increase strictly (one entry per trading day)."""
+    days = [h["date"] for h in row["history"]]
+    if any(b <= a for a, b in itertools.pairwise(days)):
+        raise DataError(f"{where}: field 'history': dates must be strictly increasing")
+    target = row.get("date")
+    if target is None:
+        target = days[-1] + dt.timedelta(days=1)
+        while target.weekday() in closed:
+            target += dt.timedelta(days=1)
+    elif target <= days[-1]:
+        raise DataError(f"{where}: field 'date': must be after the last history date")
+    if target.weekday() in closed:
+        raise DataError(f"{where}: field 'date': a {target.strftime('%A')}, a day the shop "
+                        "never traded in training; the model has no forecast for it")
+    return target
+
+
+def _request(code: str, target: dt.date, days: Sequence[dt.date], units: Sequence[float],
+             description: str | None = None) -> dict[str, Any]:
+    """One request as its user sends it (JSON-able: dates as ``YYYY-MM-DD``)."""
+    out: dict[str, Any] = {
+        "product": code, "date": target.isoformat(),
+        "history": [{"date": d.isoformat(), "units": float(u)}
+                    for d, u in zip(days, units, strict=True)]}
+    if description is not None:
+        out["description"] = description
+    return out
+
+
+class PanelRequests(Sequence[dict[str, Any]]):
+    """The raw requests of a split's examples, built on demand from the panel (a list of
+    28,000 requests of 28 days each would be ~800,000 dicts): example i is product
+    ``product[i]`` (an id; ``codes`` maps ids to stock codes) at origin ``origin[i]`` (a day
+    index of ``dates``, the columns of the panel ``q`` [products, days]), asking for day
+    origin + 1 with the 28 days up to the origin. ``take(idx)`` is the subset
+    ``SourceSplit.sample`` keeps."""
+
+    def __init__(self, dates: list[dt.date], codes: list[str], q: np.ndarray,
+                 product: np.ndarray, origin: np.ndarray) -> None:
+        self.dates, self.codes, self.q = dates, codes, q
+        self.product, self.origin = product, origin
+
+    def __len__(self) -> int:
+        return len(self.product)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:  # type: ignore[override]
+        p, t = int(self.product[i]), int(self.origin[i])
+        days = range(t - HISTORY + 1, t + 1)
+        return _request(self.codes[p], self.dates[t + 1], [self.dates[d] for d in days],
+                        self.q[p - 1, days.start:days.stop])
+
+    def take(self, idx: np.ndarray) -> PanelRequests:
+        return PanelRequests(self.dates, self.codes, self.q, self.product[idx], self.origin[idx])
 
 
 def _naive_mae(q: np.ndarray) -> dict[str, float]:
