@@ -152,11 +152,12 @@ def test_regression_is_clamped_to_the_training_range_with_a_flag(model: Any) -> 
     normal = model.predict(extreme, task="rating").column("rating").to_pylist()
     assert all(1.0 <= v <= 5.0 for v in normal)
     bias = model.model.heads["reviews"].heads["rating"].bias
+    trained = bias.detach().clone()
     with torch.no_grad():
         for shift, edge in ((100.0, 5.0), (-100.0, 1.0)):  # a head pushed far out of range
-            bias += shift
+            bias.copy_(trained + shift)
             got = model.predict(extreme, task="rating").to_pylist()
-            bias -= shift
+            bias.copy_(trained)
             assert [(g["rating"], g["rating_clamped"]) for g in got] == [(edge, True)] * 2
     got = model.predict(extreme, task="rating").to_pylist()
     assert [g["rating"] for g in got] == pytest.approx(normal, abs=1e-9)
@@ -165,10 +166,11 @@ def test_regression_is_clamped_to_the_training_range_with_a_flag(model: Any) -> 
 def test_quantiles_are_named_in_units_and_never_cross(model: Any, held_out: dict) -> None:
     raw = held_out["retail"][0][:20]
     head = model.model.heads["retail"].heads["demand_1d"]
+    trained = head.bias.detach().clone()
     with torch.no_grad():  # quantile outputs trained the wrong way round: q10 above q90
-        head.bias += torch.tensor([3.0, 0.0, -3.0])
+        head.bias.copy_(trained + torch.tensor([3.0, 0.0, -3.0]))
         got = model.predict(raw, task="demand_1d").to_pylist()
-        head.bias -= torch.tensor([3.0, 0.0, -3.0])
+        head.bias.copy_(trained)
     assert set(got[0]) == {"demand_1d_q10", "demand_1d_q50", "demand_1d_q90",
                            "demand_1d_clamped"}
     for g in got:
@@ -237,3 +239,28 @@ def test_bad_requests_name_the_field_and_never_echo_text(model: Any, run: Path,
     assert (summary["rows_read"], summary["bad_rows"]) == (6, 5)
     with pytest.raises(DataError, match=r"rows: row 0, column 'candidates': expected a list"):
         model.predict([{"query": "red shoes", "candidates": "red shoe"}], task="relevance")
+
+
+BITEXT = {"sources": [{"name": "bitext", "batch_size": 64}],
+          "model": {"adapter_hidden": 32, "text_dim": 16, "hidden": [16]},
+          "train": {"steps": 150, "lr": 0.005, "threads": 1, "log_every": 0, "eval_every": 50}}
+
+
+def test_a_cancel_order_utterance_is_answered_cancel_order(tmp_path: Path) -> None:
+    """A model trained on every Bitext utterance answers held-out cancel_order utterances with
+    that label (the training data's name), top-k ordered."""
+    from shopmtl.data.sources.bitext import BitextSource
+
+    m = shopmtl.train(BITEXT, tmp_path / "bitext", log=lambda *_: None)
+    data = BitextSource().load()
+    names = data.meta["classes"]["intent"]
+    cancel = [r for r, y in zip(data.test.raw, data.test.labels["intent"], strict=True)
+              if names[y] == "cancel_order"]
+    assert len(cancel) >= 20
+    first = m.predict(cancel[:1], task="intent", top_k=3).to_pylist()[0]
+    assert first["intent"] == "cancel_order"
+    assert first["intent_p"] > first["intent_2_p"] >= first["intent_3_p"]
+    top = m.predict(cancel, task="intent").column("intent").to_pylist()
+    assert np.mean([t == "cancel_order" for t in top]) >= 0.8
+    cat = m.predict(cancel, task="category").column("category").to_pylist()
+    assert np.mean([c == "ORDER" for c in cat]) >= 0.8
