@@ -3,7 +3,11 @@
 A CSV of support tickets with a free-text ``message``, a ``priority`` (low / normal / urgent)
 and the ``hours`` it took to resolve. Two tasks: priority (multiclass) and hours (regression).
 The class implements ``shopmtl.data.source.Source``: ``load`` (read, validate, split),
-``metrics`` (score predictions in the user's units) and ``baseline`` (the simple model to beat).
+``metrics`` (score predictions in the user's units) and ``baseline`` (the simple model to beat);
+and ``data.source.RawSource``, which lets ``shopmtl predict --task priority`` answer raw
+requests: ``contract`` (the request's fields, the answers, an example), ``encode`` (requests ->
+model inputs: the same function ``load`` builds its splits with) and ``to_user`` (the model's
+log-hours -> hours).
 
 Use it from a joint config, with this folder on PYTHONPATH:
 
@@ -14,11 +18,14 @@ Use it from a joint config, with this folder on PYTHONPATH:
 from __future__ import annotations
 
 import csv
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from shopmtl import metrics as M
+from shopmtl.data.contract import Contract, Field, Output
 from shopmtl.data.ingest import DataError
 from shopmtl.data.schema import TaskSpec
 from shopmtl.data.source import SourceData, SourceSplit
@@ -63,22 +70,48 @@ class TicketSource:
         splits = np.split(order, cut)
 
         def split(idx: np.ndarray) -> SourceSplit:
-            return SourceSplit(
-                text=[texts[i] for i in idx],
-                numeric=np.zeros((len(idx), 0), np.float32),
-                # hours span 1 to 100s: the model fits log1p(hours) (a loss on the raw scale
-                # would be dominated by the slowest tickets); metrics report hours again
-                labels={"priority": np.asarray(prio, np.int64)[idx],
-                        "hours": np.log1p(np.asarray(hours, np.float32)[idx])},
-            )
+            # the inputs come from the raw requests through encode, as at prediction time
+            inputs = self.encode({}, [{"message": texts[i]} for i in idx])
+            # hours span 1 to 100s: the model fits log1p(hours) (a loss on the raw scale
+            # would be dominated by the slowest tickets); metrics and answers are in hours
+            return replace(inputs, labels={
+                "priority": np.asarray(prio, np.int64)[idx],
+                "hours": np.log1p(np.asarray(hours, np.float32)[idx])})
 
         return SourceData(
             name=self.name,
             tasks=(TaskSpec("priority", type="multiclass", n_classes=len(PRIORITIES)),
                    TaskSpec("hours", type="regression")),
             train=split(splits[0]), valid=split(splits[1]), test=split(splits[2]),
-            meta={"classes": {"priority": list(PRIORITIES)}},
+            meta={"classes": {"priority": list(PRIORITIES)},
+                  "hours_range": [float(min(hours[i] for i in splits[0])),
+                                  float(max(hours[i] for i in splits[0]))]},
         )
+
+    def contract(self, data: SourceData) -> Contract:
+        """A request is one ticket's message; the answers are its priority (the labels above)
+        and the hours it will take, within the training tickets' range."""
+        low, high = data.meta["hours_range"]
+        return Contract(
+            self.name, (Field("message", "text", "the ticket's text, as the customer wrote it"),),
+            (Output("priority", "multiclass", "the ticket's priority", labels=PRIORITIES),
+             Output("hours", "regression", "the time to resolve it", unit="hours", low=low,
+                    high=high)),
+            example={"message": "I was charged twice for my order, please refund"},
+            doc="support tickets")
+
+    @staticmethod
+    def encode(meta: dict[str, Any], rows: list[dict[str, Any]]) -> SourceSplit:
+        """Requests (checked by the contract) -> the model's inputs: the text alone."""
+        return SourceSplit(text=[r["message"] for r in rows],
+                           numeric=np.zeros((len(rows), 0), np.float32),
+                           raw=[{"message": r["message"]} for r in rows])
+
+    @staticmethod
+    def to_user(meta: dict[str, Any], split: SourceSplit, task: str, pred: np.ndarray
+                ) -> np.ndarray:
+        """hours: the model predicts log1p(hours)."""
+        return np.expm1(pred) if task == "hours" else pred
 
     def metrics(self, data: SourceData, split: str, task: str, pred: np.ndarray
                 ) -> dict[str, float]:

@@ -73,25 +73,26 @@ def test_every_task_is_trained_and_scored(run: Path) -> None:
 
 
 def test_checkpoint_answers_a_text_task(run: Path, tmp_path: Path) -> None:
-    """predict --task intent from the saved directory reproduces the test accuracy."""
+    """predict --task intent from the saved directory reproduces the test accuracy, with the
+    training data's labels."""
     from shopmtl.data.sources.bitext import BitextSource
 
     data = BitextSource().load().sample(150)
+    names = data.meta["classes"]["intent"]
     inputs = tmp_path / "utterances.jsonl"
     inputs.write_text("".join(json.dumps({"text": t}) + "\n" for t in data.test.text))
     out = tmp_path / "pred.jsonl"
     cli("predict", str(run / "joint" / "model"), str(inputs), "--out", str(out),
-        "--task", "intent", check=True)
+        "--task", "intent", "--all-classes", check=True)
     preds = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(preds) == len(data.test.text)
-    probs = np.array([p["intent"] for p in preds])
+    probs = np.array([[p[f"intent_p_{n}"] for n in names] for p in preds])
     assert probs.shape == (150, 27)
     np.testing.assert_allclose(probs.sum(1), 1.0, atol=1e-4)
     acc = float((probs.argmax(1) == data.test.labels["intent"]).mean())
     m = json.loads((run / "metrics.json").read_text())
     assert acc == pytest.approx(m["joint"]["test"]["bitext"]["intent"]["accuracy"], abs=1e-9)
-    names = BitextSource().load().meta["classes"]["intent"]
-    assert all(p["intent_class"] == names[int(np.argmax(p["intent"]))] for p in preds)
+    assert all(p["intent"] == names[int(np.argmax(q))] for p, q in zip(preds, probs, strict=True))
 
 
 def test_checkpoint_answers_rec_and_search_tasks(run: Path, tmp_path: Path) -> None:
@@ -102,14 +103,20 @@ def test_checkpoint_answers_rec_and_search_tasks(run: Path, tmp_path: Path) -> N
     rows = list(csv.DictReader(out.open()))
     assert rows and all(0.0 < float(r["click"]) < 1.0 for r in rows)
     lists = tmp_path / "queries.jsonl"
-    lists.write_text(json.dumps({"query": "red running shoes",
-                                 "candidates": ["red shoe", "blue lamp", "running sneaker"],
-                                 "item": [1, 2, 3]}) + "\n")
-    out = tmp_path / "rank.jsonl"
+    cands = [{"item_id": "1", "title": "red shoe"}, {"item_id": "2", "title": "blue lamp"},
+             {"item_id": "999999", "title": "running sneaker"}]  # an unknown item id too
+    lists.write_text(json.dumps({"query": "red running shoes", "candidates": cands}) + "\n"
+                     + json.dumps({"query": "lamp", "candidates": cands[:2]}) + "\n")
+    out = tmp_path / "rank.csv"
     cli("predict", str(run / "joint" / "model"), str(lists), "--out", str(out),
         "--task", "relevance", check=True)
-    scores = json.loads(out.read_text())["relevance"]
-    assert len(scores) == 3 and all(np.isfinite(scores))
+    ranked = list(csv.DictReader(out.open()))  # one row per candidate, best first per request
+    assert [(r["line"], r["rank"]) for r in ranked] == [
+        ("1", "1"), ("1", "2"), ("1", "3"), ("2", "1"), ("2", "2")]
+    assert sorted(r["item_id"] for r in ranked[:3]) == ["1", "2", "999999"]
+    for lst in (ranked[:3], ranked[3:]):
+        scores = [float(r["score"]) for r in lst]
+        assert scores == sorted(scores, reverse=True) and all(np.isfinite(scores))
 
 
 def test_predict_errors_name_the_line_and_the_task(run: Path, tmp_path: Path) -> None:
@@ -119,7 +126,8 @@ def test_predict_errors_name_the_line_and_the_task(run: Path, tmp_path: Path) ->
     proc = cli("predict", str(run / "joint" / "model"), str(bad), "--task", "intent",
                "--out", str(tmp_path / "p.jsonl"))
     assert proc.returncode == 1  # bad data: a runtime error
-    assert "bad.jsonl line 2: 'text' must be a non-empty string" in proc.stderr
+    assert ("bad row: bad.jsonl: line 2: unknown field(s) ['txt']; the fields are ['text'] "
+            "(1 bad row in all)") in proc.stderr
     proc = cli("predict", str(run / "joint" / "model"), str(bad), "--task", "nope",
                "--out", str(tmp_path / "p.jsonl"))
     # a --task the model lacks, or none for a joint model: usage errors
@@ -296,6 +304,19 @@ def test_own_source_from_the_docs_trains(tmp_path: Path, monkeypatch: pytest.Mon
     table = {r["task"]: r for r in json.loads((out / "metrics.json").read_text())["table"]}
     assert table["priority"]["joint"] > 0.9 and table["priority"]["baseline"] < 0.5
     assert table["hours"]["joint_beats_baseline"] is True
+    # its tasks answer raw requests through its contract: labels, hours in range
+    asks = tmp_path / "asks.jsonl"
+    asks.write_text(json.dumps({"message": "payment taken twice, refund now, account locked"})
+                    + "\n" + json.dumps({"message": "a small question about the newsletter"})
+                    + "\n")
+    cli("predict", str(out / "joint" / "model"), str(asks), "--task", "priority", "--out",
+        str(tmp_path / "p.csv"), check=True)
+    assert [r["priority"] for r in csv.DictReader((tmp_path / "p.csv").open())] == [
+        "urgent", "low"]
+    cli("predict", str(out / "joint" / "model"), str(asks), "--task", "hours", "--out",
+        str(tmp_path / "h.csv"), check=True)
+    hours = [float(r["hours"]) for r in csv.DictReader((tmp_path / "h.csv").open())]
+    assert 1.6 <= hours[0] < 12.0 < hours[1] <= 57.6  # urgent ~2 h, low ~48 h, in range
     # a bad row of the user's file: a clear error with the line, nothing silently dropped
     data.write_text(data.read_text().replace(",urgent,", ",panic,", 1))
     proc = cli("train", str(cfg), "--out", str(tmp_path / "bad"))
