@@ -330,9 +330,10 @@ def evaluate(
 @_guard
 def predict(
     model_dir: Annotated[Path, typer.Argument(help="A model directory (OUT/model)")],
-    data: Annotated[Path, typer.Argument(help="CSV or Parquet file (labels not needed)")],
+    data: Annotated[Path, typer.Argument(help="CSV or Parquet rows (labels not needed); a "
+                                         "joint task's requests: JSON lines, CSV or Parquet")],
     out: Annotated[Path, typer.Option(
-        help="Predictions: line, the id columns, one column per task; .csv, .parquet or "
+        help="Predictions: line, the id columns, the answer's columns; .csv, .parquet or "
         ".jsonl by its extension (CSV otherwise)")] = Path("predictions.csv"),
     task: Annotated[list[str] | None, typer.Option(help="Only these tasks")] = None,
     bad_rows: BadRowsOption = BadRows.fail,

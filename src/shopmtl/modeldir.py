@@ -14,8 +14,8 @@ before) still load: a format-1 meta without ``kind`` is a zoo model, ``kind: joi
 ``Model`` it returns answers ``predict`` in memory (the Python API) and ``predict_file`` /
 ``evaluate_file`` (``shopmtl predict`` / ``shopmtl evaluate``) through the same parsing and
 scoring code: ``predict.score_chunks`` for zoo rows (read by the reader of training,
-``data.ingest.read_chunks``), ``joint.predict.score_joint`` for the joint model's text and
-search tasks.
+``data.ingest.read_chunks``), ``joint.predict.answer_requests`` for the joint model's other
+tasks (raw requests checked by their source's contract, ``data.contract``).
 """
 
 from __future__ import annotations
