@@ -422,3 +422,53 @@ def _vocabulary(encoders: Any, feature: str) -> list[str]:
     enc = (getattr(encoders, "categorical", {}).get(feature)
            or getattr(encoders, "sequence_vocab", {}).get(feature))
     return [str(v) for v in getattr(enc, "vocabulary_", []) or []]
+
+
+MAX_TEXT = 10_000  # characters of one text field a request may carry (an HTTP body bound)
+MAX_ITEMS = 1_000  # items of one records field (candidates, history days)
+
+
+def request_model(contract: Contract) -> Any:
+    """The contract as a pydantic model (the HTTP service's request body): the same fields,
+    types, ranges and required-ness as ``Contract.read``, strict (a number is a JSON number, a
+    text a JSON string), no NaN or infinity, unknown keys refused, texts and lists bounded.
+    ``Contract.read`` stays the checker of record (``one_of`` and what ``encode`` refuses are
+    checked there); this model is what OpenAPI publishes and what rejects a malformed body
+    before it reaches the model."""
+    from shopmtl.deps import require
+
+    pd = require("pydantic", "serve", "the HTTP request models")
+    return _model(pd, f"{contract.source.title()}Request", contract.inputs, contract.doc)
+
+
+def _model(pd: Any, name: str, fields: Sequence[Field], doc: str) -> Any:
+    from typing import Annotated
+
+    specs: dict[str, Any] = {}
+    for f in fields:
+        kind: Any
+        if f.type in ("text", "string"):
+            kind = Annotated[str, pd.StringConstraints(
+                min_length=1, max_length=MAX_TEXT, strip_whitespace=False)]
+        elif f.type == "number":
+            kind = Annotated[float, pd.Field(ge=f.ge, le=f.le, allow_inf_nan=False)]
+        elif f.type == "integer":
+            kind = Annotated[int, pd.Field(ge=f.ge, le=f.le)]
+        elif f.type == "date":
+            kind = dt.date
+        else:
+            item = _model(pd, f"{name}{f.name.title()}Item", f.items, f.doc)
+            kind = Annotated[list[item], pd.Field(min_length=f.min_items,  # type: ignore[valid-type]
+                                                  max_length=MAX_ITEMS)]
+        info = pd.Field(description=f"{f.doc} ({f.expects()})")
+        specs[f.name] = (kind, info) if f.required else (kind | None, pd.Field(
+            None, description=f"{f.doc} ({f.expects()}; optional)"))
+    # strict: no "35" for a number; dates stay ISO strings in JSON (a str -> date conversion
+    # is the one lax rule kept, field by field)
+    config = pd.ConfigDict(extra="forbid", strict=True, title=name)
+    model = pd.create_model(name, __config__=config, __doc__=doc or None, **specs)
+    for f in fields:
+        if f.type == "date":
+            model.model_fields[f.name].metadata.append(pd.Strict(False))
+    model.model_rebuild(force=True)
+    return model
