@@ -117,6 +117,11 @@ class Field:
                                 "got a number outside that range")
             return int(x) if self.type == "integer" else x
         if self.type == "date":
+            if isinstance(value, dt.datetime):  # a date column pandas wrote as a timestamp
+                if value.time() != dt.time():
+                    raise DataError(f"{where}: field '{self.name}': expected "
+                                    f"{self.expects()}, got a time of day")
+                return value.date()
             if isinstance(value, dt.date):
                 return value
             if isinstance(value, str):

@@ -11,7 +11,8 @@ head, brought back to the user's units (``to_user``) and answered in the user's 
 candidates).
 
 Output rows: ``line`` (JSON/CSV line, Parquet row from 1, in-memory row from 0), the id
-columns as given, the answer's columns; a ranking task gives one row per candidate, best first.
+columns as text (a JSON number as its JSON text: one type in every row, whatever each request
+gave), the answer's columns; a ranking task gives one row per candidate, best first.
 A bad request stops the run (``--bad-rows fail``: the first and the count) or is set aside
 (``quarantine``: next to OUT, as for zoo rows); messages name the place and the field, never
 a text.
@@ -236,8 +237,10 @@ class Asked:
         return out
 
 
-def _id(v: Any) -> Any:
-    return v if v is None or isinstance(v, str | int | float) else _dump(v)
+def _id(v: Any) -> str | None:
+    """An id cell as text: requests may give an id as a number in one row and a string (or
+    nothing) in another, and the output's column has one type."""
+    return v if v is None or isinstance(v, str) else _dump(v)
 
 
 def _cell(v: Any) -> Any:
@@ -291,8 +294,14 @@ def answer_requests(asked: Asked, source: Any, log: BadRowLog, ids: Sequence[str
         yield asked.answer_rows(reqs, rows, ids, top_k, all_classes)
 
 
-def _table(records: list[dict[str, Any]]) -> pa.Table:
-    return pa.Table.from_pylist(records)
+def _table(records: list[dict[str, Any]], ids: Sequence[str] = ()) -> pa.Table:
+    """Answer records as a table; the id columns typed text even where a batch gives none (a
+    null column would not match the first batch's schema in the writer)."""
+    table = pa.Table.from_pylist(records)
+    for c in ids:
+        table = table.set_column(table.schema.get_field_index(c), c,
+                                 pa.array([r[c] for r in records], pa.string()))
+    return table
 
 
 def predict_joint_rows(model, cfg, sources: dict[str, Any], path: str | Path, out: str | Path,
@@ -313,7 +322,7 @@ def predict_joint_rows(model, cfg, sources: dict[str, Any], path: str | Path, ou
     empty = pa.schema([("line", pa.int64())])
     with TableWriter(out, output_format(out, fmt, default="jsonl"), empty) as w:
         for records in answer_requests(asked, path, log, ids, top_k, all_classes, path.name):
-            w.write(_table(records))
+            w.write(_table(records, ids))
         log.raise_if_bad()
     return _report(log, asked.answered, out, file=path.name, output=out.name)
 
@@ -338,7 +347,7 @@ def predict_joint_memory(model, cfg, sources: dict[str, Any], rows: Any, task: s
     _report(log, asked.answered, None)
     if not records and log.seen == 0:
         raise DataError(f"{file}: no rows")
-    table = _table(records) if records else pa.table({"line": pa.array([], pa.int64())})
+    table = _table(records, ids) if records else pa.table({"line": pa.array([], pa.int64())})
     if log.policy == "fail":
         return table if asked.output.type == "ranking" else table.drop_columns(["line"])
     bad = [{"line": b.line, "column": b.column, "reason": b.reason} for b in log.rows]
