@@ -26,7 +26,7 @@ from typing import Any
 from shopmtl.config import ConfigError
 from shopmtl.data.encoders import Encoded
 from shopmtl.data.ingest import BadRowLog, DataError
-from shopmtl.deps import require
+from shopmtl.deps import require, require_extra
 from shopmtl.export.checks import (
     FP32_TOLERANCE,
     MIN_ROWS,
@@ -134,6 +134,7 @@ def export_bundle(model_dir: str | Path, out: str | Path, data: str | Path, int8
     ``int8``), checked on the labelled rows of ``data`` (the run's test split); returns the
     bundle's meta.json (its ``checks`` the measurements)."""
     model_dir, out, data = Path(model_dir), Path(out), Path(data)
+    require_extra("export", "shopmtl export")  # before any work: one line naming the extra
     check_out(model_dir, out)
     source = load_source(model_dir)
     enc = held_out_rows(source, data)
