@@ -104,11 +104,13 @@ def test_fp32_parity_in_the_manifest_and_recomputed(exported: Exported) -> None:
 
 
 def test_int8_is_smaller_and_keeps_auc(exported: Exported) -> None:
-    """Measured: the int8 file is 0.57x the fp32 one (the embedding tables and every dense
-    layer int8; this tiny model's graph structure is a large share of its bytes)."""
+    """Measured: the int8 file is 0.47x the fp32 one here (31 KB vs 67 KB: the embedding
+    tables and every dense layer int8, the graph itself a large share of so small a model;
+    0.28x for the quickstart model, bench/export.py). The AUC drop on this tiny test split
+    (131 conversion labels) was at most 0.003."""
     fp32 = (exported.fp32 / "model.onnx").stat().st_size
     int8 = (exported.int8 / "model.int8.onnx").stat().st_size
-    assert int8 < 0.7 * fp32, (int8, fp32)
+    assert int8 < 0.6 * fp32, (int8, fp32)
     m = meta(exported.int8)
     assert m["checks"]["size_bytes"] == {"fp32": fp32, "int8": int8}
     assert m["quantization"]["quantized"]["Gather"] >= 1  # the embedding tables

