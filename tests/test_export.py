@@ -203,3 +203,22 @@ def test_a_bundle_without_onnxruntime_is_one_line(exported: Exported, tmp_path: 
                        "--out", str(tmp_path / "p.csv"))
     assert_one_error_line(proc, "an ONNX bundle: onnxruntime is not installed",
                           "pip install 'shopmtl[export]'", code=MISSING_EXTRA_CODE)
+
+
+def test_bad_rows_are_handled_as_for_the_model_dir(exported: Exported) -> None:
+    """The bundle reads rows with the model directory's reader: the same bad row named the
+    same way, the same rows kept under quarantine."""
+    from shopmtl.data.ingest import DataError
+
+    rows = pq.read_table(exported.test).slice(0, 5).to_pylist()
+    rows[2]["price"] = "cheap"
+    source, bundle = shopmtl.load(exported.model), shopmtl.load(exported.fp32)
+    errors = []
+    for m in (source, bundle):
+        with pytest.raises(DataError) as e:
+            m.predict(rows)
+        errors.append(str(e.value))
+    assert errors[0] == errors[1] and "price" in errors[0]
+    kept = [m.predict(rows, bad_rows="quarantine") for m in (source, bundle)]
+    assert kept[0].column("line").to_pylist() == kept[1].column("line").to_pylist() == [0, 1, 3, 4]
+    assert max_diff(kept[0], kept[1]) <= FP32_TOLERANCE
