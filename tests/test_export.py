@@ -161,6 +161,8 @@ def test_refusals_are_one_line(exported: Exported, tmp_path: Path) -> None:
     out = str(tmp_path / "b")
     joint = cli("export", str(JOINT), "--out", out, "--data", str(exported.test))
     assert_one_error_line(joint, "joint export is not yet supported", code=2)
+    again = cli("export", str(exported.fp32), "--out", out, "--data", str(exported.test))
+    assert_one_error_line(again, "an ONNX bundle already", "takes a zoo model directory", code=2)
     few = tmp_path / "few.parquet"
     pq.write_table(pq.read_table(exported.test).slice(0, MIN_ROWS - 1), few)
     assert_one_error_line(cli("export", str(exported.model), "--out", out, "--data", str(few)),

@@ -79,9 +79,10 @@ def load_source(model_dir: Path) -> ZooModel:
     """The zoo model to export (its manifest verified); anything else refused in one line."""
     source = load(model_dir)
     if not isinstance(source, ZooModel) or source.kind != "zoo":
-        joint = " (joint export is not yet supported)" if source.kind == "joint" else ""
-        raise UnsupportedModel(f"{model_dir}: a {source.kind} model; `shopmtl export` takes a "
-                               f"zoo model directory{joint}")
+        what = {"joint": "a joint model (joint export is not yet supported)",
+                KIND: "an ONNX bundle already"}.get(source.kind, f"a {source.kind} model")
+        raise UnsupportedModel(f"{model_dir}: {what}; `shopmtl export` takes a zoo model "
+                               "directory")
     exportable(source.schema)
     return source
 
