@@ -4,11 +4,13 @@ Every trained model is a directory written by ``train.checkpoint.write_dir`` (sa
 weights, JSON files, a SHA-256 ``manifest.json``). Its ``meta.json`` says what it holds, the
 same keys for every kind (format 2, ``train.checkpoint.model_meta``)::
 
-    {"format": 2, "kind": "zoo" | "joint", "shopmtl_version": "0.1.0",
+    {"format": 2, "kind": "zoo" | "joint" | "onnx", "shopmtl_version": "0.1.0",
      "tasks": [every task name], ...the kind's own keys}
 
-(zoo: ``model``, ``epoch``, ``valid_metric``; joint: ``sources``). Format-1 directories (written
-before) still load: a format-1 meta without ``kind`` is a zoo model, ``kind: joint`` a joint one.
+(zoo: ``model``, ``epoch``, ``valid_metric``; joint: ``sources``; onnx, a bundle of
+``shopmtl export``: ``model_file``, ``precision``, ``inputs``, ``source``, ``checks``, ...).
+Format-1 directories (written before) still load: a format-1 meta without ``kind`` is a zoo
+model, ``kind: joint`` a joint one.
 
 ``load`` verifies the manifest, reads the kind and calls that kind's loader in ``KINDS``; the
 ``Model`` it returns answers ``predict`` in memory (the Python API) and ``predict_file`` /
@@ -36,7 +38,7 @@ PathLike = str | Path
 
 
 class Model:
-    """A loaded model directory: ``kind`` ("zoo" or "joint"), ``tasks`` (every task name),
+    """A loaded model directory: ``kind`` ("zoo", "joint" or "onnx"), ``tasks`` (every task name),
     ``path``; ``predict(rows, task=None, bad_rows="fail", id_columns=())`` returns a
     ``pyarrow.Table`` in row order."""
 
@@ -125,6 +127,30 @@ class ZooModel(Model):
                              out)
 
 
+class OnnxBundle(ZooModel):
+    """A zoo model exported by ``shopmtl export`` (``shopmtl.export.bundle``): its ONNX graph,
+    run by onnxruntime, with the source's config, schema and encoders. It answers ``predict``,
+    ``predict_file``, ``evaluate_file`` and ``contract`` as its source does, through the same
+    reader and encoders (``predict.score_chunks``): only the forward differs, an onnxruntime
+    session (``export.runtime.OnnxForward``) in place of the PyTorch model. ``meta`` holds what
+    was measured at export (``meta["checks"]``)."""
+
+    kind = "onnx"
+    MODEL_FILES = ("model.onnx", "model.int8.onnx")
+
+    def __init__(self, path: Path, meta: dict[str, Any]) -> None:
+        from shopmtl.export.runtime import OnnxForward
+        from shopmtl.train.trainer import read_model_files
+
+        graph = meta.get("model_file")
+        if graph not in self.MODEL_FILES:
+            raise ck.CheckpointError(f"{path}/meta.json: model_file {graph!r} is not one of "
+                                     f"{', '.join(self.MODEL_FILES)}")
+        self.cfg, self.schema, self.encoders, _ = read_model_files(path)
+        self.model = OnnxForward(path / graph, self.schema)  # a predict.Forward
+        Model.__init__(self, path, list(self.schema.task_names), meta)
+
+
 class JointModelDir(Model):
     """A joint model (``shopmtl train`` on a joint config): one task at a time. A rec task
     takes the rows of a zoo model; any other task the raw requests of its source's contract
@@ -204,10 +230,15 @@ def _load_joint(path: Path, meta: dict[str, Any]) -> Model:
     return JointModelDir(path, meta)
 
 
+def _load_onnx(path: Path, meta: dict[str, Any]) -> Model:
+    return OnnxBundle(path, meta)
+
+
 # kind (meta.json "kind") -> its loader: (directory, meta) -> Model
 KINDS: dict[str, Callable[[Path, dict[str, Any]], Model]] = {
     "zoo": _load_zoo,
     "joint": _load_joint,
+    "onnx": _load_onnx,
 }
 FORMATS = (1, ck.FORMAT)
 

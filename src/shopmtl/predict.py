@@ -5,6 +5,12 @@ read by the reader of training (``data.ingest.read_chunks``: the same parsing ru
 numbers and bad-row policy), scored chunk by chunk by ``score_chunks`` and, for a file, written
 by ``TableWriter`` (CSV, Parquet or JSON lines); ``shopmtl.modeldir`` picks the model kind.
 
+What computes the probabilities is a ``Forward``: encoded rows -> one array per task. A zoo
+model's is its PyTorch forward (``torch_forward``, what a ``MultiTaskModel`` passed here
+becomes); an exported bundle's is an onnxruntime session (``shopmtl.export.runtime``). Both
+go through the same reader and encoders, so an ONNX bundle cannot drift from its source model
+in how a row is parsed or encoded, only in the forward, and that is what export measures.
+
 Row accounting is exact: every data row read is scored or set aside as a bad row (blank lines
 are skipped and counted), and ``RowReport`` says how many of each."""
 
@@ -13,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,8 +44,29 @@ FORMATS = {".csv": "csv", ".parquet": "parquet", ".pq": "parquet", ".jsonl": "js
            ".ndjson": "jsonl"}
 CHUNK_ROWS = DataConfig.chunk_rows  # rows scored at a time where no run config says
 
-__all__ = ["ROWS", "RowReport", "TableWriter", "evaluate_file", "predict_in_memory",
-           "predict_rows", "quarantine_paths", "rows_table", "score_chunks"]
+__all__ = ["ROWS", "Forward", "RowReport", "TableWriter", "as_forward", "evaluate_file",
+           "predict_in_memory", "predict_rows", "quarantine_paths", "read_encoded", "rows_table",
+           "score_chunks", "torch_forward"]
+
+# encoded rows -> one float array [n] per task name (probabilities: the task's activation)
+Forward = Callable[[Encoded], dict[str, np.ndarray]]
+
+
+def torch_forward(model, batch_size: int = 4096) -> Forward:
+    """A zoo model's forward as a ``Forward``: ``train.evaluate.predict_table`` (eval mode,
+    no grad, batches of ``batch_size``)."""
+    def forward(enc: Encoded) -> dict[str, np.ndarray]:
+        return predict_table(model, TensorTable(enc), batch_size)
+
+    return forward
+
+
+def as_forward(model) -> Forward:
+    """``model`` as a ``Forward``: a PyTorch model (an ``nn.Module``) gets ``torch_forward``;
+    anything else is already one (an exported bundle's onnxruntime forward)."""
+    import torch
+
+    return torch_forward(model) if isinstance(model, torch.nn.Module) else model
 
 
 @dataclass
@@ -115,20 +142,30 @@ def evaluate_rows(model, cfg, schema: Schema, encoders, path: str | Path, bad_ro
     remainder would mislead."""
     schema = dataclasses.replace(schema, slices=())  # slice columns are not needed here
     log = _log(bad_rows)
-    parts = []
-    for p in read_chunks(path, schema, cfg.data.chunk_rows, log,
-                         bounds=encoders.numeric_bounds()):
-        if not (log.policy == "fail" and log.rows):  # failing: only counting the bad rows
-            parts.append(encoders.transform(p))
-    report = _report(log, sum(len(p) for p in parts), None if out is None else Path(out),
+    enc = read_encoded(schema, encoders, path, log, cfg.data.chunk_rows)
+    report = _report(log, 0 if enc is None else len(enc), None if out is None else Path(out),
                      file=Path(path).name)
     if log.policy == "quarantine":
         log.max_fraction = cfg.data.max_bad_fraction
         log.check_fraction()
-    if not parts:
+    if enc is None:
         raise DataError(f"{Path(path).name}: no usable rows")
-    table = TensorTable(Encoded.concat(parts))
-    return metrics_by_scenario(schema, table, predict_table(model, table)), report
+    preds = as_forward(model)(enc)
+    return metrics_by_scenario(schema, TensorTable(enc), preds), report
+
+
+def read_encoded(schema: Schema, encoders, path: str | Path, log: BadRowLog,
+                 chunk_rows: int = CHUNK_ROWS) -> Encoded | None:
+    """Every good row of a labelled file, read by the reader of training and encoded with the
+    model's encoders, in one ``Encoded``, None if there is none (bad rows to ``log``; under
+    ``fail`` the rest of the file is only read to count them). Evaluation and the checks of
+    ``shopmtl export`` read this way."""
+    schema = dataclasses.replace(schema, slices=())  # slice columns are not needed here
+    parts = []
+    for p in read_chunks(path, schema, chunk_rows, log, bounds=encoders.numeric_bounds()):
+        if not (log.policy == "fail" and log.rows):  # failing: only counting the bad rows
+            parts.append(encoders.transform(p))
+    return Encoded.concat(parts) if parts else None
 
 
 # --- prediction ------------------------------------------------------------------------------
@@ -199,10 +236,12 @@ def score_chunks(model, schema: Schema, encoders, source: str | Path | pa.Table,
                  log: BadRowLog, tasks: Sequence[str] | None = None,
                  id_columns: Sequence[str] = (), chunk_rows: int = CHUNK_ROWS
                  ) -> Iterator[pa.Table]:
-    """The one scoring path of a zoo model, for files and in-memory rows alike: ``source`` is
-    read by ``read_chunks`` (bad rows to ``log``), each chunk's good rows are encoded with the
-    model's encoders and scored. Yields per chunk ``line`` (the CSV line, Parquet row from 1,
+    """The one scoring path of a zoo model and of its exported bundle, for files and in-memory
+    rows alike: ``source`` is read by ``read_chunks`` (bad rows to ``log``), each chunk's good
+    rows are encoded with the model's encoders and scored by ``model`` (a PyTorch model or a
+    ``Forward``: ``as_forward``). Yields per chunk ``line`` (the CSV line, Parquet row from 1,
     in-memory row from 0), the id columns as read, one float32 column per wanted task."""
+    forward = as_forward(model)
     wanted = _wanted_tasks(schema, tasks)
     ids = _id_columns(id_columns, wanted)
     loose, labels = _predict_schema(schema)
@@ -210,7 +249,7 @@ def score_chunks(model, schema: Schema, encoders, source: str | Path | pa.Table,
                               bounds=encoders.numeric_bounds()):
         if log.policy == "fail" and log.rows:
             continue  # the run fails: the rest is read only to count its bad rows
-        preds = predict_table(model, TensorTable(encoders.transform(parsed)))
+        preds = forward(encoders.transform(parsed))
         yield pa.table({"line": pa.array(parsed.lines, pa.int64()),
                         **{c: parsed.passthrough[c] for c in ids},
                         **{t: pa.array(np.asarray(preds[t]), pa.float32()) for t in wanted}})

@@ -105,9 +105,11 @@ def remove_stale_temps(root: Path) -> list[Path]:
 
 
 def write_dir(
-    target: Path, tensors: dict[str, dict[str, torch.Tensor]], jsons: dict[str, Any]
+    target: Path, tensors: dict[str, dict[str, torch.Tensor]], jsons: dict[str, Any],
+    files: dict[str, bytes] | None = None,
 ) -> Path:
-    """Write ``{name}.safetensors`` and ``{name}.json`` files plus a manifest into ``target``
+    """Write ``{name}.safetensors`` and ``{name}.json`` files, and ``files`` (file name ->
+    bytes, written as they are: an exported ONNX graph), plus a manifest into ``target``
     atomically: into a temp dir ``.<name>.tmp-*`` beside it, then renamed into place.
 
     An existing ``target`` is replaced so that a reader finds, at every instant, either the
@@ -132,6 +134,10 @@ def write_dir(
             )
         for name, obj in jsons.items():
             (tmp / f"{name}.json").write_text(json.dumps(obj, indent=1, allow_nan=False))
+        for name, data in (files or {}).items():
+            if Path(name).name != name or name == MANIFEST or (tmp / name).exists():
+                raise ValueError(f"write_dir: {name!r} is not a new plain file name")
+            (tmp / name).write_bytes(data)
         files = sorted(p.name for p in tmp.iterdir())
         manifest = {f: _sha256(tmp / f) for f in files}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))

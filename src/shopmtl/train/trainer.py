@@ -82,6 +82,16 @@ def save_model_dir(
     )
 
 
+def read_model_files(path: Path) -> tuple[ExperimentConfig, Schema, Encoders,
+                                          dict[str, torch.Tensor] | None]:
+    """The config, schema, encoders and content matrices of a model directory (or of an
+    exported bundle, which keeps the first three as its source wrote them), not verified."""
+    cfg = from_dict(ExperimentConfig, ck.read_json(path, "config"))
+    schema = from_dict(Schema, ck.read_json(path, "schema"))
+    content = ck.read_tensors(path, "content") if schema.content_features else None
+    return cfg, schema, Encoders.from_json(schema, ck.read_json(path, "encoders"), content), content
+
+
 def load_model_dir(path: str | Path, verify: bool = True
                    ) -> tuple[MultiTaskModel, ExperimentConfig, Schema, Encoders]:
     """Rebuild a model from its directory alone (the manifest is verified first, unless the
@@ -89,10 +99,7 @@ def load_model_dir(path: str | Path, verify: bool = True
     path = Path(path)
     if verify:
         ck.verify_dir(path)
-    cfg = from_dict(ExperimentConfig, ck.read_json(path, "config"))
-    schema = from_dict(Schema, ck.read_json(path, "schema"))
-    content = ck.read_tensors(path, "content") if schema.content_features else None
-    encoders = Encoders.from_json(schema, ck.read_json(path, "encoders"), content)
+    cfg, schema, encoders, content = read_model_files(path)
     sizes = {f.name: encoders.vocab_size(f) for f in schema.features if f.kind != "numeric"}
     model = build_model(cfg.model.name, cfg.model.args, schema, sizes, content)
     state = ck.read_tensors(path, "model")

@@ -1,0 +1,165 @@
+"""``shopmtl export``: a zoo model directory -> an ONNX bundle, checked, written atomically.
+
+The bundle is a model directory of kind ``onnx`` (``modeldir.KINDS``), written by
+``train.checkpoint.write_dir`` like every model directory, so ``shopmtl.load(BUNDLE)`` verifies
+it the same way (a changed byte anywhere is refused) and scores it through the same reader and
+encoders as its source (``predict.score_chunks`` with ``runtime.OnnxForward``)::
+
+    model.onnx | model.int8.onnx   the graph (runtime.signature), weights inside
+    config.json, schema.json, encoders.json   the source's, as it wrote them
+    meta.json       kind onnx, precision, the graph's inputs and outputs, the source directory
+                    and the SHA-256 of its manifest, the versions that wrote it, what int8
+                    quantised, and every check measured at export (export.checks)
+    manifest.json   SHA-256 of every other file (the format every model directory has)
+
+Nothing is written unless every check ran and the fp32 graph matches its model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from shopmtl.config import ConfigError
+from shopmtl.data.encoders import Encoded
+from shopmtl.data.ingest import BadRowLog, DataError
+from shopmtl.deps import require, require_extra
+from shopmtl.export.checks import (
+    FP32_TOLERANCE,
+    MIN_ROWS,
+    ParityError,
+    onnx_latency,
+    parity,
+    quality,
+    reference,
+    torch_latency,
+)
+from shopmtl.export.graph import UnsupportedModel, export_onnx, exportable
+from shopmtl.export.quantize import quantize_int8
+from shopmtl.export.runtime import OnnxForward, signature
+from shopmtl.jsonsafe import json_safe
+from shopmtl.modeldir import ZooModel, load
+from shopmtl.predict import read_encoded, torch_forward
+from shopmtl.train import checkpoint as ck
+
+KIND = "onnx"
+MODEL_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
+SOURCE_FILES = ("config", "schema", "encoders")  # copied from the source directory
+PACKAGES = ("shopmtl", "torch", "onnx", "onnxruntime", "onnxscript")
+
+
+def _version(package: str) -> str | None:
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return None
+
+
+def check_out(model_dir: Path, out: Path) -> None:
+    """``out`` may be new, empty or a previous bundle (replaced atomically); never the source
+    directory, a file, or a folder holding anything else (a run's output folder)."""
+    if out.resolve() == model_dir.resolve():
+        raise ConfigError(f"--out {out}: that is the model directory itself")
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        try:
+            kind = ck.read_json(out, "meta").get("kind")
+        except (ck.CheckpointError, AttributeError):
+            kind = None
+        if kind != KIND:
+            raise ConfigError(f"--out {out}: exists and is not an ONNX bundle; refusing to "
+                              "replace it (choose a new or empty folder)")
+
+
+def load_source(model_dir: Path) -> ZooModel:
+    """The zoo model to export (its manifest verified); anything else refused in one line."""
+    source = load(model_dir)
+    if not isinstance(source, ZooModel) or source.kind != "zoo":
+        what = {"joint": "a joint model (joint export is not yet supported)",
+                KIND: "an ONNX bundle already"}.get(source.kind, f"a {source.kind} model")
+        raise UnsupportedModel(f"{model_dir}: {what}; `shopmtl export` takes a zoo model "
+                               "directory")
+    exportable(source.schema)
+    return source
+
+
+def held_out_rows(source: ZooModel, data: Path) -> Encoded:
+    """Every row of ``data`` (labelled, held out), read and encoded as evaluation reads it; a
+    bad row stops the export (it must be measured on the rows it names)."""
+    log = BadRowLog("fail", 1.0, stop_at_first=False)
+    enc = read_encoded(source.schema, source.encoders, data, log, source.cfg.data.chunk_rows)
+    log.raise_if_bad()
+    n = 0 if enc is None else len(enc)
+    if enc is None or n < MIN_ROWS:
+        raise DataError(f"--data {data.name}: {n} usable rows; the export checks need at least "
+                        f"{MIN_ROWS} held-out labelled rows")
+    return enc
+
+
+def manifest_sha256(path: Path) -> str:
+    """The SHA-256 of a model directory's manifest: one hash that pins every file of it."""
+    return hashlib.sha256((path / ck.MANIFEST).read_bytes()).hexdigest()
+
+
+def measure(source: ZooModel, enc: Encoded, fp32: Path, graph: Path, precision: str
+            ) -> dict[str, Any]:
+    """Every check of ``export.checks`` for ``graph`` (the fp32 graph or its int8 form);
+    raises ``ParityError`` when the fp32 graph is not its model."""
+    schema, model = source.schema, source.model
+    checks: dict[str, Any] = {"rows": len(enc)}
+    ref = reference(model, enc)
+    checks["parity_fp32"] = parity(ref, lambda b: OnnxForward(fp32, schema, batch_size=b), enc)
+    worst = checks["parity_fp32"]["max"]
+    if not worst <= FP32_TOLERANCE:
+        raise ParityError(f"the fp32 ONNX graph differs from the PyTorch model by {worst:.3g} "
+                          f"(max abs, probabilities; at most {FP32_TOLERANCE:g} allowed): "
+                          "nothing written")
+    if precision != "fp32":
+        checks[f"parity_{precision}"] = parity(
+            ref, lambda b: OnnxForward(graph, schema, batch_size=b), enc)
+    checks["quality"] = {"pytorch_fp32": quality(schema, enc, torch_forward(model)(enc)),
+                         f"onnx_{precision}": quality(schema, enc, OnnxForward(graph, schema)(enc))}
+    checks["size_bytes"] = {"fp32": fp32.stat().st_size, precision: graph.stat().st_size}
+    checks["latency"] = {"pytorch_fp32": torch_latency(model, schema, enc),
+                         f"onnx_{precision}": onnx_latency(graph, schema, enc)}
+    return checks
+
+
+def export_bundle(model_dir: str | Path, out: str | Path, data: str | Path, int8: bool = False
+                  ) -> dict[str, Any]:
+    """Export the zoo model in ``model_dir`` to an ONNX bundle at ``out`` (fp32, or int8 with
+    ``int8``), checked on the labelled rows of ``data`` (the run's test split); returns the
+    bundle's meta.json (its ``checks`` the measurements)."""
+    model_dir, out, data = Path(model_dir), Path(out), Path(data)
+    require_extra("export", "shopmtl export")  # before any work: one line naming the extra
+    check_out(model_dir, out)
+    source = load_source(model_dir)
+    enc = held_out_rows(source, data)
+    onnx = require("onnx", "export", "shopmtl export")
+    precision = "int8" if int8 else "fp32"
+    with tempfile.TemporaryDirectory() as tmp:
+        fp32 = export_onnx(source.model, source.schema, Path(tmp) / MODEL_FILES["fp32"])
+        graph, quantization = fp32, None
+        if int8:
+            graph = Path(tmp) / MODEL_FILES["int8"]
+            quantization = quantize_int8(fp32, graph)
+        checks = measure(source, enc, fp32, graph, precision)
+        opset = {o.domain or "ai.onnx": o.version for o in onnx.load(str(graph)).opset_import}
+        meta = ck.model_meta(
+            KIND, list(source.tasks), model=source.cfg.model.name, precision=precision,
+            model_file=MODEL_FILES[precision],
+            inputs=[i.describe() for i in signature(source.schema)],
+            outputs=list(source.tasks),
+            source={"path": str(model_dir), "manifest_sha256": manifest_sha256(model_dir),
+                    "meta": source.meta},
+            versions={**{p: _version(p) for p in PACKAGES}, "opset": opset},
+            quantization=quantization, checks={"data": data.name, **checks})
+        meta = json_safe(meta)
+        jsons = {name: ck.read_json(model_dir, name) for name in SOURCE_FILES}
+        ck.write_dir(out, {}, {**jsons, "meta": meta},
+                     files={MODEL_FILES[precision]: graph.read_bytes()})
+    return meta
