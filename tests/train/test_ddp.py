@@ -352,3 +352,57 @@ def test_a_rank_that_dies_ends_the_job_at_once_and_resume_continues(
     assert (out / "metrics.json").is_file()
     steps = [r["step"] for r in json.loads((out / "history.json").read_text())]
     assert steps and steps == sorted(steps)
+
+
+def test_a_stuck_rank_ends_the_job_after_dist_timeout(world: Path, tmp_path: Path) -> None:
+    """SIGSTOP rank 1 (alive, never answering: a hung host, a full-GC pause gone wrong): rank
+    0's next collective gives up after ``train.dist_timeout`` seconds with its one error line,
+    torchrun then stops the stuck rank, and the job ends: no hang, nothing left running."""
+    import time
+
+    timeout = 15
+    cfg = world_config_yaml(world, tmp_path / "exp.yaml", epochs=3, batch_size=32,
+                            log_every=0, checkpoint_every=50, dist_timeout=timeout)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+           "--nproc_per_node=2", "-m", "shopmtl", "train", str(cfg), "--out", str(out)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    log = tmp_path / "torchrun.log"
+    pids: list[int] = []
+    with log.open("w") as sink:
+        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, text=True,
+                                env=env, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 240
+            while not (out / "checkpoints" / "latest").exists():
+                assert proc.poll() is None, f"ended before training:\n{log.read_text()}"
+                assert time.monotonic() < deadline, f"no checkpoint:\n{log.read_text()}"
+                time.sleep(0.2)
+            pids = _children(proc.pid)
+            ranks = {p: _rank_of(p) for p in pids}
+            victim = next(p for p, r in ranks.items() if r == 1)
+            stopped = time.monotonic()
+            os.kill(victim, signal.SIGSTOP)
+            try:
+                rc = proc.wait(timeout=180)
+            except subprocess.TimeoutExpired:
+                raise AssertionError(f"job hung on a stuck rank:\n{log.read_text()}") from None
+            took = time.monotonic() - stopped
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+            for p in pids:  # a stopped process ignores everything but SIGKILL and SIGCONT
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p, signal.SIGCONT)
+    text = log.read_text()
+    errors = [ln for ln in text.splitlines() if ln.startswith("error:")]
+    print(f"rank 1 stopped -> torchrun exited {rc} after {took:.1f}s; rank 0: {errors}")
+    assert rc != 0, text
+    assert took >= timeout - 1, text  # rank 0 waited the configured time, not less
+    assert took < timeout + 120, text  # ... and then the job ended
+    assert errors and all("rank 0 of 2" in ln and "stopped answering" in ln for ln in errors), text
+    assert "internal error" not in text, text
+    for pid in [proc.pid, *pids]:
+        assert not _alive(pid), f"pid {pid} outlived the job"
+    assert not (out / "model").exists()
