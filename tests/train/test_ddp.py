@@ -406,3 +406,40 @@ def test_a_stuck_rank_ends_the_job_after_dist_timeout(world: Path, tmp_path: Pat
     for pid in [proc.pid, *pids]:
         assert not _alive(pid), f"pid {pid} outlived the job"
     assert not (out / "model").exists()
+
+
+def test_two_nodes_on_loopback_match_one_process(world: Path, tmp_path: Path) -> None:
+    """Several machines, as docs/SCALING.md runs them: one torchrun launcher per node, a c10d
+    rendezvous on a shared endpoint (here two launchers on loopback, one process each): the
+    same test AUC as one process at the same global batch, rank 0's files, nothing left."""
+    import socket
+
+    cfg = world_config_yaml(world, tmp_path / "exp.yaml", epochs=2, batch_size=256,
+                            log_every=0)
+    one, two = tmp_path / "one", tmp_path / "nodes"
+    cli("train", str(cfg), "--out", str(one), check=True)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+           "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+           "--rdzv-id", "shopmtl-test", "-m", "shopmtl", "train", str(cfg), "--out", str(two)]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              env=env, start_new_session=True) for _ in range(2)]
+    outputs = []
+    try:
+        for p in nodes:
+            outputs.append(p.communicate(timeout=400)[0])
+    finally:
+        for p in nodes:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    assert [p.returncode for p in nodes] == [0, 0], "\n".join(outputs)
+    for p in nodes:  # every launcher and its worker are gone
+        with pytest.raises(ProcessLookupError):
+            os.killpg(p.pid, 0)
+    assert (two / "model" / "model.safetensors").is_file()
+    a, b = _test_auc(one), _test_auc(two)
+    assert max(abs(a[t] - b[t]) for t in TASKS) <= 0.002, (a, b)
