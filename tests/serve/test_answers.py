@@ -5,8 +5,11 @@ and /openapi.json, /readyz, /livez and /metrics say so."""
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qsl
 
 import pytest
 
@@ -17,6 +20,9 @@ from tests.serve.server import Server
 JOINT_PATHS = {"/v1/score", "/v1/recommend", "/v1/ads/ctr", "/v1/search", "/v1/support/intent",
                "/v1/reviews/rating", "/v1/demand"}
 REC_TASKS = ("click", "conversion", "ad_click")
+DEPLOY = Path(__file__).parents[2] / "docs" / "DEPLOY.md"
+CURL = re.compile(r"curl -s '?http://127\.0\.0\.1:8000(/v1/[\w/]+)(?:\?([^' ]*))?'?.*?-d '(.*?)'",
+                  re.S)
 # the rec columns that describe the item (the rest: the user and the scenario)
 ITEM_FIELDS = ("item_id", "top_category", "leaf_category", "brand", "position", "price")
 
@@ -165,3 +171,22 @@ def test_a_zoo_model_gets_the_table_endpoints(zoo_server: Server, zoo_model: sho
     weights = {"click": 1.0, "conversion": 1.0}
     close(post(zoo_server, "/v1/recommend", {**body, "weights": weights}),
           recommend_reference(zoo_model, body, weights))
+
+
+def doc_requests() -> list[tuple[str, dict[str, str], Any]]:
+    """(path, query, body) of every curl in docs/DEPLOY.md's service section."""
+    section = DEPLOY.read_text().split("## The HTTP service", 1)[1].split("\n## ", 1)[0]
+    return [(path, dict(parse_qsl(query)), json.loads(body))
+            for path, query, body in CURL.findall(section)]
+
+
+def test_the_curls_of_the_deploy_doc_work(joint_server: Server, joint_model: shopmtl.Model
+                                          ) -> None:
+    requests = doc_requests()
+    assert sorted(p for p, _, _ in requests) == sorted(JOINT_PATHS)  # one per endpoint
+    for path, query, body in requests:
+        got = post(joint_server, path, body, **query)
+        if path == "/v1/support/intent":
+            assert got["intent"] == "cancel_order" and "intent_3" in got
+        if path == "/v1/recommend":
+            assert len(got["items"]) == len(body["candidates"])
