@@ -142,6 +142,20 @@ def test_unknown_paths_and_methods(joint_server: Server, method: str, path: str,
     assert r.status_code == status and r.json()["error"]["code"] == code
 
 
+def test_a_chunked_body_over_the_bound_is_413(joint_server: Server, joint_dir) -> None:
+    """No Content-Length to believe: the gate counts the chunks and stops at the bound."""
+    def chunks():
+        piece = json.dumps({"text": SECRET * 5_000}).encode()  # ~70 KB each
+        for _ in range(30):
+            yield piece
+
+    with joint_server.client() as c:
+        r = c.post("/v1/support/intent", content=chunks(),
+                   headers={"content-type": "application/json"})
+    assert "content-length" not in r.request.headers
+    check_error(r, 413, "body_too_large", "", version_of(joint_dir))
+
+
 def test_the_log_holds_no_request_value(joint_server: Server) -> None:
     """Last in this module: every request above logged a line, none with its values."""
     with joint_server.client() as c:
