@@ -35,6 +35,7 @@ MAX_ROWS = 1_000  # rows of one /v1/score or /v1/ads/ctr request
 MAX_CANDIDATES = 1_000  # candidates of one /v1/recommend request
 MAX_WEIGHT = 1e6  # |task weight| of /v1/recommend
 AD_TASK = "ad_click"
+SCALAR = ("binary", "regression")  # outputs a /v1/recommend weight may multiply
 
 Answer = Callable[..., dict[str, Any]]
 
@@ -114,7 +115,9 @@ def table_endpoints(model: Any, contract: Contract, tasks: list[str]) -> list[En
                             "The probability that each row's ad is clicked (task ad_click), "
                             "in row order.", ads, example,
                             _score_answer(model, contract, [AD_TASK]), (AD_TASK,)))
-    out.append(_recommend(model, contract, tasks, pd, config))
+    scalar = [t for t in tasks if contract.output(t).type in SCALAR]
+    if scalar:
+        out.append(_recommend(model, contract, tasks, scalar, pd, config))
     return out
 
 
@@ -127,10 +130,11 @@ def _score_answer(model: Any, contract: Contract, tasks: Sequence[str]) -> Answe
     return answer
 
 
-def _recommend(model: Any, contract: Contract, tasks: list[str], pd: Any, config: Any
-               ) -> Endpoint:
+def _recommend(model: Any, contract: Contract, tasks: list[str], scalar: list[str], pd: Any,
+               config: Any) -> Endpoint:
     """``/v1/recommend``: the context (the user's features, the scenario) and each
-    candidate's fields make one row per candidate; required fields may come from either."""
+    candidate's fields make one row per candidate; required fields may come from either.
+    Weights apply to the ``scalar`` tasks (one number per row: a sum needs numbers)."""
     loose = dataclasses.replace(contract, inputs=tuple(
         dataclasses.replace(f, required=False) for f in contract.inputs))
     context = request_model(loose, name="RecommendContext")
@@ -138,7 +142,7 @@ def _recommend(model: Any, contract: Contract, tasks: list[str], pd: Any, config
     weight = Annotated[float | None, pd.Field(None, ge=-MAX_WEIGHT, le=MAX_WEIGHT,
                                               allow_inf_nan=False)]
     weights = pd.create_model("TaskWeights", __config__=config,
-                              **{t: (weight, None) for t in tasks})
+                              **{t: (weight, None) for t in scalar})
     cands = Annotated[list[candidate], pd.Field(  # type: ignore[valid-type]
         min_length=1, max_length=MAX_CANDIDATES,
         description="the items to rank: each one's own fields (item id, price, ...)")]
@@ -148,7 +152,7 @@ def _recommend(model: Any, contract: Contract, tasks: list[str], pd: Any, config
                                    "user's features and the scenario")),
         candidates=(cands, ...),
         weights=(weights | None, pd.Field(None, description=f"task -> weight of the combined "
-                                          f"score (default: {{{tasks[0]!r}: 1}})")))
+                                          f"score (default: {{{scalar[0]!r}: 1}})")))
     # which columns are the user's and which the item's is the caller's to say: the generic
     # example puts all of the contract's example in its one candidate
     example = {"context": {}, "candidates": [dict(contract.example)]}
@@ -156,10 +160,11 @@ def _recommend(model: Any, contract: Contract, tasks: list[str], pd: Any, config
                     "Each candidate's predictions of every task and its combined score "
                     "(sum of task weight x prediction); candidates best first, `candidate` "
                     "is its place in the request (from 0).", body, example,
-                    _recommend_answer(model, contract, tasks), tuple(tasks))
+                    _recommend_answer(model, contract, tasks, scalar[0]), tuple(tasks))
 
 
-def _recommend_answer(model: Any, contract: Contract, tasks: list[str]) -> Answer:
+def _recommend_answer(model: Any, contract: Contract, tasks: list[str], first: str
+                      ) -> Answer:
     required = [f.name for f in contract.inputs if f.required]
 
     def answer(body: Any) -> dict[str, Any]:
@@ -167,7 +172,7 @@ def _recommend_answer(model: Any, contract: Contract, tasks: list[str]) -> Answe
         rows = [_row(contract, _merged(shared, _dump(c), required, i))
                 for i, c in enumerate(body.candidates)]
         given = _dump(body.weights) if body.weights is not None else {}
-        weights = {t: float(w) for t, w in given.items()} or {tasks[0]: 1.0}
+        weights = {t: float(w) for t, w in given.items()} or {first: 1.0}
         preds = predict_tasks(model, rows, tasks)
         scores = [sum(w * preds[t][i] for t, w in weights.items()) for i in range(len(rows))]
         order = sorted(range(len(rows)), key=lambda i: -scores[i])  # stable: ties keep order
