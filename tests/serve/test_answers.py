@@ -139,6 +139,10 @@ def test_the_joint_service_lists_its_endpoints(joint_server: Server, joint_dir: 
     schemas = spec["components"]["schemas"]
     assert schemas["ReviewsRequest"]["properties"]["age"]["maximum"] == 150
     assert schemas["ReviewsRequest"]["additionalProperties"] is False
+    assert "HTTPValidationError" not in schemas  # the errors are the service's own shape
+    for status in ("413", "422", "429", "503"):
+        ref = spec["paths"]["/v1/demand"]["post"]["responses"][status]["content"]
+        assert ref["application/json"]["schema"] == {"$ref": "#/components/schemas/Error"}
     assert ready.status_code == live.status_code == 200
     version = version_of(joint_dir)
     assert ready.json() == {"status": "ready", "model_version": version}

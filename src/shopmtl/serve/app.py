@@ -29,7 +29,13 @@ from typing import Any
 from shopmtl.data.ingest import DataError
 from shopmtl.deps import require
 from shopmtl.serve.endpoints import Endpoint, build_endpoints
-from shopmtl.serve.errors import code_of, data_error_fields, error_json, validation_message
+from shopmtl.serve.errors import (
+    CODES,
+    code_of,
+    data_error_fields,
+    error_json,
+    validation_message,
+)
 from shopmtl.serve.gate import Gate, ServeState
 from shopmtl.serve.metrics import ServeMetrics
 
@@ -78,14 +84,31 @@ def create_app(model_path: str | Path, *, max_in_flight: int = 8, max_body: int 
         description=f"A shopmtl {model.kind} model ({', '.join(model.tasks)}). Every response "
         "carries X-Model-Version; every error is {\"error\": {\"code\", \"message\", "
         "\"fields\"}}; 429 with Retry-After when busy.")
+    errors = error_responses()
     for ep in endpoints:
         app.add_api_route(ep.path, handler(fastapi, ep, lock), methods=["POST"],
-                          summary=ep.summary, description=ep.description, tags=["model"])
+                          summary=ep.summary, description=ep.description, tags=["model"],
+                          responses=errors)
     _health_routes(fastapi, app, state)
     _error_handlers(fastapi, app)
     app.add_middleware(Gate, state=state)
     app.state.serve = state
     return app
+
+
+def error_responses() -> dict[int | str, dict[str, Any]]:
+    """The error answers of a model path, for OpenAPI: the one error shape (FastAPI would
+    otherwise publish its own 422 body, which this service never sends)."""
+    from typing import Literal
+
+    pd = require("pydantic", "serve", "the HTTP request models")
+    detail = pd.create_model(
+        "ErrorDetail", code=(Literal[tuple(sorted(set(CODES.values())))], ...),
+        message=(str, pd.Field(description="what is wrong, in words (never a request value)")),
+        fields=(list[str], pd.Field(description="the places: body.rows.0.price, query.top_k")))
+    body = pd.create_model("Error", error=(detail, ...))
+    return {status: {"model": body, "description": f"`{code}`"}
+            for status, code in CODES.items() if status in (413, 422, 429, 503)}
 
 
 def handler(fastapi: Any, ep: Endpoint, lock: threading.Lock) -> Callable[..., Any]:
