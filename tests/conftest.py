@@ -163,3 +163,15 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def tiny_joint_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """examples/joint_tiny.yaml trained once per session with ``--alone`` (about a minute):
+    the joint run tests/joint and tests/serve read (its model: ``RUN/joint/model``)."""
+    from tests.helpers import cli
+
+    out = tmp_path_factory.mktemp("joint")
+    cli("train", str(Path(__file__).parents[1] / "examples" / "joint_tiny.yaml"), "--out",
+        str(out), "--alone", check=True)
+    return out

@@ -19,6 +19,8 @@ Layers, bottom to top (each imports only from below):
     api (``shopmtl.train``: a config trained into an output folder, the ``shopmtl train`` path)
     export/ (``shopmtl export``: a zoo model as an ONNX bundle; modeldir loads a bundle with
     export.runtime, export.bundle reads its source through modeldir)
+    serve/ (``shopmtl serve``: the HTTP service over ``shopmtl.load``'s Model, above modeldir
+    and describe)
   the root package ``shopmtl/__init__.py`` is the public face above them all: its lazy
   ``__getattr__`` hands out ``shopmtl.load`` from modeldir and the callable ``shopmtl.train``
   package calls api on first use (exempt from "nothing imports an app")
@@ -41,7 +43,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 ROOT_PACKAGE = "shopmtl"
 
 APPS = ("cli", "run", "checks", "predict", "compare", "report", "joint.predict", "modeldir",
-        "configdoc", "describe", "api", "__main__", "export")
+        "configdoc", "describe", "api", "serve", "__main__", "export")
 # what each layer must not import: rules (b), (c), (d). data/ may import the leaf ``metrics``.
 DATA_FORBIDDEN = ("train", "joint", *APPS, "weighting", "models", "nn", "tasks")
 LOW_FORBIDDEN = ("train", "joint", "models", "nn", "weighting", *APPS)

@@ -436,6 +436,32 @@ def describe(
 
 @app.command()
 @_guard
+def serve(
+    model_dir: Annotated[Path, typer.Argument(help="A model directory (OUT/model, "
+                                              "OUT/joint/model)")],
+    host: Annotated[str, typer.Option(help="Address to listen on (loopback by default)")
+                    ] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on", min=1, max=65535)] = 8000,
+    max_in_flight: Annotated[int, typer.Option(
+        "--max-in-flight", help="Model requests answered at once; more get 429 with "
+        "Retry-After", min=1)] = 8,
+    max_body: Annotated[int, typer.Option(
+        "--max-body", help="Largest request body in bytes (413 beyond)", min=1)] = 1 << 20,
+) -> None:
+    """Serve a model over HTTP (the serve extra): one JSON endpoint per subsystem the model
+    has (/v1/score, /v1/recommend, /v1/ads/ctr, /v1/search, /v1/support/intent,
+    /v1/reviews/rating, /v1/demand), /livez, /readyz, /metrics and /openapi.json
+    (docs/DEPLOY.md). Stops on SIGTERM or Ctrl-C once in-flight requests are answered."""
+    from shopmtl.deps import require_extra
+
+    require_extra("serve", "shopmtl serve")
+    from shopmtl.serve.app import run
+
+    run(model_dir, host=host, port=port, max_in_flight=max_in_flight, max_body=max_body)
+
+
+@app.command()
+@_guard
 def models() -> None:
     """List the registered architectures."""
     from shopmtl.registry import MODELS

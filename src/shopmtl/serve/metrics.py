@@ -1,0 +1,47 @@
+"""The service's Prometheus metrics (``/metrics``), in a registry of its own.
+
+A registry per app (not prometheus_client's global one) so that two apps in one process, as a
+test builds them, never collide. ``endpoint`` is a route's path or ``other``: a raw path could
+carry client text and would grow the label set without bound.
+"""
+
+from __future__ import annotations
+
+from shopmtl.deps import require
+
+# seconds: from a cached single-row answer to a 1,000-candidate list under load
+BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class ServeMetrics:
+    """Requests by endpoint and status code, latency by endpoint, requests in flight,
+    readiness, and the served model (``shopmtl_model_info{version, kind}``)."""
+
+    def __init__(self, version: str, kind: str) -> None:
+        pc = require("prometheus_client", "serve", "the /metrics endpoint")
+        self._pc = pc
+        self.registry = pc.CollectorRegistry(auto_describe=True)
+        self.requests = pc.Counter("shopmtl_http_requests", "HTTP requests answered, by "
+                                   "endpoint and status code", ["endpoint", "code"],
+                                   registry=self.registry)
+        self.latency = pc.Histogram("shopmtl_http_request_duration_seconds", "Time from a "
+                                    "request's arrival to its answer, by endpoint",
+                                    ["endpoint"], buckets=BUCKETS, registry=self.registry)
+        self.in_flight = pc.Gauge("shopmtl_http_in_flight", "Model requests being answered "
+                                  "(bounded by --max-in-flight)", registry=self.registry)
+        self.ready = pc.Gauge("shopmtl_ready", "1 once the model answered its warm-up",
+                              registry=self.registry)
+        info = pc.Info("shopmtl_model", "The served model: its manifest's short sha256 and "
+                       "kind", registry=self.registry)
+        info.info({"version": version, "kind": kind})
+
+    def observe(self, endpoint: str, status: int, seconds: float) -> None:
+        self.requests.labels(endpoint, str(status)).inc()
+        self.latency.labels(endpoint).observe(seconds)
+
+    def render(self) -> tuple[bytes, str]:
+        """The text exposition format and its content type."""
+        return self._pc.generate_latest(self.registry), self._pc.CONTENT_TYPE_LATEST
+
+    def __repr__(self) -> str:
+        return f"<ServeMetrics {self.registry!r}>"
