@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -283,17 +284,24 @@ def _alive(pid: int) -> bool:
     return state != "Z"
 
 
-def test_a_rank_that_dies_ends_the_job_at_once_and_resume_continues(
-        world: Path, tmp_path: Path) -> None:
-    """SIGKILL rank 1 mid-epoch: torchrun exits non-zero within seconds (rank 0's next
-    collective fails on the closed connection, torchrun stops it), its summary names rank 1,
-    rank 0 prints at most one ``error:`` line (no traceback of shopmtl, no locals), no
-    ``model/`` is saved, no process of the job is left, and ``--resume`` from the last
-    checkpoint completes the run."""
+@dataclass
+class Signalled:
+    rc: int  # torchrun's exit status
+    took: float  # seconds from the signal to torchrun's exit
+    pids: list[int]  # the launcher's workers
+    launcher: int  # its pid (and process group)
+    log: str  # torchrun's output
+
+
+def _signal_rank_1(world: Path, tmp_path: Path, sig: int, dist_timeout: float,
+                   wait: float = 120) -> tuple[Signalled, Path, Path]:
+    """A 2-process job on the world; once its first checkpoint exists, ``sig`` goes to rank 1;
+    then wait for torchrun to end (an AssertionError if it hangs past ``wait`` s). Every
+    process of the job is gone afterwards (stopped ones continued, the group SIGKILLed)."""
     import time
 
     cfg = world_config_yaml(world, tmp_path / "exp.yaml", epochs=3, batch_size=32,
-                            log_every=0, checkpoint_every=50, dist_timeout=30)
+                            log_every=0, checkpoint_every=50, dist_timeout=dist_timeout)
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
            "--nproc_per_node=2", "-m", "shopmtl", "train", str(cfg), "--out", str(out)]
@@ -313,19 +321,33 @@ def test_a_rank_that_dies_ends_the_job_at_once_and_resume_continues(
             ranks = {p: _rank_of(p) for p in pids}
             assert sorted(r for r in ranks.values() if r is not None) == [0, 1], ranks
             victim = next(p for p, r in ranks.items() if r == 1)
-            killed = time.monotonic()
-            os.kill(victim, signal.SIGKILL)
+            sent = time.monotonic()
+            os.kill(victim, sig)
             try:
-                rc = proc.wait(timeout=120)
+                rc = proc.wait(timeout=wait)
             except subprocess.TimeoutExpired:
-                raise AssertionError(f"job hung after rank 1 died:\n{log.read_text()}"
-                                     ) from None
-            took = time.monotonic() - killed
+                raise AssertionError(f"job hung after signal {sig} to rank 1:\n"
+                                     f"{log.read_text()}") from None
+            took = time.monotonic() - sent
         finally:
             if proc.poll() is None:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-    text = log.read_text()
+            for p in pids:  # a stopped process ignores everything but SIGKILL and SIGCONT
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(p, signal.SIGCONT)
+    return Signalled(rc, took, pids, proc.pid, log.read_text()), cfg, out
+
+
+def test_a_rank_that_dies_ends_the_job_at_once_and_resume_continues(
+        world: Path, tmp_path: Path) -> None:
+    """SIGKILL rank 1 mid-epoch: torchrun exits non-zero within seconds (rank 0's next
+    collective fails on the closed connection, torchrun stops it), its summary names rank 1,
+    rank 0 prints at most one ``error:`` line (no traceback of shopmtl, no locals), no
+    ``model/`` is saved, no process of the job is left, and ``--resume`` from the last
+    checkpoint completes the run."""
+    job, cfg, out = _signal_rank_1(world, tmp_path, signal.SIGKILL, dist_timeout=30)
+    rc, took, pids, text = job.rc, job.took, job.pids, job.log
     errors = [ln for ln in text.splitlines() if ln.startswith("error:")]
     print(f"rank 1 killed -> torchrun exited {rc} after {took:.1f}s; rank 0: {errors}")
     assert rc != 0, text
@@ -340,10 +362,10 @@ def test_a_rank_that_dies_ends_the_job_at_once_and_resume_continues(
         if ln.startswith("error:"):
             assert "rank 0 of 2" in ln and "died or stopped answering" in ln, ln
     # nothing of the job is left
-    for pid in [proc.pid, *pids]:
+    for pid in [job.launcher, *pids]:
         assert not _alive(pid), f"pid {pid} outlived the job"
     with pytest.raises(ProcessLookupError):
-        os.killpg(proc.pid, 0)
+        os.killpg(job.launcher, 0)
     # no model saved as if complete; the last checkpoint resumes the run to its end
     assert not (out / "model").exists()
     assert not (out / "metrics.json").exists()
@@ -358,44 +380,10 @@ def test_a_stuck_rank_ends_the_job_after_dist_timeout(world: Path, tmp_path: Pat
     """SIGSTOP rank 1 (alive, never answering: a hung host, a full-GC pause gone wrong): rank
     0's next collective gives up after ``train.dist_timeout`` seconds with its one error line,
     torchrun then stops the stuck rank, and the job ends: no hang, nothing left running."""
-    import time
-
     timeout = 15
-    cfg = world_config_yaml(world, tmp_path / "exp.yaml", epochs=3, batch_size=32,
-                            log_every=0, checkpoint_every=50, dist_timeout=timeout)
-    out = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           "--nproc_per_node=2", "-m", "shopmtl", "train", str(cfg), "--out", str(out)]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
-    log = tmp_path / "torchrun.log"
-    pids: list[int] = []
-    with log.open("w") as sink:
-        proc = subprocess.Popen(cmd, stdout=sink, stderr=subprocess.STDOUT, text=True,
-                                env=env, start_new_session=True)
-        try:
-            deadline = time.monotonic() + 240
-            while not (out / "checkpoints" / "latest").exists():
-                assert proc.poll() is None, f"ended before training:\n{log.read_text()}"
-                assert time.monotonic() < deadline, f"no checkpoint:\n{log.read_text()}"
-                time.sleep(0.2)
-            pids = _children(proc.pid)
-            ranks = {p: _rank_of(p) for p in pids}
-            victim = next(p for p, r in ranks.items() if r == 1)
-            stopped = time.monotonic()
-            os.kill(victim, signal.SIGSTOP)
-            try:
-                rc = proc.wait(timeout=180)
-            except subprocess.TimeoutExpired:
-                raise AssertionError(f"job hung on a stuck rank:\n{log.read_text()}") from None
-            took = time.monotonic() - stopped
-        finally:
-            if proc.poll() is None:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-            for p in pids:  # a stopped process ignores everything but SIGKILL and SIGCONT
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(p, signal.SIGCONT)
-    text = log.read_text()
+    job, _, out = _signal_rank_1(world, tmp_path, signal.SIGSTOP, dist_timeout=timeout,
+                                 wait=180)
+    rc, took, pids, text = job.rc, job.took, job.pids, job.log
     errors = [ln for ln in text.splitlines() if ln.startswith("error:")]
     print(f"rank 1 stopped -> torchrun exited {rc} after {took:.1f}s; rank 0: {errors}")
     assert rc != 0, text
@@ -403,7 +391,7 @@ def test_a_stuck_rank_ends_the_job_after_dist_timeout(world: Path, tmp_path: Pat
     assert took < timeout + 120, text  # ... and then the job ended
     assert errors and all("rank 0 of 2" in ln and "stopped answering" in ln for ln in errors), text
     assert "internal error" not in text, text
-    for pid in [proc.pid, *pids]:
+    for pid in [job.launcher, *pids]:
         assert not _alive(pid), f"pid {pid} outlived the job"
     assert not (out / "model").exists()
 
