@@ -24,7 +24,7 @@ import pytest
 
 import shopmtl
 from tests.helpers import cli, small_world, world_config_yaml
-from tests.serve.helpers import close, post, version_of
+from tests.serve.helpers import close, version_of
 from tests.serve.server import Server, serving
 
 KEY = "test-admin-key-0123456789abcdef"
@@ -222,21 +222,20 @@ def test_the_env_key_and_a_swap_under_load_drop_no_request(
         return {before[-1] if before else version_of(pair.a)} | {
             v for start, end, v in swaps if start <= answered and end >= sent}
 
-    with serving(pair.a, tmp_path / "serve.log") as server:
-        with ThreadPoolExecutor(4) as pool:
-            futures = [pool.submit(client) for _ in range(4)]
-            try:
-                for target in (pair.b, pair.a, pair.b):
-                    time.sleep(1)
-                    start = time.monotonic()
-                    with server.client() as c:
-                        r = c.post(RELOAD, json={"path": str(target)}, headers=auth())
-                    assert r.status_code == 200, r.text
-                    swaps.append((start, time.monotonic(), r.json()["model_version"]))
+    with serving(pair.a, tmp_path / "serve.log") as server, ThreadPoolExecutor(4) as pool:
+        futures = [pool.submit(client) for _ in range(4)]
+        try:
+            for target in (pair.b, pair.a, pair.b):
                 time.sleep(1)
-            finally:
-                stop.set()
-            answers = [a for f in futures for a in f.result()]  # a connection error raises here
+                start = time.monotonic()
+                with server.client() as c:
+                    r = c.post(RELOAD, json={"path": str(target)}, headers=auth())
+                assert r.status_code == 200, r.text
+                swaps.append((start, time.monotonic(), r.json()["model_version"]))
+            time.sleep(1)
+        finally:
+            stop.set()
+        answers = [a for f in futures for a in f.result()]  # a connection error raises here
     assert len(answers) > 20
     seen = set()
     for sent, answered, status, version, body in answers:

@@ -4,8 +4,10 @@ The model is loaded once, when the app is built, and its endpoints come from its
 (``serve.endpoints``). Starting the server starts the warm-up in a thread: every endpoint
 answers its contract's example once (the first text request builds the text bank, loads the
 encoder: seconds), and only then do ``/readyz`` and the model paths open (503 ``not_ready``
-before); ``/livez`` answers from the first moment. One lock serialises the model: a joint
-model's text bank is shared state, and scoring is CPU-bound, so threads would gain nothing.
+before); ``/livez`` answers from the first moment. One lock serialises each served model: a
+joint model's text bank is shared state, and scoring is CPU-bound, so threads would gain
+nothing. ``POST /admin/reload`` (behind the admin key, checked by the gate) and SIGHUP swap in
+another model directory (``serve.reload``); the routes stay the ones built here.
 Handlers are plain functions, run by FastAPI in its thread pool, so the event loop keeps
 answering health checks, metrics and 429s while the model works.
 

@@ -27,13 +27,10 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from shopmtl.serve.errors import error_bytes
 from shopmtl.serve.metrics import ServeMetrics
-
-if TYPE_CHECKING:
-    from shopmtl.serve.reload import Served
 
 Scope = MutableMapping[str, Any]
 Message = MutableMapping[str, Any]
@@ -53,7 +50,7 @@ class ServeState:
     """What the gate and the app share: the served model (swapped by a reload), the bounds,
     readiness, the admin key (None: the admin endpoints are disabled)."""
 
-    current: Served
+    current: Any  # the serve.reload.Served answering (its .version: the header)
     metrics: ServeMetrics
     routes: frozenset[str]
     max_in_flight: int = 8
