@@ -447,17 +447,23 @@ def serve(
         "Retry-After", min=1)] = 8,
     max_body: Annotated[int, typer.Option(
         "--max-body", help="Largest request body in bytes (413 beyond)", min=1)] = 1 << 20,
+    admin_key_file: Annotated[Path | None, typer.Option(
+        "--admin-key-file", help="A file holding the admin key of POST /admin/reload "
+        "(default: the SHOPMTL_ADMIN_KEY environment variable; neither: admin endpoints "
+        "disabled)")] = None,
 ) -> None:
     """Serve a model over HTTP (the serve extra): one JSON endpoint per subsystem the model
     has (/v1/score, /v1/recommend, /v1/ads/ctr, /v1/search, /v1/support/intent,
     /v1/reviews/rating, /v1/demand), /livez, /readyz, /metrics and /openapi.json
-    (docs/DEPLOY.md). Stops on SIGTERM or Ctrl-C once in-flight requests are answered."""
+    (docs/DEPLOY.md). Stops on SIGTERM or Ctrl-C once in-flight requests are answered; SIGHUP
+    or POST /admin/reload (with the admin key) hot-reloads the model."""
     from shopmtl.deps import require_extra
 
     require_extra("serve", "shopmtl serve")
     from shopmtl.serve.app import run
 
-    run(model_dir, host=host, port=port, max_in_flight=max_in_flight, max_body=max_body)
+    run(model_dir, host=host, port=port, max_in_flight=max_in_flight, max_body=max_body,
+        admin_key_file=admin_key_file)
 
 
 @app.command()

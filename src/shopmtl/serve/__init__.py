@@ -4,7 +4,9 @@
   handlers) and ``run`` (uvicorn);
 - ``serve.endpoints``: the endpoints built from the model's contracts, answered through
   ``Model.predict`` (the one scoring path);
-- ``serve.gate``: readiness, the in-flight and body bounds, the version header, metrics, logs;
+- ``serve.gate``: readiness, the in-flight and body bounds, the admin key, the version
+  header, metrics, logs;
+- ``serve.reload``: the served model and its hot reload (``POST /admin/reload``, SIGHUP);
 - ``serve.errors``: the one error shape, never a request value;
 - ``serve.metrics``: Prometheus metrics.
 

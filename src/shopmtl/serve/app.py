@@ -4,8 +4,10 @@ The model is loaded once, when the app is built, and its endpoints come from its
 (``serve.endpoints``). Starting the server starts the warm-up in a thread: every endpoint
 answers its contract's example once (the first text request builds the text bank, loads the
 encoder: seconds), and only then do ``/readyz`` and the model paths open (503 ``not_ready``
-before); ``/livez`` answers from the first moment. One lock serialises the model: a joint
-model's text bank is shared state, and scoring is CPU-bound, so threads would gain nothing.
+before); ``/livez`` answers from the first moment. One lock serialises each served model: a
+joint model's text bank is shared state, and scoring is CPU-bound, so threads would gain
+nothing. ``POST /admin/reload`` (behind the admin key, checked by the gate) and SIGHUP swap in
+another model directory (``serve.reload``); the routes stay the ones built here.
 Handlers are plain functions, run by FastAPI in its thread pool, so the event loop keeps
 answering health checks, metrics and 429s while the model works.
 
@@ -17,9 +19,11 @@ the errors by type; never a request's text, its query string, ids or the client'
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import inspect
+import json
 import logging
+import os
+import signal
 import sys
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -28,7 +32,7 @@ from typing import Any
 
 from shopmtl.data.ingest import DataError
 from shopmtl.deps import require
-from shopmtl.serve.endpoints import Endpoint, build_endpoints
+from shopmtl.serve.endpoints import Endpoint
 from shopmtl.serve.errors import (
     CODES,
     code_of,
@@ -36,64 +40,95 @@ from shopmtl.serve.errors import (
     error_json,
     validation_message,
 )
-from shopmtl.serve.gate import Gate, ServeState
+from shopmtl.serve.gate import SERVED_KEY, Gate, ServeState
 from shopmtl.serve.metrics import ServeMetrics
+from shopmtl.serve.reload import (
+    Reloader,
+    ReloadError,
+    Served,
+    load_served,
+    model_version,
+)
 
 MAX_BODY = 1 << 20  # bytes of one request body (1 MiB: 1,000 candidates with titles fit)
 GRACEFUL_S = 30  # seconds in-flight requests get to finish after SIGTERM
+RELOAD_PATH = "/admin/reload"
+ADMIN_KEY_ENV = "SHOPMTL_ADMIN_KEY"
+MIN_ADMIN_KEY = 16  # characters of an admin key
+MAX_PATH = 4096  # characters of a reload's path
+__all__ = ["create_app", "model_version", "run"]
 log = logging.getLogger("shopmtl.serve")
 
 
-def model_version(path: Path) -> str:
-    """The model directory's version: the short sha256 of its ``manifest.json`` (which holds
-    the sha256 of every file, so any change to the model changes it)."""
-    manifest = path / "manifest.json"
-    if not manifest.is_file():
-        return "unknown"
-    return hashlib.sha256(manifest.read_bytes()).hexdigest()[:12]
-
-
-def create_app(model_path: str | Path, *, max_in_flight: int = 8, max_body: int = MAX_BODY
-               ) -> Any:
+def create_app(model_path: str | Path, *, max_in_flight: int = 8, max_body: int = MAX_BODY,
+               admin_key: str | None = None) -> Any:
     """The FastAPI app serving ``model_path`` (any directory ``shopmtl.load`` reads).
     ``max_in_flight`` model requests are answered at once, the next ones get 429;
-    ``max_body`` bytes bound a request body (413 beyond)."""
+    ``max_body`` bytes bound a request body (413 beyond). ``admin_key``: the key of
+    ``POST /admin/reload`` (``Authorization: Bearer <key>``); None disables it (403)."""
     if max_in_flight < 1 or max_body < 1:
         raise ValueError("max_in_flight and max_body must be >= 1")
+    if admin_key is not None:
+        check_admin_key(admin_key)
     fastapi = require("fastapi", "serve", "the HTTP service")
-    from shopmtl.modeldir import load
 
     path = Path(model_path)
-    model = load(path)
-    version = model_version(path)
-    endpoints = build_endpoints(model)
-    lock = threading.Lock()
-    routes = frozenset([*(e.path for e in endpoints), "/livez", "/readyz", "/metrics",
-                        "/openapi.json", "/docs"])
-    state = ServeState(version, ServeMetrics(version, model.kind), routes, max_in_flight,
-                       max_body)
+    served = load_served(path)
+    model = served.model
+    routes = frozenset([*served.endpoints, "/livez", "/readyz", "/metrics", "/openapi.json",
+                        "/docs", RELOAD_PATH])
+    state = ServeState(served, ServeMetrics(served.version, model.kind), routes, max_in_flight,
+                       max_body, admin_key=admin_key.encode() if admin_key is not None else None)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Any) -> AsyncIterator[None]:
-        threading.Thread(target=warm_up, args=(state, endpoints, lock), daemon=True,
-                         name="shopmtl-warm-up").start()
+        threading.Thread(target=reloader.startup, daemon=True, name="shopmtl-warm-up").start()
         yield
 
     app = fastapi.FastAPI(
-        title="shopmtl", version=version, lifespan=lifespan,
+        title="shopmtl", version=served.version, lifespan=lifespan,
         description=f"A shopmtl {model.kind} model ({', '.join(model.tasks)}). Every response "
         "carries X-Model-Version; every error is {\"error\": {\"code\", \"message\", "
         "\"fields\"}}; 429 with Retry-After when busy.")
+
+    def swapped(new: Served) -> None:  # OpenAPI's info.version follows the served model
+        app.version = new.version
+        app.openapi_schema = None
+
+    reloader = Reloader(state, path, on_swap=swapped)
     errors = error_responses()
-    for ep in endpoints:
-        app.add_api_route(ep.path, handler(fastapi, ep, lock), methods=["POST"],
+    for ep in served.endpoints.values():
+        app.add_api_route(ep.path, handler(fastapi, ep, state), methods=["POST"],
                           summary=ep.summary, description=ep.description, tags=["model"],
                           responses=errors)
     _health_routes(fastapi, app, state)
+    _admin_routes(fastapi, app, reloader)
     _error_handlers(fastapi, app)
     app.add_middleware(Gate, state=state)
     app.state.serve = state
+    app.state.reloader = reloader
     return app
+
+
+def check_admin_key(key: str) -> None:
+    """An admin key is at least ``MIN_ADMIN_KEY`` characters, printable ASCII without spaces
+    (it travels in an HTTP header)."""
+    if len(key) < MIN_ADMIN_KEY or not all(33 <= ord(c) < 127 for c in key):
+        raise ValueError(f"the admin key must be at least {MIN_ADMIN_KEY} printable ASCII "
+                         "characters without spaces (e.g. `openssl rand -hex 32`)")
+
+
+def admin_key_from(key_file: str | Path | None) -> str | None:
+    """``--admin-key-file`` (its content, surrounding whitespace stripped) or else the
+    ``SHOPMTL_ADMIN_KEY`` environment variable; None when neither is set."""
+    if key_file is not None:
+        key = Path(key_file).read_text().strip()
+    else:
+        key = os.environ.get(ADMIN_KEY_ENV, "").strip()
+        if not key:
+            return None
+    check_admin_key(key)
+    return key
 
 
 def error_responses() -> dict[int | str, dict[str, Any]]:
@@ -111,16 +146,27 @@ def error_responses() -> dict[int | str, dict[str, Any]]:
             for status, code in CODES.items() if status in (413, 422, 429, 503)}
 
 
-def handler(fastapi: Any, ep: Endpoint, lock: threading.Lock) -> Callable[..., Any]:
-    """The route function of ``ep``: its body model as the JSON body (with the contract's
-    example in OpenAPI), the ``top_k``/``all_classes`` query options where it has labels."""
-    def answer(body: Any, top_k: int = 1, all_classes: bool = False) -> dict[str, Any]:
-        options = {"top_k": top_k, "all_classes": all_classes} if ep.max_top_k else {}
-        with lock:
-            return ep.answer(body, **options)
+def handler(fastapi: Any, ep: Endpoint, state: ServeState) -> Callable[..., Any]:
+    """The route function of ``ep``'s path: its body model as the JSON body (with the
+    contract's example in OpenAPI), the ``top_k``/``all_classes`` query options where it has
+    labels. The answer comes from the request's ``Served`` (read by the gate when the request
+    arrived: a reload meanwhile does not change it); a reload keeps the request schemas equal,
+    so the body validated here is the one the served endpoint reads."""
+    from starlette.requests import Request
+
+    path = ep.path
+
+    def answer(request: Request, body: Any, top_k: int = 1, all_classes: bool = False
+               ) -> dict[str, Any]:
+        served = request.scope.get(SERVED_KEY) or state.current
+        now = served.endpoints[path]
+        options = {"top_k": top_k, "all_classes": all_classes} if now.max_top_k else {}
+        with served.lock:
+            return now.answer(body, **options)
 
     kw = inspect.Parameter.KEYWORD_ONLY
-    params = [inspect.Parameter("body", kw, annotation=ep.body,
+    params = [inspect.Parameter("request", kw, annotation=Request),
+              inspect.Parameter("body", kw, annotation=ep.body,
                                 default=fastapi.Body(examples=[ep.example]))]
     if ep.max_top_k:
         params += [
@@ -132,24 +178,6 @@ def handler(fastapi: Any, ep: Endpoint, lock: threading.Lock) -> Callable[..., A
     answer.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
     answer.__name__ = "post_" + ep.path.strip("/").replace("/", "_")
     return answer
-
-
-def warm_up(state: ServeState, endpoints: list[Endpoint], lock: threading.Lock) -> None:
-    """Answer each endpoint's example once; ready only when all answered."""
-    for ep in endpoints:
-        try:
-            body = ep.body.model_validate(ep.example)
-            with lock:
-                ep.answer(body)
-        except Exception as e:  # the model cannot answer its own example: never ready
-            state.warm_error = f"{ep.path}: {type(e).__name__}"
-            log.error("warm-up failed on %s (%s); /readyz stays 503", ep.path,
-                      type(e).__name__)
-            return
-    state.ready.set()
-    state.metrics.ready.set(1)
-    log.info("ready: model %s answered the warm-up on %d endpoints", state.version,
-             len(endpoints))
 
 
 def _health_routes(fastapi: Any, app: Any, state: ServeState) -> None:
@@ -171,6 +199,56 @@ def _health_routes(fastapi: Any, app: Any, state: ServeState) -> None:
     def metrics() -> Any:
         data, ctype = state.metrics.render()
         return responses.Response(data, media_type=ctype)
+
+
+def _admin_routes(fastapi: Any, app: Any, reloader: Reloader) -> None:
+    """``POST /admin/reload``: the gate has checked the admin key; the reload runs in a
+    worker thread (the event loop and the served model keep answering)."""
+    from starlette.concurrency import run_in_threadpool
+
+    JSONResponse = fastapi.responses.JSONResponse
+    schema = {"type": "object", "additionalProperties": False, "properties": {"path": {
+        "type": "string", "minLength": 1, "maxLength": MAX_PATH,
+        "description": "the model directory to serve next, as the server's file system "
+        "names it (default: the one the server was started with, read again)"}}}
+    admin_errors = {
+        401: {"description": "`unauthorized`: no or a wrong `Authorization: Bearer <key>`"},
+        403: {"description": "`admin_disabled`: the server has no admin key"},
+        409: {"description": "`reload_in_progress` (another reload is running) or "
+              "`reload_incompatible` (other endpoints or request schemas: restart instead)"},
+        422: {"description": "`reload_failed` (the model did not load: a missing directory, a "
+              "file that fails the manifest; or it failed its warm-up) or `invalid_request`"}}
+
+    async def reload(request: Any) -> Any:
+        raw = await request.body()
+        try:
+            given = json.loads(raw) if raw.strip() else {}
+        except ValueError:
+            given = None
+        path = given.get("path") if isinstance(given, dict) else None
+        if (not isinstance(given, dict) or set(given) - {"path"}
+                or (path is not None and not (isinstance(path, str) and 0 < len(path) <= MAX_PATH
+                                              and "\0" not in path))):
+            return JSONResponse(error_json(
+                "invalid_request", f"the body is {{}} or {{\"path\": <a model directory, 1.."
+                f"{MAX_PATH} characters>}}", ["body"]), status_code=422)
+        try:
+            old, new = await run_in_threadpool(reloader.reload, path, "admin")
+        except ReloadError as e:
+            return JSONResponse(error_json(e.code, e.message), status_code=e.status)
+        request.scope[SERVED_KEY] = new  # this answer's X-Model-Version: the new model
+        return {"status": "reloaded", "model_version": new.version,
+                "previous_version": old.version, "kind": new.kind}
+
+    reload.__annotations__["request"] = fastapi.Request
+    app.add_api_route(RELOAD_PATH, reload, methods=["POST"], tags=["admin"],
+                      summary="Hot reload: serve another model directory",
+                      description="Loads the model (its manifest's hashes checked), checks that "
+                      "its endpoints and request schemas are the served ones, warms it up, "
+                      "then swaps it in; the served model answers meanwhile and keeps serving "
+                      "when the reload is refused. Needs `Authorization: Bearer <admin key>`.",
+                      responses=admin_errors, openapi_extra={"requestBody": {
+                          "required": False, "content": {"application/json": {"schema": schema}}}})
 
 
 def _error_handlers(fastapi: Any, app: Any) -> None:
@@ -198,14 +276,32 @@ def _error_handlers(fastapi: Any, app: Any) -> None:
 
 
 def run(model_path: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
-        max_in_flight: int = 8, max_body: int = MAX_BODY) -> None:
+        max_in_flight: int = 8, max_body: int = MAX_BODY,
+        admin_key_file: str | Path | None = None) -> None:
     """``shopmtl serve``: the app under uvicorn, one process; SIGTERM stops accepting and lets
-    in-flight requests finish (up to ``GRACEFUL_S``)."""
+    in-flight requests finish (up to ``GRACEFUL_S``); SIGHUP reloads the model directory the
+    server was started with (a hot reload, no key needed: whoever can signal the process
+    runs it). The admin key: ``admin_key_from(admin_key_file)``."""
     uvicorn = require("uvicorn", "serve", "shopmtl serve")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(model_path, max_in_flight=max_in_flight, max_body=max_body)
-    log.info("serving %s (model %s) on http://%s:%d", model_path, app.state.serve.version,
-             host, port)
+    key = admin_key_from(admin_key_file)
+    app = create_app(model_path, max_in_flight=max_in_flight, max_body=max_body,
+                     admin_key=key)
+    log.info("serving %s (model %s) on http://%s:%d; admin endpoints %s", model_path,
+             app.state.serve.version, host, port, "on (admin key set)" if key else
+             "disabled (no admin key)")
+    if hasattr(signal, "SIGHUP"):
+        signal.signal(signal.SIGHUP, lambda _sig, _frame: sighup(app.state.reloader))
     uvicorn.run(app, host=host, port=port, access_log=False, server_header=False,
                 timeout_graceful_shutdown=GRACEFUL_S, log_level="info")
+
+
+def sighup(reloader: Reloader) -> None:
+    """SIGHUP: reload the startup directory in a thread (a signal handler must not block the
+    event loop); the outcome is logged and counted, as for ``POST /admin/reload``."""
+    def work() -> None:
+        with contextlib.suppress(ReloadError):  # logged and counted by the reloader
+            reloader.reload(None, "SIGHUP")
+
+    threading.Thread(target=work, daemon=True, name="shopmtl-reload").start()

@@ -20,6 +20,8 @@ time, never its path's text, query or client address.
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import threading
 import time
@@ -37,15 +39,18 @@ Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 MODEL_PREFIX = "/v1/"
+ADMIN_PREFIX = "/admin/"
 VERSION_HEADER = b"x-model-version"
+SERVED_KEY = "shopmtl.served"  # the scope key of the request's Served
 log = logging.getLogger("shopmtl.serve")
 
 
 @dataclass
 class ServeState:
-    """What the gate and the app share: the model's version, the bounds, readiness."""
+    """What the gate and the app share: the served model (swapped by a reload), the bounds,
+    readiness, the admin key (None: the admin endpoints are disabled)."""
 
-    version: str
+    current: Any  # the serve.reload.Served answering (its .version: the header)
     metrics: ServeMetrics
     routes: frozenset[str]
     max_in_flight: int = 8
@@ -53,6 +58,11 @@ class ServeState:
     ready: threading.Event = field(default_factory=threading.Event)
     warm_error: str = ""  # why the warm-up failed ("" while warming or once ready)
     in_flight: int = 0
+    admin_key: bytes | None = field(default=None, repr=False)
+
+    @property
+    def version(self) -> str:
+        return self.current.version
 
 
 class Gate:
@@ -69,15 +79,18 @@ class Gate:
         endpoint = path if path in self.state.routes else "other"
         start = time.perf_counter()
         sent = {"status": 0}
+        scope[SERVED_KEY] = self.state.current  # this request's model, whatever a reload does
 
         async def send_versioned(message: Message) -> None:
             if message["type"] == "http.response.start":
                 sent["status"] = message["status"]
                 message["headers"] = [*message.get("headers", ()),
-                                      (VERSION_HEADER, self.state.version.encode())]
+                                      (VERSION_HEADER, scope[SERVED_KEY].version.encode())]
             await send(message)
 
         try:
+            if path.startswith(ADMIN_PREFIX) and not await self._admitted(scope, send_versioned):
+                return
             await self._guarded(scope, receive, send_versioned, path.startswith(MODEL_PREFIX))
         except Exception as e:  # a bug: answered, logged by type only, never re-raised
             log.error("internal error on %s (%s)", endpoint, type(e).__name__)
@@ -89,6 +102,26 @@ class Gate:
             self.state.metrics.observe(endpoint, status, seconds)
             log.info("%s %s %d %.1f ms", scope.get("method", "?"), endpoint, status,
                      1000 * seconds)
+
+    async def _admitted(self, scope: Scope, send: Send) -> bool:
+        """An admin request with the admin key; else answered here (403 or 401): False."""
+        key = self.state.admin_key
+        if key is None:
+            await reply(send, 403, "admin_disabled", "the admin endpoints are disabled: start "
+                        "the server with --admin-key-file or SHOPMTL_ADMIN_KEY")
+            return False
+        given = b""
+        for name, value in scope.get("headers", ()):
+            if name == b"authorization":
+                scheme, _, token = value.partition(b" ")
+                if scheme.lower() == b"bearer":
+                    given = token.strip()
+        if given and hmac.compare_digest(hashlib.sha256(given).digest(),
+                                         hashlib.sha256(key).digest()):
+            return True
+        await reply(send, 401, "unauthorized", "a valid admin key is required "
+                    "(Authorization: Bearer <key>)", headers=[(b"www-authenticate", b"Bearer")])
+        return False
 
     async def _guarded(self, scope: Scope, receive: Receive, send: Send, model: bool) -> None:
         st = self.state
@@ -155,11 +188,12 @@ def replay(body: bytes, receive: Receive) -> Receive:
     return again
 
 
-async def reply(send: Send, status: int, code: str, message: str, retry: bool = False) -> None:
+async def reply(send: Send, status: int, code: str, message: str, retry: bool = False,
+                headers: list[tuple[bytes, bytes]] | None = None) -> None:
     """An error answered by the gate itself, in the service's one error shape."""
     body = error_bytes(code, message)
     headers = [(b"content-type", b"application/json"),
-               (b"content-length", str(len(body)).encode())]
+               (b"content-length", str(len(body)).encode()), *(headers or ())]
     if retry:
         headers.append((b"retry-after", b"1"))
     await send({"type": "http.response.start", "status": status, "headers": headers})

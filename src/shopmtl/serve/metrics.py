@@ -10,12 +10,15 @@ from __future__ import annotations
 from shopmtl.deps import require
 
 # seconds: from a cached single-row answer to a 1,000-candidate list under load
+# shopmtl_reloads_total{outcome}: the outcomes of a hot reload (serve.reload)
+OUTCOMES = ("ok", "failed", "incompatible", "busy")
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class ServeMetrics:
     """Requests by endpoint and status code, latency by endpoint, requests in flight,
-    readiness, and the served model (``shopmtl_model_info{version, kind}``)."""
+    readiness, the served model (``shopmtl_model_info{version, kind}``, changed by a hot
+    reload's swap) and the reloads by outcome (``OUTCOMES``)."""
 
     def __init__(self, version: str, kind: str) -> None:
         pc = require("prometheus_client", "serve", "the /metrics endpoint")
@@ -31,9 +34,20 @@ class ServeMetrics:
                                   "(bounded by --max-in-flight)", registry=self.registry)
         self.ready = pc.Gauge("shopmtl_ready", "1 once the model answered its warm-up",
                               registry=self.registry)
-        info = pc.Info("shopmtl_model", "The served model: its manifest's short sha256 and "
-                       "kind", registry=self.registry)
-        info.info({"version": version, "kind": kind})
+        self._info = pc.Info("shopmtl_model", "The served model: its manifest's short sha256 "
+                             "and kind", registry=self.registry)
+        self.model(version, kind)
+        self.reloads = pc.Counter("shopmtl_reloads", "Hot reloads (POST /admin/reload, "
+                                  "SIGHUP) by outcome: ok, failed (the model did not load or "
+                                  "failed its warm-up), incompatible (other endpoints or "
+                                  "request schemas), busy (another reload was running)",
+                                  ["outcome"], registry=self.registry)
+        for outcome in OUTCOMES:
+            self.reloads.labels(outcome)
+
+    def model(self, version: str, kind: str) -> None:
+        """The served model's info (replaced, not added to, by a reload)."""
+        self._info.info({"version": version, "kind": kind})
 
     def observe(self, endpoint: str, status: int, seconds: float) -> None:
         self.requests.labels(endpoint, str(status)).inc()
