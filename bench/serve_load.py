@@ -283,8 +283,8 @@ def main(argv: list[str] | None = None) -> int:
     result["env"] = {"cpu": cpu_model(), "cores": os.cpu_count(),
                      "load_average_before": load_before,
                      "load_average_after": os.getloadavg()[0], "quickstart_rows": args.rows,
-                     "client": "one process, asyncio + httpx.AsyncClient, closed loop, "
-                     "429 -> sleep Retry-After; client and server share the cores"}
+                     "client": "one process, asyncio, one httpx.AsyncClient per client, closed "
+                     "loop, 429 -> sleep Retry-After; client and server share the cores"}
     result["command"] = "python bench/serve_load.py " + " ".join(
         argv if argv is not None else sys.argv[1:])
     table = markdown(result)
