@@ -133,7 +133,9 @@ def admin_key_from(key_file: str | Path | None) -> str | None:
 
 def error_responses() -> dict[int | str, dict[str, Any]]:
     """The error answers of a model path, for OpenAPI: the one error shape (FastAPI would
-    otherwise publish its own 422 body, which this service never sends)."""
+    otherwise publish its own 422 body, which this service never sends). 400 is a body that
+    cannot be read as JSON text at all (bytes that are not UTF-8: FastAPI's own refusal);
+    malformed JSON text is a 422."""
     from typing import Literal
 
     pd = require("pydantic", "serve", "the HTTP request models")
@@ -143,7 +145,7 @@ def error_responses() -> dict[int | str, dict[str, Any]]:
         fields=(list[str], pd.Field(description="the places: body.rows.0.price, query.top_k")))
     body = pd.create_model("Error", error=(detail, ...))
     return {status: {"model": body, "description": f"`{code}`"}
-            for status, code in CODES.items() if status in (413, 422, 429, 503)}
+            for status, code in CODES.items() if status in (400, 413, 422, 429, 503)}
 
 
 def handler(fastapi: Any, ep: Endpoint, state: ServeState) -> Callable[..., Any]:
@@ -195,7 +197,8 @@ def _health_routes(fastapi: Any, app: Any, state: ServeState) -> None:
         return responses.JSONResponse(error_json("not_ready", f"not ready: {why}"),
                                       status_code=503, headers={"Retry-After": "1"})
 
-    @app.get("/metrics", tags=["health"], summary="Prometheus metrics")
+    @app.get("/metrics", tags=["health"], summary="Prometheus metrics",
+             response_class=responses.PlainTextResponse)  # documented as text, not JSON
     def metrics() -> Any:
         data, ctype = state.metrics.render()
         return responses.Response(data, media_type=ctype)
