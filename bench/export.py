@@ -61,13 +61,13 @@ def row(name: str, size: int | None, fp32_size: int, quality: dict, parity: floa
 
 def dense_only(model_dir: Path, data: Path, fp32: Path, tmp: Path) -> dict[str, Any]:
     """int8 dense layers, fp32 embedding tables: measured by the checks of the export."""
-    from shopmtl.export.bundle import held_out_rows, load_source, measure
+    from shopmtl.export.bundle import held_out_rows, load_source, measure, variant
     from shopmtl.export.quantize import quantize_int8
 
     source = load_source(model_dir)
     graph = tmp / "dense.int8.onnx"
     info = quantize_int8(fp32, graph, DENSE_ONLY)
-    checks = measure(source, held_out_rows(source, data), fp32, graph, "int8")
+    checks = measure(variant(source, held_out_rows(source, data)), fp32, graph, "int8")
     return {"checks": checks, "quantization": info}
 
 

@@ -102,7 +102,7 @@ def _prune_layer(producer: Slot, consumers: list[Slot], ratio: float) -> dict[st
     setattr(producer[0], producer[1], _sliced(getattr(*producer), rows=keep))
     for m, a in consumers:
         setattr(m, a, _sliced(getattr(m, a), cols=keep))
-    return {"before": out_w.shape[1], "after": len(keep)}
+    return {"before": out_w.shape[1], "after": len(keep), "kept": keep.tolist()}
 
 
 def prune_mlp(mlp: nn.Sequential, ratio: float, consumers: list[Slot] | None = None
