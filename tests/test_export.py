@@ -469,3 +469,35 @@ def test_mmoe_int8_quantises_the_experts_and_gates(variants: Variants, tmp_path:
     info = quantize_int8(fp32, tmp_path / "int8.onnx")
     assert info["quantized"]["Gemm"] == gemms == 1 + len(TASKS) * 2
     assert (tmp_path / "int8.onnx").stat().st_size < 0.5 * fp32.stat().st_size
+
+
+def test_prune_touches_only_what_slices_safely(exported: Exported, tmp_path: Path) -> None:
+    """STAR: its plain-MLP towers are pruned, its star FC (per-scenario weights multiplied
+    with shared ones) and partitioned norm are kept whole and named; PEPNet, whose towers scale
+    every layer's input by a gate, has nothing safe to prune: refused in one line."""
+    from shopmtl.config import ConfigError
+    from shopmtl.export.bundle import held_out_rows, load_source
+    from shopmtl.export.checks import max_abs
+    from shopmtl.export.graph import export_onnx
+    from shopmtl.export.prune import n_params, prune
+    from shopmtl.export.runtime import OnnxForward
+    from shopmtl.predict import torch_forward
+    from shopmtl.registry import build_model
+
+    source = load_source(exported.model)
+    enc = held_out_rows(source, exported.test)
+    sizes = {f.name: source.encoders.vocab_size(f) for f in source.schema.features
+             if f.kind != "numeric"}
+    star = build_model("star", {"tower": [16]}, source.schema, sizes).eval()
+    report = prune(star, enc, 0.5)
+    assert report["params"]["after"] == n_params(
+        build_model("star", {"tower": [8]}, source.schema, sizes)) == n_params(star)
+    assert {"embed", "norm", "star", "aux"} <= set(report["kept_whole"])
+    graph = export_onnx(star, source.schema, tmp_path / "star.onnx")
+    diff = max_abs(torch_forward(star)(enc), OnnxForward(graph, source.schema)(enc))
+    assert max(diff.values()) <= FP32_TOLERANCE, diff
+    pepnet = build_model("pepnet", {}, source.schema, sizes).eval()
+    before = n_params(pepnet)
+    with pytest.raises(ConfigError, match="nothing of a PEPNet model can be pruned safely"):
+        prune(pepnet, enc, 0.5)
+    assert n_params(pepnet) == before

@@ -255,6 +255,17 @@ def prune_ple(model: PLE, enc: Encoded, ratio: float) -> dict[str, Any]:
 
 # -- the model ---------------------------------------------------------------------------------
 
+PRUNED_PARTS = {"towers", "experts", "gates", "levels", "bottom"}
+
+
+def _kept_whole(model: MultiTaskModel, experts: bool) -> list[str]:
+    """The model's parts with weights that pruning did not touch (embeddings, interaction,
+    input norm, a STAR's star FC, ...), named as its attributes."""
+    kept = [name for name, m in model.named_children()
+            if name not in PRUNED_PARTS and any(True for _ in m.parameters())]
+    return kept + (["the experts' inner units (experts are pruned whole)"] if experts else [])
+
+
 @torch.no_grad()
 def prune(model: MultiTaskModel, enc: Encoded, ratio: float) -> dict[str, Any]:
     """Prune ``model`` in place by ``ratio`` (module docstring); ``enc``: the rows the gate
@@ -275,10 +286,7 @@ def prune(model: MultiTaskModel, enc: Encoded, ratio: float) -> dict[str, Any]:
     if not towers and "experts" not in report:
         raise ConfigError(f"--prune: nothing of a {type(model).__name__} model can be pruned "
                           "safely (no experts, no plain MLP tower)")
-    kept = ["embedding tables", "interaction", "input norm"]
-    if "experts" in report:
-        kept.append("the experts' inner units")
-    report["kept_whole"] = kept + skipped
+    report["kept_whole"] = _kept_whole(model, "experts" in report) + skipped
     report["params"] = {"before": before, "after": n_params(model)}
     return report
 
