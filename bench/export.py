@@ -1,11 +1,18 @@
-"""ONNX export of the quickstart model: fp32 vs int8, size, AUC per task, parity, latency.
+"""ONNX export, two models: fp32 vs int8 vs pruned vs per-scenario sub-model; size, AUC per
+task, parity, latency.
 
-Trains the quickstart model if ``--run`` holds none (``shopmtl quickstart --rows 300000
---no-baselines --out runs/bench-export``), then exports it with ``shopmtl export``'s own code
-(``shopmtl.export.bundle.export_bundle``) to an fp32 and an int8 bundle, measured on the run's
-test split (``OUT/data/test.parquet``). One more int8 variant leaves the embedding tables fp32
-(dense layers only), to show what quantising the tables buys. Prints the table that
-docs/DEPLOY.md holds and writes ``--out`` (JSON):
+1. The quickstart model (SharedBottom), trained if ``--run`` holds none (``shopmtl quickstart
+   --rows 300000 --no-baselines --out runs/bench-export``), measured on the run's test split
+   (``OUT/data/test.parquet``). One more int8 variant leaves the embedding tables fp32 (dense
+   layers only), to show what quantising the tables buys.
+2. The census MMoE: ``examples/census.yaml`` with ``CENSUS_MMOE`` set (8 experts), trained into
+   ``--census`` when it holds none (about 2 minutes here), measured on its test split, cut out of
+   the one CSV as the run's pipeline cut it (``census_test``).
+
+Each is exported with ``shopmtl export``'s own code (``shopmtl.export.bundle.export_bundle``):
+fp32, int8, ``--prune 0.5`` and ``--scenario <first scenario>`` (whose AUC is on that
+scenario's rows, its tasks only). Prints the tables that docs/DEPLOY.md holds and writes
+``--out`` (JSON):
 
     .venv/bin/python bench/export.py --out bench/results/export.json
 
@@ -31,6 +38,12 @@ sys.path.insert(0, str(REPO))
 from bench.run_all import cpu_model  # noqa: E402  (the machine line every bench writes)
 
 DENSE_ONLY = ("MatMul", "Gemm")
+PRUNE = 0.5
+CENSUS = Path(__file__).resolve().parent.parent / "examples" / "census.yaml"
+# the census MMoE: examples/census.yaml (a SharedBottom) with model MMoE, 8 experts as in the
+# paper's census experiments (Ma et al., KDD 2018)
+CENSUS_MMOE = ("model.name=mmoe", "model.args={embed_dim: 8, interaction: dot, n_experts: 8, "
+               "expert: [64, 32], tower: [32], dropout: 0.1}")
 
 
 def ensure_run(run: Path, rows: int) -> Path:
@@ -39,6 +52,43 @@ def ensure_run(run: Path, rows: int) -> Path:
         subprocess.run([sys.executable, "-m", "shopmtl", "quickstart", "--rows", str(rows),
                         "--no-baselines", "--out", str(run)], check=True)
     return run / "model"
+
+
+def ensure_census(run: Path) -> Path:
+    """The census MMoE's model directory in ``run``, trained first when absent (the config's
+    own split: its test part is what the table measures, ``run/test.parquet``)."""
+    if not (run / "model" / "manifest.json").is_file():
+        cmd = [sys.executable, "-m", "shopmtl", "train", str(CENSUS), "--out", str(run)]
+        for s in CENSUS_MMOE:
+            cmd += ["--set", s]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return run / "model"
+
+
+def census_test(run: Path) -> Path:
+    """The census run's test split as a file (``run/test.csv``): the config splits one CSV
+    itself (``data.pipeline``: ``split_indices(rows, test_fraction, split_seed + 1)``), so the
+    same rows are cut out of it here, as text. Checked: the PyTorch model's AUC on the file is
+    the test AUC of the run's metrics.json."""
+    import csv
+
+    import yaml
+
+    from shopmtl.data.dataset import split_indices
+
+    out = run / "test.csv"
+    if out.is_file():
+        return out
+    data = yaml.safe_load(CENSUS.read_text())["data"]
+    with (CENSUS.parent / data["train"]).open(newline="") as f:
+        reader = csv.reader(f)
+        header, rows = next(reader), list(reader)
+    _, held = split_indices(len(rows), data["test_fraction"], data["split_seed"] + 1)
+    with out.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows[i] for i in held.tolist())
+    return out
 
 
 def row(name: str, size: int | None, fp32_size: int, quality: dict, parity: float | None,
@@ -55,39 +105,77 @@ def row(name: str, size: int | None, fp32_size: int, quality: dict, parity: floa
 
 def dense_only(model_dir: Path, data: Path, fp32: Path, tmp: Path) -> dict[str, Any]:
     """int8 dense layers, fp32 embedding tables: measured by the checks of the export."""
-    from shopmtl.export.bundle import held_out_rows, load_source, measure
+    from shopmtl.export.bundle import held_out_rows, load_source, measure, variant
     from shopmtl.export.quantize import quantize_int8
 
     source = load_source(model_dir)
     graph = tmp / "dense.int8.onnx"
     info = quantize_int8(fp32, graph, DENSE_ONLY)
-    checks = measure(source, held_out_rows(source, data), fp32, graph, "int8")
+    checks = measure(variant(source, held_out_rows(source, data)), fp32, graph, "int8")
     return {"checks": checks, "quantization": info}
 
 
-def run(model_dir: Path, data: Path) -> dict[str, Any]:
-    from shopmtl.export.bundle import export_bundle
-
-    with tempfile.TemporaryDirectory() as tmp:
-        t = Path(tmp)
-        fp32 = export_bundle(model_dir, t / "fp32", data)
-        int8 = export_bundle(model_dir, t / "int8", data, int8=True)
-        dense = dense_only(model_dir, data, t / "fp32" / "model.onnx", t)
-    c32, c8, cd = fp32["checks"], int8["checks"], dense["checks"]
-    size = c32["size_bytes"]["fp32"]
-    rows = [
+def base_rows(c32: dict, c8: dict, size: int) -> list[dict[str, Any]]:
+    """pytorch fp32, onnx fp32, onnx int8: the rows every table has."""
+    return [
         row("pytorch fp32", None, size, c32["quality"]["pytorch_fp32"], None,
             c32["latency"]["pytorch_fp32"]),
         row("onnx fp32", size, size, c32["quality"]["onnx_fp32"], c32["parity_fp32"]["max"],
             c32["latency"]["onnx_fp32"]),
         row("onnx int8", c8["size_bytes"]["int8"], size, c8["quality"]["onnx_int8"],
             c8["parity_int8"]["max"], c8["latency"]["onnx_int8"]),
-        row("onnx int8, fp32 tables", cd["size_bytes"]["int8"], size,
-            cd["quality"]["onnx_int8"], cd["parity_int8"]["max"], cd["latency"]["onnx_int8"]),
     ]
-    return {"rows": c32["rows"], "tasks": fp32["tasks"], "variants": rows,
-            "quantization": {"int8": int8["quantization"], "int8_dense_only":
-                             dense["quantization"]},
+
+
+def variant_row(name: str, meta: dict[str, Any], size: int) -> dict[str, Any]:
+    """A pruned or per-scenario fp32 bundle: parity against its own PyTorch model (the
+    sliced one; the full model on the scenario's rows), AUC of its graph."""
+    c = meta["checks"]
+    r = row(name, c["size_bytes"]["fp32"], size, c["quality"]["onnx_fp32"],
+            c["parity_fp32"]["max"], c["latency"]["onnx_fp32"])
+    r["rows"] = c["rows"]
+    if "pruning" in meta:
+        p = meta["pruning"]
+        r["pruning"] = {"params": p["params"], "experts": p.get("experts"),
+                        "units_bottom": p.get("units_bottom"),
+                        "units_towers": p["units_towers"], "kept_whole": p["kept_whole"]}
+        r["auc_unpruned"] = {t: q.get("auc") for t, q in
+                             c["quality"]["pytorch_fp32_unpruned"].items()}
+    if "scenario" in meta:
+        r["scenario"] = meta["scenario"]
+    return r
+
+
+def run(model_dir: Path, data: Path, dense: bool = True) -> dict[str, Any]:
+    """The table of one model: fp32, int8 (and int8 with fp32 tables when ``dense``), pruned
+    by half, and the sub-model of its first scenario when it has several."""
+    from shopmtl.export.bundle import export_bundle, load_source
+
+    schema = load_source(model_dir).schema
+    first = schema.scenario.values[0] if schema.scenario is not None else None
+    with tempfile.TemporaryDirectory() as tmp:
+        t = Path(tmp)
+        fp32 = export_bundle(model_dir, t / "fp32", data)
+        int8 = export_bundle(model_dir, t / "int8", data, int8=True)
+        d = dense_only(model_dir, data, t / "fp32" / "model.onnx", t) if dense else None
+        pruned = export_bundle(model_dir, t / "pruned", data, prune_ratio=PRUNE)
+        sub = (export_bundle(model_dir, t / "scenario", data, scenario=first)
+               if first is not None and len(schema.scenario_names) > 1 else None)
+    c32, c8 = fp32["checks"], int8["checks"]
+    size = c32["size_bytes"]["fp32"]
+    rows = base_rows(c32, c8, size)
+    if d is not None:
+        cd = d["checks"]
+        rows.append(row("onnx int8, fp32 tables", cd["size_bytes"]["int8"], size,
+                        cd["quality"]["onnx_int8"], cd["parity_int8"]["max"],
+                        cd["latency"]["onnx_int8"]))
+    rows.append(variant_row(f"onnx fp32, pruned {PRUNE:.0%}", pruned, size))
+    if sub is not None:
+        rows.append(variant_row(f"onnx fp32, scenario {first}", sub, size))
+    return {"rows": c32["rows"], "tasks": fp32["tasks"], "model": fp32["model"],
+            "variants": rows,
+            "quantization": {"int8": int8["quantization"],
+                             **({"int8_dense_only": d["quantization"]} if d else {})},
             "versions": int8["versions"]}
 
 
@@ -101,7 +189,8 @@ def markdown(result: dict[str, Any]) -> str:
         cells = [r["variant"],
                  "-" if r["size_bytes"] is None else f"{r['size_bytes'] / 1e6:.2f}",
                  "-" if r["size_ratio"] is None else f"{r['size_ratio']:.2f}",
-                 *(f"{r['auc'][t]:.4f}" for t in tasks),
+                 *(f"{r['auc'][t]:.4f}" if r["auc"].get(t) is not None else "-"
+                   for t in tasks),
                  "-" if r["max_abs_parity"] is None else f"{r['max_abs_parity']:.1e}",
                  f"{lat['batch_1']['p50_ms']:.3f} / {lat['batch_1']['p99_ms']:.3f}",
                  f"{lat['batch_100']['p50_ms']:.3f} / {lat['batch_100']['p99_ms']:.3f}"]
@@ -109,27 +198,38 @@ def markdown(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--run", type=Path, default=Path("runs/bench-export"),
                     help="a quickstart output folder (trained when it has no model)")
+    ap.add_argument("--census", type=Path, default=Path("runs/bench-census"),
+                    help="the census MMoE's run folder (trained when it has no model)")
     ap.add_argument("--rows", type=int, default=300_000, help="the quickstart's --rows")
     ap.add_argument("--out", type=Path, default=Path("bench/results/export.json"))
     args = ap.parse_args(argv)
     load_before = os.getloadavg()[0]
     model_dir = ensure_run(args.run, args.rows)
     result = run(model_dir, args.run / "data" / "test.parquet")
+    census_dir = ensure_census(args.census)
+    census = run(census_dir, census_test(args.census), dense=False)
+    ran = json.loads((args.census / "metrics.json").read_text())["test"]
+    for t, v in census["variants"][0]["auc"].items():  # the split cut out is the run's
+        assert abs(v - ran[t]["all"]["auc"]) < 1e-6, (t, v, ran[t]["all"]["auc"])
+    result = {"quickstart": result, "census": census}
     result["env"] = {"cpu": cpu_model(), "cores": os.cpu_count(),
                      "load_average_before": load_before,
                      "load_average_after": os.getloadavg()[0],
                      "quickstart_rows": args.rows}
     result["command"] = "python bench/export.py " + " ".join(argv or sys.argv[1:])
-    table = markdown(result)
-    result["markdown"] = table
+    for name in ("quickstart", "census"):
+        result[name]["markdown"] = markdown(result[name])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
-    print(table)
-    print(f"test rows {result['rows']}; load {load_before:.1f} -> "
+    for name in ("quickstart", "census"):
+        print(f"{name} ({result[name]['model']}, {result[name]['rows']} test rows)")
+        print(result[name]["markdown"])
+    print(f"load {load_before:.1f} -> "
           f"{result['env']['load_average_after']:.1f}; wrote {args.out}")
     return 0
 

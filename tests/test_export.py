@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
@@ -178,7 +179,7 @@ def test_refusals_are_one_line(exported: Exported, tmp_path: Path) -> None:
 def test_an_fp32_graph_that_is_not_its_model_is_refused(exported: Exported) -> None:
     """The exported graph of the model (which passed: the fixture), checked against the same
     model with its weights moved by 1e-3."""
-    from shopmtl.export.bundle import held_out_rows, load_source, measure
+    from shopmtl.export.bundle import held_out_rows, load_source, measure, variant
 
     source = load_source(exported.model)
     graph = exported.fp32 / "model.onnx"
@@ -187,7 +188,7 @@ def test_an_fp32_graph_that_is_not_its_model_is_refused(exported: Exported) -> N
         for p in source.model.parameters():
             p.add_(1e-3)
     with pytest.raises(ParityError, match=r"at most 1e-05 allowed\): nothing written"):
-        measure(source, enc, graph, graph, "fp32")
+        measure(variant(source, enc), graph, graph, "fp32")
 
 
 @pytest.mark.parametrize("blocked", ["onnx", "onnxscript"])
@@ -224,3 +225,279 @@ def test_bad_rows_are_handled_as_for_the_model_dir(exported: Exported) -> None:
     kept = [m.predict(rows, bad_rows="quarantine") for m in (source, bundle)]
     assert kept[0].column("line").to_pylist() == kept[1].column("line").to_pylist() == [0, 1, 3, 4]
     assert max_diff(kept[0], kept[1]) <= FP32_TOLERANCE
+
+
+# -- --prune and --scenario on a small MMoE ----------------------------------------------------
+
+MMOE_ARGS = "model.args={n_experts: 4, expert: [32, 16], tower: [16], embed_dim: 8}"
+SCENARIO = "home_feed"  # ad_click is not defined there
+
+
+@dataclass
+class Variants:
+    model: Path  # a small MMoE
+    test: Path
+    fp32: Path  # its bundles: as it is, pruned by half, home_feed's sub-model
+    pruned: Path
+    scenario: Path
+    printed: str  # what `shopmtl export --prune 0.5` printed
+
+
+@pytest.fixture(scope="module")
+def variants(tmp_path_factory: pytest.TempPathFactory) -> Variants:
+    """A 40,000-row world (its test split has ~1,800 home_feed rows: the checks need 1,000 of
+    the scenario), an MMoE of 4 experts trained one epoch, exported three ways."""
+    root = tmp_path_factory.mktemp("variants")
+    small_world(root / "w", rows=40_000)
+    cfg = world_config_yaml(root / "w", root / "mmoe.yaml", epochs=1)
+    cli("train", str(cfg), "--out", str(root / "run"), "--set", "model.name=mmoe", "--set",
+        MMOE_ARGS, check=True)
+    model, test = root / "run" / "model", root / "w" / "test.parquet"
+    common = ("export", str(model), "--data", str(test), "--out")
+    cli(*common, str(root / "fp32"), check=True)
+    printed = cli(*common, str(root / "pruned"), "--prune", "0.5", check=True).stdout
+    cli(*common, str(root / "scenario"), "--scenario", SCENARIO, check=True)
+    return Variants(model, test, root / "fp32", root / "pruned", root / "scenario", printed)
+
+
+def mmoe_params(model_dir: Path, **args) -> int:
+    """Parameters of an MMoE of the fixture's vocabularies with ``args`` changed: what the
+    pruned model must count if exactly the expected experts and units went."""
+    from shopmtl.registry import build_model
+    from shopmtl.train.trainer import read_model_files
+
+    cfg, schema, encoders, _ = read_model_files(model_dir)
+    sizes = {f.name: encoders.vocab_size(f) for f in schema.features if f.kind != "numeric"}
+    model = build_model(cfg.model.name, {**cfg.model.args, **args}, schema, sizes)
+    return sum(p.numel() for p in model.parameters())
+
+
+def test_prune_removes_half_the_experts_and_tower_units(variants: Variants) -> None:
+    report = meta(variants.pruned)["pruning"]
+    level = report["experts"]["levels"][0]["experts"]
+    assert (level["before"], level["after"]) == (4, 2)
+    weights = level["mean_gate_weight"]
+    assert sum(weights) == pytest.approx(1.0, abs=1e-5)  # a mean of softmax rows
+    assert level["kept"] == sorted(np.argsort(weights)[-2:].tolist())  # the two most used
+    assert {t: [(u["before"], u["after"]) for u in v]
+            for t, v in report["units_towers"].items()} == {t: [(16, 8)] for t in TASKS}
+    expect = mmoe_params(variants.model, n_experts=2, tower=[8])
+    assert report["params"] == {"before": mmoe_params(variants.model),
+                                "after": expect}
+    assert expect < 0.7 * report["params"]["before"]
+    assert report["criteria"]["fine_tune"] == "none" and "pruned 0.5" in variants.printed
+    # the tower units kept are those with the largest outgoing weights (the output Linear's
+    # columns), read from the source's weights
+    state = shopmtl.load(variants.model).model.state_dict()
+    for t in TASKS:
+        norms = state[f"towers.{t}.2.weight"].norm(dim=0)
+        kept = sorted(torch.topk(norms, 8).indices.tolist())
+        assert report["units_towers"][t][0]["kept"] == kept, t
+
+
+def sliced_by_hand(variants: Variants) -> torch.nn.Module:
+    """The source MMoE's weights cut to the kept experts and units named in meta.json, loaded
+    into a fresh MMoE of 2 experts and towers of 8: what the pruned graph must compute,
+    built without the pruning code."""
+    from shopmtl.registry import build_model
+    from shopmtl.train.trainer import read_model_files
+
+    source = shopmtl.load(variants.model)
+    report = meta(variants.pruned)["pruning"]
+    experts = torch.tensor(report["experts"]["levels"][0]["experts"]["kept"])
+    state = source.model.state_dict()
+    h0 = 32
+    rows = (experts[:, None] * h0 + torch.arange(h0)).flatten()
+    cut = dict(state)
+    cut["experts.first.weight"] = state["experts.first.weight"][rows]
+    cut["experts.first.bias"] = state["experts.first.bias"][rows]
+    cut["experts.weights.0"] = state["experts.weights.0"][experts]
+    cut["experts.biases.0"] = state["experts.biases.0"][experts]
+    for t in TASKS:
+        cut[f"gates.{t}.linear.weight"] = state[f"gates.{t}.linear.weight"][experts]
+        cut[f"gates.{t}.linear.bias"] = state[f"gates.{t}.linear.bias"][experts]
+        units = torch.tensor(report["units_towers"][t][0]["kept"])
+        cut[f"towers.{t}.0.weight"] = state[f"towers.{t}.0.weight"][units]
+        cut[f"towers.{t}.0.bias"] = state[f"towers.{t}.0.bias"][units]
+        cut[f"towers.{t}.2.weight"] = state[f"towers.{t}.2.weight"][:, units]
+    cfg, schema, encoders, _ = read_model_files(variants.model)
+    sizes = {f.name: encoders.vocab_size(f) for f in schema.features if f.kind != "numeric"}
+    model = build_model("mmoe", {**cfg.model.args, "n_experts": 2, "tower": [8]}, schema, sizes)
+    model.load_state_dict(cut)
+    return model.eval()
+
+
+def test_the_pruned_graph_is_the_sliced_model(variants: Variants) -> None:
+    from shopmtl.predict import predict_in_memory
+
+    rows = pq.read_table(variants.test)
+    par = meta(variants.pruned)["checks"]["parity_fp32"]
+    assert par["rows"] >= MIN_ROWS and 0 <= par["max"] <= FP32_TOLERANCE
+    bundle = shopmtl.load(variants.pruned)
+    got = bundle.predict(rows)
+    hand = predict_in_memory(sliced_by_hand(variants), bundle.schema, bundle.encoders, rows,
+                             None, "fail", ())
+    assert max_diff(got, hand) <= FP32_TOLERANCE
+    # and not merely close to the unpruned model: half its experts are gone
+    assert max_diff(got, shopmtl.load(variants.model).predict(rows)) > 1e-3
+
+
+def test_pruned_auc_is_reported_beside_the_unpruned(variants: Variants) -> None:
+    quality = meta(variants.pruned)["checks"]["quality"]
+    assert set(quality) == {"pytorch_fp32_unpruned", "pytorch_fp32", "onnx_fp32"}
+    full, _ = shopmtl.load(variants.model).evaluate_file(variants.test)
+    pruned, _ = shopmtl.load(variants.pruned).evaluate_file(variants.test)
+    for t in TASKS:
+        assert quality["pytorch_fp32_unpruned"][t]["auc"] == pytest.approx(full[t]["all"]["auc"])
+        assert quality["onnx_fp32"][t]["auc"] == pytest.approx(pruned[t]["all"]["auc"])
+        assert quality["pytorch_fp32"][t]["auc"] == pytest.approx(quality["onnx_fp32"][t]["auc"],
+                                                                  abs=1e-4)
+    assert "pytorch_fp32_unpr" in variants.printed  # the CLI's table shows both
+
+
+def test_shared_bottom_and_ple_prune_and_export(exported: Exported, tmp_path: Path) -> None:
+    """SharedBottom: its bottom's units too (the towers' first layers read them); PLE: its
+    shared experts per level (2 -> 1; one task-specific expert each is kept: a group keeps at
+    least one). Each pruned model counts what a model built that small counts, and its graph
+    computes what it does."""
+    from shopmtl.export.bundle import held_out_rows, load_source
+    from shopmtl.export.checks import max_abs
+    from shopmtl.export.graph import export_onnx
+    from shopmtl.export.prune import n_params, prune
+    from shopmtl.export.runtime import OnnxForward
+    from shopmtl.predict import torch_forward
+    from shopmtl.registry import build_model
+
+    source = load_source(exported.model)
+    enc = held_out_rows(source, exported.test)
+    sizes = {f.name: source.encoders.vocab_size(f) for f in source.schema.features
+             if f.kind != "numeric"}
+    args = source.cfg.model.args  # bottom [32], tower [16]
+    cases = [(source.model, {**args, "bottom": [16], "tower": [8]}, "shared_bottom"),
+             (build_model("ple", {"tower": [16]}, source.schema, sizes).eval(),
+              {"tower": [8], "shared_experts": 1}, "ple")]
+    reports = {}
+    for model, small, name in cases:
+        reports[name] = prune(model, enc, 0.5)
+        want = n_params(build_model(name, small, source.schema, sizes))
+        assert reports[name]["params"]["after"] == n_params(model) == want, name
+        graph = export_onnx(model, source.schema, tmp_path / f"{name}.onnx")
+        diff = max_abs(torch_forward(model)(enc), OnnxForward(graph, source.schema)(enc))
+        assert max(diff.values()) <= FP32_TOLERANCE, (name, diff)
+    assert [(u["before"], u["after"]) for u in reports["shared_bottom"]["units_bottom"]] == [
+        (32, 16)]
+    for level in reports["ple"]["experts"]["levels"]:  # 2 levels by default
+        assert (level["shared"]["before"], level["shared"]["after"]) == (2, 1)
+        assert [(g["before"], g["after"]) for g in level["specific"]] == [(1, 1)] * len(TASKS)
+
+
+def test_the_scenario_sub_model_answers_its_tasks_only(variants: Variants) -> None:
+    import onnx
+
+    m = meta(variants.scenario)
+    kept = ("click", "conversion")
+    assert m["tasks"] == m["outputs"] == list(kept)
+    assert m["scenario"]["name"] == SCENARIO and m["scenario"]["dropped_tasks"] == ["ad_click"]
+    graph = onnx.load(str(variants.scenario / "model.onnx"))
+    assert [i.name for i in graph.graph.input] == ["categorical", "numeric", "seq_hist_leaf"]
+    assert [o.name for o in graph.graph.output] == list(kept)
+    full = (variants.fp32 / "model.onnx").stat().st_size
+    assert (variants.scenario / "model.onnx").stat().st_size < full  # ad_click's tower gone
+    schema = json.loads((variants.scenario / "schema.json").read_text())
+    assert schema["scenario"]["values"] == [SCENARIO]
+    assert [t["name"] for t in schema["tasks"]] == list(kept)
+    # scored and checked on the scenario's rows only, against the full model there
+    rows = pq.read_table(variants.test)
+    mine = rows.filter(pc.equal(rows.column("scenario"), SCENARIO))
+    assert m["checks"]["rows"] == m["scenario"]["rows"] == mine.num_rows >= MIN_ROWS
+    assert 0 <= m["checks"]["parity_fp32"]["max"] <= FP32_TOLERANCE
+    sub = shopmtl.load(variants.scenario)
+    assert sub.tasks == kept
+    got = sub.predict(mine)
+    assert max_diff(got, shopmtl.load(variants.model).predict(mine), kept) <= FP32_TOLERANCE
+
+
+def test_the_scenario_bundle_refuses_other_scenarios_rows(variants: Variants,
+                                                          tmp_path: Path) -> None:
+    out = tmp_path / "p.csv"
+    assert_one_error_line(cli("predict", str(variants.scenario), str(variants.test), "--out",
+                              str(out)), "column 'scenario': unknown scenario", code=1)
+    proc = cli("predict", str(variants.scenario), str(variants.test), "--out", str(out),
+               "--bad-rows", "quarantine", check=True)
+    rows = pq.read_table(variants.test)
+    scenarios = rows.column("scenario").to_pylist()
+    mine = [i for i, s in enumerate(scenarios) if s == SCENARIO]
+    written = list(csv.DictReader(out.open()))
+    assert list(written[0]) == ["line", "click", "conversion"]
+    assert [int(r["line"]) for r in written] == [i + 1 for i in mine]  # 1-based data lines
+    assert f"wrote {len(mine)} rows" in proc.stdout
+    assert f"{len(scenarios) - len(mine)} bad rows" in proc.stdout
+
+
+@pytest.mark.parametrize(("option", "value", "needles"), [
+    ("--prune", "0", ("--prune 0", "strictly between 0 and 1")),
+    ("--prune", "1", ("--prune 1", "strictly between 0 and 1")),
+    ("--prune", "-0.5", ("--prune -0.5", "strictly between 0 and 1")),
+    ("--prune", "1.5", ("--prune 1.5", "strictly between 0 and 1")),
+    ("--scenario", "moon_base", ("--scenario moon_base", "unknown scenario", "home_feed")),
+])
+def test_bad_prune_and_scenario_values_are_one_line(exported: Exported, tmp_path: Path,
+                                                    option: str, value: str,
+                                                    needles: tuple[str, ...]) -> None:
+    out = tmp_path / "b"
+    proc = cli("export", str(exported.model), "--out", str(out), "--data", str(exported.test),
+               option, value)
+    assert_one_error_line(proc, *needles, code=2)
+    assert not out.exists()
+
+
+def test_mmoe_int8_quantises_the_experts_and_gates(variants: Variants, tmp_path: Path) -> None:
+    """MMoE's experts' first layer and its gates are one GEMM over weights concatenated at each
+    call (``nn.moe.read_once``); the export folds that Concat into one stored weight so the int8
+    quantiser sees it: every Gemm of the graph int8 (before the fold, the census MMoE's int8
+    file was 0.97x its fp32 one)."""
+    import onnx
+
+    from shopmtl.export.quantize import quantize_int8
+
+    fp32 = variants.fp32 / "model.onnx"
+    graph = onnx.load(str(fp32))
+    weights = {i.name for i in graph.graph.initializer}
+    assert not [n for n in graph.graph.node
+                if n.op_type == "Concat" and all(i in weights for i in n.input)]
+    gemms = sum(n.op_type == "Gemm" for n in graph.graph.node)
+    info = quantize_int8(fp32, tmp_path / "int8.onnx")
+    assert info["quantized"]["Gemm"] == gemms == 1 + len(TASKS) * 2
+    assert (tmp_path / "int8.onnx").stat().st_size < 0.5 * fp32.stat().st_size
+
+
+def test_prune_touches_only_what_slices_safely(exported: Exported, tmp_path: Path) -> None:
+    """STAR: its plain-MLP towers are pruned, its star FC (per-scenario weights multiplied
+    with shared ones) and partitioned norm are kept whole and named; PEPNet, whose towers scale
+    every layer's input by a gate, has nothing safe to prune: refused in one line."""
+    from shopmtl.config import ConfigError
+    from shopmtl.export.bundle import held_out_rows, load_source
+    from shopmtl.export.checks import max_abs
+    from shopmtl.export.graph import export_onnx
+    from shopmtl.export.prune import n_params, prune
+    from shopmtl.export.runtime import OnnxForward
+    from shopmtl.predict import torch_forward
+    from shopmtl.registry import build_model
+
+    source = load_source(exported.model)
+    enc = held_out_rows(source, exported.test)
+    sizes = {f.name: source.encoders.vocab_size(f) for f in source.schema.features
+             if f.kind != "numeric"}
+    star = build_model("star", {"tower": [16]}, source.schema, sizes).eval()
+    report = prune(star, enc, 0.5)
+    assert report["params"]["after"] == n_params(
+        build_model("star", {"tower": [8]}, source.schema, sizes)) == n_params(star)
+    assert {"embed", "norm", "star", "aux"} <= set(report["kept_whole"])
+    graph = export_onnx(star, source.schema, tmp_path / "star.onnx")
+    diff = max_abs(torch_forward(star)(enc), OnnxForward(graph, source.schema)(enc))
+    assert max(diff.values()) <= FP32_TOLERANCE, diff
+    pepnet = build_model("pepnet", {}, source.schema, sizes).eval()
+    before = n_params(pepnet)
+    with pytest.raises(ConfigError, match="nothing of a PEPNet model can be pruned safely"):
+        prune(pepnet, enc, 0.5)
+    assert n_params(pepnet) == before

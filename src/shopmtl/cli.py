@@ -377,15 +377,30 @@ def export(
                                        "OUT/data/test.parquet): the checks, at least 1,000")],
     int8: Annotated[bool, typer.Option("--int8", help="Weights int8 (onnxruntime dynamic "
                                        "quantisation, embedding tables included)")] = False,
+    prune: Annotated[float | None, typer.Option(
+        "--prune", help="Structured pruning, 0 < R < 1: the fraction R of the experts with the "
+        "least mean gate weight on --data, and of each hidden MLP layer's units with the "
+        "smallest outgoing-weight L2 norm (no fine-tune)")] = None,
+    scenario: Annotated[str | None, typer.Option(
+        "--scenario", help="A sub-model for one scenario: its tasks only, the scenario fixed "
+                           "(no scenario input); checked on that scenario's rows of --data")
+    ] = None,
 ) -> None:
     """Export a zoo model to an ONNX bundle (fp32, or int8), loadable by `shopmtl predict` and
     `shopmtl.load`. Measured on --data and written into the bundle's meta.json: parity with
     the PyTorch model at batch 1, 7 and 512 (an fp32 graph off by more than 1e-5 is refused),
     AUC and logloss per task, file size, latency of 1 and 100 rows. Needs the 'export' extra."""
     from shopmtl.export.bundle import export_bundle
+    from shopmtl.export.prune import summary
 
-    meta = export_bundle(model_dir, out, data, int8=int8)
+    meta = export_bundle(model_dir, out, data, int8=int8, prune_ratio=prune, scenario=scenario)
     _checks_table(meta)
+    if "pruning" in meta:
+        typer.echo(summary(meta["pruning"]))
+    if "scenario" in meta:
+        sc = meta["scenario"]
+        typer.echo(f"scenario {sc['name']}: tasks {', '.join(sc['tasks'])} "
+                   f"(dropped: {', '.join(sc['dropped_tasks']) or 'none'})")
     typer.echo(f"wrote {out} ({meta['model_file']}, {meta['precision']})")
 
 
@@ -398,18 +413,24 @@ def _checks_table(meta: dict) -> None:
     checks, precision = meta["checks"], meta["precision"]
     graph = f"onnx_{precision}"
     table = Table(title=f"export checks on {checks['data']} ({checks['rows']} rows)")
-    for col in ("measure", "pytorch_fp32", graph):
-        table.add_column(col)
-    table.add_row("file size (MB)", "-", f"{checks['size_bytes'][precision] / 1e6:.3f}")
-    table.add_row("max |p - p_pytorch|", "-", f"{checks[f'parity_{precision}']['max']:.2e}")
+    variants = ["pytorch_fp32", graph]
+    if "pytorch_fp32_unpruned" in checks["quality"]:
+        variants.insert(0, "pytorch_fp32_unpruned")
+    table.add_column("measure")
+    for col in variants:
+        table.add_column(col.replace("pytorch_fp32", "pytorch_fp32_pruned")
+                         if "pruning" in meta and col == "pytorch_fp32" else col)
+    dash = ["-"] * (len(variants) - 1)
+    table.add_row("file size (MB)", *dash, f"{checks['size_bytes'][precision] / 1e6:.3f}")
+    table.add_row("max |p - p_pytorch|", *dash, f"{checks[f'parity_{precision}']['max']:.2e}")
     for rows in ("1", "100"):
         for p in ("p50", "p99"):
             table.add_row(f"latency {p}, {rows} row{'s' * (rows != '1')} (ms)",
-                          *(f"{checks['latency'][v][f'batch_{rows}'][f'{p}_ms']:.3f}"
-                            for v in ("pytorch_fp32", graph)))
+                          *dash[1:], *(f"{checks['latency'][v][f'batch_{rows}'][f'{p}_ms']:.3f}"
+                                       for v in ("pytorch_fp32", graph)))
     for t in meta["tasks"]:
         for k in ("auc", "logloss"):
-            got = [checks["quality"][v].get(t, {}).get(k) for v in ("pytorch_fp32", graph)]
+            got = [checks["quality"][v].get(t, {}).get(k) for v in variants]
             table.add_row(f"{t} {k}", *("-" if g is None else f"{g:.4f}" for g in got))
     Console().print(table)
 

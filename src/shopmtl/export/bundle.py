@@ -6,10 +6,12 @@ it the same way (a changed byte anywhere is refused) and scores it through the s
 encoders as its source (``predict.score_chunks`` with ``runtime.OnnxForward``)::
 
     model.onnx | model.int8.onnx   the graph (runtime.signature), weights inside
-    config.json, schema.json, encoders.json   the source's, as it wrote them
+    config.json, schema.json, encoders.json   the source's, as it wrote them (a --scenario
+                    sub-model's schema.json: its tasks, its one scenario)
     meta.json       kind onnx, precision, the graph's inputs and outputs, the source directory
                     and the SHA-256 of its manifest, the versions that wrote it, what int8
-                    quantised, and every check measured at export (export.checks)
+                    quantised, what pruning removed (``pruning``), the scenario kept
+                    (``scenario``), and every check measured at export (export.checks)
     manifest.json   SHA-256 of every other file (the format every model directory has)
 
 Nothing is written unless every check ran and the fp32 graph matches its model.
@@ -17,15 +19,20 @@ Nothing is written unless every check ran and the fp32 graph matches its model.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import tempfile
+from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
-from shopmtl.config import ConfigError
+import numpy as np
+
+from shopmtl.config import ConfigError, to_dict
 from shopmtl.data.encoders import Encoded
 from shopmtl.data.ingest import BadRowLog, DataError
+from shopmtl.data.schema import Schema
 from shopmtl.deps import require, require_extra
 from shopmtl.export.checks import (
     FP32_TOLERANCE,
@@ -38,10 +45,19 @@ from shopmtl.export.checks import (
     torch_latency,
 )
 from shopmtl.export.graph import UnsupportedModel, export_onnx, exportable
+from shopmtl.export.prune import check_ratio, prune
 from shopmtl.export.quantize import quantize_int8
 from shopmtl.export.runtime import OnnxForward, signature
+from shopmtl.export.scenario import (
+    ScenarioModel,
+    scenario_index,
+    scenario_rows,
+    scenario_schema,
+    select,
+)
 from shopmtl.jsonsafe import json_safe
 from shopmtl.modeldir import ZooModel, load
+from shopmtl.models.base import MultiTaskModel
 from shopmtl.predict import read_encoded, torch_forward
 from shopmtl.train import checkpoint as ck
 
@@ -105,11 +121,24 @@ def manifest_sha256(path: Path) -> str:
     return hashlib.sha256((path / ck.MANIFEST).read_bytes()).hexdigest()
 
 
-def measure(source: ZooModel, enc: Encoded, fp32: Path, graph: Path, precision: str
-            ) -> dict[str, Any]:
+@dataclass
+class Variant:
+    """What is exported: ``model`` (the source's, pruned and/or fixed to one scenario) on
+    ``schema`` (the bundle's), measured on ``enc`` (encoded as the bundle's reader encodes);
+    ``unpruned``, when pruned, the same model before pruning (its AUC reported beside);
+    ``info`` the meta.json entries that say what was done (``pruning``, ``scenario``)."""
+
+    model: MultiTaskModel
+    schema: Schema
+    enc: Encoded
+    unpruned: MultiTaskModel | None = None
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def measure(v: Variant, fp32: Path, graph: Path, precision: str) -> dict[str, Any]:
     """Every check of ``export.checks`` for ``graph`` (the fp32 graph or its int8 form);
     raises ``ParityError`` when the fp32 graph is not its model."""
-    schema, model = source.schema, source.model
+    schema, model, enc = v.schema, v.model, v.enc
     checks: dict[str, Any] = {"rows": len(enc)}
     ref = reference(model, enc)
     checks["parity_fp32"] = parity(ref, lambda b: OnnxForward(fp32, schema, batch_size=b), enc)
@@ -123,43 +152,85 @@ def measure(source: ZooModel, enc: Encoded, fp32: Path, graph: Path, precision: 
             ref, lambda b: OnnxForward(graph, schema, batch_size=b), enc)
     checks["quality"] = {"pytorch_fp32": quality(schema, enc, torch_forward(model)(enc)),
                          f"onnx_{precision}": quality(schema, enc, OnnxForward(graph, schema)(enc))}
+    if v.unpruned is not None:
+        checks["quality"]["pytorch_fp32_unpruned"] = quality(
+            schema, enc, torch_forward(v.unpruned)(enc))
     checks["size_bytes"] = {"fp32": fp32.stat().st_size, precision: graph.stat().st_size}
     checks["latency"] = {"pytorch_fp32": torch_latency(model, schema, enc),
                          f"onnx_{precision}": onnx_latency(graph, schema, enc)}
     return checks
 
 
-def export_bundle(model_dir: str | Path, out: str | Path, data: str | Path, int8: bool = False
+def variant(source: ZooModel, enc: Encoded, prune_ratio: float | None = None,
+            scenario: str | None = None) -> Variant:
+    """The model to export: the source's as it is, pruned by ``prune_ratio`` (a copy; gate
+    weights averaged over the rows it will serve), and/or fixed to ``scenario`` (its tasks,
+    its rows of ``enc``)."""
+    model, schema, info = source.model, source.schema, {}
+    if scenario is not None:
+        index = scenario_index(schema, scenario)
+        rows = scenario_rows(enc, index)
+        if len(rows) < MIN_ROWS:
+            raise DataError(f"--data: {len(rows)} rows of scenario {scenario}; the export "
+                            f"checks need at least {MIN_ROWS} held-out labelled rows")
+        enc = select(enc, rows, schema)
+    unpruned = None
+    if prune_ratio is not None:
+        unpruned, model = model, copy.deepcopy(model)
+        info["pruning"] = prune(model, enc, prune_ratio)
+    if scenario is not None:
+        sub = scenario_schema(schema, scenario)
+        model = ScenarioModel(model, sub, index)
+        unpruned = None if unpruned is None else ScenarioModel(unpruned, sub, index)
+        info["scenario"] = {"name": scenario, "index_in_source": index, "rows": len(enc),
+                            "tasks": list(sub.task_names),
+                            "dropped_tasks": [t for t in schema.task_names
+                                              if t not in sub.task_names],
+                            "scenario_input": "none: fixed inside the graph; rows of other "
+                                              "scenarios are bad rows (unknown scenario)"}
+        enc, schema = select(enc, np.arange(len(enc)), source.schema, sub), sub
+    return Variant(model.eval(), schema, enc, unpruned, info)
+
+
+def export_bundle(model_dir: str | Path, out: str | Path, data: str | Path, int8: bool = False,
+                  prune_ratio: float | None = None, scenario: str | None = None
                   ) -> dict[str, Any]:
     """Export the zoo model in ``model_dir`` to an ONNX bundle at ``out`` (fp32, or int8 with
-    ``int8``), checked on the labelled rows of ``data`` (the run's test split); returns the
-    bundle's meta.json (its ``checks`` the measurements)."""
+    ``int8``; pruned by ``prune_ratio``, ``export.prune``; one ``scenario``'s sub-model,
+    ``export.scenario``), checked on the labelled rows of ``data`` (the run's test split);
+    returns the bundle's meta.json (its ``checks`` the measurements)."""
     model_dir, out, data = Path(model_dir), Path(out), Path(data)
+    if prune_ratio is not None:
+        check_ratio(prune_ratio)
     require_extra("export", "shopmtl export")  # before any work: one line naming the extra
     check_out(model_dir, out)
     source = load_source(model_dir)
-    enc = held_out_rows(source, data)
+    if scenario is not None:
+        scenario_index(source.schema, scenario)  # before the rows are read
+    v = variant(source, held_out_rows(source, data), prune_ratio, scenario)
     onnx = require("onnx", "export", "shopmtl export")
     precision = "int8" if int8 else "fp32"
     with tempfile.TemporaryDirectory() as tmp:
-        fp32 = export_onnx(source.model, source.schema, Path(tmp) / MODEL_FILES["fp32"])
+        fp32 = export_onnx(v.model, v.schema, Path(tmp) / MODEL_FILES["fp32"])
         graph, quantization = fp32, None
         if int8:
             graph = Path(tmp) / MODEL_FILES["int8"]
             quantization = quantize_int8(fp32, graph)
-        checks = measure(source, enc, fp32, graph, precision)
+        checks = measure(v, fp32, graph, precision)
         opset = {o.domain or "ai.onnx": o.version for o in onnx.load(str(graph)).opset_import}
         meta = ck.model_meta(
-            KIND, list(source.tasks), model=source.cfg.model.name, precision=precision,
+            KIND, list(v.schema.task_names), model=source.cfg.model.name, precision=precision,
             model_file=MODEL_FILES[precision],
-            inputs=[i.describe() for i in signature(source.schema)],
-            outputs=list(source.tasks),
+            inputs=[i.describe() for i in signature(v.schema)],
+            outputs=list(v.schema.task_names), **v.info,
             source={"path": str(model_dir), "manifest_sha256": manifest_sha256(model_dir),
                     "meta": source.meta},
             versions={**{p: _version(p) for p in PACKAGES}, "opset": opset},
             quantization=quantization, checks={"data": data.name, **checks})
         meta = json_safe(meta)
         jsons = {name: ck.read_json(model_dir, name) for name in SOURCE_FILES}
+        if "scenario" in v.info:  # the sub-model's tasks and scenario: what its reader checks
+            jsons["schema"] = to_dict(v.schema)
         ck.write_dir(out, {}, {**jsons, "meta": meta},
                      files={MODEL_FILES[precision]: graph.read_bytes()})
     return meta

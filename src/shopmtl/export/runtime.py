@@ -7,7 +7,8 @@ the schema has, in this order:
   categorical     int64 [B, C]    one column per categorical feature (schema order), encoded ids
   numeric         float32 [B, N]  one column per numeric feature, standardised
   seq_<feature>   int64 [B, L]    one per sequence feature, L its max_len, 0 = padding
-  scenario        int64 [B]       the scenario's index in the schema's list
+  scenario        int64 [B]       the scenario's index in the schema's list (absent when the
+                                  schema has one scenario: a constant, e.g. ``--scenario``)
 
 and one output per task, named as the task: its activated output (a binary task's probability)
 [B], what ``predict_table`` gives.
@@ -62,7 +63,7 @@ def signature(schema: Schema) -> tuple[Input, ...]:
         out.append(Input("numeric", FLOAT32, len(nums), nums))
     out += [Input(SEQ_PREFIX + f.name, INT64, f.max_len, (f.name,))
             for f in schema.of_kind("sequence")]
-    if schema.scenario is not None:
+    if schema.scenario is not None and len(schema.scenario_names) > 1:
         out.append(Input("scenario", INT64, 0, (schema.scenario.column,)))
     return tuple(out)
 
