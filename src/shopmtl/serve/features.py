@@ -51,8 +51,9 @@ QUICKSTART_USER_COLUMNS = ("segment", "age_bucket", "gender", "hist_leaf")
 QUICKSTART_ITEM_COLUMNS = ("top_category", "leaf_category", "brand", "price")
 
 
-class FeatureStoreError(Exception):
-    """The feature store cannot answer (Redis down or timing out): a 503, never a 5xx bug."""
+class FeatureStoreError(ConnectionError):
+    """The feature store cannot answer (Redis down or timing out): a 503 in the service, a
+    runtime error (exit 1, an OSError) of the command line."""
 
 
 @dataclass(frozen=True)
@@ -237,15 +238,30 @@ def redis_key(kind: str, key: str) -> str:
 
 def _redis(url: str) -> Any:
     redis = require("redis", "serve", "the Redis feature store")
-    return redis.Redis.from_url(url, decode_responses=True, socket_timeout=2,
-                                socket_connect_timeout=2)
+    try:
+        return redis.Redis.from_url(url, decode_responses=True, socket_timeout=2,
+                                    socket_connect_timeout=2)
+    except ValueError as e:  # not a redis:// URL (the message names the scheme, not a secret)
+        raise DataError(f"--features-redis / --to-redis: {e}") from None
+
+
+def _down(e: BaseException) -> FeatureStoreError:
+    return FeatureStoreError(f"the Redis feature store does not answer ({type(e).__name__})")
 
 
 def push_snapshot(snapshot: str | Path, url: str) -> dict[str, int]:
     """Load a snapshot into Redis (the module docstring): each id's hash replaced, then the
     spec; ids Redis holds that the snapshot lacks are left as they are. Ids written per kind."""
+    redis = require("redis", "serve", "the Redis feature store")
     spec, rows = snapshot_rows(snapshot)
     client = _redis(url)
+    try:
+        return _push(client, spec, rows)
+    except redis.exceptions.RedisError as e:
+        raise _down(e) from None
+
+
+def _push(client: Any, spec: Spec, rows: dict[str, list[dict[str, Any]]]) -> dict[str, int]:
     counts = {}
     for kind in KINDS:
         key = spec.keys[kind]
@@ -272,13 +288,12 @@ class RedisStore:
 
     def __init__(self, url: str) -> None:
         redis = require("redis", "serve", "the Redis feature store")
-        self._errors = (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError)
+        self._errors = (redis.exceptions.RedisError,)  # down, timing out, a wrong key type
         self.client = _redis(url)
         try:
             raw = self.client.get(REDIS_SPEC)
         except self._errors as e:
-            raise FeatureStoreError(f"the Redis feature store does not answer "
-                                    f"({type(e).__name__})") from None
+            raise _down(e) from None
         if raw is None:
             raise DataError(f"the Redis feature store holds no {REDIS_SPEC}: load a snapshot "
                             "first (`shopmtl features SNAPSHOT --to-redis URL`)")
@@ -293,8 +308,7 @@ class RedisStore:
         try:
             rows = pipe.execute()
         except self._errors as e:
-            raise FeatureStoreError(f"the Redis feature store does not answer "
-                                    f"({type(e).__name__})") from None
+            raise _down(e) from None
         key = self.spec.keys[kind]
         return ([{c: v for c, v in r.items() if c != key} for r in rows],
                 sum(not r for r in rows))
