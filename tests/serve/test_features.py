@@ -271,3 +271,26 @@ def test_redis_store_answers_and_follows_online_updates(world: World, redis_url:
         assert r.json()["error"]["code"] == "feature_store_unavailable"
         assert r.headers["retry-after"] == "1"
         assert server.proc.poll() is None
+
+
+def test_a_hot_reload_keeps_the_store(world: World) -> None:
+    """In process: after POST /admin/reload the new model's endpoints fill from the same
+    store (the reload builds them with it; their schemas stay the loose ones)."""
+    from starlette.testclient import TestClient
+
+    from shopmtl.serve import create_app
+
+    key = "test-admin-key-0123456789abcdef"
+    app = create_app(world.model, admin_key=key, features=SnapshotStore(world.snapshot))
+    users, items = some_ids(world)
+    rows = [{"user_id": users[0], "item_id": items[0], "scenario": "home_feed"}]
+    want = reference(world, [full(world, r) for r in rows])
+    with TestClient(app) as c:
+        deadline = time.monotonic() + 60
+        while c.get("/readyz").status_code != 200:
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        close(c.post("/v1/score", json={"rows": rows}).json()["predictions"], want)
+        r = c.post("/admin/reload", headers={"Authorization": f"Bearer {key}"})
+        assert r.status_code == 200, r.text
+        close(c.post("/v1/score", json={"rows": rows}).json()["predictions"], want)

@@ -195,7 +195,8 @@ class Reloader:
 
     def _prepare(self, path: Path) -> Served:
         try:
-            new = load_served(path, self.features)
+            new = (load_served(path) if self.features is None
+                   else load_served(path, self.features))
         except Exception as e:
             raise ReloadError(422, "reload_failed", f"the model did not load: {_why(e, path)}",
                               "failed") from None
