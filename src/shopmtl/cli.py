@@ -472,6 +472,13 @@ def serve(
         "--admin-key-file", help="A file holding the admin key of POST /admin/reload "
         "(default: the SHOPMTL_ADMIN_KEY environment variable; neither: admin endpoints "
         "disabled)")] = None,
+    features: Annotated[Path | None, typer.Option(
+        "--features", help="A feature snapshot folder (`shopmtl features`), held in memory: "
+        "a request may give only the user and item ids, the rest is filled from it")] = None,
+    features_redis: Annotated[str | None, typer.Option(
+        "--features-redis", help="Instead of --features: a Redis URL "
+        "(redis://127.0.0.1:6379/0) holding the features (`shopmtl features ... "
+        "--to-redis URL`), read per request")] = None,
 ) -> None:
     """Serve a model over HTTP (the serve extra): one JSON endpoint per subsystem the model
     has (/v1/score, /v1/recommend, /v1/ads/ctr, /v1/search, /v1/support/intent,
@@ -483,8 +490,68 @@ def serve(
     require_extra("serve", "shopmtl serve")
     from shopmtl.serve.app import run
 
+    if features is not None and features_redis is not None:
+        from shopmtl.config import ConfigError
+
+        raise ConfigError("give --features or --features-redis, not both")
     run(model_dir, host=host, port=port, max_in_flight=max_in_flight, max_body=max_body,
-        admin_key_file=admin_key_file)
+        admin_key_file=admin_key_file, features=features, features_redis=features_redis)
+
+
+def _columns(text: str) -> tuple[str, ...]:
+    return tuple(c.strip() for c in text.split(",") if c.strip())
+
+
+@app.command("features")
+@_guard
+def features_cmd(
+    source: Annotated[Path, typer.Argument(help="A data file of the training table (Parquet "
+                                           "or CSV, e.g. OUT/data/train.parquet), or a "
+                                           "snapshot folder to load into --to-redis")],
+    out: Annotated[Path | None, typer.Option(help="The snapshot folder to write (replaced "
+                                             "atomically if it is one already)")] = None,
+    user_key: Annotated[str, typer.Option("--user-key", help="The user id column")
+                        ] = "user_id",
+    item_key: Annotated[str, typer.Option("--item-key", help="The item id column")
+                        ] = "item_id",
+    user_columns: Annotated[str, typer.Option(
+        "--user-columns", help="Comma-separated user feature columns (default: the "
+        "quickstart world's)")] = ",".join(("segment", "age_bucket", "gender", "hist_leaf")),
+    item_columns: Annotated[str, typer.Option(
+        "--item-columns", help="Comma-separated item feature columns (default: the "
+        "quickstart world's)")] = ",".join(("top_category", "leaf_category", "brand",
+                                            "price")),
+    order_by: Annotated[str | None, typer.Option(
+        "--order-by", help="The latest row per id is the one with the largest value of this "
+        "column (e.g. day), ties in file order (default: the last in file order)")] = None,
+    to_redis: Annotated[str | None, typer.Option(
+        "--to-redis", help="Also load the snapshot into Redis at this URL "
+        "(redis://127.0.0.1:6379/0) for `shopmtl serve --features-redis`")] = None,
+) -> None:
+    """A feature snapshot for `shopmtl serve --features`: the latest value per user of the
+    user columns and per item of the item columns, from a data file (docs/DEPLOY.md,
+    "Features by id"); with --to-redis also loaded into Redis."""
+    from shopmtl.config import ConfigError
+    from shopmtl.serve.features import Spec, push_snapshot, write_snapshot
+
+    if source.is_dir():
+        if out is not None or to_redis is None:
+            raise ConfigError(f"{source} is a folder: give --to-redis URL to load this "
+                              "snapshot into Redis (--out needs a data file)")
+        snapshot = source
+    else:
+        if out is None:
+            raise ConfigError("give --out SNAPSHOT (the folder to write)")
+        spec = Spec({"user": user_key, "item": item_key},
+                    {"user": _columns(user_columns), "item": _columns(item_columns)})
+        manifest = write_snapshot(source, out, spec, order_by=order_by)
+        typer.echo(f"wrote {out}: {manifest['user']['rows']} users "
+                   f"({', '.join(manifest['user']['columns'])}), {manifest['item']['rows']} "
+                   f"items ({', '.join(manifest['item']['columns'])})")
+        snapshot = out
+    if to_redis is not None:
+        counts = push_snapshot(snapshot, to_redis)
+        typer.echo(f"loaded {counts['user']} users and {counts['item']} items into Redis")
 
 
 @app.command()

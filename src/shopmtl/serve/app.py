@@ -35,6 +35,7 @@ from shopmtl.deps import require
 from shopmtl.serve.endpoints import Endpoint
 from shopmtl.serve.errors import (
     CODES,
+    STORE_DOWN,
     code_of,
     data_error_fields,
     error_json,
@@ -61,24 +62,33 @@ log = logging.getLogger("shopmtl.serve")
 
 
 def create_app(model_path: str | Path, *, max_in_flight: int = 8, max_body: int = MAX_BODY,
-               admin_key: str | None = None) -> Any:
+               admin_key: str | None = None, features: Any = None) -> Any:
     """The FastAPI app serving ``model_path`` (any directory ``shopmtl.load`` reads).
     ``max_in_flight`` model requests are answered at once, the next ones get 429;
     ``max_body`` bytes bound a request body (413 beyond). ``admin_key``: the key of
-    ``POST /admin/reload`` (``Authorization: Bearer <key>``); None disables it (403)."""
+    ``POST /admin/reload`` (``Authorization: Bearer <key>``); None disables it (403).
+    ``features``: a feature store (``serve.features``: ``SnapshotStore``, ``RedisStore``)
+    that fills the user and item columns a table-row request lacks by its ids; None: a
+    request gives every field itself."""
     if max_in_flight < 1 or max_body < 1:
         raise ValueError("max_in_flight and max_body must be >= 1")
     if admin_key is not None:
         check_admin_key(admin_key)
     fastapi = require("fastapi", "serve", "the HTTP service")
 
+    from shopmtl.serve.features import KINDS, Features
+
     path = Path(model_path)
-    served = load_served(path)
+    store = Features(features) if features is not None else None
+    served = load_served(path, store)
     model = served.model
     routes = frozenset([*served.endpoints, "/livez", "/readyz", "/metrics", "/openapi.json",
                         "/docs", RELOAD_PATH])
     state = ServeState(served, ServeMetrics(served.version, model.kind), routes, max_in_flight,
                        max_body, admin_key=admin_key.encode() if admin_key is not None else None)
+    if store is not None:
+        state.metrics.features(KINDS)
+        store.on_miss = lambda kind, n: state.metrics.feature_misses.labels(kind).inc(n)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Any) -> AsyncIterator[None]:
@@ -95,7 +105,7 @@ def create_app(model_path: str | Path, *, max_in_flight: int = 8, max_body: int 
         app.version = new.version
         app.openapi_schema = None
 
-    reloader = Reloader(state, path, on_swap=swapped)
+    reloader = Reloader(state, path, on_swap=swapped, features=store)
     errors = error_responses()
     for ep in served.endpoints.values():
         app.add_api_route(ep.path, handler(fastapi, ep, state), methods=["POST"],
@@ -140,7 +150,7 @@ def error_responses() -> dict[int | str, dict[str, Any]]:
 
     pd = require("pydantic", "serve", "the HTTP request models")
     detail = pd.create_model(
-        "ErrorDetail", code=(Literal[tuple(sorted(set(CODES.values())))], ...),
+        "ErrorDetail", code=(Literal[tuple(sorted({*CODES.values(), STORE_DOWN}))], ...),
         message=(str, pd.Field(description="what is wrong, in words (never a request value)")),
         fields=(list[str], pd.Field(description="the places: body.rows.0.price, query.top_k")))
     body = pd.create_model("Error", error=(detail, ...))
@@ -271,6 +281,14 @@ def _error_handlers(fastapi: Any, app: Any) -> None:
         return JSONResponse(error_json(code_of(exc.status_code), detail),
                             status_code=exc.status_code, headers=exc.headers)
 
+    from shopmtl.serve.features import FeatureStoreError
+
+    @app.exception_handler(FeatureStoreError)
+    async def store_down(_request: Any, exc: Any) -> Any:
+        log.error("feature store: %s", exc)
+        return JSONResponse(error_json(STORE_DOWN, str(exc)), status_code=503,
+                            headers={"Retry-After": "1"})
+
     @app.exception_handler(DataError)
     async def refused(_request: Any, exc: Any) -> Any:
         message = str(exc)
@@ -280,17 +298,26 @@ def _error_handlers(fastapi: Any, app: Any) -> None:
 
 def run(model_path: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
         max_in_flight: int = 8, max_body: int = MAX_BODY,
-        admin_key_file: str | Path | None = None) -> None:
+        admin_key_file: str | Path | None = None, features: str | Path | None = None,
+        features_redis: str | None = None) -> None:
     """``shopmtl serve``: the app under uvicorn, one process; SIGTERM stops accepting and lets
     in-flight requests finish (up to ``GRACEFUL_S``); SIGHUP reloads the model directory the
     server was started with (a hot reload, no key needed: whoever can signal the process
-    runs it). The admin key: ``admin_key_from(admin_key_file)``."""
+    runs it). The admin key: ``admin_key_from(admin_key_file)``. ``features``: a snapshot
+    folder held in memory, or ``features_redis``: a Redis URL (``serve.features``)."""
     uvicorn = require("uvicorn", "serve", "shopmtl serve")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from shopmtl.serve.features import open_store
+
     key = admin_key_from(admin_key_file)
+    store = open_store(features, features_redis)
+    if store is not None:
+        log.info("feature store: %s (user columns %s; item columns %s)",
+                 "snapshot in memory" if features is not None else "Redis",
+                 ", ".join(store.spec.columns["user"]), ", ".join(store.spec.columns["item"]))
     app = create_app(model_path, max_in_flight=max_in_flight, max_body=max_body,
-                     admin_key=key)
+                     admin_key=key, features=store)
     log.info("serving %s (model %s) on http://%s:%d; admin endpoints %s", model_path,
              app.state.serve.version, host, port, "on (admin key set)" if key else
              "disabled (no admin key)")

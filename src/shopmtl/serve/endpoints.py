@@ -15,6 +15,11 @@ reads can be served.
   each of its tasks, the columns ``shopmtl predict --task`` writes (docs/PREDICT.md); a ranking
   task's answer is its candidates, best first, under the task's name. The built-in sources
   have the subsystem's path (``SOURCE_PATHS``); a source of your own ``/v1/sources/<name>``.
+
+Features by id (``serve.features``): given a feature store, the table-row endpoints fill the
+user and item columns a row lacks from the store by the row's ids before the required fields
+are checked, so a request may carry only ids (and the request-time columns: scenario,
+position); ``/v1/score``'s rows then have no required field in their schema.
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ AD_TASK = "ad_click"
 SCALAR = ("binary", "regression")  # outputs a /v1/recommend weight may multiply
 
 Answer = Callable[..., dict[str, Any]]
+Fill = Callable[[list[dict[str, Any]]], list[dict[str, Any]]]
 
 
 @dataclass(frozen=True)
@@ -55,8 +61,9 @@ class Endpoint:
     max_top_k: int = 0
 
 
-def build_endpoints(model: Any) -> list[Endpoint]:
-    """Every endpoint the model can answer, its table-row endpoints first."""
+def build_endpoints(model: Any, features: Any = None) -> list[Endpoint]:
+    """Every endpoint the model can answer, its table-row endpoints first. ``features``: a
+    ``serve.features.Features`` (the store and its miss counter) or None."""
     by_source: dict[str, tuple[Contract, list[str]]] = {}
     for task in model.tasks:
         contract = model.contract(task)
@@ -64,7 +71,8 @@ def build_endpoints(model: Any) -> list[Endpoint]:
     out: list[Endpoint] = []
     for source, (contract, tasks) in by_source.items():
         if source in TABLE_SOURCES:
-            out += table_endpoints(model, contract, tasks)
+            fill = features.filler(contract).fill if features is not None else None
+            out += table_endpoints(model, contract, tasks, fill)
     for source, (contract, tasks) in by_source.items():
         if source not in TABLE_SOURCES:
             out.append(source_endpoint(model, contract, tasks))
@@ -96,9 +104,25 @@ def _row(contract: Contract, given: dict[str, Any]) -> dict[str, Any]:
 # -- table rows: /v1/score, /v1/ads/ctr, /v1/recommend ----------------------------------------
 
 
-def table_endpoints(model: Any, contract: Contract, tasks: list[str]) -> list[Endpoint]:
+def _loose(contract: Contract) -> Contract:
+    """The contract with no required field (they are checked once a row is complete)."""
+    return dataclasses.replace(contract, inputs=tuple(
+        dataclasses.replace(f, required=False) for f in contract.inputs))
+
+
+def _complete(row: dict[str, Any], required: list[str], where: str, give: str,
+              fill: Fill | None) -> None:
+    """A row has every required field (after the feature store's fill, if any)."""
+    missing = [f for f in required if row.get(f) is None]
+    if missing:
+        store = " (the feature store has none for this row's ids)" if fill is not None else ""
+        raise DataError(f"{where}: missing field(s) {missing}: {give}{store}")
+
+
+def table_endpoints(model: Any, contract: Contract, tasks: list[str], fill: Fill | None = None
+                    ) -> list[Endpoint]:
     pd = require("pydantic", "serve", "the HTTP request models")
-    row = request_model(contract, name="ScoreRow")
+    row = request_model(_loose(contract) if fill is not None else contract, name="ScoreRow")
     rows = Annotated[list[row], pd.Field(min_length=1, max_length=MAX_ROWS,  # type: ignore[valid-type]
                                          description="rows of the training table's columns")]
     config = pd.ConfigDict(extra="forbid", strict=True)
@@ -108,22 +132,30 @@ def table_endpoints(model: Any, contract: Contract, tasks: list[str]) -> list[En
                     f"One prediction per task ({', '.join(tasks)}) for each row, in row order. "
                     "A row holds the training table's columns (labels not read); an unknown "
                     "id reads as the unknown row, as in training.", score, example,
-                    _score_answer(model, contract, tasks), tuple(tasks))]
+                    _score_answer(model, contract, tasks, fill), tuple(tasks))]
     if AD_TASK in tasks:
         ads = pd.create_model("AdsRequest", __config__=config, rows=(rows, ...))
         out.append(Endpoint("/v1/ads/ctr", "Ad click-through probability for table rows",
                             "The probability that each row's ad is clicked (task ad_click), "
                             "in row order.", ads, example,
-                            _score_answer(model, contract, [AD_TASK]), (AD_TASK,)))
+                            _score_answer(model, contract, [AD_TASK], fill), (AD_TASK,)))
     scalar = [t for t in tasks if contract.output(t).type in SCALAR]
     if scalar:
-        out.append(_recommend(model, contract, tasks, scalar, pd, config))
+        out.append(_recommend(model, contract, tasks, scalar, pd, config, fill))
     return out
 
 
-def _score_answer(model: Any, contract: Contract, tasks: Sequence[str]) -> Answer:
+def _score_answer(model: Any, contract: Contract, tasks: Sequence[str], fill: Fill | None
+                  ) -> Answer:
+    required = [f.name for f in contract.inputs if f.required]
+
     def answer(body: Any) -> dict[str, Any]:
-        preds = predict_tasks(model, [_row(contract, _dump(r)) for r in body.rows], tasks)
+        given = [_dump(r) for r in body.rows]
+        if fill is not None:
+            given = fill(given)
+            for i, r in enumerate(given):
+                _complete(r, required, f"rows item {i}", "give them in the row", fill)
+        preds = predict_tasks(model, [_row(contract, r) for r in given], tasks)
         n = len(body.rows)
         return {"predictions": [{t: preds[t][i] for t in tasks} for i in range(n)]}
 
@@ -131,12 +163,11 @@ def _score_answer(model: Any, contract: Contract, tasks: Sequence[str]) -> Answe
 
 
 def _recommend(model: Any, contract: Contract, tasks: list[str], scalar: list[str], pd: Any,
-               config: Any) -> Endpoint:
+               config: Any, fill: Fill | None = None) -> Endpoint:
     """``/v1/recommend``: the context (the user's features, the scenario) and each
     candidate's fields make one row per candidate; required fields may come from either.
     Weights apply to the ``scalar`` tasks (one number per row: a sum needs numbers)."""
-    loose = dataclasses.replace(contract, inputs=tuple(
-        dataclasses.replace(f, required=False) for f in contract.inputs))
+    loose = _loose(contract)
     context = request_model(loose, name="RecommendContext")
     candidate = request_model(loose, name="RecommendCandidate")
     weight = Annotated[float | None, pd.Field(None, ge=-MAX_WEIGHT, le=MAX_WEIGHT,
@@ -160,17 +191,22 @@ def _recommend(model: Any, contract: Contract, tasks: list[str], scalar: list[st
                     "Each candidate's predictions of every task and its combined score "
                     "(sum of task weight x prediction); candidates best first, `candidate` "
                     "is its place in the request (from 0).", body, example,
-                    _recommend_answer(model, contract, tasks, scalar[0]), tuple(tasks))
+                    _recommend_answer(model, contract, tasks, scalar[0], fill), tuple(tasks))
 
 
-def _recommend_answer(model: Any, contract: Contract, tasks: list[str], first: str
-                      ) -> Answer:
+def _recommend_answer(model: Any, contract: Contract, tasks: list[str], first: str,
+                      fill: Fill | None) -> Answer:
     required = [f.name for f in contract.inputs if f.required]
 
     def answer(body: Any) -> dict[str, Any]:
         shared = _dump(body.context)
-        rows = [_row(contract, _merged(shared, _dump(c), required, i))
-                for i, c in enumerate(body.candidates)]
+        merged = [_merged(shared, _dump(c), i) for i, c in enumerate(body.candidates)]
+        if fill is not None:
+            merged = fill(merged)
+        for i, r in enumerate(merged):
+            _complete(r, required, f"candidates item {i}",
+                      "give them in the context or in the candidate", fill)
+        rows = [_row(contract, r) for r in merged]
         given = _dump(body.weights) if body.weights is not None else {}
         weights = {t: float(w) for t, w in given.items()} or {first: 1.0}
         preds = predict_tasks(model, rows, tasks)
@@ -183,18 +219,12 @@ def _recommend_answer(model: Any, contract: Contract, tasks: list[str], first: s
     return answer
 
 
-def _merged(shared: dict[str, Any], own: dict[str, Any], required: list[str], i: int
-            ) -> dict[str, Any]:
+def _merged(shared: dict[str, Any], own: dict[str, Any], i: int) -> dict[str, Any]:
     both = sorted(set(shared) & set(own))
     if both:
         raise DataError(f"candidates item {i}: field(s) {both} given both in the context and "
                         "in the candidate")
-    row = {**shared, **own}
-    missing = [f for f in required if f not in row]
-    if missing:
-        raise DataError(f"candidates item {i}: missing field(s) {missing}: give them in the "
-                        "context or in the candidate")
-    return row
+    return {**shared, **own}
 
 
 # -- one source of a joint model --------------------------------------------------------------

@@ -29,6 +29,7 @@ CODES: dict[int, str] = {
     500: "internal",
     503: "not_ready",
 }
+STORE_DOWN = "feature_store_unavailable"  # 503: the feature store does not answer (Redis down)
 MAX_LISTED = 5  # validation problems spelled out in one message; the rest are counted
 
 # pydantic error types whose message template interpolates the input (or a validator's text)

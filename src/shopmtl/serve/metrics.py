@@ -18,7 +18,8 @@ BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.
 class ServeMetrics:
     """Requests by endpoint and status code, latency by endpoint, requests in flight,
     readiness, the served model (``shopmtl_model_info{version, kind}``, changed by a hot
-    reload's swap) and the reloads by outcome (``OUTCOMES``)."""
+    reload's swap), the reloads by outcome (``OUTCOMES``) and the feature store's misses
+    (``shopmtl_feature_misses_total{kind}``, ``serve.features``)."""
 
     def __init__(self, version: str, kind: str) -> None:
         pc = require("prometheus_client", "serve", "the /metrics endpoint")
@@ -44,6 +45,15 @@ class ServeMetrics:
                                   ["outcome"], registry=self.registry)
         for outcome in OUTCOMES:
             self.reloads.labels(outcome)
+        self.feature_misses = pc.Counter(
+            "shopmtl_feature_misses", "Ids the feature store lacked (their user or item "
+            "columns left empty: the unknown row), by kind; each distinct id of a request "
+            "once", ["kind"], registry=self.registry)
+
+    def features(self, kinds: tuple[str, ...]) -> None:
+        """A feature store is configured: its miss counters start at 0."""
+        for kind in kinds:
+            self.feature_misses.labels(kind)
 
     def model(self, version: str, kind: str) -> None:
         """The served model's info (replaced, not added to, by a reload)."""

@@ -73,14 +73,16 @@ class ReloadError(Exception):
         self.status, self.code, self.message, self.outcome = status, code, message, outcome
 
 
-def load_served(path: str | Path) -> Served:
-    """``shopmtl.load(path)`` (manifest verified) and its endpoints; not warmed up."""
+def load_served(path: str | Path, features: Any = None) -> Served:
+    """``shopmtl.load(path)`` (manifest verified) and its endpoints (filled from the feature
+    store ``features``, a ``serve.features.Features``, when given); not warmed up."""
     from shopmtl.modeldir import load
 
     path = Path(path)
     version = model_version(path)  # before the load: a change meanwhile fails the manifest
     model = load(path)
-    return Served(path, model, version, {e.path: e for e in build_endpoints(model)})
+    return Served(path, model, version,
+                  {e.path: e for e in build_endpoints(model, features)})
 
 
 def warm_up(served: Served) -> None:
@@ -134,8 +136,10 @@ class Reloader:
     version)."""
 
     def __init__(self, state: ServeState, start_path: Path,
-                 on_swap: Callable[[Served], None] | None = None) -> None:
+                 on_swap: Callable[[Served], None] | None = None, features: Any = None
+                 ) -> None:
         self.state, self.start_path, self.on_swap = state, start_path, on_swap
+        self.features = features
         self._busy = threading.Lock()
         self._swap = threading.Lock()
 
@@ -191,7 +195,8 @@ class Reloader:
 
     def _prepare(self, path: Path) -> Served:
         try:
-            new = load_served(path)
+            new = (load_served(path) if self.features is None
+                   else load_served(path, self.features))
         except Exception as e:
             raise ReloadError(422, "reload_failed", f"the model did not load: {_why(e, path)}",
                               "failed") from None
