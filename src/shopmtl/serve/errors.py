@@ -30,6 +30,16 @@ CODES: dict[int, str] = {
     503: "not_ready",
 }
 STORE_DOWN = "feature_store_unavailable"  # 503: the feature store does not answer (Redis down)
+# every code an answer of a status may carry: the one of ``CODES``, and those of the admin
+# endpoints and the feature store (what a client, and the schema fuzz, may branch on)
+STATUS_CODES: dict[int, frozenset[str]] = {
+    **{status: frozenset({code}) for status, code in CODES.items()},
+    401: frozenset({"unauthorized"}),
+    403: frozenset({"admin_disabled"}),
+    409: frozenset({"reload_in_progress", "reload_incompatible"}),
+    422: frozenset({CODES[422], "reload_failed"}),
+    503: frozenset({CODES[503], STORE_DOWN}),
+}
 MAX_LISTED = 5  # validation problems spelled out in one message; the rest are counted
 
 # pydantic error types whose message template interpolates the input (or a validator's text)
