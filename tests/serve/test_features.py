@@ -209,7 +209,9 @@ def redis_url(tmp_path: Path) -> Iterator[str]:
     """A real redis-server on a free loopback port, no persistence; always stopped."""
     exe = shutil.which("redis-server")
     if exe is None:
-        pytest.skip("redis-server is not installed (apt-get install redis-server)")
+        raise AssertionError("redis-server is not installed: the Redis store is tested "
+                             "against a real one (apt-get install redis-server; .ci/run "
+                             "installs it)")
     port = free_port()
     proc = subprocess.Popen([exe, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
                              "--appendonly", "no", "--dir", str(tmp_path)],
