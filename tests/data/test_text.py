@@ -48,3 +48,27 @@ def test_tokenize_pads_to_max_tokens() -> None:
     ids, mask = text.tokenize(["red cotton shirt", "a much longer title " * 10], "minilm", 8)
     assert ids.shape == mask.shape == (2, 8)
     assert mask[0].sum() < 8 and mask[1].sum() == 8
+
+
+def test_the_cache_index_sees_new_parts_and_survives_a_cleared_cache(tmp_path: Path) -> None:
+    """Lookups read only the rows they need through a per-process index of the parts: a part
+    written later (by another process or cache object) is found, vectors come back exactly,
+    and a cache folder emptied under a running process gives misses, not an error."""
+    import shutil
+
+    import numpy as np
+
+    a, b = text.TextCache(tmp_path, "enc"), text.TextCache(tmp_path, "enc")
+    keys = [bytes([i]) * 32 for i in range(5)]
+    vecs = np.arange(5 * 4, dtype=np.float32).reshape(5, 4)
+    a.add(keys[:3], vecs[:3])
+    assert set(b.lookup(keys)) == set(keys[:3])  # indexed now
+    b.add(keys[3:], vecs[3:])  # a new part, after the index was built
+    found = a.lookup(keys)
+    assert set(found) == set(keys)
+    for k, v in zip(keys, vecs, strict=True):
+        np.testing.assert_array_equal(found[k], v)
+    shutil.rmtree(a.dir)
+    assert a.lookup(keys) == {}
+    a.add(keys[:1], vecs[:1])  # and a cache rebuilt after it is read again
+    np.testing.assert_array_equal(b.lookup(keys)[keys[0]], vecs[0])

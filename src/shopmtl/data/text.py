@@ -20,6 +20,7 @@ import hashlib
 import json
 import os
 import tempfile
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -146,6 +147,11 @@ def default_cache_dir() -> Path:
     return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "shopmtl")
 
 
+# cache folder -> (the part files indexed, digest -> (part file, row)): one index per process
+_INDEX: dict[Path, tuple[set[str], dict[bytes, tuple[str, int]]]] = {}
+_INDEX_LOCK = threading.Lock()
+
+
 class TextCache:
     """Vectors of one encoder id: ``text/<id-hash>/part-*.safetensors`` (digests + vectors)."""
 
@@ -153,17 +159,47 @@ class TextCache:
         self.dir = Path(root) / "text" / hashlib.sha256(enc_id.encode()).hexdigest()[:24]
 
     def lookup(self, digests: list[bytes]) -> dict[bytes, np.ndarray]:
-        from safetensors.numpy import load_file
+        """The cached vectors of ``digests`` (those not cached are absent). The parts' digests
+        are indexed once per process (``_index``): a server answering one utterance at a time
+        reads only the rows it needs, not every part of a 37k-text cache on every call (45 ms
+        a request before this index)."""
+        from safetensors import safe_open
 
-        wanted = set(digests)
+        index = self._index()
+        by_part: dict[str, list[tuple[bytes, int]]] = {}
+        for d in set(digests):
+            loc = index.get(d)
+            if loc is not None:
+                by_part.setdefault(loc[0], []).append((d, loc[1]))
         found: dict[bytes, np.ndarray] = {}
-        for part in sorted(self.dir.glob("part-*.safetensors")) if self.dir.is_dir() else []:
-            arrays = load_file(str(part))
-            for key, vec in zip(arrays["digests"], arrays["vectors"], strict=True):
-                d = key.tobytes()
-                if d in wanted:
-                    found[d] = vec
+        for name, hits in by_part.items():
+            try:
+                with safe_open(str(self.dir / name), "np") as f:
+                    vectors = f.get_slice("vectors")
+                    for d, row in hits:
+                        found[d] = vectors[row:row + 1][0]
+            except FileNotFoundError:  # the cache was cleared under us: those are misses
+                with _INDEX_LOCK:
+                    _INDEX.pop(self.dir, None)
         return found
+
+    def _index(self) -> dict[bytes, tuple[str, int]]:
+        """digest -> (part file, row) of every part in the folder. Parts are immutable (named
+        by their content, written by rename), so a part once indexed stays valid; new parts
+        (another process's, or ``add``) are indexed when first seen."""
+        from safetensors import safe_open
+
+        with _INDEX_LOCK:
+            parts, index = _INDEX.setdefault(self.dir, (set(), {}))
+            for part in self.files:
+                if part.name in parts:
+                    continue
+                with safe_open(str(part), "np") as f:
+                    keys = f.get_tensor("digests")
+                for row, key in enumerate(keys):
+                    index.setdefault(key.tobytes(), (part.name, row))
+                parts.add(part.name)
+            return index
 
     def add(self, digests: list[bytes], vectors: np.ndarray) -> Path:
         """Write a new part atomically (temp file + rename): readers never see half a file."""
