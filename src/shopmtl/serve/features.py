@@ -26,7 +26,6 @@ numeric's fill, as the reader treats an empty cell) and is counted (``on_miss``:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -38,6 +37,7 @@ from typing import Any, Protocol
 
 from shopmtl.data.ingest import DataError
 from shopmtl.deps import require
+from shopmtl.train.checkpoint import sha256_file
 
 KINDS = ("user", "item")
 FORMAT = 1
@@ -84,14 +84,6 @@ class FeatureStore(Protocol):
 
 
 # -- the snapshot --------------------------------------------------------------------------------
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _read_table(path: Path, columns: list[str]) -> Any:
@@ -164,7 +156,7 @@ def write_snapshot(data: str | Path, out: str | Path, spec: Spec,
             table = latest_rows(_read_table(data, cols + extra), key, order_by)
             name = f"{kind}.parquet"
             pq.write_table(table.select(cols), tmp / name)
-            manifest[kind].update(file=name, rows=table.num_rows, sha256=_sha256(tmp / name))
+            manifest[kind].update(file=name, rows=table.num_rows, sha256=sha256_file(tmp / name))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
         old = None
         if out.exists():
@@ -201,7 +193,7 @@ def snapshot_rows(snapshot: str | Path) -> tuple[Spec, dict[str, list[dict[str, 
     rows = {}
     for kind in KINDS:
         path = snapshot / manifest[kind]["file"]
-        if not path.is_file() or _sha256(path) != manifest[kind]["sha256"]:
+        if not path.is_file() or sha256_file(path) != manifest[kind]["sha256"]:
             raise DataError(f"{snapshot}: {manifest[kind]['file']} is missing or does not "
                             f"match the sha256 of {MANIFEST}")
         rows[kind] = pq.read_table(path).to_pylist()

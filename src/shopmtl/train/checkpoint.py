@@ -33,7 +33,8 @@ class CheckpointError(RuntimeError):
     """A checkpoint is missing, incomplete or corrupt."""
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path) -> str:
+    """The SHA-256 of a file, read in 1 MiB blocks (the digest every manifest holds)."""
     h = hashlib.sha256()
     with path.open("rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -139,7 +140,7 @@ def write_dir(
                 raise ValueError(f"write_dir: {name!r} is not a new plain file name")
             (tmp / name).write_bytes(data)
         files = sorted(p.name for p in tmp.iterdir())
-        manifest = {f: _sha256(tmp / f) for f in files}
+        manifest = {f: sha256_file(tmp / f) for f in files}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
         for p in tmp.iterdir():
             with p.open("rb") as f:
@@ -211,7 +212,7 @@ def verify_dir(path: Path) -> dict[str, str]:
             raise CheckpointError(f"{path}: file '{name}' is a symbolic link (not allowed)")
         if not f.is_file():
             raise CheckpointError(f"{path}: file '{name}' listed in the manifest is missing")
-        if _sha256(f) != digest:
+        if sha256_file(f) != digest:
             raise CheckpointError(f"{path}: file '{name}' is corrupt (SHA-256 mismatch)")
     return manifest
 
