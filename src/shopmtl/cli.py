@@ -617,5 +617,12 @@ def compare(
     typer.echo(f"wrote {out / 'compare.json'} and {out / 'compare.md'}")
 
 
+
+# the A/B-testing group (docs/ABTEST.md): imported last, its commands use _guard
+from shopmtl.abtest.cli import app as abtest_app  # noqa: E402
+
+app.add_typer(abtest_app, name="abtest")
+
+
 if __name__ == "__main__":
     app()
