@@ -618,7 +618,7 @@ def compare(
 
 
 
-# the A/B-testing group (docs/ABTEST.md): imported last, its commands use _guard
+# the A/B-testing group (docs/ABTEST.md)
 from shopmtl.abtest.cli import app as abtest_app  # noqa: E402
 
 app.add_typer(abtest_app, name="abtest")

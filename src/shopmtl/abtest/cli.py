@@ -14,21 +14,33 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="A/B tests: simulate, analyse, plan, report.")
 
 
-def _guarded(fn):
-    """``shopmtl.cli._guard`` (one-line errors, exit codes), looked up at call time: this module
-    is imported while ``shopmtl.cli`` is still loading."""
+def _run_guard(fn):
+    """One line on stderr for a failure: exit 2 for a bad config (ConfigError), 1 for a failed
+    run (bad data, a missing model, the system refusing). Not ``shopmtl.cli._guard``:
+    ``shopmtl.cli`` imports this module to register the group (no import circle)."""
 
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from shopmtl.cli import _guard
+        from shopmtl.config import ConfigError
 
-        return _guard(fn)(*args, **kwargs)
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as e:
+            _fail_run(str(e), 2)
+        except (ValueError, OSError) as e:
+            _fail_run(str(e), 1)
 
     return wrapper
 
 
+def _fail_run(message: str, code: int) -> None:
+    one = "; ".join(x.strip() for x in str(message).splitlines() if x.strip())
+    typer.secho(f"error: {one}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
 @app.command("run")
-@_guarded
+@_run_guard
 def run_cmd(
     config: Annotated[Path, typer.Argument(help="The A/B run's YAML (examples/abtest.yaml)")],
     out: Annotated[Path, typer.Option(help="Output folder (empty)")] = Path("runs/abtest"),

@@ -51,6 +51,9 @@ class TrainSpec:
     rows: int = key(1_000_000, "impressions of the default world to train on (quickstart)",
                     ge=1000)
     seed: int = key(0, "seed of the world and of training", ge=0)
+    world: dict[str, Any] = key(factory=dict, doc="other keys of the world (data.synthetic), "
+                                "e.g. a smaller n_users; none: the default world")
+    epochs: int = key(4, "training epochs (the quickstart's)", ge=1)
 
 
 @dataclass(frozen=True)
@@ -146,16 +149,30 @@ def _models_dir(cfg: AbConfig, out: Path, log: Any) -> Path:
                 raise ConfigError(f"models: {d} has no {need} (give a quickstart or "
                                   "'train --baselines' folder)")
         return d
-    from shopmtl.run import quickstart
-
     d = out / "models"
     t0 = time.perf_counter()
     log(f"training the multi-task model and the single-task baselines on "
-        f"{cfg.train.rows:,} rows of the default world ...")
-    quickstart(d, rows=cfg.train.rows, seed=cfg.train.seed, progress=False, baselines=True,
-               log=lambda *a, **k: None)
+        f"{cfg.train.rows:,} rows of the world ...")
+    train_models(cfg.train, d)
     log(f"trained in {time.perf_counter() - t0:.0f}s -> {d}")
     return d
+
+
+def train_models(spec: TrainSpec, out: Path) -> Path:
+    """The quickstart's multi-task model and single-task baselines (``shopmtl.run``, the one
+    training path) on ``spec``'s world, in a quickstart folder: model/, single_task/<task>/model,
+    data/ (the world, its world.json)."""
+    import torch
+
+    from shopmtl.run import quickstart_config, run_experiment
+
+    qc = quickstart_config(spec.rows, spec.seed)
+    world = {**dict(spec.world), "rows": spec.rows, "seed": spec.seed}
+    qc = dataclasses.replace(qc, data=dataclasses.replace(qc.data, synthetic=world),
+                             train=dataclasses.replace(qc.train, epochs=spec.epochs))
+    torch.manual_seed(spec.seed)
+    run_experiment(qc, out, baselines=True, progress=False, log=lambda *a, **k: None)
+    return out
 
 
 def world_of(models: Path) -> WorldConfig:
