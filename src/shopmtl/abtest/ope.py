@@ -27,10 +27,10 @@ from __future__ import annotations
 import itertools
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from statistics import NormalDist
 
 import numpy as np
 import pyarrow as pa
-from scipy import stats
 
 from shopmtl.abtest.policy import Policy
 from shopmtl.abtest.shop import Request, Shop, rank_batch
@@ -148,7 +148,7 @@ def _clustered_ci(psi: np.ndarray, users: np.ndarray, alpha: float) -> float:
     _, inv = np.unique(users, return_inverse=True)
     sums = np.bincount(inv, weights=psi)
     se = float(np.sqrt((sums**2).sum()) / n)
-    return float(stats.norm.ppf(1 - alpha / 2) * se)
+    return float(NormalDist().inv_cdf(1 - alpha / 2) * se)
 
 
 def estimate(log: Log, target: Sequence[np.ndarray], rewards: Mapping[str, Sequence[np.ndarray]]
