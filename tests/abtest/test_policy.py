@@ -103,3 +103,16 @@ def test_random_is_seeded_and_ties_keep_row_order(rows: pa.Table) -> None:
     assert not np.array_equal(a.scores(rows), RandomPolicy("r", 4).scores(rows))
     assert list(top_k(np.array([1.0, 2.0, 2.0, 0.0]), 3)) == [1, 2, 0]
     assert len(top_k(np.zeros(3), 0)) == 0
+
+
+def test_an_exported_bundle_ranks_as_its_pytorch_model(ab_models: Path, rows: pa.Table,
+                                                       tmp_path: Path) -> None:
+    from shopmtl.export.bundle import export_bundle
+
+    export_bundle(ab_models / "model", tmp_path / "bundle", ab_models / "data" / "test.parquet")
+    torch_arm = model_policy("pt", ab_models / "model", GMV)
+    onnx_arm = model_policy("onnx", tmp_path / "bundle", GMV)
+    assert type(onnx_arm.models["click"]).__name__ == "OnnxBundle"
+    a, b = torch_arm.scores(rows), onnx_arm.scores(rows)
+    np.testing.assert_allclose(b, a, atol=1e-5)
+    assert list(top_k(a, 10)) == list(top_k(b, 10))
