@@ -235,7 +235,8 @@ def run_abtest(cfg: AbConfig, out_dir: str | Path, log: Any = print) -> dict[str
     log(f"played {cfg.pre_requests:,} pre-period and {cfg.test_requests:,} test requests "
         f"({time.perf_counter() - t0:.0f}s) -> {events_path}")
 
-    results = analyze(read_events(events_path), control=cfg.control, alpha=cfg.alpha)
+    events = read_events(events_path)
+    results = analyze(events, control=cfg.control, alpha=cfg.alpha)
     ope = None
     if cfg.ope is not None:
         t0 = time.perf_counter()
@@ -243,7 +244,7 @@ def run_abtest(cfg: AbConfig, out_dir: str | Path, log: Any = print) -> dict[str
         (out / "ope.json").write_text(json.dumps(json_safe(ope), indent=1))
         log(f"off-policy evaluation of '{cfg.ope.target}' ({time.perf_counter() - t0:.0f}s)")
     html, _ = write_report(results, out, truth=true, ope=ope)
-    rows = compare(results, true)
+    rows = compare(results, true, stops(results, events))
     summary = {"counts": counts, "comparison": rows, "coverage": coverage(rows),
                "ope": ope, "report": str(html)}
     (out / "abtest.json").write_text(json.dumps(json_safe(summary), indent=1))
@@ -283,9 +284,30 @@ def _reward_model(policy: Policy, models: Path) -> Any:
 
 # -- the comparison table -----------------------------------------------------------------------
 
-def compare(results: dict, true: dict) -> list[dict[str, Any]]:
+def stops(results: dict, events: Any) -> dict[tuple[str, str], dict[str, int]]:
+    """Where the group-sequential test (the analysis' ``sequential`` section) first crossed its
+    boundary, per (arm, metric) of scenario 'all': the look and the test requests (all arms)
+    played by then: the sample size the decision took. Absent: it never crossed."""
+    seq = results.get("sequential") or {}
+    cuts = seq.get("cut_ts") or []
+    ex = events.exposures
+    test = np.asarray(ex["period"].to_pylist()) == "test"
+    ts = np.sort(ex["ts"].to_numpy(zero_copy_only=False)[test])
+    out = {}
+    for arm, by in (seq.get("arms") or {}).items():
+        for metric, v in by.items():
+            look = v.get("gst_stop") if isinstance(v, dict) else None
+            if look is not None and look < len(cuts):
+                out[(arm, metric)] = {"look": int(look) + 1, "looks": len(cuts),
+                                      "requests": int(np.searchsorted(ts, cuts[look], "right"))}
+    return out
+
+
+def compare(results: dict, true: dict, stopped: dict | None = None) -> list[dict[str, Any]]:
     """One row per (arm, metric, scenario): the true lift, the estimate with its interval, the
-    decision, the sample size, and whether the interval holds the truth."""
+    decision, the sample size (and, for 'all', where the sequential test stopped), and whether
+    the interval holds the truth."""
+    stopped = stopped or {}
     rows = []
     for arm, res in results["arms"].items():
         for metric in METRICS:
@@ -301,6 +323,7 @@ def compare(results: dict, true: dict) -> list[dict[str, Any]]:
                     "rel_ci": r["rel_ci"], "decision": r["decision"],
                     "n_units": r["n_units"], "n_requests": r["n_requests"],
                     "covers": bool(lo <= t["abs_lift"] <= hi),
+                    "sequential_stop": stopped.get((arm, metric)) if scen == "all" else None,
                 })
     return rows
 
@@ -312,18 +335,23 @@ def coverage(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def render(rows: list[dict[str, Any]], cov: dict[str, Any]) -> str:
-    head = (f"{'arm':<14}{'metric':<6}{'scenario':<14}{'true lift':>11}{'est. lift':>11}"
-            f"{'95% CI':>24}  {'decision':<16}{'units':>7}{'requests':>10}  truth in CI")
+    head = (f"{'arm':<14}{'metric':<7}{'scenario':<14}{'true lift':>11}{'est. lift':>11}"
+            f"{'95% CI':>24}  {'decision':<16}{'units':>7}{'requests':>10}  truth in CI  "
+            f"sequential stop")
     lines = [head, "-" * len(head)]
     for r in rows:
         ci = f"[{r['abs_ci'][0]:+.4g}, {r['abs_ci'][1]:+.4g}]"
-        lines.append(f"{r['arm']:<14}{r['metric']:<6}{r['scenario']:<14}"
+        lines.append(f"{r['arm']:<14}{r['metric']:<7}{r['scenario']:<14}"
                      f"{r['true_abs_lift']:>+11.4g}{r['abs_lift']:>+11.4g}{ci:>24}  "
                      f"{r['decision']:<16}{r['n_units']:>7}{r['n_requests']:>10}  "
-                     f"{'yes' if r['covers'] else 'NO'}")
+                     f"{'yes' if r['covers'] else 'NO':<11}  {_stop(r['sequential_stop'])}")
     lines.append(f"{cov['cover_truth']} of {cov['intervals']} intervals hold the true lift "
                  f"({cov['share']:.0%})")
     return "\n".join(lines)
+
+
+def _stop(s: dict | None) -> str:
+    return "" if s is None else f"look {s['look']}/{s['looks']}, {s['requests']:,} requests"
 
 
 def render_ope(ope: dict[str, Any]) -> str:
