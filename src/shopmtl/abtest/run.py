@@ -119,6 +119,15 @@ class AbConfig:
             raise ValueError("shop.candidates: give [low, high]")
 
 
+def is_abtest_config(path: str | Path) -> bool:
+    """Whether a YAML file is an ``abtest run`` config (it has arms), not a training one."""
+    try:
+        raw = _yaml_load(Path(path).read_text())
+    except Exception:  # unreadable or invalid: not ours to judge here
+        return False
+    return isinstance(raw, dict) and "arms" in raw
+
+
 def load_abtest_config(path: str | Path, overrides: list[str] | None = None) -> AbConfig:
     """The config of a YAML file (``a.b=value`` overrides), every key checked (unknown keys are
     errors); a relative ``models`` path is relative to the file."""
