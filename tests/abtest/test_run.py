@@ -45,8 +45,8 @@ def test_the_example_config_loads_and_bad_keys_are_refused(tmp_path: Path) -> No
 
 def test_a_tiny_run_end_to_end(tmp_path: Path, ab_models: Path) -> None:
     out = tmp_path / "run"
-    sets = [f"models={ab_models}", "pre_requests=1500", "test_requests=5000",
-            "truth_requests=1000", "ope.requests=300"]
+    sets = [f"models={ab_models}", "pre_requests=1000", "test_requests=3000",
+            "truth_requests=500", "ope.requests=150"]
     proc = cli("abtest", "run", str(EXAMPLE), "--out", str(out),
                *[a for s in sets for a in ("--set", s)], check=True)
     for name in ("events.db", "truth.json", "ope.json", "report.html", "results.json",
@@ -65,12 +65,12 @@ def test_a_tiny_run_end_to_end(tmp_path: Path, ab_models: Path) -> None:
     cov = summary["coverage"]
     assert cov["intervals"] == len(rows) and cov["cover_truth"] == sum(r["covers"] for r in rows)
     assert f"{cov['cover_truth']} of {cov['intervals']} intervals hold the true lift" in proc.stdout
-    assert summary["counts"]["pre"] == {"single_task": 1500}
-    assert sum(summary["counts"]["test"].values()) == 5000
+    assert summary["counts"]["pre"] == {"single_task": 1000}
+    assert sum(summary["counts"]["test"].values()) == 3000
     # the truth written is the shop's truth of these policies (the same seed: the same numbers)
     cfg = load_abtest_config(EXAMPLE, sets)
     shop = Shop(world_of(ab_models), cfg.shop.slots, tuple(cfg.shop.candidates))
-    again = truth(shop, build_policies(cfg, ab_models), "single_task", 1000, seed=10_000)
+    again = truth(shop, build_policies(cfg, ab_models), "single_task", 500, seed=10_000)
     written = json.loads((out / "truth.json").read_text())
     for arm in again:
         for metric in ("ctr", "cvr", "gmv"):
