@@ -56,7 +56,8 @@ def test_a_tiny_run_end_to_end(tmp_path: Path, ab_models: Path) -> None:
     rows = summary["comparison"]
     # every (treatment arm, metric, scenario) has a row with the truth beside the estimate
     assert {(r["arm"], r["metric"]) for r in rows} == {
-        (a, m) for a in ("multi_task", "popularity") for m in ("ctr", "cvr", "gmv")}
+        (a, m) for a in ("multi_task", "popularity")
+        for m in ("ctr", "cvr", "gmv", "gmv_per_user", "clicks_per_user")}
     assert {r["scenario"] for r in rows} == {"all", "home_feed", "search", "ad_slot",
                                              "product_page"}
     for r in rows:

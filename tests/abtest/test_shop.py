@@ -14,7 +14,7 @@ import pytest
 from shopmtl.abtest.assign import unit_of
 from shopmtl.abtest.events import EventStore, read_events
 from shopmtl.abtest.policy import PopularityPolicy, RandomPolicy
-from shopmtl.abtest.shop import Experiment, Shop, play, rank_batch, truth
+from shopmtl.abtest.shop import Experiment, Shop, expected_values, play, rank_batch, truth
 from shopmtl.data.synthetic import (
     WorldConfig,
     build_world,
@@ -225,3 +225,26 @@ def test_a_pluggable_ranker_writes_the_same_events(tmp_path: Path) -> None:
     assert a.feedback.drop(["ts"]).equals(b.feedback.drop(["ts"]))
     with pytest.raises(ValueError, match="either"):
         play(shop, exp, EventStore(tmp_path / "x.db"))
+
+
+def test_per_user_truth_is_the_mean_over_units_that_came(shop: Shop) -> None:
+    pop = PopularityPolicy("p", {str(i): float(p) for i, p in enumerate(shop.world.item_pop)})
+    n = 1500
+    t = truth(shop, {"p": pop}, "p", 3000, seed=1, test_requests=n)["p"]
+    got = []
+    for seed in range(5):  # test periods of n requests: each unit's exact expected sum
+        reqs = list(shop.requests(n, seed=100 + seed))
+        e = expected_values(shop, reqs, {"p": pop})["p"]
+        users = np.array([r.user for r in reqs])
+        search = np.array([r.scenario == "search" for r in reqs])
+        per = []
+        for mask, key in ((np.ones(n, bool), "clicks"), (np.ones(n, bool), "gmv"),
+                          (search, "clicks")):
+            _, inv = np.unique(users[mask], return_inverse=True)
+            per.append(np.bincount(inv, weights=e[key][mask]).mean())
+        got.append(per)
+    g = np.asarray(got)
+    want = [t["clicks_per_user"]["all"]["value"], t["gmv_per_user"]["all"]["value"],
+            t["clicks_per_user"]["search"]["value"]]
+    tol = 4 * g.std(0, ddof=1) / np.sqrt(len(g)) + 0.02 * np.asarray(want)
+    assert (np.abs(g.mean(0) - want) < tol).all(), (g.mean(0), want)

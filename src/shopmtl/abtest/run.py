@@ -30,7 +30,7 @@ from shopmtl.abtest.policy import (
     model_policy,
     popularity_policy,
 )
-from shopmtl.abtest.shop import METRICS, Experiment, Shop, play, truth
+from shopmtl.abtest.shop import METRICS, PER_USER, Experiment, Shop, play, truth
 from shopmtl.config import (
     ConfigError,
     _yaml_load,
@@ -231,7 +231,8 @@ def run_abtest(cfg: AbConfig, out_dir: str | Path, log: Any = print) -> dict[str
     policies = build_policies(cfg, models)
 
     t0 = time.perf_counter()
-    true = truth(shop, policies, cfg.control, cfg.truth_requests, seed=10_000 + cfg.seed)
+    true = truth(shop, policies, cfg.control, cfg.truth_requests, seed=10_000 + cfg.seed,
+                 test_requests=cfg.test_requests)
     (out / "truth.json").write_text(json.dumps(json_safe(true), indent=1))
     log(f"truth: exact expectations of {len(policies)} policies over {cfg.truth_requests:,} "
         f"requests ({time.perf_counter() - t0:.0f}s)")
@@ -319,7 +320,7 @@ def compare(results: dict, true: dict, stopped: dict | None = None) -> list[dict
     stopped = stopped or {}
     rows = []
     for arm, res in results["arms"].items():
-        for metric in METRICS:
+        for metric in METRICS + PER_USER:
             for scen, r in res["metrics"].get(metric, {}).items():
                 t = true.get(arm, {}).get(metric, {}).get(scen)
                 if t is None:
@@ -344,13 +345,13 @@ def coverage(rows: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def render(rows: list[dict[str, Any]], cov: dict[str, Any]) -> str:
-    head = (f"{'arm':<14}{'metric':<7}{'scenario':<14}{'true lift':>11}{'est. lift':>11}"
+    head = (f"{'arm':<14}{'metric':<16}{'scenario':<14}{'true lift':>11}{'est. lift':>11}"
             f"{'95% CI':>24}  {'decision':<16}{'units':>7}{'requests':>10}  truth in CI  "
             f"sequential stop")
     lines = [head, "-" * len(head)]
     for r in rows:
         ci = f"[{r['abs_ci'][0]:+.4g}, {r['abs_ci'][1]:+.4g}]"
-        lines.append(f"{r['arm']:<14}{r['metric']:<7}{r['scenario']:<14}"
+        lines.append(f"{r['arm']:<14}{r['metric']:<16}{r['scenario']:<14}"
                      f"{r['true_abs_lift']:>+11.4g}{r['abs_lift']:>+11.4g}{ci:>24}  "
                      f"{r['decision']:<16}{r['n_units']:>7}{r['n_requests']:>10}  "
                      f"{'yes' if r['covers'] else 'NO':<11}  {_stop(r['sequential_stop'])}")

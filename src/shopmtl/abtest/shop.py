@@ -39,6 +39,7 @@ from shopmtl.data.synthetic import (
 )
 
 METRICS = ("ctr", "cvr", "gmv")  # the ratio metrics the truth gives (contract vocabulary)
+PER_USER = ("gmv_per_user", "clicks_per_user")  # per-unit sums over the test period
 _BATCH = 512  # requests generated (and ranked) at a time: one candidate table per batch
 
 
@@ -221,10 +222,14 @@ def expected_values(shop: Shop, requests: Sequence[Request], policies: Mapping[s
     return out
 
 
-def ratio_metrics(e: Mapping[str, np.ndarray], scenarios: np.ndarray, names: Sequence[str]
+def ratio_metrics(e: Mapping[str, np.ndarray], scenarios: np.ndarray, names: Sequence[str],
+                  users: tuple[int, np.ndarray, Sequence[float]] | None = None
                   ) -> dict[str, dict[str, float]]:
-    """True ctr / cvr / gmv (ratios of expectations) for 'all' and each scenario."""
-    out: dict[str, dict[str, float]] = {m: {} for m in METRICS}
+    """True ctr / cvr / gmv (ratios of expectations) for 'all' and each scenario; with
+    ``users = (test requests N, user probabilities p_u, traffic shares)`` also the per-user sums
+    over a test period of N requests, averaged over the units that made a request there (as the
+    analysis averages them): ``N pi_s E[x | s] / sum_u (1 - (1 - p_u pi_s)^N)``."""
+    out: dict[str, dict[str, float]] = {m: {} for m in METRICS + (PER_USER if users else ())}
     for scen in ("all", *names):
         m = np.ones(len(scenarios), bool) if scen == "all" else scenarios == scen
         if not m.any():
@@ -233,19 +238,29 @@ def ratio_metrics(e: Mapping[str, np.ndarray], scenarios: np.ndarray, names: Seq
         out["ctr"][scen] = float(clk / imp)
         out["cvr"][scen] = float(e["conversions"][m].sum() / clk)
         out["gmv"][scen] = float(e["gmv"][m].mean())
+        if users is not None:
+            n, p_u, traffic = users
+            share = 1.0 if scen == "all" else float(traffic[list(names).index(scen)])
+            # expected units with a request there; -expm1(log1p) keeps tiny p_u exact
+            units = float(-np.expm1(n * np.log1p(-p_u * share)).sum())
+            out["gmv_per_user"][scen] = float(n * share * e["gmv"][m].mean() / units)
+            out["clicks_per_user"][scen] = float(n * share * e["clicks"][m].mean() / units)
     return out
 
 
-def truth(shop: Shop, policies: Mapping[str, Policy], control: str, n: int, seed: int
-          ) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
+def truth(shop: Shop, policies: Mapping[str, Policy], control: str, n: int, seed: int,
+          test_requests: int | None = None) -> dict[str, dict[str, dict[str, dict[str, float]]]]:
     """``truth[arm][metric][scenario] = {control, value, abs_lift, rel_lift}`` (the report's
-    contract) from the exact expected values of every policy on the same n requests."""
+    contract) from the exact expected values of every policy on the same n requests; with
+    ``test_requests`` also the per-user metrics of a test period that long."""
     if control not in policies:
         raise ValueError(f"truth: the control '{control}' is not one of the policies")
     reqs = list(shop.requests(n, seed))
     scen = np.asarray([r.scenario for r in reqs])
     exp = expected_values(shop, reqs, policies)
-    values = {a: ratio_metrics(e, scen, shop.cfg.scenarios) for a, e in exp.items()}
+    users = None if test_requests is None else (test_requests, shop.world.user_p,
+                                                shop.cfg.traffic)
+    values = {a: ratio_metrics(e, scen, shop.cfg.scenarios, users) for a, e in exp.items()}
     out: dict[str, dict[str, dict[str, dict[str, float]]]] = {}
     for arm, metrics in values.items():
         out[arm] = {}
