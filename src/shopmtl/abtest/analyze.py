@@ -35,7 +35,11 @@ from shopmtl.jsonsafe import json_safe
 
 
 class AnalysisError(ValueError):
-    """The events cannot be analysed as asked (one arm, no test period, unknown control)."""
+    """The events cannot be analysed (one arm only, no test period, unknown arm shares)."""
+
+
+class ArgumentError(ValueError):
+    """An argument the analysis cannot work with (an unknown control arm, alpha out of range)."""
 
 
 @dataclass(frozen=True)
@@ -169,7 +173,7 @@ def _decide(entry: dict, metric: Metric, alpha: float, srm_ok: bool) -> str:
 
 def _validate(events: Events, control: str | None, alpha: float) -> tuple[str, list[str]]:
     if not 0 < alpha < 0.5:
-        raise AnalysisError(f"--alpha must lie in (0, 0.5), got {alpha}")
+        raise ArgumentError(f"--alpha must lie in (0, 0.5), got {alpha}")
     ex = events.exposures
     test = ex.filter(pc.equal(ex["period"], "test"))
     if test.num_rows == 0:
@@ -180,9 +184,9 @@ def _validate(events: Events, control: str | None, alpha: float) -> tuple[str, l
         raise AnalysisError(f"only one arm ({arms[0]!r}) in the test period: nothing to compare")
     control = control or events.meta.get("control")
     if control is None:
-        raise AnalysisError(f"no control arm: pass --control (one of {arms})")
+        raise ArgumentError(f"no control arm: pass --control (one of {arms})")
     if control not in arms:
-        raise AnalysisError(f"unknown control arm {control!r}; the arms are {arms}")
+        raise ArgumentError(f"unknown control arm {control!r}; the arms are {arms}")
     return control, arms
 
 
@@ -356,7 +360,11 @@ def _sequential(events: Events, req: pa.Table, control: str, treatments: list[st
     out: dict[str, Any] = {arm: {} for arm in treatments}
     for key, d in per.items():
         arm, mname = key.split("\0")
-        out[arm][mname] = sequential_path(np.array(d["diff"]), np.array(d["var"]), alpha)
+        # information: 1 / variance for a ratio (it shrinks as impressions accrue); units for a
+        # per-unit sum, whose variance grows with the period as each unit's sum grows
+        n = np.array(d["n"], np.float64)
+        info = None if METRICS[mname].den else n
+        out[arm][mname] = sequential_path(np.array(d["diff"]), np.array(d["var"]), alpha, info)
         out[arm][mname]["n_units"] = d["n"]
     return {"looks": looks, "cut_ts": [c if math.isfinite(c) else t1 for c in cuts],
             "rule": "group-sequential, Lan-DeMets O'Brien-Fleming alpha spending over the "
@@ -366,9 +374,11 @@ def _sequential(events: Events, req: pa.Table, control: str, treatments: list[st
             "arms": out}
 
 
-def sequential_path(diff: np.ndarray, var: np.ndarray, alpha: float) -> dict[str, Any]:
+def sequential_path(diff: np.ndarray, var: np.ndarray, alpha: float,
+                    info: np.ndarray | None = None) -> dict[str, Any]:
     """One metric's sequential record over the looks (NaN looks, too early to estimate, are
-    skipped by the boundaries and never cross)."""
+    skipped by the boundaries and never cross). ``info``: the information at each look
+    (default 1 / var); only its fraction of the last look's matters."""
     from scipy import stats as st
 
     ok = np.isfinite(diff) & np.isfinite(var) & (var > 0)
@@ -378,12 +388,12 @@ def sequential_path(diff: np.ndarray, var: np.ndarray, alpha: float) -> dict[str
     msprt_b = np.full(diff.size, np.nan)
     if ok.any():
         v = var[ok]
-        info = np.maximum.accumulate(v[-1] / v)  # information grows as the variance shrinks
-        info = np.minimum(info, 1.0)
-        # strictly increasing for the recursion: a look that adds no information is merged
-        info = info + np.arange(info.size) * 1e-9
-        info = info / info[-1]
-        bound[ok] = stats.gst_bounds(info, alpha)
+        raw = 1 / v if info is None else np.asarray(info, np.float64)[ok]
+        # information never shrinks: a noisy variance estimate is held at its running max
+        frac = np.minimum(np.maximum.accumulate(raw / raw[-1]), 1.0)
+        # strictly increasing for the recursion: a look adding no information gets 1e-9
+        frac = frac + np.arange(frac.size) * 1e-9
+        bound[ok] = stats.gst_bounds(frac / frac[-1], alpha)
         tau = stats.default_tau(float(v[-1]), alpha)
         msprt_p[ok] = stats.msprt(diff[ok], v, tau)
         msprt_b[ok] = stats.msprt_bound(v, tau, alpha)

@@ -180,8 +180,10 @@ def bootstrap_ci(num_t: np.ndarray, den_t: np.ndarray, num_c: np.ndarray, den_c:
         w = rng.multinomial(num.size, np.full(num.size, 1 / num.size), size=n_boot)
         return (w @ num) / (w @ den)
 
-    rt, rc = draws(num_t, den_t), draws(num_c, den_c)
-    with np.errstate(divide="ignore", invalid="ignore"):  # a resample with a zero control
+    # a resample may have no denominator (no clicks for cvr) or a zero control: NaN, and
+    # the percentiles below then say NaN rather than a number
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rt, rc = draws(num_t, den_t), draws(num_c, den_c)
         rel = rt / rc - 1
     q = [100 * alpha / 2, 100 * (1 - alpha / 2)]
     a = np.percentile(rt - rc, q)
@@ -246,6 +248,17 @@ def obf_spending(t: np.ndarray, alpha: float = 0.05) -> np.ndarray:
     return 2 - 2 * st.norm.cdf(st.norm.ppf(1 - alpha / 2) / np.sqrt(t))
 
 
+def _crossing(c: float, tk: float, sd: float, s: np.ndarray | None,
+              dens: np.ndarray | None) -> float:
+    """P(no earlier crossing, |Z_k| >= c): the sub-density ``dens`` of S on the grid ``s`` at
+    the previous look, moved on by an independent N(0, sd^2) increment (None: the first look)."""
+    if s is None or dens is None:
+        return float(2 * st.norm.sf(c))
+    b = c * math.sqrt(tk)
+    tail = st.norm.sf((b - s) / sd) + st.norm.cdf((-b - s) / sd)
+    return float(np.trapezoid(dens * tail, s))
+
+
 def gst_bounds(t: np.ndarray, alpha: float = 0.05, grid: int = 801) -> np.ndarray:
     """Two-sided |z| boundaries of a group-sequential test at information fractions ``t``
     (increasing, last 1): the alpha each look may spend is ``obf_spending``'s increment, and the
@@ -259,28 +272,19 @@ def gst_bounds(t: np.ndarray, alpha: float = 0.05, grid: int = 801) -> np.ndarra
         raise ValueError("gst_bounds: information fractions must increase within (0, 1]")
     spend = np.diff(np.concatenate([[0.0], obf_spending(t, alpha)]))
     bounds = np.empty(t.size)
-    s = dens = None  # grid of S over the continuation region and its sub-density there
+    s: np.ndarray | None = None  # grid of S over the continuation region
+    dens: np.ndarray | None = None  # the sub-density of S there (paths not yet stopped)
     prev_t = 0.0
     for k, tk in enumerate(t):
-        dt = tk - prev_t
-        sd = math.sqrt(dt)
-
-        def cross(c: float, tk: float = tk, sd: float = sd) -> float:
-            b = c * math.sqrt(tk)
-            if s is None:
-                return float(2 * st.norm.sf(c))
-            tail = st.norm.sf((b - s) / sd) + st.norm.cdf((-b - s) / sd)
-            return float(np.trapezoid(dens * tail, s))
-
-        target = spend[k]
-        if target <= 1e-15:
-            bounds[k] = 40.0  # nothing spent: a boundary never crossed
+        sd = math.sqrt(tk - prev_t)
+        if spend[k] <= 1e-15:
+            bounds[k] = 40.0  # nothing to spend: a boundary never crossed
         else:
-            bounds[k] = brentq(lambda c, target=target: cross(c) - target, 0.1, 40.0,
-                               xtol=1e-10)
+            bounds[k] = brentq(lambda c, k=k, tk=tk, sd=sd, s=s, dens=dens:
+                               _crossing(c, tk, sd, s, dens) - spend[k], 0.1, 40.0, xtol=1e-10)
         b = bounds[k] * math.sqrt(tk)
         s_new = np.linspace(-b, b, grid)
-        if s is None:
+        if s is None or dens is None:
             dens = st.norm.pdf(s_new / sd) / sd
         else:
             kern = st.norm.pdf((s_new[:, None] - s[None, :]) / sd) / sd
