@@ -379,8 +379,6 @@ def sequential_path(diff: np.ndarray, var: np.ndarray, alpha: float,
     """One metric's sequential record over the looks (NaN looks, too early to estimate, are
     skipped by the boundaries and never cross). ``info``: the information at each look
     (default 1 / var); only its fraction of the last look's matters."""
-    from scipy import stats as st
-
     ok = np.isfinite(diff) & np.isfinite(var) & (var > 0)
     z = np.where(ok, diff / np.sqrt(np.where(ok, var, 1.0)), np.nan)
     bound = np.full(diff.size, np.nan)
@@ -397,7 +395,7 @@ def sequential_path(diff: np.ndarray, var: np.ndarray, alpha: float,
         tau = stats.default_tau(float(v[-1]), alpha)
         msprt_p[ok] = stats.msprt(diff[ok], v, tau)
         msprt_b[ok] = stats.msprt_bound(v, tau, alpha)
-    naive = 2 * st.norm.sf(np.abs(z))
+    naive = 2 * stats._st().norm.sf(np.abs(z))
     crossed = np.flatnonzero(np.nan_to_num(np.abs(z)) >= np.nan_to_num(bound, nan=np.inf))
     m_crossed = np.flatnonzero(np.nan_to_num(msprt_p, nan=1.0) <= alpha)
     n_crossed = np.flatnonzero(np.nan_to_num(naive, nan=1.0) < alpha)

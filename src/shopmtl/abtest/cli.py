@@ -38,6 +38,8 @@ def _guard(fn):
             return fn(*args, **kwargs)
         except (OptionError, ArgumentError) as e:
             _fail(str(e), 2)
+        except ImportError as e:  # deps.MissingDependencyError: the 'abtest' extra's pip line
+            _fail(str(e), 1)
         except (ValueError, OSError) as e:  # bad events: missing, corrupt, one arm, ...
             _fail(str(e), 1)
 

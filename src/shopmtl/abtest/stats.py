@@ -27,12 +27,23 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
-from scipy import stats as st
+
+from shopmtl.deps import require
 
 SRM_ALPHA = 0.001  # a sample-ratio mismatch below this p blocks every decision (module docs)
+
+
+def _st() -> Any:
+    """scipy.stats (the 'abtest' extra), imported where used: the core install has no scipy."""
+    return require("scipy.stats", "abtest", "the A/B-test statistics")
+
+
+def _sm(module: str) -> Any:
+    """A statsmodels module (the 'abtest' extra)."""
+    return require(f"statsmodels.{module}", "abtest", "the A/B-test statistics")
 
 
 @dataclass(frozen=True)
@@ -69,6 +80,7 @@ def srm_test(counts: np.ndarray, shares: np.ndarray, threshold: float = SRM_ALPH
     """Chi-square goodness of fit of the unit counts per arm to the configured shares. A
     mismatch means the assignment or the logging is broken (bots, a crashing arm, a redirect),
     so no comparison of the arms can be trusted: ``ok`` is False when p < ``threshold``."""
+    st = _st()
     counts = np.asarray(counts, np.float64)
     shares = np.asarray(shares, np.float64)
     if counts.shape != shares.shape or counts.size < 2:
@@ -116,6 +128,7 @@ def compare(t: Estimate, c: Estimate, alpha: float = 0.05) -> Comparison:
     """Treatment ``t`` vs control ``c``: absolute lift with a Welch t (means) or normal (ratio)
     interval, and relative lift t/c - 1 with its delta-method interval
     var(t/c) = var_t / c^2 + t^2 var_c / c^4."""
+    st = _st()
     lift = t.value - c.value
     se = math.sqrt(t.var + c.var) if t.var + c.var >= 0 else math.nan
     df = _welch_df(t, c)
@@ -136,6 +149,7 @@ def compare(t: Estimate, c: Estimate, alpha: float = 0.05) -> Comparison:
 def welch(x_t: np.ndarray, x_c: np.ndarray, alpha: float = 0.05) -> Comparison:
     """Welch's t-test of two means (scipy.stats.ttest_ind, equal_var=False), with the intervals
     of ``compare`` (the same numbers: the p-value is scipy's)."""
+    st = _st()
     cmp = compare(mean(x_t), mean(x_c), alpha)
     p = float(st.ttest_ind(x_t, x_c, equal_var=False).pvalue)
     return Comparison(**{**cmp.__dict__, "p": p})
@@ -146,13 +160,9 @@ def proportion_z(k_t: int, n_t: int, k_c: int, n_c: int,
     """Two-sample z-test of proportions k/n (independent trials; statsmodels, Wald, unpooled):
     (p-value, interval of the difference). Valid for one trial per unit; for impressions
     clustered by user it is too narrow (``design_effect``)."""
-    from statsmodels.stats.proportion import (
-        confint_proportions_2indep,
-        test_proportions_2indep,
-    )
-
-    res = test_proportions_2indep(k_t, n_t, k_c, n_c, method="wald", compare="diff")
-    lo, hi = confint_proportions_2indep(k_t, n_t, k_c, n_c, method="wald", compare="diff",
+    prop = _sm("stats.proportion")
+    res = prop.test_proportions_2indep(k_t, n_t, k_c, n_c, method="wald", compare="diff")
+    lo, hi = prop.confint_proportions_2indep(k_t, n_t, k_c, n_c, method="wald", compare="diff",
                                         alpha=alpha)
     return float(res.pvalue), (float(lo), float(hi))
 
@@ -239,11 +249,13 @@ def msprt_bound(var: np.ndarray, tau: float, alpha: float = 0.05) -> np.ndarray:
 
 def default_tau(final_var: float, alpha: float = 0.05, power: float = 0.8) -> float:
     """The mixture's spread: the effect the final sample detects with ``power`` (two-sided)."""
+    st = _st()
     return float((st.norm.ppf(1 - alpha / 2) + st.norm.ppf(power)) * math.sqrt(final_var))
 
 
 def obf_spending(t: np.ndarray, alpha: float = 0.05) -> np.ndarray:
     """Lan-DeMets O'Brien-Fleming-type alpha spending: 2 - 2 Phi(z_{alpha/2} / sqrt(t))."""
+    st = _st()
     t = np.asarray(t, np.float64)
     return 2 - 2 * st.norm.cdf(st.norm.ppf(1 - alpha / 2) / np.sqrt(t))
 
@@ -252,6 +264,7 @@ def _crossing(c: float, tk: float, sd: float, s: np.ndarray | None,
               dens: np.ndarray | None) -> float:
     """P(no earlier crossing, |Z_k| >= c): the sub-density ``dens`` of S on the grid ``s`` at
     the previous look, moved on by an independent N(0, sd^2) increment (None: the first look)."""
+    st = _st()
     if s is None or dens is None:
         return float(2 * st.norm.sf(c))
     b = c * math.sqrt(tk)
@@ -265,8 +278,8 @@ def gst_bounds(t: np.ndarray, alpha: float = 0.05, grid: int = 801) -> np.ndarra
     boundary c_k solves P(no earlier crossing, |Z_k| >= c_k) = that increment under H0, by the
     recursive numerical integration of Armitage, McPherson and Rowe (1969) on the score
     S_k = Z_k sqrt(t_k), a Brownian motion in information time."""
-    from scipy.optimize import brentq
-
+    st = _st()
+    brentq = require("scipy.optimize", "abtest", "the A/B-test statistics").brentq
     t = np.asarray(t, np.float64)
     if t.ndim != 1 or t.size == 0 or np.any(np.diff(t) <= 0) or t[0] <= 0 or t[-1] > 1 + 1e-9:
         raise ValueError("gst_bounds: information fractions must increase within (0, 1]")
@@ -297,13 +310,12 @@ def adjust(p: np.ndarray, method: Literal["holm", "bh"] = "holm") -> np.ndarray:
     """Adjusted p-values across a family (statsmodels multipletests): Holm controls the
     family-wise error, Benjamini-Hochberg the false discovery rate. NaN p-values are left out
     of the family and stay NaN."""
-    from statsmodels.stats.multitest import multipletests
-
     p = np.asarray(p, np.float64)
     out = np.full(p.shape, math.nan)
     ok = np.isfinite(p)
     if ok.any():
-        out[ok] = multipletests(p[ok], method={"holm": "holm", "bh": "fdr_bh"}[method])[1]
+        name = {"holm": "holm", "bh": "fdr_bh"}[method]
+        out[ok] = _sm("stats.multitest").multipletests(p[ok], method=name)[1]
     return out
 
 
@@ -320,12 +332,10 @@ def _effect(mde: float, baseline_rate: float | None, mean: float | None, sd: flo
     if baseline_rate is not None:
         if not 0 < baseline_rate < 1:
             raise ValueError(f"baseline rate must lie in (0, 1), got {baseline_rate}")
-        from statsmodels.stats.proportion import proportion_effectsize
-
         target = baseline_rate * (1 + mde) if relative else baseline_rate + mde
         if not 0 < target < 1:
             raise ValueError(f"baseline rate + MDE = {target:.4g} is not a rate in (0, 1)")
-        return abs(float(proportion_effectsize(target, baseline_rate)))
+        return abs(float(_sm("stats.proportion").proportion_effectsize(target, baseline_rate)))
     if mean is None or sd is None or sd <= 0:
         raise ValueError("plan needs --baseline-rate, or --baseline-mean with a positive --sd")
     return abs(mde * mean if relative else mde) / sd
@@ -338,15 +348,13 @@ def plan(mde: float, *, baseline_rate: float | None = None, mean: float | None =
     test at ``alpha`` and the given ``power``; ``share`` is the treatment's share of the
     experiment's units (control gets the rest). A rate uses Cohen's h (the arcsine transform,
     statsmodels proportion_effectsize), a mean mde / sd."""
-    from statsmodels.stats.power import NormalIndPower
-
     if mde == 0:
         raise ValueError("the minimum detectable effect must not be 0")
     if not 0 < share < 1:
         raise ValueError(f"--share must lie in (0, 1), got {share}")
     es = _effect(mde, baseline_rate, mean, sd, relative)
     ratio_tc = share / (1 - share)  # statsmodels' ratio = nobs2 / nobs1; nobs1 = control
-    n_c = NormalIndPower().solve_power(effect_size=es, alpha=alpha, power=power,
+    n_c = _sm("stats.power").NormalIndPower().solve_power(effect_size=es, alpha=alpha, power=power,
                                        ratio=ratio_tc, alternative="two-sided")
     n_c = math.ceil(n_c)
     n_t = math.ceil(n_c * ratio_tc)
@@ -356,8 +364,6 @@ def plan(mde: float, *, baseline_rate: float | None = None, mean: float | None =
 def achieved_power(effect_size: float, n_control: int, n_treatment: int,
                    alpha: float = 0.05) -> float:
     """Power of the two-sided z-test for a standardised effect with these arm sizes."""
-    from statsmodels.stats.power import NormalIndPower
-
-    return float(NormalIndPower().power(effect_size=effect_size, nobs1=n_control,
+    return float(_sm("stats.power").NormalIndPower().power(effect_size=effect_size, nobs1=n_control,
                                         ratio=n_treatment / n_control, alpha=alpha,
                                         alternative="two-sided"))
