@@ -20,6 +20,7 @@ Steps (docs/ABTEST.md, "Statistics"):
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -374,6 +375,15 @@ def _sequential(events: Events, req: pa.Table, control: str, treatments: list[st
             "arms": out}
 
 
+@functools.lru_cache(maxsize=256)
+def _gst(frac: tuple[float, ...], alpha: float) -> np.ndarray:
+    """``stats.gst_bounds``, cached: equally spaced looks recur (the calibration runs
+    thousands of experiments with the same schedule)."""
+    out = stats.gst_bounds(np.array(frac), alpha)
+    out.flags.writeable = False
+    return out
+
+
 def sequential_path(diff: np.ndarray, var: np.ndarray, alpha: float,
                     info: np.ndarray | None = None) -> dict[str, Any]:
     """One metric's sequential record over the looks (NaN looks, too early to estimate, are
@@ -391,7 +401,7 @@ def sequential_path(diff: np.ndarray, var: np.ndarray, alpha: float,
         frac = np.minimum(np.maximum.accumulate(raw / raw[-1]), 1.0)
         # strictly increasing for the recursion: a look adding no information gets 1e-9
         frac = frac + np.arange(frac.size) * 1e-9
-        bound[ok] = stats.gst_bounds(frac / frac[-1], alpha)
+        bound[ok] = _gst(tuple(np.round(frac / frac[-1], 12)), alpha)
         tau = stats.default_tau(float(v[-1]), alpha)
         msprt_p[ok] = stats.msprt(diff[ok], v, tau)
         msprt_b[ok] = stats.msprt_bound(v, tau, alpha)
