@@ -196,8 +196,9 @@ def bootstrap_ci(num_t: np.ndarray, den_t: np.ndarray, num_c: np.ndarray, den_c:
         rt, rc = draws(num_t, den_t), draws(num_c, den_c)
         rel = rt / rc - 1
     q = [100 * alpha / 2, 100 * (1 - alpha / 2)]
-    a = np.percentile(rt - rc, q)
-    r = np.percentile(rel, q)
+    d = rt - rc
+    a = np.percentile(d, q) if np.isfinite(d).all() else (math.nan, math.nan)
+    r = np.percentile(rel, q) if np.isfinite(rel).all() else (math.nan, math.nan)
     return {"abs_ci": (float(a[0]), float(a[1])), "rel_ci": (float(r[0]), float(r[1]))}
 
 
