@@ -146,7 +146,7 @@ def calibrate(runs: int, w: World, seed: int, power_runs: int | None = None) -> 
         "power_fixed": float(np.mean([r["p"] < w.alpha for r in ab])),
         "power_gst": rate(ab, "gst"), "power_msprt": rate(ab, "msprt"),
         "power_rate": power_rate(rng, pr, 0.05, 0.01, w.alpha),
-        "power_clicks_per_user": power_mean(rng, max(pr // 4, 50), w, 0.05, w.alpha),
+        "power_clicks_per_user": power_mean(rng, max(pr // 4, 10), w, 0.05, w.alpha),
         "cuped_var_reduction_measured": float(1 - adj_var / raw_var),
         "cuped_var_reduction_reported": float(np.mean([r["cuped_reported"] for r in aa + ab])),
     }

@@ -4,6 +4,7 @@ simulated experiments (bench/abtest_calibration.py runs thousands)."""
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -160,3 +161,18 @@ def test_calibration_by_simulation():
     assert res["cuped_var_reduction_measured"] > 0.15
     assert res["cuped_var_reduction_measured"] == pytest.approx(
         res["cuped_var_reduction_reported"], abs=0.08)
+
+
+def test_calibration_bench_writes_its_table_and_json(tmp_path, capsys):
+    from bench.abtest_calibration import main
+
+    out = tmp_path / "cal.json"
+    assert main(["--runs", "20", "--units", "300", "--out", str(out)]) == 0
+    doc = json.loads(out.read_text())
+    assert doc["runs"] == 20 and doc["world"]["units"] == 300
+    assert doc["env"]["command"].startswith("python bench/abtest_calibration.py --runs 20")
+    for key in ("aa_reject", "aa_gst", "aa_msprt", "aa_peek", "coverage_abs", "coverage_rel"):
+        assert 0 <= doc[key] <= 1, key
+    printed = capsys.readouterr().out
+    assert "| A/A reject, group-sequential over 10 looks |" in printed
+    assert f"wrote {out}" in printed
