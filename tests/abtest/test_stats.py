@@ -39,9 +39,9 @@ def test_delta_method_variance_matches_a_brute_force_bootstrap():
     clicks, imp = _clustered(rng, 3000)
     est = stats.ratio(clicks, imp)
     assert est.value == pytest.approx(clicks.sum() / imp.sum())
-    idx = rng.integers(0, clicks.size, (4000, clicks.size))
+    idx = rng.integers(0, clicks.size, (2500, clicks.size))
     boot = clicks[idx].sum(1) / imp[idx].sum(1)
-    assert est.var == pytest.approx(boot.var(ddof=1), rel=0.08)
+    assert est.var == pytest.approx(boot.var(ddof=1), rel=0.1)  # 3 se of 2500 draws
     # the binomial variance over impressions is far too small for these users
     assert stats.design_effect(clicks, imp) > 1.5
     # a mean is a ratio with denominator 1

@@ -186,9 +186,13 @@ def bootstrap_ci(num_t: np.ndarray, den_t: np.ndarray, num_c: np.ndarray, den_c:
 
     def draws(num: np.ndarray, den: np.ndarray) -> np.ndarray:
         num, den = np.asarray(num, np.float64), np.asarray(den, np.float64)
-        # the count of each unit in a resample (multinomial): one matrix product per arm
-        w = rng.multinomial(num.size, np.full(num.size, 1 / num.size), size=n_boot)
-        return (w @ num) / (w @ den)
+        n = num.size
+        out = np.empty(n_boot)
+        step = max(1, 2_000_000 // max(n, 1))  # resamples per chunk: ~16 MB of indices
+        for i in range(0, n_boot, step):
+            idx = rng.integers(0, n, (min(step, n_boot - i), n))
+            out[i:i + idx.shape[0]] = num[idx].sum(1) / den[idx].sum(1)
+        return out
 
     # a resample may have no denominator (no clicks for cvr) or a zero control: NaN, and
     # the percentiles below then say NaN rather than a number
