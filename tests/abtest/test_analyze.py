@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import subprocess
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -188,3 +189,22 @@ def test_unit_sums_match_numpy_on_generated_events(tmp_path: Path):
     got_imp = dict(zip(u["unit"].to_pylist(), u["impressions"].to_pylist(), strict=True))
     assert got_imp == imps
     assert np.sum(u["requests"].to_numpy()) == len(test)
+
+
+def test_an_arm_absent_from_a_scenario_and_no_pre_period(tmp_path: Path):
+    """Scenario s2 has control users only, and nothing ran before the test: the cells that
+    cannot be estimated are None with "no difference", CUPED says why, nothing warns."""
+    rows = [Exposure(f"r{i}", float(i), "x", "test", "ab"[i % 2], f"u{i % 40}",
+                     "s1" if i % 2 or i < 100 else "s2", '["1","2"]') for i in range(200)]
+    path = _store(tmp_path / "e.db", rows, {"arms": {"a": 0.5, "b": 0.5}, "control": "a"})
+    with EventStore(path) as store:
+        store.add_feedback([Feedback(f"r{i}", i + 0.5, "click", "1", 0)
+                            for i in range(0, 200, 3)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        r = analyze(read_events(path), n_boot=50)
+    ctr = r["arms"]["b"]["metrics"]["ctr"]
+    assert ctr["s2"]["value"] is None and ctr["s2"]["decision"] == "no difference"
+    assert ctr["all"]["n_units"] == 40 and ctr["all"]["p"] > 0.05
+    assert r["cuped"]["b"]["ctr"]["all"]["note"] == "no pre-period covariate"
+    json.dumps(r, allow_nan=False)

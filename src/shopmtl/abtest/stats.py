@@ -93,7 +93,9 @@ def mean(x: np.ndarray) -> Estimate:
     """The mean of per-unit values and its variance s^2 / n."""
     x = np.asarray(x, np.float64)
     n = x.size
-    return Estimate(float(x.mean()), float(x.var(ddof=1) / n) if n > 1 else math.nan, n, n - 1)
+    if n < 2:  # no variance (an arm absent from a scenario, or a single unit)
+        return Estimate(float(x[0]) if n else math.nan, math.nan, n, max(n - 1, 0))
+    return Estimate(float(x.mean()), float(x.var(ddof=1) / n), n, n - 1)
 
 
 def linearize(num: np.ndarray, den: np.ndarray) -> np.ndarray:
@@ -121,7 +123,10 @@ def _welch_df(t: Estimate, c: Estimate) -> float:
     """Welch-Satterthwaite degrees of freedom; inf (a normal interval) for ratio estimates."""
     if math.isinf(t.df) or math.isinf(c.df):
         return math.inf
-    return (t.var + c.var) ** 2 / (t.var**2 / t.df + c.var**2 / c.df)
+    if not (t.df >= 1 and c.df >= 1):  # an arm with fewer than 2 units: no variance
+        return math.nan
+    denom = t.var**2 / t.df + c.var**2 / c.df
+    return (t.var + c.var) ** 2 / denom if denom > 0 else math.inf
 
 
 def compare(t: Estimate, c: Estimate, alpha: float = 0.05) -> Comparison:
