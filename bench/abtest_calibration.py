@@ -13,7 +13,9 @@ equal batches for the sequential rules. Measured (docs/ABTEST.md, "Calibration")
 - power at the planner's sample size for an MDE: a per-user rate (proportion z) and clicks per
   user (Welch), measured vs planned;
 - CUPED: the variance of the lift across experiments with and without the pre-period
-  covariate, and the reduction the analysis reports.
+  covariate, and the reduction the analysis reports, for clicks per user (``stats.cuped``) and
+  for CTR linearised as ``abtest analyze`` does it (``analyze.cuped_compare``), whose A/A
+  rejection and coverage are measured too.
 
     .venv/bin/python bench/abtest_calibration.py --runs 4000 \\
         --out bench/results/abtest_calibration.json
@@ -33,7 +35,7 @@ from pathlib import Path
 import numpy as np
 
 from shopmtl.abtest import stats
-from shopmtl.abtest.analyze import sequential_path
+from shopmtl.abtest.analyze import cuped_compare, sequential_path
 from shopmtl.jsonsafe import json_safe
 
 
@@ -84,7 +86,15 @@ def experiment(rng: np.random.Generator, w: World, lift: float) -> dict[str, flo
     x = np.concatenate([t["clicks_pre"], c["clicks_pre"]]).astype(np.float64)
     cu = stats.cuped(y, x)
     nt = w.units
+    # CUPED on CTR itself, as ``abtest analyze`` runs it: linearised, pre-period CTR sums
+    cat = {k: np.concatenate([t[k], c[k]]).astype(np.float64) for k in t}
+    is_t = np.arange(2 * nt) < nt
+    cc = cuped_compare(cat["clicks"], cat["imp"], cat["clicks_pre"], cat["imp_pre"], is_t,
+                       True, w.alpha)
     return {
+        "ctr_lift": cmp.abs_lift, "cuped_ctr_lift": cc["abs_lift"], "cuped_ctr_p": cc["p"],
+        "cuped_ctr_cover": cc["abs_ci"][0] <= abs_true <= cc["abs_ci"][1],
+        "cuped_ctr_reported": cc["var_reduction"],
         "p": cmp.p, "naive_p": naive_p,
         "abs_cover": cmp.abs_ci[0] <= abs_true <= cmp.abs_ci[1],
         "rel_cover": cmp.rel_ci[0] <= rel_true <= cmp.rel_ci[1],
@@ -149,7 +159,18 @@ def calibrate(runs: int, w: World, seed: int, power_runs: int | None = None) -> 
         "power_clicks_per_user": power_mean(rng, max(pr // 4, 10), w, 0.05, w.alpha),
         "cuped_var_reduction_measured": float(1 - adj_var / raw_var),
         "cuped_var_reduction_reported": float(np.mean([r["cuped_reported"] for r in aa + ab])),
+        "cuped_ctr_aa_reject": float(np.mean([r["cuped_ctr_p"] < w.alpha for r in aa])),
+        "cuped_ctr_coverage": rate(ab, "cuped_ctr_cover"),
+        "cuped_ctr_var_reduction_measured": float(1 - _var2(aa, ab, "cuped_ctr_lift")
+                                                  / _var2(aa, ab, "ctr_lift")),
+        "cuped_ctr_var_reduction_reported": float(np.mean([r["cuped_ctr_reported"]
+                                                           for r in aa + ab])),
     }
+
+
+def _var2(aa: list[dict], ab: list[dict], key: str) -> float:
+    """Variance of an estimate across experiments: A/A and A/B each about its own mean."""
+    return float(np.var([r[key] for r in aa], ddof=1) + np.var([r[key] for r in ab], ddof=1))
 
 
 def table(res: dict) -> str:
@@ -178,9 +199,15 @@ def table(res: dict) -> str:
         (f"power, clicks/user +5% at n = {res['power_clicks_per_user']['n_per_arm']:,}/arm",
          f"{pct(res['power_clicks_per_user']['measured'])} (planned "
          f"{pct(res['power_clicks_per_user']['planned'])})", "within 5 points"),
-        ("CUPED variance reduction, measured across runs / reported",
+        ("CUPED variance reduction, clicks/user: measured across runs / reported",
          f"{pct(res['cuped_var_reduction_measured'])} / "
          f"{pct(res['cuped_var_reduction_reported'])}", "agree"),
+        ("CUPED variance reduction, CTR (linearised): measured / reported",
+         f"{pct(res['cuped_ctr_var_reduction_measured'])} / "
+         f"{pct(res['cuped_ctr_var_reduction_reported'])}", "agree"),
+        ("CUPED CTR: A/A reject / coverage of the true lift",
+         f"{pct(res['cuped_ctr_aa_reject'])} / {pct(res['cuped_ctr_coverage'])}",
+         "4-6% / 93-97%"),
     ]
     out = [f"{n:,} A/A and {n:,} A/B experiments, {res['world']['units']:,} users per arm, "
            f"seed {res['seed']} (a 5% rate's standard error at this n: {100 * se:.2f} points)",

@@ -161,6 +161,12 @@ def test_calibration_by_simulation():
     assert res["cuped_var_reduction_measured"] > 0.15
     assert res["cuped_var_reduction_measured"] == pytest.approx(
         res["cuped_var_reduction_reported"], abs=0.08)
+    # CUPED on CTR, linearised as abtest analyze runs it: valid and as good as promised
+    assert 0.02 <= res["cuped_ctr_aa_reject"] <= 0.085
+    assert 0.92 <= res["cuped_ctr_coverage"] <= 0.98
+    assert res["cuped_ctr_var_reduction_measured"] > 0.15
+    assert res["cuped_ctr_var_reduction_measured"] == pytest.approx(
+        res["cuped_ctr_var_reduction_reported"], abs=0.08)
 
 
 def test_calibration_bench_writes_its_table_and_json(tmp_path, capsys):

@@ -244,7 +244,7 @@ def analyze(events: Events, control: str | None = None, alpha: float = 0.05,
                             .as_py() or 0)
                 results[arm]["metrics"][mname][sname] = _entry(
                     cmp, boot, int(t_num.size + c_num.size), n_req)
-                cuped[arm][mname][sname] = _cuped(joined, arm, control, m, cmp, alpha)
+                cuped[arm][mname][sname] = _cuped(joined, arm, control, m, alpha)
 
     # corrections: per arm, the primary metrics x scenarios, then the guardrails
     for arm in treatments:
@@ -276,24 +276,38 @@ def analyze(events: Events, control: str | None = None, alpha: float = 0.05,
     return json_safe(out)
 
 
-def _cuped(joined: pa.Table, arm: str, control: str, m: Metric, raw: stats.Comparison,
-           alpha: float) -> dict[str, Any]:
-    """The lift adjusted by the same metric's pre-period per-unit value (0 without one):
-    theta pooled over both arms, each arm's estimate minus theta times its mean covariate."""
+def _cuped(joined: pa.Table, arm: str, control: str, m: Metric, alpha: float
+           ) -> dict[str, Any]:
+    """``cuped_compare`` on one arm and the control, the pre-period sums joined per unit."""
     both = joined.filter(pc.is_in(joined["arm"], pa.array([arm, control])))
+
+    def col(name: str | None) -> np.ndarray:
+        if name is None:
+            return np.ones(both.num_rows)
+        return pc.fill_null(both[name], 0).to_numpy().astype(np.float64)
+
     is_t = pc.equal(both["arm"], arm).to_numpy(zero_copy_only=False)
-    num = both[m.num].to_numpy().astype(np.float64)
-    den = both[m.den].to_numpy().astype(np.float64) if m.den else np.ones(num.size)
-    xn = pc.fill_null(both[f"{m.num}_pre"], 0).to_numpy().astype(np.float64)
-    xd = (pc.fill_null(both[f"{m.den}_pre"], 0).to_numpy().astype(np.float64) if m.den
-          else np.ones(num.size))
-    if (m.den and (xd.sum() <= 0)) or is_t.all() or not is_t.any():
+    return cuped_compare(col(m.num), col(m.den), col(f"{m.num}_pre"),
+                         col(f"{m.den}_pre" if m.den else None), is_t, m.den is not None,
+                         alpha)
+
+
+def cuped_compare(num: np.ndarray, den: np.ndarray, x_num: np.ndarray, x_den: np.ndarray,
+                  is_t: np.ndarray, ratio: bool, alpha: float) -> dict[str, Any]:
+    """The lift of sum(num)/sum(den) (ratio) or mean(num), adjusted by the same metric's
+    pre-period per-unit value (0 for a unit without one): each arm's linearised values y,
+    the pooled linearised covariate x, theta pooled over both arms, and each arm's estimate
+    minus theta times its mean x. ``var_reduction``: 1 - var(adjusted lift) / var(raw)."""
+    m = METRICS["ctr"] if ratio else METRICS["clicks_per_user"]  # only den matters here
+    if (ratio and x_den.sum() <= 0) or is_t.all() or not is_t.any():
         return {"theta": None, "var_reduction": None, "note": "no pre-period covariate"}
+    raw = stats.compare(estimate(num[is_t], den[is_t], m), estimate(num[~is_t], den[~is_t], m),
+                        alpha)
     # y: each arm's own linearisation (its variance is the raw estimate's); x: pooled
     y = np.empty(num.size)
     y[is_t] = _lin(num[is_t], den[is_t], m)
     y[~is_t] = _lin(num[~is_t], den[~is_t], m)
-    x = _lin(xn, xd, m) if m.den else xn - xn.mean()
+    x = _lin(x_num, x_den, m) if ratio else x_num - x_num.mean()
     cu = stats.cuped(y, x)
     est = []
     for sel, base in ((is_t, raw.value), (~is_t, raw.control)):
@@ -302,7 +316,8 @@ def _cuped(joined: pa.Table, arm: str, control: str, m: Metric, raw: stats.Compa
                                   float(adj.var(ddof=1) / sel.sum()), int(sel.sum())))
     cmp = stats.compare(est[0], est[1], alpha)
     raw_var = raw.se**2
-    return {"theta": cu.theta, "var_reduction": 1 - cmp.se**2 / raw_var if raw_var else None,
+    return {"theta": cu.theta,
+            "var_reduction": 1 - cmp.se**2 / raw_var if raw_var > 0 else None,
             "abs_lift": cmp.abs_lift, "abs_ci": list(cmp.abs_ci), "rel_lift": cmp.rel_lift,
             "rel_ci": list(cmp.rel_ci), "p": cmp.p}
 
