@@ -142,14 +142,18 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_cli_analyze_plan_and_their_errors(tmp_path: Path):
     events = eventgen.write(tmp_path / "e.db", eventgen.Spec(users=600, ctr_lift=0.4, seed=4))
-    ok = _cli("analyze", str(events), "--out", str(tmp_path / "out"), "--looks", "4")
+    ok = _cli("analyze", str(events), "--out", str(tmp_path / "out"), "--looks", "4",
+              "--n-boot", "50")
     assert ok.returncode == 0, ok.stderr
     assert "SRM: ok" in ok.stdout and "treatment vs control" in ok.stdout
     doc = json.loads((tmp_path / "out" / "results.json").read_text())
     assert len(doc["sequential"]["arms"]["treatment"]["ctr"]["z"]) == 4
     assert (tmp_path / "out" / "report.html").stat().st_size > 10_000
-    plan = _cli("plan", "--mde", "0.01", "--baseline-rate", "0.05")
+    plan = _cli("plan", "--mde", "0.01", "--baseline-rate", "0.05", "--units", "16286")
     assert plan.returncode == 0 and "control:   8143 units" in plan.stdout
+    assert "power with 16286 units (8143 control, 8143 treatment): 0.800" in plan.stdout
+    assert_one_error_line(_cli("plan", "--mde", "0.01", "--baseline-rate", "0.05", "--units",
+                               "3"), "fewer than 2 units", code=2)
     assert_one_error_line(_cli("analyze", str(tmp_path / "missing.db")), "no event store",
                           code=1)
     bad = tmp_path / "bad.db"

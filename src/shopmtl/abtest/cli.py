@@ -59,6 +59,7 @@ def analyze(
         help="Across metrics x scenarios: holm (family-wise) or bh (false discovery)")] = "holm",
     looks: Annotated[int, typer.Option(help="Time slices of the sequential monitoring")] = 10,
     seed: Annotated[int, typer.Option(help="Seed of the bootstrap")] = 0,
+    n_boot: Annotated[int, typer.Option(help="Bootstrap resamples per cell (0: none)")] = 400,
 ) -> None:
     """Verdict per arm, metric and scenario: SRM check, delta-method / Welch tests with
     intervals, bootstrap, CUPED, sequential monitoring, Holm/BH; writes report.html and
@@ -74,8 +75,11 @@ def analyze(
         raise OptionError(f"--correction must be holm or bh, got {correction!r}")
     if looks < 1:
         raise OptionError(f"--looks must be >= 1, got {looks}")
+    if n_boot < 0:
+        raise OptionError(f"--n-boot must be >= 0, got {n_boot}")
     results = run(read_events(events), control=control, alpha=alpha,
-                  correction=correction, looks=looks, seed=seed)  # type: ignore[arg-type]
+                  correction=correction, looks=looks, n_boot=n_boot,  # type: ignore[arg-type]
+                  seed=seed)
     page, doc = write_report(results, out)
     srm = results["srm"]
     console = Console()
@@ -111,8 +115,11 @@ def plan(
     alpha: Annotated[float, typer.Option(help="Two-sided significance level")] = 0.05,
     power: Annotated[float, typer.Option(help="Power to reach")] = 0.8,
     share: Annotated[float, typer.Option(help="Treatment's share of the units")] = 0.5,
+    units: Annotated[int | None, typer.Option(
+        help="Also print the power that this many units in all would have")] = None,
 ) -> None:
-    """Units per arm to detect --mde with the given power (statsmodels NormalIndPower)."""
+    """Units per arm to detect --mde with the given power (statsmodels NormalIndPower);
+    with --units, the power of an experiment of that size."""
     from shopmtl.abtest import stats
 
     if not 0 < alpha < 0.5:
@@ -121,6 +128,9 @@ def plan(
         raise OptionError(f"--power must lie in (0, 1), got {power}")
     if baseline_rate is not None and baseline_mean is not None:
         raise OptionError("give --baseline-rate or --baseline-mean, not both")
+    n_t = round((units or 0) * share)
+    if units is not None and (n_t < 2 or units - n_t < 2):
+        raise OptionError(f"--units {units} leaves an arm with fewer than 2 units")
     try:
         p = stats.plan(mde, baseline_rate=baseline_rate, mean=baseline_mean, sd=sd,
                        relative=relative, alpha=alpha, power=power, share=share)
@@ -130,3 +140,7 @@ def plan(
     typer.echo(f"treatment: {p.n_treatment} units")
     typer.echo(f"total:     {p.n_control + p.n_treatment} units (effect size {p.effect_size:.4g},"
                f" power {p.power:.3f} at alpha {alpha})")
+    if units is not None:
+        pw = stats.achieved_power(p.effect_size, units - n_t, n_t, alpha)
+        typer.echo(f"power with {units} units ({units - n_t} control, {n_t} treatment): "
+                   f"{pw:.3f}")
