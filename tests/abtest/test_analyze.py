@@ -128,6 +128,8 @@ def test_bad_inputs_are_clear_errors(tmp_path: Path):
         analyze(read_events(two), control="a")
     with pytest.raises(ArgumentError, match="alpha"):
         analyze(read_events(two), control="a", alpha=0.7)
+    with pytest.raises(ArgumentError, match="holm or bh"):
+        analyze(read_events(two), control="a", correction="bonferroni")
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

@@ -172,9 +172,14 @@ def _decide(entry: dict, metric: Metric, alpha: float, srm_ok: bool) -> str:
     return "better" if up == metric.higher_is_better else "worse"
 
 
-def _validate(events: Events, control: str | None, alpha: float) -> tuple[str, list[str]]:
+def _validate(events: Events, control: str | None, alpha: float, correction: str,
+              looks: int) -> tuple[str, list[str]]:
     if not 0 < alpha < 0.5:
         raise ArgumentError(f"--alpha must lie in (0, 0.5), got {alpha}")
+    if correction not in ("holm", "bh"):
+        raise ArgumentError(f"--correction must be holm or bh, got {correction!r}")
+    if looks < 1:
+        raise ArgumentError(f"--looks must be >= 1, got {looks}")
     ex = events.exposures
     test = ex.filter(pc.equal(ex["period"], "test"))
     if test.num_rows == 0:
@@ -195,7 +200,7 @@ def analyze(events: Events, control: str | None = None, alpha: float = 0.05,
             correction: Literal["holm", "bh"] = "holm", looks: int = 10, n_boot: int = 400,
             seed: int = 0) -> dict[str, Any]:
     """The results dict of docs/ABTEST.md (JSON-safe: NaN is None)."""
-    control, arms = _validate(events, control, alpha)
+    control, arms = _validate(events, control, alpha, correction, looks)
     treatments = [a for a in arms if a != control]
     notes: list[str] = []
     req = request_table(events)
@@ -260,7 +265,7 @@ def analyze(events: Events, control: str | None = None, alpha: float = 0.05,
     seq = _sequential(events, req, control, treatments, names, alpha, looks)
     power = {arm: {m: _power(results[arm]["metrics"][m]["all"], alpha) for m in names}
              for arm in treatments}
-    clustering = _clustering(units_all, control, alpha)
+    clustering = _clustering(units_all, control)
     out = {
         "experiment": events.meta.get("experiment"), "control": control, "arm_names": arms,
         "alpha": alpha, "correction": correction, "srm_threshold": stats.SRM_ALPHA,
@@ -332,7 +337,7 @@ def _power(entry: dict, alpha: float) -> dict[str, Any]:
     return {"se": se, "mde_abs_80": mde, "mde_rel_80": mde / abs(c) if c else math.nan}
 
 
-def _clustering(units: pa.Table, control: str, alpha: float) -> dict[str, Any]:
+def _clustering(units: pa.Table, control: str) -> dict[str, Any]:
     """CTR of the control arm: delta-method variance over units vs the binomial over
     impressions (the design effect), i.e. why an impression-level z-test is wrong here."""
     num, den = _arrays(units, control, METRICS["ctr"])
