@@ -26,7 +26,7 @@ CTR is a ratio of two per-unit sums, and its variance comes from the delta metho
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 import numpy as np
@@ -157,7 +157,7 @@ def welch(x_t: np.ndarray, x_c: np.ndarray, alpha: float = 0.05) -> Comparison:
     st = _st()
     cmp = compare(mean(x_t), mean(x_c), alpha)
     p = float(st.ttest_ind(x_t, x_c, equal_var=False).pvalue)
-    return Comparison(**{**cmp.__dict__, "p": p})
+    return replace(cmp, p=p)
 
 
 def proportion_z(k_t: int, n_t: int, k_c: int, n_c: int,
