@@ -617,8 +617,7 @@ def compare(
     typer.echo(f"wrote {out / 'compare.json'} and {out / 'compare.md'}")
 
 
-
-# the A/B-testing group (docs/ABTEST.md)
+# the A/B-testing group (docs/ABTEST.md): imports only typer at load, like the commands here
 from shopmtl.abtest.cli import app as abtest_app  # noqa: E402
 
 app.add_typer(abtest_app, name="abtest")
