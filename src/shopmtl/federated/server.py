@@ -44,7 +44,7 @@ from shopmtl.train.trainer import label_priors, save_model_dir
 
 ENV = {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
        # the engine's workers: one torch thread each (the engine runs engine_cpus at once)
-       "OMP_NUM_THREADS": "1", "RAY_DEDUP_LOGS": "0"}
+       "OMP_NUM_THREADS": "1", "RAY_DEDUP_LOGS": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
 
 
 def make_strategy(fed: FederatedConfig, n_clients: int, on_train: Callable, on_eval: Callable
@@ -126,7 +126,7 @@ def prepare(run: FederatedRun, out: Path, log: Callable[[str], None] = print
         save_silo(path, p)
         files.append(str(path.resolve()))
     federation = Federation(exp, fed, schema, data.vocab_sizes, names, tuple(files))
-    info = {"silos": silo_sizes(silos), "availability": matrices,
+    info = {"silos": silo_sizes(silos), "availability": matrices, "_silos": silos,
             "silo_tasks": {s.name: list(s.tasks) for s in silos},
             **({"world": world} if world is not None else {})}
     return data, federation, info
@@ -235,6 +235,7 @@ def run_federated(run: FederatedRun, out: str | Path, log: Callable[[str], None]
         f"{n} ({info['silos'][n]['train']:,} rows)" for n in fed.silo_names))
     model, recorder, pooled, seconds = simulate(fed, data, log)
     shared, _ = fed.layout(model)
+    info = {k: v for k, v in info.items() if k != "_silos"}
     metrics = summarise(fed, recorder, pooled, info, seconds, nbytes(pack(model, shared)))
     save_model_dir(out / "model", model, fed.experiment, fed.schema, data.encoders,
                    {"federated": {"strategy": run.federated.strategy,

@@ -15,7 +15,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import torch
 from safetensors.torch import load_file, save_file
@@ -196,9 +195,5 @@ def load_silo(path: Path, schema: Schema) -> PreparedData:
 
 
 def silo_sizes(silos: list[Silo]) -> dict[str, dict[str, int]]:
-    return {s.name: {k: int(len(v)) for k, v in s.rows.items()} for s in silos}
+    return {s.name: {k: len(v) for k, v in s.rows.items()} for s in silos}
 
-
-def row_share(silos: list[Silo]) -> np.ndarray:
-    n = np.array([len(s.rows["train"]) for s in silos], np.float64)
-    return n / n.sum()
