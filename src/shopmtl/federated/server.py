@@ -152,6 +152,7 @@ def simulate(fed: Federation, data: PreparedData, log: Callable[[str], None] = p
     the clients' records, the server's pooled evaluation per round, and the seconds."""
     os.environ.update(ENV)
     require("flwr", "federated", "federated training")
+    require("ray", "federated", "Flower's simulation engine")
     from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
