@@ -78,6 +78,8 @@ class FederatedConfig:
         "fedprox", "the server's aggregation")
     mu: float = key(0.01, "fedprox: weight of the proximal term mu/2 ||w - w_global||^2",
                     ge=0)
+    row_aware: bool = key(True, "fedavg / fedprox: average each embedding row over the "
+                                "clients that updated it (not over all clients)")
     server_lr: float = key(0.01, "fedadam: the server optimiser's step (eta)", gt=0)
     trim: float = key(0.2, "trimmed_mean: the fraction cut from each end", ge=0, lt=0.5)
     malicious: int = key(1, "krum: the number of attackers it tolerates", ge=0)

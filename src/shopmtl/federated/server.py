@@ -58,9 +58,10 @@ def make_strategy(fed: FederatedConfig, n_clients: int, on_train: Callable, on_e
                   min_evaluate_nodes=n_clients, min_available_nodes=n_clients,
                   train_metrics_aggr_fn=on_train, evaluate_metrics_aggr_fn=on_eval)
     if fed.strategy == "fedavg":
-        return st.FedAvg(**common)
+        return (row_aware(st.FedAvg) if fed.row_aware else st.FedAvg)(**common)
     if fed.strategy == "fedprox":
-        return st.FedProx(**common, proximal_mu=fed.mu)
+        return (row_aware(st.FedProx) if fed.row_aware else st.FedProx)(**common,
+                                                                        proximal_mu=fed.mu)
     if fed.strategy == "fedadam":
         return st.FedAdam(**common, eta=fed.server_lr)
     if fed.strategy == "trimmed_mean":
@@ -70,6 +71,52 @@ def make_strategy(fed: FederatedConfig, n_clients: int, on_train: Callable, on_e
     if fed.strategy == "krum":
         return st.Krum(**common, num_malicious_nodes=fed.malicious)
     raise ConfigError(f"federated.strategy: unknown '{fed.strategy}'")
+
+
+def row_mean(sent: np.ndarray, updates: list[tuple[np.ndarray, float]]) -> np.ndarray:
+    """Each embedding row's weighted mean over the clients that changed it (the rows nobody
+    touched keep the value sent). A plain mean over all clients would shrink a row's update
+    by the share of clients that never saw its id: a user or item in one silo of four moves
+    a quarter as far as it would alone."""
+    num = np.zeros(sent.shape, np.float64)
+    den = np.zeros(sent.shape[0], np.float64)
+    for x, w in updates:
+        changed = (x != sent).reshape(len(x), -1).any(axis=1)
+        num[changed] += w * x[changed]
+        den[changed] += w
+    out = sent.astype(np.float64).copy()
+    hit = den > 0
+    out[hit] = num[hit] / den[hit, None]
+    return out.astype(sent.dtype)
+
+
+def row_aware(base: type) -> type:
+    """``base`` (FedAvg or FedProx) whose embedding-table pieces (``wire``: names ending in
+    ``]``) are averaged row by row over the clients that updated the row (``row_mean``); the
+    other arrays are the strategy's own weighted mean."""
+
+    class RowAware(base):  # type: ignore[misc, valid-type]
+        def configure_train(self, server_round: int, arrays: Any, config: Any, grid: Any
+                            ) -> Any:
+            self._sent = {k: v.numpy() for k, v in arrays.items() if k.endswith("]")}
+            return super().configure_train(server_round, arrays, config, grid)
+
+        def aggregate_train(self, server_round: int, replies: Any) -> Any:
+            from flwr.app import Array
+
+            replies = list(replies)
+            arrays, metrics = super().aggregate_train(server_round, replies)
+            if arrays is None:
+                return arrays, metrics
+            ok = [m.content for m in replies if not m.has_error()]
+            for key, sent in self._sent.items():
+                updates = [(c["arrays"][key].numpy(), float(c["metrics"]["num-examples"]))
+                           for c in ok]
+                arrays[key] = Array(row_mean(sent, updates))
+            return arrays, metrics
+
+    RowAware.__name__ = RowAware.__qualname__ = f"RowAware{base.__name__}"
+    return RowAware
 
 
 class Recorder:
