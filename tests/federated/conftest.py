@@ -14,7 +14,7 @@ TINY = {
                        "dropout": 0.0, "input_norm": "none"}},
     "train": {"batch_size": 512, "lr": 0.005, "seed": 0, "threads": 1,
               "alpha": {"click": 1.0, "conversion": 0.1, "ad_click": 0.1}},
-    "federated": {"silos": {"by": "scenario"}, "strategy": "fedprox", "mu": 0.01,
+    "federated": {"silos": {"by": "scenario"}, "strategy": "fedprox", "mu": 1e-4,
                   "rounds": 2, "local_epochs": 1.0},
 }
 

@@ -56,3 +56,14 @@ def test_one_attacker_of_five(identity, strategy: str, robust: bool) -> None:
         assert err < 0.1, err
     else:  # the attack works on plain averaging: the mean is pulled far below zero
         assert err > 1.5 and float(got.mean()) < -1.0, err
+
+
+def test_row_mean_averages_each_row_over_the_clients_that_moved_it() -> None:
+    from shopmtl.federated.server import row_mean
+
+    sent = np.zeros((3, 2), np.float32)
+    a = np.array([[1, 1], [0, 0], [2, 2]], np.float32)  # moved rows 0 and 2
+    b = np.array([[3, 3], [0, 0], [0, 0]], np.float32)  # moved row 0
+    got = row_mean(sent, [(a, 1.0), (b, 3.0)])
+    # row 0: both moved it, weighted 1:3; row 1: nobody; row 2: a alone, not halved
+    assert np.allclose(got, [[2.5, 2.5], [0, 0], [2, 2]])

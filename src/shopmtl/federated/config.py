@@ -76,7 +76,9 @@ class FederatedConfig:
         "(the user-id embedding rows) stay in their silo unless listed")
     strategy: Literal["fedavg", "fedprox", "fedadam", "trimmed_mean", "median", "krum"] = key(
         "fedprox", "the server's aggregation")
-    mu: float = key(0.01, "fedprox: weight of the proximal term mu/2 ||w - w_global||^2",
+    # small: under Adam the term is normalised like any gradient, so mu 0.01 already pins the
+    # weights whose own gradients are small to the global model (docs/FEDERATED.md)
+    mu: float = key(1e-4, "fedprox: weight of the proximal term mu/2 ||w - w_global||^2",
                     ge=0)
     row_aware: bool = key(True, "fedavg / fedprox: average each embedding row over the "
                                 "clients that updated it (not over all clients)")

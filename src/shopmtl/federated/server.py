@@ -109,7 +109,7 @@ def row_aware(base: type) -> type:
             if arrays is None:
                 return arrays, metrics
             ok = [m.content for m in replies if not m.has_error()]
-            for key, sent in self._sent.items():
+            for key, sent in getattr(self, "_sent", {}).items():  # {}: configured elsewhere
                 updates = [(c["arrays"][key].numpy(), float(c["metrics"]["num-examples"]))
                            for c in ok]
                 arrays[key] = Array(row_mean(sent, updates))
