@@ -27,6 +27,7 @@ RUNS = {  # name -> (strategy, attacked)
     "trimmed_mean attacked": ("trimmed_mean", True),
     "krum attacked": ("krum", True),
     "median attacked": ("median", True),
+    "multikrum attacked": ("multikrum", True),
 }
 
 

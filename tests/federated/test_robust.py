@@ -34,7 +34,8 @@ def _replies(values: list[np.ndarray]) -> list:
 
 
 @pytest.mark.parametrize(("strategy", "robust"), [
-    ("fedavg", False), ("trimmed_mean", True), ("median", True), ("krum", True)])
+    ("fedavg", False), ("trimmed_mean", True), ("median", True), ("krum", True),
+    ("multikrum", True)])
 def test_one_attacker_of_five(identity, strategy: str, robust: bool) -> None:
     rng = np.random.default_rng(0)
     start = np.zeros(50, np.float32)

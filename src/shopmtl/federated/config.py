@@ -25,13 +25,6 @@ from shopmtl.config import (
 )
 from shopmtl.keys import check_fields, key
 
-# what can be shared: the parts of a zoo model's weights (``federated.wire``)
-PARTS = ("dense", "items", "towers", "users")
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "trimmed_mean", "median", "krum")
-# the robust aggregators combine individual updates; they are the attack harness's controls
-ROBUST = ("trimmed_mean", "median", "krum")
-
-
 @dataclass(frozen=True)
 class SiloConfig:
     """How the pooled rows become silos (each keeps only its rows)."""
@@ -74,8 +67,8 @@ class FederatedConfig:
     share: tuple[Literal["dense", "items", "towers", "users"], ...] = key(
         ("dense", "items", "towers"), "the parts of the model that cross the wire; users "
         "(the user-id embedding rows) stay in their silo unless listed")
-    strategy: Literal["fedavg", "fedprox", "fedadam", "trimmed_mean", "median", "krum"] = key(
-        "fedprox", "the server's aggregation")
+    strategy: Literal["fedavg", "fedprox", "fedadam", "trimmed_mean", "median", "krum",
+                      "multikrum"] = key("fedprox", "the server's aggregation")
     # small: under Adam the term is normalised like any gradient, so mu 0.01 already pins the
     # weights whose own gradients are small to the global model (docs/FEDERATED.md)
     mu: float = key(1e-4, "fedprox: weight of the proximal term mu/2 ||w - w_global||^2",
@@ -84,7 +77,8 @@ class FederatedConfig:
                                 "clients that updated it (not over all clients)")
     server_lr: float = key(0.01, "fedadam: the server optimiser's step (eta)", gt=0)
     trim: float = key(0.2, "trimmed_mean: the fraction cut from each end", ge=0, lt=0.5)
-    malicious: int = key(1, "krum: the number of attackers it tolerates", ge=0)
+    malicious: int = key(1, "krum, multikrum: the number of attackers tolerated (multikrum "
+                            "averages the clients - malicious updates Krum scores best)", ge=0)
     rounds: int = key(8, "rounds of training", ge=1)
     local_epochs: float = key(0.5, "each client's local training per round, in epochs of "
                                    "its own rows", gt=0)

@@ -70,6 +70,9 @@ def make_strategy(fed: FederatedConfig, n_clients: int, on_train: Callable, on_e
         return st.FedMedian(**common)
     if fed.strategy == "krum":
         return st.Krum(**common, num_malicious_nodes=fed.malicious)
+    if fed.strategy == "multikrum":
+        return st.MultiKrum(**common, num_malicious_nodes=fed.malicious,
+                            num_nodes_to_select=max(1, n_clients - fed.malicious))
     raise ConfigError(f"federated.strategy: unknown '{fed.strategy}'")
 
 
