@@ -25,6 +25,7 @@ from shopmtl.config import (
 )
 from shopmtl.keys import check_fields, key
 
+
 @dataclass(frozen=True)
 class SiloConfig:
     """How the pooled rows become silos (each keeps only its rows)."""
