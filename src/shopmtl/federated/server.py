@@ -200,7 +200,6 @@ def simulate(fed: Federation, data: PreparedData, log: Callable[[str], None] = p
              ) -> tuple[Any, Recorder, dict[int, dict[str, Any]], float]:
     """Run the federation on Flower's simulation engine. Returns the final global model,
     the clients' records, the server's pooled evaluation per round, and the seconds."""
-    os.environ.update(ENV)
     require("flwr", "federated", "federated training")
     require("ray", "federated", "Flower's simulation engine")
     from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
@@ -241,8 +240,17 @@ def simulate(fed: Federation, data: PreparedData, log: Callable[[str], None] = p
     backend = {"client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": 0.0},
                "init_args": {"num_cpus": cfg.engine_cpus, "include_dashboard": False,
                              "log_to_driver": False}}
-    run_simulation(app, make_client_app(fed), num_supernodes=len(fed.silo_names),
-                   backend_config=backend)
+    saved = {k: os.environ.get(k) for k in ENV}
+    os.environ.update(ENV)  # the engine's workers inherit them; ours are put back after
+    try:
+        run_simulation(app, make_client_app(fed), num_supernodes=len(fed.silo_names),
+                       backend_config=backend)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
     if "r" not in result:
         raise RuntimeError("the federated run did not finish (see the engine's log above)")
     final = {k: v.numpy() for k, v in result["r"].arrays.items()}
