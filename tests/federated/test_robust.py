@@ -68,3 +68,23 @@ def test_row_mean_averages_each_row_over_the_clients_that_moved_it() -> None:
     got = row_mean(sent, [(a, 1.0), (b, 3.0)])
     # row 0: both moved it, weighted 1:3; row 1: nobody; row 2: a alone, not halved
     assert np.allclose(got, [[2.5, 2.5], [0, 0], [2, 2]])
+
+
+def test_the_config_reaches_flowers_strategies() -> None:
+    from flwr.serverapp import strategy as st
+
+    def keep(replies, key):  # pragma: no cover - not called here
+        return None
+
+    prox = make_strategy(FederatedConfig(strategy="fedprox", mu=0.5, fraction=0.5,
+                                         min_clients=3), 8, keep, keep)
+    assert isinstance(prox, st.FedProx) and type(prox).__name__ == "RowAwareFedProx"
+    assert (prox.proximal_mu, prox.fraction_train, prox.min_train_nodes) == (0.5, 0.5, 3)
+    plain = make_strategy(FederatedConfig(strategy="fedavg", row_aware=False), 4, keep, keep)
+    assert type(plain) is st.FedAvg
+    adam = make_strategy(FederatedConfig(strategy="fedadam", server_lr=0.05), 4, keep, keep)
+    assert isinstance(adam, st.FedAdam) and adam.eta == 0.05
+    trimmed = make_strategy(FederatedConfig(strategy="trimmed_mean", trim=0.25), 4, keep, keep)
+    assert isinstance(trimmed, st.FedTrimmedAvg) and trimmed.beta == 0.25
+    multi = make_strategy(FederatedConfig(strategy="multikrum", malicious=1), 5, keep, keep)
+    assert isinstance(multi, st.MultiKrum) and multi.num_nodes_to_select == 4
