@@ -38,11 +38,11 @@ def plot_rounds(metrics: dict[str, Any], path: Path) -> Path:
         pooled = [r["pooled"].get(task, {}).get(ALL) for r in metrics["rounds"]]
         ax.plot(rounds, [float("nan") if v is None else v for v in pooled], "k-o",
                 label="pooled test")
-        for silo in metrics["silos"]:
+        for k, silo in enumerate(metrics["silos"]):  # one colour per silo on every panel
             vals = [r["silos"].get(silo, {}).get(task, {}).get(ALL) for r in metrics["rounds"]]
             if any(v is not None for v in vals):
                 ax.plot(rounds, [float("nan") if v is None else v for v in vals], "--",
-                        marker=".", label=silo)
+                        marker=".", color=f"C{k}", label=silo)
         ax.set_title(f"{task}: test AUC")
         ax.set_xlabel("round")
         ax.grid(alpha=0.3)
