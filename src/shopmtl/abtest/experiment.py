@@ -7,7 +7,8 @@ A config::
     salt: ranker-v2            # the assignment's salt (default: the name)
     control: control           # the control arm (default: the first)
     k: {home_feed: 20, search: 20, ad_slot: 4, product_page: 10}   # or one number (default 10)
-    events: events.db          # the SQLite event store (default: events.db beside the config)
+    events: events.db          # the SQLite event store (default: events.db beside the config;
+                               # none: nothing logged, a dry run)
     queue: 10000               # events waiting for the writer; beyond, dropped and counted
     arms:
       - {name: control, share: 0.5, policy: {model: runs/a/model,
@@ -68,7 +69,7 @@ class ExperimentConfig:
     salt: str
     control: str
     arms: tuple[ArmConfig, ...]
-    events: Path
+    events: Path | None  # None: no event store (``events: none``)
     k: int | Mapping[str, int] = DEFAULT_K
     queue: int = DEFAULT_QUEUE
 
@@ -188,8 +189,8 @@ def experiment_from_dict(raw: Any, base: Path, where: str = "experiment") -> Exp
         scheme = events.split("://", 1)[0]
         raise ConfigError(f"{where}.events: a {scheme}:// URL is not supported; only the "
                           "embedded SQLite store is built (give a file path)")
-    return ExperimentConfig(name, salt, control, tuple(arms),
-                            _path(events, f"{where}.events", base), k,
+    store = None if events == "none" else _path(events, f"{where}.events", base)
+    return ExperimentConfig(name, salt, control, tuple(arms), store, k,
                             _int(raw.get("queue", DEFAULT_QUEUE), f"{where}.queue", 1, MAX_QUEUE))
 
 

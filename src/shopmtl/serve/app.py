@@ -163,7 +163,9 @@ def warm_experiment(exp: Experiment, state: ServeState) -> bool:
         log.error("experiment warm-up failed (%s); /readyz stays 503", type(e).__name__)
         return False
     log.info("experiment %s: %d arms warm (%s), events to %s", exp.cfg.name, len(exp.arms),
-             ", ".join(f"{a} {s:g}" for a, s in exp.arms), exp.cfg.events.name)
+             ", ".join(f"{a} {s:g}" for a, s in exp.arms),
+             exp.cfg.events.name if exp.cfg.events is not None else
+             "nowhere (events: none, a dry run: nothing is logged)")
     return True
 
 

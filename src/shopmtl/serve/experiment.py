@@ -206,42 +206,46 @@ class Experiment:
         self.policies: Mapping[str, Policy] = build_policies(cfg)
         self.locks = {a: threading.Lock() for a in self.policies}  # scoring is CPU-bound
         self.path = rank_path(cfg.name)
-        self.store = EventStore(cfg.events)
-        self._check_store()
         self.metrics: ExperimentMetrics | None = None
-        self.queue = EventQueue(self.store, cfg.queue, self._count)
+        # events: none (a dry run, the bench's baseline): no store, no queue, nothing logged
+        self.store = EventStore(cfg.events) if cfg.events is not None else None
+        self.queue = EventQueue(self.store, cfg.queue, self._count) if self.store else None
+        if self.store is not None:
+            self._check_store(self.store)
         self.unattributed = 0  # refused requests whose user id could not be read
 
     def attach_metrics(self, registry: Any) -> None:
         """The experiment's series in the service's Prometheus ``registry``."""
         self.metrics = ExperimentMetrics(registry, self.arms)
-        self.metrics.depth.set_function(self.queue.depth)
+        if self.queue is not None:
+            self.metrics.depth.set_function(self.queue.depth)
 
     def _count(self, what: str, kind: str, n: int) -> None:
         if self.metrics is not None:
             self.metrics.count(what, kind, n)
 
-    def _check_store(self) -> None:
+    def _check_store(self, store: EventStore) -> None:
         """An event store belongs to one experiment (and one salt): refuse another's."""
-        meta = self.store.meta()
+        meta = store.meta()
         salt = hashlib.sha256(self.cfg.salt.encode()).hexdigest()
         if "experiment" in meta and (meta["experiment"] != self.cfg.name
                                      or meta.get("salt_sha256") != salt):
-            self.store.close()
+            store.close()
             raise ConfigError(f"{self.cfg.events}: this event store holds another experiment "
                              "(another name or salt); give a new events path")
         if "arms" in meta and meta["arms"] != self.cfg.shares:
-            self.store.close()
+            store.close()
             raise ConfigError(f"{self.cfg.events}: this event store's arms or shares differ "
                              "from the config's; give a new events path")
-        self.store.set_meta("experiment", self.cfg.name)
-        self.store.set_meta("arms", self.cfg.shares)
-        self.store.set_meta("control", self.cfg.control)
-        self.store.set_meta("salt_sha256", salt)
+        store.set_meta("experiment", self.cfg.name)
+        store.set_meta("arms", self.cfg.shares)
+        store.set_meta("control", self.cfg.control)
+        store.set_meta("salt_sha256", salt)
         self._before = {k: meta.get(k, dict.fromkeys(KINDS, 0)) for k in ("written", "dropped")}
 
     def start(self) -> None:
-        self.queue.start()
+        if self.queue is not None:
+            self.queue.start()
 
     def warm_up(self) -> None:
         """Each model arm scores its first model's contract example once: the first call pays
@@ -305,19 +309,23 @@ class Experiment:
     def exposure(self, request_id: str, arm: str, user: str, scenario: str, shown: list[str],
                  start: float, status: int) -> None:
         latency = 1000 * (time.perf_counter() - start)
-        self.queue.put(Exposure(request_id, time.time(), self.cfg.name, "test", arm,
-                                unit_of(user, self.cfg.salt), scenario, json.dumps(shown),
-                                latency, status))
+        if self.queue is not None:
+            self.queue.put(Exposure(request_id, time.time(), self.cfg.name, "test", arm,
+                                    unit_of(user, self.cfg.salt), scenario, json.dumps(shown),
+                                    latency, status))
         if self.metrics is not None:
             self.metrics.requests.labels(arm, str(status)).inc()
 
     def feedback(self, body: Any) -> None:
-        self.queue.put(Feedback(body.request_id, time.time(), body.kind,
-                                _check_id(body.item, "body.item"), body.position,
-                                float(body.value)))
+        item = _check_id(body.item, "body.item")
+        if self.queue is not None:
+            self.queue.put(Feedback(body.request_id, time.time(), body.kind, item,
+                                    body.position, float(body.value)))
 
     def close(self) -> Counts:
         """Drain the queue, write the meta (counts summed with the earlier runs'), close."""
+        if self.queue is None or self.store is None:
+            return Counts()
         counts = self.queue.close()
         for key, now in (("written", counts.written), ("dropped", counts.dropped)):
             self.store.set_meta(key, {k: int(self._before[key].get(k, 0)) + now[k]
