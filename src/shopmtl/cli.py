@@ -627,5 +627,17 @@ def compare(
     typer.echo(f"wrote {out / 'compare.json'} and {out / 'compare.md'}")
 
 
+def _abtest_app() -> typer.Typer:
+    """``shopmtl abtest``: its commands behind the same one-line error guard as the others."""
+    from shopmtl.abtest.cli import app as abtest_app
+
+    for command in abtest_app.registered_commands:
+        command.callback = _guard(command.callback)
+    return abtest_app
+
+
+app.add_typer(_abtest_app(), name="abtest")
+
+
 if __name__ == "__main__":
     app()
