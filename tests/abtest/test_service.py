@@ -27,9 +27,10 @@ from shopmtl.abtest.events import EventStore, Exposure, Feedback, read_events
 from shopmtl.abtest.experiment import load_experiment
 from shopmtl.config import ConfigError
 from shopmtl.serve.experiment import EventQueue
-from tests.helpers import cli
+from tests.helpers import assert_one_error_line, cli
 from tests.serve.server import Server, free_port, stop, wait_ready
 
+EXAMPLES = Path(__file__).parents[2] / "examples"
 NAME = "ranker-v2"
 ROWS = 60_000  # the quickstart world the arms' models are trained on (about 5 s)
 LABELS = ("day", "click", "conversion", "ad_click", "true_click", "true_conversion",
@@ -280,7 +281,21 @@ def test_an_event_store_of_another_experiment_is_refused(quick: Path, tmp_path: 
     with EventStore(tmp_path / "events.db") as store:
         store.set_meta("experiment", "someone-else")
     proc = cli("serve", "--experiment", str(write_config(tmp_path / "exp.yaml", quick / "model")))
-    assert proc.returncode == 2 and "holds another experiment" in proc.stderr, proc.stderr
+    assert_one_error_line(proc, "events.db", "holds another experiment", code=2)
+
+
+def test_cli_refusals_are_one_line(tmp_path: Path) -> None:
+    assert_one_error_line(cli("serve"), "a model directory, --experiment CONFIG", code=2)
+    proc = cli("abtest", "play", "http://127.0.0.1:9", "--experiment", NAME, "--world",
+               str(tmp_path / "missing.json"))
+    assert_one_error_line(proc, "--world", "missing.json", "no such file", code=2)
+
+
+def test_the_example_config_loads() -> None:
+    cfg = load_experiment(EXAMPLES / "abtest" / "serve.yaml")
+    assert cfg.shares == {"pctr": 0.5, "gmv": 0.5} and cfg.control == "pctr"
+    assert cfg.events is not None and cfg.events.name == "events.db"
+    assert cfg.k_for("ad_slot") == 4 and cfg.k_for("elsewhere") is None
 
 
 # -- must-show 4: the whole loop over HTTP ----------------------------------------------------

@@ -33,9 +33,11 @@ def play(
     /v1/feedback. Stop the server (SIGTERM) to flush its events, then `shopmtl abtest analyze`
     its event store."""
     from shopmtl.abtest.http import HttpRanker, play_http, world_of
+
+    cfg = world_of(world)  # a bad --world is refused before the world is built
     from shopmtl.abtest.shop import Shop
 
-    shop = Shop(world_of(world))
+    shop = Shop(cfg)
     with HttpRanker(url.rstrip("/"), experiment) as ranker:
         sent = play_http(shop, shop.requests(requests, seed), ranker, seed)
     arms = ", ".join(f"{a} {n}" for a, n in sorted(sent.arms.items()))
