@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
+import sqlite3
 import subprocess
 import sys
 import time
@@ -275,6 +277,34 @@ def test_arms_are_stable_across_restarts_no_raw_id_is_kept_and_sigterm_drains(
     for u in users:
         assert u.encode() not in stored and u not in logs
     assert b"secret-user" not in stored and "secret-user" not in logs
+
+
+def test_a_stuck_writer_never_blocks_a_request(quick: Path, tmp_path: Path) -> None:
+    """The real server with a queue of 2 while its SQLite file is locked by another writer
+    (the test holds an exclusive transaction): every rank request is answered 200 at once,
+    the events beyond the queue are dropped and counted (/metrics, then the meta), and once
+    the lock is released the rest is written: sent = written + dropped."""
+    cfg = write_config(tmp_path / "exp.yaml", quick / "model", queue=2)
+    rows = candidates(quick, 20)
+    with _serve(cfg, tmp_path / "serve.log") as server:
+        lock = sqlite3.connect(tmp_path / "events.db", isolation_level=None)
+        lock.execute("BEGIN EXCLUSIVE")
+        try:
+            answers = [_rank(server, f"u{i}", rows) for i in range(10)]
+            with server.client() as c:
+                metrics = c.get("/metrics").text
+        finally:
+            lock.execute("ROLLBACK")  # within the writer's 5 s busy wait: its batch goes in
+            lock.close()
+        code = stop(server)
+    assert code in (0, -signal.SIGTERM), server.log_text()
+    assert len({a["request_id"] for a in answers}) == 10
+    dropped = float(re.search(r'^shopmtl_experiment_events_dropped_total\{kind="exposures"\} '
+                              r"(\S+)$", metrics, re.M).group(1))
+    assert dropped >= 10 - 1 - 2  # one batch in the writer's hands, two queued
+    events = read_events(tmp_path / "events.db")
+    assert events.meta["dropped"]["exposures"] == dropped
+    assert events.exposures.num_rows == events.meta["written"]["exposures"] == 10 - dropped
 
 
 def test_an_event_store_of_another_experiment_is_refused(quick: Path, tmp_path: Path) -> None:
