@@ -262,9 +262,10 @@ class Experiment:
 
     # the two routes' work (run in a worker thread: scoring is CPU-bound)
 
-    def rank(self, body: Any) -> tuple[int, dict[str, Any]]:
-        """(status, JSON answer) of a validated rank body; its exposure queued."""
-        start = time.perf_counter()
+    def rank(self, body: Any, start: float | None = None) -> tuple[int, dict[str, Any]]:
+        """(status, JSON answer) of a validated rank body; its exposure queued, its latency
+        counted from ``start`` (``time.perf_counter()`` when the route got the request)."""
+        start = time.perf_counter() if start is None else start
         user = _check_id(body.user_id, "body.user_id")
         arm = assign(user, self.cfg.salt, self.arms)
         request_id = uuid.uuid4().hex
@@ -288,10 +289,11 @@ class Experiment:
         if k is None:
             raise DataError("body.scenario: the experiment has no k for this scenario; give "
                             "k in the request")
-        rows = [{**c, "scenario": _same(c, "scenario", body.scenario, i)}
+        # the request's scenario is every candidate's; its user id fills a row without one
+        # (a row's own user id is kept: a model may know users by another id than the unit's)
+        rows = [{"user_id": body.user_id, **c,
+                 "scenario": _same(c, "scenario", body.scenario, i)}
                 for i, c in enumerate(body.candidates)]
-        if "user_id" not in rows[0]:
-            rows = [{**r, "user_id": body.user_id} for r in rows]
         for i, r in enumerate(rows):
             if r.get("item_id") is None:
                 raise DataError(f"body.candidates.{i}.item_id: every candidate needs its item id")
@@ -401,7 +403,7 @@ def add_routes(fastapi: Any, app: Any, exp: Experiment) -> None:
             _log_refused(exp, raw, start)
             return refused(e.errors(include_input=False, include_context=False))
         try:
-            status, answer = await run_in_threadpool(exp.rank, body)
+            status, answer = await run_in_threadpool(exp.rank, body, start)
         except DataError as e:  # a user id out of bounds: no arm
             _log_refused(exp, b"", start)
             return JSONResponse(error_json("invalid_request", str(e), _fields(str(e))), 422)
