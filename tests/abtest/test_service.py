@@ -159,13 +159,19 @@ def app_client(quick: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
 
     cfg = load_experiment(write_config(tmp_path_factory.mktemp("exp") / "exp.yaml",
                                        quick / "model"))
-    app = create_app(None, experiment=cfg)
+    app = create_app(quick / "model", experiment=cfg)  # the model's endpoints and the arms'
+
     with TestClient(app) as client:
-        deadline = time.monotonic() + 60
-        while client.get("/readyz").status_code != 200:
-            assert time.monotonic() < deadline, "never ready"
-            time.sleep(0.05)
+        wait_ready_in(client)
         yield client
+
+
+def wait_ready_in(client: Any, timeout: float = 60) -> None:
+    """An in-process app (a starlette TestClient) answered its warm-up."""
+    deadline = time.monotonic() + timeout
+    while client.get("/readyz").status_code != 200:
+        assert time.monotonic() < deadline, "never ready"
+        time.sleep(0.05)
 
 
 @pytest.mark.parametrize("body, fields", [
@@ -216,6 +222,30 @@ def test_a_refused_rank_is_its_arms_exposure(app_client: Any, quick: Path) -> No
     metrics = app_client.get("/metrics").text
     assert f'shopmtl_experiment_requests_total{{arm="{got["arm"]}",status="422"}}' in metrics
     assert "shopmtl_experiment_queue_depth" in metrics
+
+
+def test_the_model_endpoints_answer_beside_the_experiment(app_client: Any, quick: Path
+                                                          ) -> None:
+    import shopmtl
+
+    example = shopmtl.load(quick / "model").contract("click").example
+    r = app_client.post("/v1/score", json={"rows": [example] * 3})
+    assert r.status_code == 200 and len(r.json()["predictions"]) == 3
+
+
+def test_without_a_model_a_reload_is_refused(quick: Path, tmp_path: Path) -> None:
+    from starlette.testclient import TestClient
+
+    from shopmtl.serve import create_app
+
+    key = "k" * 32
+    cfg = load_experiment(write_config(tmp_path / "exp.yaml", quick / "model"))
+    with TestClient(create_app(None, experiment=cfg, admin_key=key)) as client:
+        wait_ready_in(client)
+        r = client.post("/admin/reload", headers={"authorization": f"Bearer {key}"})
+        assert client.get("/v1/score").status_code == 404  # no model: no model endpoints
+        assert client.get("/livez").headers["x-model-version"].startswith("exp-")
+    assert r.status_code == 409 and r.json()["error"]["code"] == "reload_incompatible"
 
 
 # -- the real server: restarts, privacy, SIGTERM ----------------------------------------------
