@@ -8,6 +8,7 @@ extras add what only some runs use (pyproject.toml, ``[project.optional-dependen
   export  onnx, onnxruntime, onnxscript: ``shopmtl export`` (an ONNX bundle) and loading one
   serve fastapi, uvicorn, httpx, prometheus_client, pydantic: ``shopmtl serve``, the request
         models
+  abtest  scipy, statsmodels: ``shopmtl abtest analyze`` / ``plan`` (the A/B statistics)
 
 Every import of an optional package goes through ``require`` (or is guarded by ``installed``)
 where it is used, never at module level, so ``import shopmtl`` and the core commands work
@@ -29,6 +30,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "export": ("onnx", "onnxruntime", "onnxscript"),
     "serve": ("fastapi", "uvicorn", "httpx", "prometheus_client"),
     "federated": ("flwr",),
+    "abtest": ("scipy", "statsmodels"),
 }
 
 
