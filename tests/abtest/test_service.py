@@ -34,7 +34,7 @@ from tests.serve.server import Server, free_port, stop, wait_ready
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
 NAME = "ranker-v2"
-ROWS = 60_000  # the quickstart world the arms' models are trained on (about 5 s)
+ROWS = 20_000  # the quickstart world the arms' models are trained on (about 3 s unloaded)
 LABELS = ("day", "click", "conversion", "ad_click", "true_click", "true_conversion",
           "true_ad_click", "is_new_item")
 

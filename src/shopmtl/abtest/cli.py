@@ -161,13 +161,14 @@ def play(
     import httpx
 
     from shopmtl.abtest.http import HttpRanker, ServiceError, play_http, world_of
-    from shopmtl.abtest.shop import Shop
     from shopmtl.config import ConfigError
 
     try:
-        cfg = world_of(world)
+        cfg = world_of(world)  # a bad --world is refused before the world is built
     except ConfigError as e:
         raise OptionError(str(e)) from None
+    from shopmtl.abtest.shop import Shop
+
     shop = Shop(cfg)
     try:
         with HttpRanker(url.rstrip("/"), experiment) as ranker:
