@@ -15,11 +15,13 @@ import sqlite3
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -27,6 +29,7 @@ import yaml
 from shopmtl.abtest.assign import assign, unit_of
 from shopmtl.abtest.events import EventStore, Exposure, Feedback, read_events
 from shopmtl.abtest.experiment import load_experiment
+from shopmtl.abtest.policy import top_k
 from shopmtl.config import ConfigError
 from shopmtl.serve.experiment import EventQueue
 from tests.helpers import assert_one_error_line, cli
@@ -104,6 +107,31 @@ def test_config_defaults_and_relative_paths(tmp_path: Path) -> None:
     assert cfg.events == tmp_path / "events.db"  # beside the config
     assert cfg.arms[0].policy.popularity == tmp_path / "pop.json"
     assert cfg.shares == {"pop": 0.25, "rnd": 0.75}
+
+
+def test_each_policy_kind_is_built(quick: Path, tmp_path: Path) -> None:
+    """A popularity arm from a JSON file or from the training Parquet (each item's clicks),
+    a random arm: their scores rank the candidates as they say."""
+    from shopmtl.abtest.experiment import build_policies
+
+    rows = pa.Table.from_pylist(candidates(quick, 30))
+    items = [str(i) for i in rows.column("item_id").to_pylist()]
+    (tmp_path / "pop.json").write_text(json.dumps({items[7]: 5.0, items[3]: 9.0}))
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump({"name": "kinds", "arms": [
+        {"name": "json", "share": 0.4, "policy": {"popularity": "pop.json"}},
+        {"name": "clicks", "share": 0.3,
+         "policy": {"popularity": str(quick / "data" / "train.parquet")}},
+        {"name": "rnd", "share": 0.3, "policy": {"random": 3}}]}))
+    policies = build_policies(load_experiment(path))
+    assert [items[i] for i in top_k(policies["json"].scores(rows), 2)] == [items[3], items[7]]
+    train = pq.read_table(quick / "data" / "train.parquet", columns=["item_id", "click"])
+    clicks = Counter(str(i) for i, c in zip(train.column("item_id").to_pylist(),
+                                            train.column("click").to_pylist(), strict=True)
+                     if c)
+    best = items[int(top_k(policies["clicks"].scores(rows), 1)[0])]
+    assert clicks[best] == max(clicks[i] for i in items)
+    assert sorted(top_k(policies["rnd"].scores(rows), 30).tolist()) == list(range(30))
 
 
 # -- the queue -------------------------------------------------------------------------------

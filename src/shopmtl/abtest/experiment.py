@@ -15,7 +15,8 @@ A config::
                                              weights: {click: 1, conversion: 1, price: 1}}}
       - {name: treatment, share: 0.5, policy: {model: {click: runs/b/model,
                                                        conversion: runs/c/model}}}
-      # or policy: {popularity: items.json} (item id -> score) or policy: {random: 7}
+      # or policy: {popularity: items.json} (item id -> score), {popularity: train.parquet}
+      # (each item's clicks in a training file) or {random: 7}
 
 Unknown keys, wrong types and bad shares are one-line ``ConfigError``s naming the key; a
 relative path is relative to the config file. A ``postgresql://`` events URL is refused: only
@@ -48,7 +49,8 @@ _NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ012345678
 @dataclass(frozen=True)
 class PolicyConfig:
     """One of: ``model`` (a directory, or task -> directory) with ``weights``; ``popularity``
-    (a JSON file of item id -> score); ``random`` (a seed)."""
+    (a JSON file of item id -> score, or a training Parquet file: each item's clicks);
+    ``random`` (a seed)."""
 
     model: Path | Mapping[str, Path] | None = None
     weights: Mapping[str, float] | None = None
@@ -211,6 +213,10 @@ def build_policy(arm: ArmConfig) -> Policy:
     pol = arm.policy
     if pol.random is not None:
         return RandomPolicy(arm.name, pol.random)
+    if pol.popularity is not None and pol.popularity.suffix == ".parquet":
+        from shopmtl.abtest.policy import popularity_policy  # each item's clicks in the file
+
+        return popularity_policy(arm.name, pol.popularity)
     if pol.popularity is not None:
         try:
             scores = json.loads(pol.popularity.read_text())
