@@ -142,6 +142,48 @@ def plan(
                    f"{pw:.3f}")
 
 
+# -- abtest run: the simulated shop (ab-sim) -------------------------------------------------
+
+
+def _run_guard(fn):
+    """One line on stderr for a failure: exit 2 for a bad config (ConfigError, a ValueError that
+    ``_guard`` would call bad events), 1 for a failed run (bad data, a missing model, the
+    system refusing)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        from shopmtl.config import ConfigError
+
+        try:
+            return fn(*args, **kwargs)
+        except ConfigError as e:
+            _fail(str(e), 2)
+        except (ValueError, OSError) as e:
+            _fail(str(e), 1)
+
+    return wrapper
+
+
+@app.command("run")
+@_run_guard
+def run_cmd(
+    config: Annotated[Path, typer.Argument(help="The A/B run's YAML (examples/abtest.yaml)")],
+    out: Annotated[Path, typer.Option(help="Output folder (empty)")] = Path("runs/abtest"),
+    sets: Annotated[list[str] | None, typer.Option("--set", help="Override: key.path=value")
+                    ] = None,
+) -> None:
+    """Train (or reuse) the models, play the experiment in the simulated shop, analyse it and
+    compare every estimate with the truth; write the report."""
+    from shopmtl.abtest.run import load_abtest_config, run_abtest
+
+    cfg = load_abtest_config(config, sets or [])
+    out.mkdir(parents=True, exist_ok=True)
+    args = " ".join([str(config), "--out", str(out)] + [f"--set {s}" for s in sets or []])
+    (out / "command.txt").write_text(f"shopmtl abtest run {args}\n")
+    summary = run_abtest(cfg, out, log=typer.echo)
+    typer.echo(f"wrote {out / 'abtest.json'} and {summary['report']}")
+
+
 @app.command("play")
 @_guard
 def play(

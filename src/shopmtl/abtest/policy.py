@@ -11,7 +11,8 @@ A policy maps the candidate rows of one request (a ``pyarrow.Table`` in the worl
   ranks by expected GMV, pCTR x pCVR x price). The ``position`` feature is set to 0 for every
   candidate: the model's position bias is a property of the slot, not of the item, and scoring
   all candidates at one position ranks them by their own merit.
-- ``PopularityPolicy``: a fixed score per item (e.g. its click count in the training data).
+- ``PopularityPolicy``: a fixed score per item (``popularity_policy``: its click count in the
+  training data).
 - ``RandomPolicy``: a seeded random order (the exploration baseline).
 """
 
@@ -133,3 +134,23 @@ def model_policy(name: str, model: str | Path | Mapping[str, str | Path],
             loaded[key] = load(path)
         models[task] = loaded[key]
     return ModelPolicy(name, models, dict(weights))
+
+
+def popularity_policy(name: str, train: str | Path, column: str = "click") -> PopularityPolicy:
+    """Popularity from a training Parquet file: each item's count of ``column`` (its clicks).
+    Items the file never shows score below every known one (``PopularityPolicy``)."""
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    path = Path(train)
+    if not path.is_file():
+        raise FileNotFoundError(f"popularity policy '{name}': no training file at {path}")
+    names = pq.read_schema(path).names
+    missing = [c for c in ("item_id", column) if c not in names]
+    if missing:
+        raise ValueError(f"popularity policy '{name}': {path.name} has no column(s) {missing}")
+    t = pq.read_table(path, columns=["item_id", column])
+    g = t.group_by("item_id").aggregate([(column, "sum")])
+    ids = pc.cast(g.column("item_id"), pa.string()).to_pylist()
+    counts = g.column(f"{column}_sum").to_numpy(zero_copy_only=False).astype(np.float64)
+    return PopularityPolicy(name, dict(zip(ids, counts.tolist(), strict=True)))

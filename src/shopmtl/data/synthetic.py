@@ -6,7 +6,8 @@ slot, product page) with their own traffic share, base rates and position bias. 
 from a true probability that is kept, so the Bayes-optimal ("oracle") AUC and logloss of every
 task x scenario can be put beside any model's.
 
-True click logit, per impression (user u, item i, scenario s, position p)::
+True click logit, per impression (``true_probabilities``: the one truth, shared with the
+simulated shop of ``abtest.shop``) (user u, item i, scenario s, position p)::
 
     z = base[s] + A[seg_u, top_i] + price_u,i        # observable: segment x category, price
         + b_u + b_i + sigma_aff * <u_u, v_i>         # latent: per-user, per-item, affinity
@@ -326,20 +327,17 @@ def _sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-z))
 
 
-def impressions(world: World, n: int, chunk: int) -> dict[str, np.ndarray]:
-    """One chunk of n impression rows with labels and true probabilities (seeded by chunk)."""
+def draw_items(world: World, rng: np.random.Generator, u: np.ndarray, s: np.ndarray,
+               may_show_new: np.ndarray) -> np.ndarray:
+    """The items the world shows users ``u`` in scenarios ``s`` (indices): by the user's taste
+    (a recommender, with the scenario's ``personalised`` share) or by popularity, within a top
+    category; a new item only where ``may_show_new`` (from the first test day on), with the
+    ``cold_start_share``. ``impressions`` and the simulated shop's candidates draw through it."""
     cfg, w = world.cfg, world
-    rng = np.random.default_rng([cfg.seed, 1, chunk])
-    n_top = cfg.n_top_categories
-    s = rng.choice(len(cfg.scenarios), n, p=np.asarray(cfg.traffic))
-    day = rng.integers(0, cfg.n_days, n)
-    u = rng.choice(cfg.n_users, n, p=w.user_p)
-
-    # candidate items: by the user's taste (a recommender) or by popularity; new items only
-    # exist from the first test day on
+    n, n_top = len(u), cfg.n_top_categories
     personal = rng.random(n) < np.asarray(cfg.personalised)[s]
     top = np.where(personal, _sample_rows(rng, w.user_top_p[u], 1)[:, 0], rng.integers(0, n_top, n))
-    show_new = (day >= cfg.split_days[1]) & (rng.random(n) < cfg.cold_start_share)
+    show_new = may_show_new & (rng.random(n) < cfg.cold_start_share)
     item = np.empty(n, np.int64)
     for t in range(n_top):
         for new in (False, True):
@@ -351,8 +349,16 @@ def impressions(world: World, n: int, chunk: int) -> dict[str, np.ndarray]:
                 pool = np.flatnonzero((w.top == t) & ~w.is_new)
             p = w.item_pop[pool] / w.item_pop[pool].sum()
             item[rows] = pool[rng.choice(len(pool), len(rows), p=p)]
-    pos = np.minimum(rng.geometric(0.18, n) - 1, np.asarray(cfg.max_position)[s] - 1)
+    return item
 
+
+def true_probabilities(world: World, u: np.ndarray, item: np.ndarray, s: np.ndarray,
+                       pos: np.ndarray) -> dict[str, np.ndarray]:
+    """The one truth: the probabilities of click, conversion given click and ad click of users
+    ``u`` shown ``item`` in scenarios ``s`` (indices) at ``pos`` (0-based), with the parts of
+    the click logit. ``impressions`` draws its labels from them and the simulated shop
+    (``abtest.shop``) its users' responses and exact expected values."""
+    cfg, w = world.cfg, world
     seg = w.segment[u]
     it = w.top[item]
     rel_price = w.log_price[item] - w.cat_price[it]
@@ -366,28 +372,52 @@ def impressions(world: World, n: int, chunk: int) -> dict[str, np.ndarray]:
     )
     position = -np.asarray(cfg.position_decay)[s] * pos
     z_click = np.asarray(cfg.click_base)[s] + observable + latent + shift + position
-    p_click = _sigmoid(z_click)
-    click = rng.random(n) < p_click
 
     rho = cfg.task_correlation
     uv2 = np.einsum("nk,nk->n", w.u_lat2[u], w.v_lat2[item])
     own = w.b_u2[u] + w.b_i2[item] + cfg.affinity_scale * uv2
     z_conv = cfg.conversion_base + rho * latent + math.sqrt(1 - rho**2) * own - 0.6 * rel_price
-    p_conv = _sigmoid(z_conv)
-    conv = click & (rng.random(n) < p_conv)
 
     rho_ad = cfg.ad_correlation
     ad_own = w.ad_tolerance[u] + w.brand_ad_quality[w.brand[item]]
     z_ad = cfg.ad_click_base + rho_ad * (latent + shift) + math.sqrt(1 - rho_ad**2) * ad_own
     z_ad = z_ad + position
-    p_ad = _sigmoid(z_ad)
+    return {
+        "click": _sigmoid(z_click),
+        "conversion": _sigmoid(z_conv),
+        "ad_click": _sigmoid(z_ad),
+        "_observable": observable,
+        "_latent": latent + shift,
+        "_position": position,
+        "_z": z_click,
+    }
+
+
+def impressions(world: World, n: int, chunk: int) -> dict[str, np.ndarray]:
+    """One chunk of n impression rows with labels and true probabilities (seeded by chunk)."""
+    cfg, w = world.cfg, world
+    rng = np.random.default_rng([cfg.seed, 1, chunk])
+    s = rng.choice(len(cfg.scenarios), n, p=np.asarray(cfg.traffic))
+    day = rng.integers(0, cfg.n_days, n)
+    u = rng.choice(cfg.n_users, n, p=w.user_p)
+    # candidate items: by the user's taste (a recommender) or by popularity; new items only
+    # exist from the first test day on
+    item = draw_items(world, rng, u, s, day >= cfg.split_days[1])
+    pos = np.minimum(rng.geometric(0.18, n) - 1, np.asarray(cfg.max_position)[s] - 1)
+
+    truth = true_probabilities(world, u, item, s, pos)
+    # the draws keep their order (click, conversion, ad click): the data stays bit-identical
+    p_click, p_conv, p_ad = truth["click"], truth["conversion"], truth["ad_click"]
+    click = rng.random(n) < p_click
+    conv = click & (rng.random(n) < p_conv)
     is_ad = np.asarray(cfg.scenarios)[s] == "ad_slot"
     ad_click = rng.random(n) < p_ad
+    it = w.top[item]
 
     return {
         "user_id": u,
         "item_id": item,
-        "segment": seg,
+        "segment": w.segment[u],
         "age_bucket": w.age_bucket[u],
         "gender": w.gender[u],
         "top_category": it,
@@ -408,10 +438,10 @@ def impressions(world: World, n: int, chunk: int) -> dict[str, np.ndarray]:
         "true_ad_click": p_ad,
         "is_new_item": w.is_new[item],
         # variance decomposition of the click logit (diagnostics, not written to files)
-        "_observable": observable,
-        "_latent": latent + shift,
-        "_position": position,
-        "_z": z_click,
+        "_observable": truth["_observable"],
+        "_latent": truth["_latent"],
+        "_position": truth["_position"],
+        "_z": truth["_z"],
     }
 
 
