@@ -37,7 +37,7 @@ from tests.serve.server import Server, free_port, stop, wait_ready
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
 NAME = "ranker-v2"
-ROWS = 20_000  # the quickstart world the arms' models are trained on (about 3 s unloaded)
+ROWS = 8_000  # the quickstart world the arms' models train on (3-10 s: a weak model is enough)
 LABELS = ("day", "click", "conversion", "ad_click", "true_click", "true_conversion",
           "true_ad_click", "is_new_item")
 
