@@ -37,28 +37,28 @@ from tests.serve.server import Server, free_port, stop, wait_ready
 
 EXAMPLES = Path(__file__).parents[2] / "examples"
 NAME = "ranker-v2"
-ROWS = 8_000  # the quickstart world the arms' models train on (3-10 s: a weak model is enough)
 LABELS = ("day", "click", "conversion", "ad_click", "true_click", "true_conversion",
           "true_ad_click", "is_new_item")
 
 
 @pytest.fixture(scope="module")
-def quick(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A quickstart run (its model and its world's data), trained once for the module."""
-    out = tmp_path_factory.mktemp("quick")
-    cli("quickstart", "--rows", str(ROWS), "--out", str(out), "--no-baselines", check=True)
-    return out
+def quick(ab_models: Path) -> Path:
+    """The A/B tests' session models (tests/abtest/conftest.py: a small world's multi-task
+    model, its single-task baselines and its data), shared with the simulator's tests."""
+    return ab_models
 
 
-def write_config(path: Path, model: Path, **extra: Any) -> Path:
-    """Two arms of the quickstart model: pCTR alone (control) vs expected GMV (treatment)."""
+def write_config(path: Path, models: Path, **extra: Any) -> Path:
+    """Two arms ranking by expected GMV (pCTR x pCVR x price): the multi-task model (control)
+    and the single-task click and conversion models (treatment: one directory per task)."""
+    weights = {"click": 1, "conversion": 1, "price": 1}
+    single = {t: str(models / "single_task" / t / "model") for t in ("click", "conversion")}
     cfg = {"name": NAME, "k": {"home_feed": 10, "search": 10, "ad_slot": 4,
                                "product_page": 10},
            "arms": [{"name": "control", "share": 0.5,
-                     "policy": {"model": str(model), "weights": {"click": 1}}},
+                     "policy": {"model": str(models / "model"), "weights": weights}},
                     {"name": "treatment", "share": 0.5,
-                     "policy": {"model": str(model),
-                                "weights": {"click": 1, "conversion": 1, "price": 1}}}],
+                     "policy": {"model": single, "weights": weights}}],
            **extra}
     path.write_text(yaml.safe_dump(cfg))
     return path
@@ -114,7 +114,8 @@ def test_each_policy_kind_is_built(quick: Path, tmp_path: Path) -> None:
     a random arm: their scores rank the candidates as they say."""
     from shopmtl.abtest.experiment import build_policies
 
-    rows = pa.Table.from_pylist(candidates(quick, 30))
+    distinct = {r["item_id"]: r for r in candidates(quick, 300)}  # one row per item
+    rows = pa.Table.from_pylist(list(distinct.values())[:30])
     items = [str(i) for i in rows.column("item_id").to_pylist()]
     (tmp_path / "pop.json").write_text(json.dumps({items[7]: 5.0, items[3]: 9.0}))
     path = tmp_path / "exp.yaml"
@@ -186,7 +187,7 @@ def app_client(quick: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterato
     from shopmtl.serve import create_app
 
     cfg = load_experiment(write_config(tmp_path_factory.mktemp("exp") / "exp.yaml",
-                                       quick / "model"))
+                                       quick))
     app = create_app(quick / "model", experiment=cfg)  # the model's endpoints and the arms'
 
     with TestClient(app) as client:
@@ -267,7 +268,7 @@ def test_without_a_model_a_reload_is_refused(quick: Path, tmp_path: Path) -> Non
     from shopmtl.serve import create_app
 
     key = "k" * 32
-    cfg = load_experiment(write_config(tmp_path / "exp.yaml", quick / "model"))
+    cfg = load_experiment(write_config(tmp_path / "exp.yaml", quick))
     with TestClient(create_app(None, experiment=cfg, admin_key=key)) as client:
         wait_ready_in(client)
         r = client.post("/admin/reload", headers={"authorization": f"Bearer {key}"})
@@ -307,7 +308,7 @@ def _rank(server: Server, user: str, rows: list[dict[str, Any]]) -> dict[str, An
 
 def test_arms_are_stable_across_restarts_no_raw_id_is_kept_and_sigterm_drains(
         quick: Path, tmp_path: Path) -> None:
-    cfg = write_config(tmp_path / "exp.yaml", quick / "model")
+    cfg = write_config(tmp_path / "exp.yaml", quick)
     users = [f"secret-user-{i:04d}" for i in range(24)]
     rows = candidates(quick, 20)
     arms = [("control", 0.5), ("treatment", 0.5)]
@@ -342,7 +343,7 @@ def test_a_stuck_writer_never_blocks_a_request(quick: Path, tmp_path: Path) -> N
     (the test holds an exclusive transaction): every rank request is answered 200 at once,
     the events beyond the queue are dropped and counted (/metrics, then the meta), and once
     the lock is released the rest is written: sent = written + dropped."""
-    cfg = write_config(tmp_path / "exp.yaml", quick / "model", queue=2)
+    cfg = write_config(tmp_path / "exp.yaml", quick, queue=2)
     rows = candidates(quick, 20)
     with _serve(cfg, tmp_path / "serve.log") as server:
         lock = sqlite3.connect(tmp_path / "events.db", isolation_level=None)
@@ -368,7 +369,7 @@ def test_a_stuck_writer_never_blocks_a_request(quick: Path, tmp_path: Path) -> N
 def test_an_event_store_of_another_experiment_is_refused(quick: Path, tmp_path: Path) -> None:
     with EventStore(tmp_path / "events.db") as store:
         store.set_meta("experiment", "someone-else")
-    proc = cli("serve", "--experiment", str(write_config(tmp_path / "exp.yaml", quick / "model")))
+    proc = cli("serve", "--experiment", str(write_config(tmp_path / "exp.yaml", quick)))
     assert_one_error_line(proc, "events.db", "holds another experiment", code=2)
 
 
@@ -397,12 +398,11 @@ def test_the_shop_against_the_service_end_to_end(quick: Path, tmp_path: Path) ->
     posted back), the events in SQLite, then ``analyze``: the units split as the shares say
     (SRM ok), every event sent is stored or counted as dropped, and none was dropped."""
     from shopmtl.abtest.analyze import analyze
-    from shopmtl.abtest.http import HttpRanker, play_http
+    from shopmtl.abtest.http import HttpRanker, play_http, world_of
     from shopmtl.abtest.shop import Shop
-    from shopmtl.data.synthetic import WorldConfig
 
-    shop = Shop(WorldConfig(rows=ROWS, seed=0))  # the quickstart's world
-    cfg = write_config(tmp_path / "exp.yaml", quick / "model")
+    shop = Shop(world_of(quick / "data" / "world.json"))  # the models' world
+    cfg = write_config(tmp_path / "exp.yaml", quick)
     with _serve(cfg, tmp_path / "serve.log") as server:
         with server.client() as client, HttpRanker(server.url, NAME, client=client) as ranker:
             reqs = list(shop.requests(REQUESTS, seed=1))
