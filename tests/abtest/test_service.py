@@ -42,7 +42,7 @@ LABELS = ("day", "click", "conversion", "ad_click", "true_click", "true_conversi
 
 
 @pytest.fixture(scope="module")
-def quick(ab_models: Path) -> Path:
+def trained(ab_models: Path) -> Path:
     """The A/B tests' session models (tests/abtest/conftest.py: a small world's multi-task
     model, its single-task baselines and its data), shared with the simulator's tests."""
     return ab_models
@@ -64,9 +64,9 @@ def write_config(path: Path, models: Path, **extra: Any) -> Path:
     return path
 
 
-def candidates(quick: Path, n: int = 30, start: int = 0) -> list[dict[str, Any]]:
+def candidates(trained: Path, n: int = 30, start: int = 0) -> list[dict[str, Any]]:
     """Rows of the world's test split without labels, user and scenario (the request's)."""
-    rows = pq.read_table(quick / "data" / "test.parquet").slice(start, n).to_pylist()
+    rows = pq.read_table(trained / "data" / "test.parquet").slice(start, n).to_pylist()
     return [{k: v for k, v in r.items() if k not in (*LABELS, "user_id", "scenario")}
             for r in rows]
 
@@ -109,12 +109,12 @@ def test_config_defaults_and_relative_paths(tmp_path: Path) -> None:
     assert cfg.shares == {"pop": 0.25, "rnd": 0.75}
 
 
-def test_each_policy_kind_is_built(quick: Path, tmp_path: Path) -> None:
+def test_each_policy_kind_is_built(trained: Path, tmp_path: Path) -> None:
     """A popularity arm from a JSON file or from the training Parquet (each item's clicks),
     a random arm: their scores rank the candidates as they say."""
     from shopmtl.abtest.experiment import build_policies
 
-    distinct = {r["item_id"]: r for r in candidates(quick, 300)}  # one row per item
+    distinct = {r["item_id"]: r for r in candidates(trained, 300)}  # one row per item
     rows = pa.Table.from_pylist(list(distinct.values())[:30])
     items = [str(i) for i in rows.column("item_id").to_pylist()]
     (tmp_path / "pop.json").write_text(json.dumps({items[7]: 5.0, items[3]: 9.0}))
@@ -122,11 +122,11 @@ def test_each_policy_kind_is_built(quick: Path, tmp_path: Path) -> None:
     path.write_text(yaml.safe_dump({"name": "kinds", "arms": [
         {"name": "json", "share": 0.4, "policy": {"popularity": "pop.json"}},
         {"name": "clicks", "share": 0.3,
-         "policy": {"popularity": str(quick / "data" / "train.parquet")}},
+         "policy": {"popularity": str(trained / "data" / "train.parquet")}},
         {"name": "rnd", "share": 0.3, "policy": {"random": 3}}]}))
     policies = build_policies(load_experiment(path))
     assert [items[i] for i in top_k(policies["json"].scores(rows), 2)] == [items[3], items[7]]
-    train = pq.read_table(quick / "data" / "train.parquet", columns=["item_id", "click"])
+    train = pq.read_table(trained / "data" / "train.parquet", columns=["item_id", "click"])
     clicks = Counter(str(i) for i, c in zip(train.column("item_id").to_pylist(),
                                             train.column("click").to_pylist(), strict=True)
                      if c)
@@ -181,14 +181,14 @@ def test_close_drains_a_busy_queue(tmp_path: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def app_client(quick: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+def app_client(trained: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     from starlette.testclient import TestClient
 
     from shopmtl.serve import create_app
 
     cfg = load_experiment(write_config(tmp_path_factory.mktemp("exp") / "exp.yaml",
-                                       quick))
-    app = create_app(quick / "model", experiment=cfg)  # the model's endpoints and the arms'
+                                       trained))
+    app = create_app(trained / "model", experiment=cfg)  # the model's endpoints and the arms'
 
     with TestClient(app) as client:
         wait_ready_in(client)
@@ -225,7 +225,7 @@ def test_bad_feedback_is_a_422_in_the_service_error_shape(app_client: Any, body:
     assert ok.status_code == 202 and ok.json() == {"status": "accepted"}
 
 
-def test_a_refused_rank_is_its_arms_exposure(app_client: Any, quick: Path) -> None:
+def test_a_refused_rank_is_its_arms_exposure(app_client: Any, trained: Path) -> None:
     """A rank refused after its user id was read counts for the user's arm (status 422, nothing
     shown): the error-rate guardrail sees it. One without a readable user id has no arm."""
     exp = app_client.app.state.experiment
@@ -237,14 +237,14 @@ def test_a_refused_rank_is_its_arms_exposure(app_client: Any, quick: Path) -> No
     r = app_client.post(f"/v1/experiments/{NAME}/rank", json={"scenario": "search"})
     assert r.status_code == 422 and "body.user_id" in r.json()["error"]["fields"]
     r = app_client.post(f"/v1/experiments/{NAME}/rank", json={
-        "user_id": "u-77", "scenario": "unknown", "candidates": candidates(quick, 5)})
+        "user_id": "u-77", "scenario": "unknown", "candidates": candidates(trained, 5)})
     assert r.status_code == 422 and r.json()["error"]["fields"] == ["body.scenario"]
     ok = app_client.post(f"/v1/experiments/{NAME}/rank", json={
-        "user_id": "u-77", "scenario": "search", "candidates": candidates(quick, 30), "k": 4})
+        "user_id": "u-77", "scenario": "search", "candidates": candidates(trained, 30), "k": 4})
     assert ok.status_code == 200
     got = ok.json()
     assert got["arm"] == assign("u-77", NAME, exp.arms) and len(got["shown"]) == 4
-    rows = candidates(quick, 30)
+    rows = candidates(trained, 30)
     assert got["shown"] == [str(rows[i]["item_id"]) for i in got["shown_index"]]
     assert exp.queue.counts.queued["exposures"] - before == 3  # two 422s with a user, one 200
     assert exp.unattributed >= 1
@@ -253,22 +253,22 @@ def test_a_refused_rank_is_its_arms_exposure(app_client: Any, quick: Path) -> No
     assert "shopmtl_experiment_queue_depth" in metrics
 
 
-def test_the_model_endpoints_answer_beside_the_experiment(app_client: Any, quick: Path
+def test_the_model_endpoints_answer_beside_the_experiment(app_client: Any, trained: Path
                                                           ) -> None:
     import shopmtl
 
-    example = shopmtl.load(quick / "model").contract("click").example
+    example = shopmtl.load(trained / "model").contract("click").example
     r = app_client.post("/v1/score", json={"rows": [example] * 3})
     assert r.status_code == 200 and len(r.json()["predictions"]) == 3
 
 
-def test_without_a_model_a_reload_is_refused(quick: Path, tmp_path: Path) -> None:
+def test_without_a_model_a_reload_is_refused(trained: Path, tmp_path: Path) -> None:
     from starlette.testclient import TestClient
 
     from shopmtl.serve import create_app
 
     key = "k" * 32
-    cfg = load_experiment(write_config(tmp_path / "exp.yaml", quick))
+    cfg = load_experiment(write_config(tmp_path / "exp.yaml", trained))
     with TestClient(create_app(None, experiment=cfg, admin_key=key)) as client:
         wait_ready_in(client)
         r = client.post("/admin/reload", headers={"authorization": f"Bearer {key}"})
@@ -307,10 +307,10 @@ def _rank(server: Server, user: str, rows: list[dict[str, Any]]) -> dict[str, An
 
 
 def test_arms_are_stable_across_restarts_no_raw_id_is_kept_and_sigterm_drains(
-        quick: Path, tmp_path: Path) -> None:
-    cfg = write_config(tmp_path / "exp.yaml", quick)
+        trained: Path, tmp_path: Path) -> None:
+    cfg = write_config(tmp_path / "exp.yaml", trained)
     users = [f"secret-user-{i:04d}" for i in range(24)]
-    rows = candidates(quick, 20)
+    rows = candidates(trained, 20)
     arms = [("control", 0.5), ("treatment", 0.5)]
     runs: list[list[str]] = []
     for run in range(2):  # one server, then a restart on the same event store
@@ -338,13 +338,13 @@ def test_arms_are_stable_across_restarts_no_raw_id_is_kept_and_sigterm_drains(
     assert b"secret-user" not in stored and "secret-user" not in logs
 
 
-def test_a_stuck_writer_never_blocks_a_request(quick: Path, tmp_path: Path) -> None:
+def test_a_stuck_writer_never_blocks_a_request(trained: Path, tmp_path: Path) -> None:
     """The real server with a queue of 2 while its SQLite file is locked by another writer
     (the test holds an exclusive transaction): every rank request is answered 200 at once,
     the events beyond the queue are dropped and counted (/metrics, then the meta), and once
     the lock is released the rest is written: sent = written + dropped."""
-    cfg = write_config(tmp_path / "exp.yaml", quick, queue=2)
-    rows = candidates(quick, 20)
+    cfg = write_config(tmp_path / "exp.yaml", trained, queue=2)
+    rows = candidates(trained, 20)
     with _serve(cfg, tmp_path / "serve.log") as server:
         lock = sqlite3.connect(tmp_path / "events.db", isolation_level=None)
         lock.execute("BEGIN EXCLUSIVE")
@@ -366,10 +366,10 @@ def test_a_stuck_writer_never_blocks_a_request(quick: Path, tmp_path: Path) -> N
     assert events.exposures.num_rows == events.meta["written"]["exposures"] == 10 - dropped
 
 
-def test_an_event_store_of_another_experiment_is_refused(quick: Path, tmp_path: Path) -> None:
+def test_an_event_store_of_another_experiment_is_refused(trained: Path, tmp_path: Path) -> None:
     with EventStore(tmp_path / "events.db") as store:
         store.set_meta("experiment", "someone-else")
-    proc = cli("serve", "--experiment", str(write_config(tmp_path / "exp.yaml", quick)))
+    proc = cli("serve", "--experiment", str(write_config(tmp_path / "exp.yaml", trained)))
     assert_one_error_line(proc, "events.db", "holds another experiment", code=2)
 
 
@@ -392,7 +392,7 @@ def test_the_example_config_loads() -> None:
 REQUESTS = 600  # shop requests played through the service (about 10 s on a loaded machine)
 
 
-def test_the_shop_against_the_service_end_to_end(quick: Path, tmp_path: Path) -> None:
+def test_the_shop_against_the_service_end_to_end(trained: Path, tmp_path: Path) -> None:
     """The service with two arms, the simulated shop's users over loopback (each request ranked
     by the service, answered from the world's true probabilities, its clicks and conversions
     posted back), the events in SQLite, then ``analyze``: the units split as the shares say
@@ -401,8 +401,8 @@ def test_the_shop_against_the_service_end_to_end(quick: Path, tmp_path: Path) ->
     from shopmtl.abtest.http import HttpRanker, play_http, world_of
     from shopmtl.abtest.shop import Shop
 
-    shop = Shop(world_of(quick / "data" / "world.json"))  # the models' world
-    cfg = write_config(tmp_path / "exp.yaml", quick)
+    shop = Shop(world_of(trained / "data" / "world.json"))  # the models' world
+    cfg = write_config(tmp_path / "exp.yaml", trained)
     with _serve(cfg, tmp_path / "serve.log") as server:
         with server.client() as client, HttpRanker(server.url, NAME, client=client) as ranker:
             reqs = list(shop.requests(REQUESTS, seed=1))
