@@ -43,7 +43,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 ROOT_PACKAGE = "shopmtl"
 
 APPS = ("cli", "run", "checks", "predict", "compare", "report", "joint.predict", "modeldir",
-        "configdoc", "describe", "api", "serve", "__main__", "export", "abtest")
+        "configdoc", "describe", "api", "serve", "__main__", "export", "abtest", "federated")
 # what each layer must not import: rules (b), (c), (d). data/ may import the leaf ``metrics``.
 DATA_FORBIDDEN = ("train", "joint", *APPS, "weighting", "models", "nn", "tasks")
 LOW_FORBIDDEN = ("train", "joint", "models", "nn", "weighting", *APPS)

@@ -627,10 +627,39 @@ def compare(
     typer.echo(f"wrote {out / 'compare.json'} and {out / 'compare.md'}")
 
 
+<<<<<<< HEAD
 # the A/B-testing group (docs/ABTEST.md): imports only typer at load, like the commands here
 from shopmtl.abtest.cli import app as abtest_app  # noqa: E402
 
 app.add_typer(abtest_app, name="abtest")
+=======
+@app.command()
+@_guard
+def federate(
+    config: Annotated[Path, typer.Argument(help="Federated YAML (examples/federated.yaml)")],
+    out: Annotated[Path, typer.Option(help="Output directory")] = Path("runs/federated"),
+    sets: Sets = None,
+    overwrite: Annotated[bool, typer.Option(
+        help="Replace the previous shopmtl run in OUT")] = False,
+) -> None:
+    """Federated training on Flower's simulation engine: the rows split into silos that never
+    pool them, one model trained by rounds of local training and aggregation; AUC per round
+    per silo and on the pooled test split in OUT/metrics.json and OUT/report.md."""
+    from shopmtl.federated.config import load_federated
+    from shopmtl.federated.server import run_federated
+    from shopmtl.train.outdir import check_output, start_run
+    from shopmtl.train.outlock import locked_output
+
+    run = load_federated(config, sets or [])
+    with locked_output(out):
+        start_run(out, check_output(out, command="federate", overwrite=overwrite),
+                  command="federate")
+        metrics = run_federated(run, out, log=typer.echo)
+    final = metrics["final"]
+    for task, scopes in final["pooled"].items():
+        typer.echo(f"pooled test AUC {task}: {scopes.get('all', float('nan')):.4f}")
+    typer.echo(f"wrote {out / 'metrics.json'} and {out / 'report.md'}")
+>>>>>>> fed
 
 
 if __name__ == "__main__":

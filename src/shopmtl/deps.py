@@ -29,7 +29,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "viz": ("tensorboard", "matplotlib"),
     "export": ("onnx", "onnxruntime", "onnxscript"),
     "serve": ("fastapi", "uvicorn", "httpx", "prometheus_client"),
-    "federated": ("flwr",),
+    "federated": ("flwr", "ray"),  # ray: Flower's simulation engine
     "abtest": ("scipy", "statsmodels"),
 }
 

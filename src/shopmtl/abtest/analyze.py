@@ -369,22 +369,28 @@ def _sequential(events: Events, req: pa.Table, control: str, treatments: list[st
                     continue
                 t_num, t_den = _arrays(units, arm, m)
                 c_num, c_den = _arrays(units, control, m)
-                d = per.setdefault(f"{arm}\0{mname}", {"diff": [], "var": [], "n": []})
+                d = per.setdefault(f"{arm}\0{mname}", {"diff": [], "var": [], "n": [], "w": []})
                 if t_num.size < 2 or c_num.size < 2:
                     d["diff"].append(math.nan), d["var"].append(math.nan), d["n"].append(0)
+                    d["w"].append(0.0)
                     continue
                 cmp = stats.compare(estimate(t_num, t_den, m), estimate(c_num, c_den, m),
                                     alpha)
                 d["diff"].append(cmp.abs_lift)
                 d["var"].append(cmp.se**2)
                 d["n"].append(int(t_num.size + c_num.size))
+                # a ratio's information grows with its denominator (impressions, clicks,
+                # requests); a per-unit sum's with the units
+                d["w"].append(float(t_den.sum() + c_den.sum()) if m.den else float(
+                    t_num.size + c_num.size))
     out: dict[str, Any] = {arm: {} for arm in treatments}
     for key, d in per.items():
         arm, mname = key.split("\0")
-        # information: 1 / variance for a ratio (it shrinks as impressions accrue); units for a
-        # per-unit sum, whose variance grows with the period as each unit's sum grows
-        n = np.array(d["n"], np.float64)
-        info = None if METRICS[mname].den else n
+        # information as sample size: the denominator's total for a ratio, units for a
+        # per-unit sum (whose variance grows with the period as each unit's sum grows). Not
+        # 1 / variance: an early variance estimate from a few units can be far too small,
+        # which would put the first look at full information and spend all of alpha there
+        info = np.array(d["w"], np.float64)
         out[arm][mname] = sequential_path(np.array(d["diff"]), np.array(d["var"]), alpha, info)
         out[arm][mname]["n_units"] = d["n"]
     return {"looks": looks, "cut_ts": [c if math.isfinite(c) else t1 for c in cuts],

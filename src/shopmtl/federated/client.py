@@ -1,0 +1,210 @@
+"""A silo's side of a federated run: the Flower ``ClientApp`` and the local training it runs.
+
+A client's local training is the project's one training core: ``train.loop.fit(model,
+[its silo's TableSource], steps=k, start=its last loop state)`` from the global weights it
+was sent; FedProx's term is a regulariser source around it (``federated.proximal``). Between
+rounds a client keeps, in its Flower ``Context.state``, what never leaves it: the unshared
+pieces of the model (its users' embedding rows by default) and its loop state (where its
+stream of batches stands, so local epochs walk through its rows instead of restarting).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from shopmtl.config import ExperimentConfig
+from shopmtl.data.pipeline import PreparedData
+from shopmtl.data.schema import ALL, Schema
+from shopmtl.federated.config import FederatedConfig
+from shopmtl.federated.proximal import ProximalSource, anchors_of
+from shopmtl.federated.silos import load_silo
+from shopmtl.federated.wire import Piece, nbytes, pack, pieces, select, unpack
+from shopmtl.models.base import MultiTaskModel
+from shopmtl.registry import build_model
+from shopmtl.train.loop import FitResult, LoopState, Schedule, fit, state_json
+from shopmtl.train.select import MetricSelector
+from shopmtl.train.table import TableSource
+from shopmtl.weighting import build_weighting
+
+
+@dataclass(frozen=True)
+class Federation:
+    """What every client needs to know (plain, picklable: it travels to the engine's
+    workers): the experiment, the federation, the schema, the vocabulary sizes, and where
+    each silo's rows are (a silo's client reads only its own file)."""
+
+    experiment: ExperimentConfig
+    federated: FederatedConfig
+    schema: Schema
+    vocab_sizes: dict[str, int]
+    silo_names: tuple[str, ...]
+    silo_files: tuple[str, ...]
+
+    def build(self) -> MultiTaskModel:
+        """The model every party starts from: same seed, same initial weights everywhere."""
+        torch.manual_seed(self.federated.seed)
+        return build_model(self.experiment.model.name, self.experiment.model.args, self.schema,
+                           self.vocab_sizes, None)
+
+    def layout(self, model: nn.Module) -> tuple[list[Piece], list[Piece]]:
+        """(shared pieces, local pieces) of ``model`` under ``federated.share``."""
+        every = pieces(model, self.schema, self.vocab_sizes, self.schema.group)
+        shared = select(every, self.federated.share)
+        names = {p.name for p in shared}
+        return shared, [p for p in every if p.name not in names]
+
+
+# -- local training: one call of the one loop ----------------------------------------------
+
+def local_steps(fed: FederatedConfig, data: PreparedData, batch_size: int) -> int:
+    """A round's local steps: ``local_epochs`` of the silo's training rows."""
+    return max(1, round(fed.local_epochs * data.train.num_batches(batch_size)))
+
+
+def round_lr(exp: ExperimentConfig, epochs_done: float) -> float:
+    """The learning rate after ``epochs_done`` epochs: the experiment's per-epoch decay, as
+    a one-table run applies it, so a federated run and a centralised one of the same total
+    epochs see the same rates."""
+    t = exp.train
+    return t.batch_lr() * t.lr_decay ** math.floor(epochs_done + 1e-9)
+
+
+def train_silo(model: nn.Module, data: PreparedData, exp: ExperimentConfig, *, steps: int,
+               lr: float, seed: int, start: LoopState | None = None, mu: float = 0.0,
+               anchor: list[Piece] | None = None, decay_every: int = 0) -> FitResult:
+    """``steps`` more steps of ``model`` on ``data``'s training rows through ``train.loop.fit``
+    (``start``: the loop state to continue from; ``mu`` > 0: FedProx's proximal term to the
+    current values of the ``anchor`` pieces, the global model just received)."""
+    t = exp.train
+    source: Any = TableSource(data, t.batch_size, embedding_weight_decay=t.embedding_weight_decay,
+                              eval_batch_size=t.eval_batch_size)
+    if mu > 0:
+        source = ProximalSource(source, mu, anchors_of(model, anchor or []))
+    weighting = build_weighting(exp.weighting.name, exp.weighting.args, data.schema.task_names)
+    done = start.step if start is not None else 0
+    schedule = Schedule(steps=done + steps, lr=lr, grad_clip=t.grad_clip, seed=seed,
+                        lr_decay=t.lr_decay if decay_every else 1.0, decay_every=decay_every,
+                        divergence_factor=t.divergence_factor)
+    # the mean AUC over tasks: a silo may lack a task's validation labels
+    selector = MetricSelector("valid.all_tasks.auc", "max", source.name)
+    return fit(model, [source], weighting, schedule, selector, start=start, alpha=t.alpha,
+               weight_decay=t.weight_decay, optimizer=t.optimizer)
+
+
+def nest_auc(per_task: dict[str, dict[str, Any]], key: str = "auc"
+             ) -> dict[str, dict[str, float]]:
+    """``TableSource.evaluate``'s metrics as {task: {scope: value}} (``all`` and every
+    scenario; finite values only: a task without labels in a scope has none)."""
+    out: dict[str, dict[str, float]] = {}
+    for task, m in per_task.items():
+        scopes = {ALL: m, **m.get("by_scenario", {})}
+        for scope, vals in scopes.items():
+            v = vals.get(key)
+            if v is not None and math.isfinite(float(v)):
+                out.setdefault(task, {})[scope] = float(v)
+    return out
+
+
+# -- the ClientApp ---------------------------------------------------------------------------
+
+_SILOS: dict[str, PreparedData] = {}  # a worker process keeps the silos it has loaded
+
+
+def _silo(fed: Federation, i: int) -> PreparedData:
+    path = fed.silo_files[i]
+    if path not in _SILOS:
+        _SILOS[path] = load_silo(Path(path), fed.schema)
+    return _SILOS[path]
+
+
+def _arrays(record: Any) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def _model(fed: Federation, state: Any, global_arrays: dict[str, np.ndarray]
+           ) -> tuple[MultiTaskModel, list[Piece], list[Piece]]:
+    """The silo's model: its own pieces (kept in ``state``; the initial ones before its
+    first round) under the global shared ones."""
+    model = fed.build()
+    shared, local = fed.layout(model)
+    if "local" in state:
+        unpack(model, local, _arrays(state["local"]))
+    unpack(model, shared, global_arrays)
+    return model, shared, local
+
+
+def client_train(fed: Federation, msg: Any, context: Any) -> Any:
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+    exp, cfg = fed.experiment, fed.federated
+    torch.set_num_threads(max(1, exp.train.threads))
+    i = int(context.node_config["partition-id"])
+    data = _silo(fed, i)
+    received = _arrays(msg.content["arrays"])
+    model, shared, local = _model(fed, context.state, received)
+    rnd = int(msg.content["config"]["server-round"])
+    mu = float(msg.content["config"].get("proximal-mu", 0.0))
+    start = (LoopState(**json.loads(str(context.state["loop"]["state"])))
+             if "loop" in context.state else None)
+    k = local_steps(cfg, data, exp.train.batch_size)
+    res = train_silo(model, data, exp, steps=k, lr=round_lr(exp, (rnd - 1) * cfg.local_epochs),
+                     seed=cfg.seed * 1009 + i, start=start, mu=mu, anchor=shared)
+    context.state["local"] = ArrayRecord({k: Array(v) for k, v in pack(model, local).items()})
+    context.state["loop"] = ConfigRecord({"state": json.dumps(state_json(res.state))})
+    sent = pack(model, shared)
+    if fed.silo_names[i] in cfg.attack.silos:  # the harness: a sign-flipped, scaled update
+        sent = {n: received[n] - cfg.attack.scale * (v - received[n]) for n, v in sent.items()}
+    losses = res.state.history[-1]["train_loss"] if res.state.history else {}
+    # the weighting key and the ids in the MetricRecord (Flower wants the same keys from
+    # every client); what differs by silo (its tasks) travels as JSON beside it
+    metrics = {"num-examples": len(data.train), "silo": i, "round": rnd,
+               "bytes-sent": nbytes(sent), "bytes-received": nbytes(received), "steps": k}
+    detail = {"train_loss": {t: float(v) for t, v in losses.items()}}
+    return Message(RecordDict({"arrays": ArrayRecord({n: Array(v) for n, v in sent.items()}),
+                               "metrics": MetricRecord(metrics),
+                               "detail": ConfigRecord({"json": json.dumps(detail)})}),
+                   reply_to=msg)
+
+
+def client_evaluate(fed: Federation, msg: Any, context: Any) -> Any:
+    from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+
+    torch.set_num_threads(max(1, fed.experiment.train.threads))
+    i = int(context.node_config["partition-id"])
+    data = _silo(fed, i)
+    model, _, _ = _model(fed, context.state, _arrays(msg.content["arrays"]))
+    source = TableSource(data, fed.experiment.train.batch_size,
+                         eval_batch_size=fed.experiment.train.eval_batch_size)
+    per_task = source.evaluate(model, "test")
+    metrics = {"num-examples": len(data.test), "silo": i,
+               "round": int(msg.content["config"]["server-round"])}
+    detail = {"auc": nest_auc(per_task)}
+    return Message(RecordDict({"metrics": MetricRecord(metrics),
+                               "detail": ConfigRecord({"json": json.dumps(detail)})}),
+                   reply_to=msg)
+
+
+def make_client_app(fed: Federation) -> Any:
+    """The ``ClientApp``: node ``partition-id`` k is silo k."""
+    from flwr.clientapp import ClientApp
+
+    app = ClientApp()
+
+    @app.train()
+    def _train(msg: Any, context: Any) -> Any:
+        return client_train(fed, msg, context)
+
+    @app.evaluate()
+    def _evaluate(msg: Any, context: Any) -> Any:
+        return client_evaluate(fed, msg, context)
+
+    return app
+

@@ -1,0 +1,141 @@
+"""The ``federated`` section of a federated run's config, and the loader of the whole file.
+
+A federated config is an experiment config (``data``, ``model``, ``train``, ``weighting``:
+what each silo trains, read by ``config.config_from_dict`` with all its checks) plus one
+``federated`` section: how the rows are split into silos, what crosses the wire, the server's
+strategy and the rounds. Every key is declared once with its meaning and range (``keys.key``);
+unknown keys, wrong types and out-of-range numbers are one-line ConfigErrors naming the key,
+raised before any data is read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from shopmtl.config import (
+    ConfigError,
+    ExperimentConfig,
+    _yaml_load,
+    apply_overrides,
+    config_from_dict,
+    from_dict,
+    yaml_problem,
+)
+from shopmtl.keys import check_fields, key
+
+
+@dataclass(frozen=True)
+class SiloConfig:
+    """How the pooled rows become silos (each keeps only its rows)."""
+
+    by: Literal["scenario", "column", "user_hash"] = key(
+        "scenario", "one silo per scenario (or per group of scenarios), per group of a "
+                    "categorical column's values, or by a hash of the user (an IID control)")
+    column: str | None = key(None, "by: column: the categorical column (e.g. a market)")
+    # silo name -> the scenarios (by: scenario) or column values (by: column) it holds;
+    # empty with by: scenario: one silo per scenario
+    groups: dict[str, tuple[str, ...]] = key(factory=dict, doc="silo name -> its scenarios "
+                                             "or column values ({}: one silo per scenario)")
+    count: int = key(4, "by: user_hash: the number of silos", ge=2)
+    # silo name -> the only tasks whose labels it keeps (a silo that does not log conversions)
+    tasks: dict[str, tuple[str, ...]] = key(factory=dict, doc="silo name -> the tasks it has "
+                                            "labels for ({}: all its rows have)")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.by == "column" and not self.column:
+            raise ValueError("federated.silos.column: by: column needs the column's name")
+        if self.by == "column" and not self.groups:
+            raise ValueError("federated.silos.groups: by: column needs the silos' values")
+        if self.by == "user_hash" and self.groups:
+            raise ValueError("federated.silos.groups: not used with by: user_hash (use count)")
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """A measurement harness (docs/FEDERATED.md, must-show 2): these silos send their update
+    sign-flipped and scaled, ``global - scale * (local - global)``."""
+
+    silos: tuple[str, ...] = key((), "the attacking silos' names (empty: no attack)")
+    scale: float = key(10.0, "the factor of the flipped update", gt=0)
+
+
+@dataclass(frozen=True)
+class FederatedConfig:
+    silos: SiloConfig = key(factory=SiloConfig, doc="how the rows are split into silos")
+    share: tuple[Literal["dense", "items", "towers", "users"], ...] = key(
+        ("dense", "items", "towers"), "the parts of the model that cross the wire; users "
+        "(the user-id embedding rows) stay in their silo unless listed")
+    strategy: Literal["fedavg", "fedprox", "fedadam", "trimmed_mean", "median", "krum",
+                      "multikrum"] = key("fedprox", "the server's aggregation")
+    # small: under Adam the term is normalised like any gradient, so mu 0.01 already pins the
+    # weights whose own gradients are small to the global model (docs/FEDERATED.md)
+    mu: float = key(1e-4, "fedprox: weight of the proximal term mu/2 ||w - w_global||^2",
+                    ge=0)
+    row_aware: bool = key(True, "fedavg / fedprox: average each embedding row over the "
+                                "clients that updated it (not over all clients)")
+    server_lr: float = key(0.01, "fedadam: the server optimiser's step (eta)", gt=0)
+    trim: float = key(0.2, "trimmed_mean: the fraction cut from each end", ge=0, lt=0.5)
+    malicious: int = key(1, "krum, multikrum: the number of attackers tolerated (multikrum "
+                            "averages the clients - malicious updates Krum scores best)", ge=0)
+    rounds: int = key(8, "rounds of training", ge=1)
+    local_epochs: float = key(0.5, "each client's local training per round, in epochs of "
+                                   "its own rows", gt=0)
+    fraction: float = key(1.0, "the fraction of clients sampled each round", gt=0, le=1)
+    min_clients: int = key(2, "the fewest clients a round trains on", ge=1)
+    client_cpus: float = key(1.0, "CPUs the simulation engine reserves per client", gt=0)
+    engine_cpus: int = key(2, "CPUs the simulation engine may use", ge=1)
+    seed: int = key(0, "seed of the split, the sampling and every client", ge=0)
+    attack: AttackConfig = key(factory=AttackConfig, doc="a test harness: silos that send "
+                                                         "sign-flipped updates")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if len(set(self.share)) != len(self.share):
+            raise ValueError(f"federated.share: a part is listed twice: {list(self.share)}")
+        if not self.share:
+            raise ValueError("federated.share: share at least one part of the model")
+        if self.strategy == "fedprox" and self.mu == 0:
+            raise ValueError("federated.mu: fedprox needs mu > 0 (mu 0 is fedavg)")
+
+
+@dataclass(frozen=True)
+class FederatedRun:
+    """What ``shopmtl federate`` runs: the silos' experiment and the federation."""
+
+    experiment: ExperimentConfig
+    federated: FederatedConfig = field(default_factory=FederatedConfig)
+
+
+def federated_from_dict(raw: dict[str, Any], overrides: list[str] | None = None,
+                        base: str | Path = ".") -> FederatedRun:
+    """A federated run from a dict shaped like the YAML file, every key checked."""
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config: expected a mapping, got {type(raw).__name__}")
+    raw = apply_overrides(dict(raw), overrides or [])
+    fed_raw = raw.pop("federated", None)
+    if fed_raw is None:
+        raise ConfigError("federated: the section is missing (see examples/federated.yaml)")
+    try:
+        fed = from_dict(FederatedConfig, fed_raw, "federated")
+    except ConfigError:
+        raise
+    except ValueError as e:  # a dataclass's own cross-key check
+        raise ConfigError(str(e)) from None
+    return FederatedRun(config_from_dict(raw, None, base), fed)
+
+
+def load_federated(path: str | Path, overrides: list[str] | None = None) -> FederatedRun:
+    """The federated run of a YAML file (with ``a.b=value`` overrides)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = _yaml_load(path.read_text()) or {}
+    except Exception as e:  # yaml.YAMLError: its problem and position, never the text
+        raise ConfigError(f"{path}: not valid YAML: {yaml_problem(e)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    return federated_from_dict(raw, overrides, path.parent)

@@ -1,0 +1,307 @@
+"""The server's side and the run: silos written, Flower's strategy started on its simulation
+engine (``flwr.simulation.run_simulation``: the ``ServerApp`` in this process, one virtual
+SuperNode per silo, ClientApps in the engine's Ray workers), evaluation every round, and
+``metrics.json`` + ``report.md`` (+ ``auc_rounds.png`` with the viz extra) written at the end.
+
+Evaluation per round: every silo scores the global shared weights with its own local pieces
+on its own test rows (AUC per task x scenario x silo, ``client_evaluate``), and the server
+scores the global model on the pooled test split (``evaluate_fn``; unshared pieces are zero
+there: the server never sees a silo's users, so it scores every user as unknown).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from shopmtl.config import ConfigError, to_dict
+from shopmtl.data.pipeline import PreparedData, prepare_data, resolve_synthetic
+from shopmtl.deps import require
+from shopmtl.federated.client import Federation, make_client_app, nest_auc
+from shopmtl.federated.config import FederatedConfig, FederatedRun
+from shopmtl.federated.silos import (
+    availability,
+    check_tasks_covered,
+    save_silo,
+    silo_data,
+    silo_sizes,
+    split_silos,
+    user_column,
+)
+from shopmtl.federated.wire import nbytes, pack, unpack
+from shopmtl.jsonsafe import json_safe
+from shopmtl.train.table import TableSource
+from shopmtl.train.trainer import label_priors, save_model_dir
+
+ENV = {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+       # the engine's workers: one torch thread each (the engine runs engine_cpus at once)
+       "OMP_NUM_THREADS": "1", "RAY_DEDUP_LOGS": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
+
+
+def make_strategy(fed: FederatedConfig, n_clients: int, on_train: Callable, on_eval: Callable
+                  ) -> Any:
+    """Flower's strategy for ``fed.strategy``; ``on_train`` / ``on_eval`` receive every
+    round's client replies (the per-silo record) and return the aggregated metrics."""
+    from flwr.serverapp import strategy as st
+
+    common = dict(fraction_train=fed.fraction, fraction_evaluate=1.0,
+                  min_train_nodes=min(fed.min_clients, n_clients),
+                  min_evaluate_nodes=n_clients, min_available_nodes=n_clients,
+                  train_metrics_aggr_fn=on_train, evaluate_metrics_aggr_fn=on_eval)
+    if fed.strategy == "fedavg":
+        return (row_aware(st.FedAvg) if fed.row_aware else st.FedAvg)(**common)
+    if fed.strategy == "fedprox":
+        return (row_aware(st.FedProx) if fed.row_aware else st.FedProx)(**common,
+                                                                        proximal_mu=fed.mu)
+    if fed.strategy == "fedadam":
+        return st.FedAdam(**common, eta=fed.server_lr)
+    if fed.strategy == "trimmed_mean":
+        return st.FedTrimmedAvg(**common, beta=fed.trim)
+    if fed.strategy == "median":
+        return st.FedMedian(**common)
+    if fed.strategy == "krum":
+        return st.Krum(**common, num_malicious_nodes=fed.malicious)
+    if fed.strategy == "multikrum":
+        return st.MultiKrum(**common, num_malicious_nodes=fed.malicious,
+                            num_nodes_to_select=max(1, n_clients - fed.malicious))
+    raise ConfigError(f"federated.strategy: unknown '{fed.strategy}'")
+
+
+def row_mean(sent: np.ndarray, updates: list[tuple[np.ndarray, float]]) -> np.ndarray:
+    """Each embedding row's weighted mean over the clients that changed it (the rows nobody
+    touched keep the value sent). A plain mean over all clients would shrink a row's update
+    by the share of clients that never saw its id: a user or item in one silo of four moves
+    a quarter as far as it would alone."""
+    num = np.zeros(sent.shape, np.float64)
+    den = np.zeros(sent.shape[0], np.float64)
+    for x, w in updates:
+        changed = (x != sent).reshape(len(x), -1).any(axis=1)
+        num[changed] += w * x[changed]
+        den[changed] += w
+    out = sent.astype(np.float64).copy()
+    hit = den > 0
+    out[hit] = num[hit] / den[hit, None]
+    return out.astype(sent.dtype)
+
+
+def row_aware(base: type) -> type:
+    """``base`` (FedAvg or FedProx) whose embedding-table pieces (``wire``: names ending in
+    ``]``) are averaged row by row over the clients that updated the row (``row_mean``); the
+    other arrays are the strategy's own weighted mean."""
+
+    class RowAware(base):  # type: ignore[misc, valid-type]
+        def configure_train(self, server_round: int, arrays: Any, config: Any, grid: Any
+                            ) -> Any:
+            self._sent = {k: v.numpy() for k, v in arrays.items() if k.endswith("]")}
+            return super().configure_train(server_round, arrays, config, grid)
+
+        def aggregate_train(self, server_round: int, replies: Any) -> Any:
+            from flwr.app import Array
+
+            replies = list(replies)
+            arrays, metrics = super().aggregate_train(server_round, replies)
+            if arrays is None:
+                return arrays, metrics
+            ok = [m.content for m in replies if not m.has_error()]
+            for key, sent in getattr(self, "_sent", {}).items():  # {}: configured elsewhere
+                updates = [(c["arrays"][key].numpy(), float(c["metrics"]["num-examples"]))
+                           for c in ok]
+                arrays[key] = Array(row_mean(sent, updates))
+            return arrays, metrics
+
+    RowAware.__name__ = RowAware.__qualname__ = f"RowAware{base.__name__}"
+    return RowAware
+
+
+class Recorder:
+    """Every round's per-client replies (train and evaluate), by round and silo."""
+
+    def __init__(self, names: tuple[str, ...]) -> None:
+        self.names = names
+        self.train: dict[int, dict[str, dict[str, float]]] = {}
+        self.eval: dict[int, dict[str, dict[str, float]]] = {}
+
+    def _record(self, into: dict, replies: list[Any]) -> Any:
+        from flwr.app import MetricRecord
+
+        losses: list[float] = []
+        for r in replies:
+            m = dict(next(iter(r.metric_records.values())))
+            silo = self.names[int(m.pop("silo"))]
+            detail = json.loads(str(r.config_records["detail"]["json"]))
+            into.setdefault(int(m.pop("round")), {})[silo] = {**m, **detail}
+            losses += [float(v) for v in detail.get("train_loss", {}).values()]
+        return MetricRecord({"clients": len(replies),
+                             **({"mean-loss": float(np.mean(losses))} if losses else {})})
+
+    def on_train(self, replies: list[Any], weighted_by: str) -> Any:
+        return self._record(self.train, replies)
+
+    def on_eval(self, replies: list[Any], weighted_by: str) -> Any:
+        return self._record(self.eval, replies)
+
+
+def prepare(run: FederatedRun, out: Path, log: Callable[[str], None] = print
+            ) -> tuple[PreparedData, Federation, dict[str, Any]]:
+    """Read the pooled data once, cut it into silos, write each silo's file, check that every
+    task has a silo and that the attackers exist. Returns the data, the federation and the
+    silos' description (sizes, availability)."""
+    exp, fed = run.experiment, run.federated
+    exp, world = resolve_synthetic(exp, out / "data", log)
+    schema = exp.data.schema.build()
+    if "users" not in fed.share or fed.silos.by == "user_hash":
+        user_column(schema)
+    data = prepare_data(exp.data, schema, out)
+    silos = split_silos(data, fed.silos, fed.seed)
+    names = tuple(s.name for s in silos)
+    unknown = sorted(set(fed.attack.silos) - set(names))
+    if unknown:
+        raise ConfigError(f"federated.attack.silos: {unknown} are not silos; silos: "
+                          f"{list(names)}")
+    parts = [silo_data(data, s) for s in silos]
+    matrices = {s.name: availability(schema, p.train) for s, p in zip(silos, parts, strict=True)}
+    check_tasks_covered(schema, matrices)
+    files = []
+    for s, p in zip(silos, parts, strict=True):
+        path = out / "silos" / f"{s.index:02d}.safetensors"  # a name of ours, not the data's
+        save_silo(path, p)
+        files.append(str(path.resolve()))
+    federation = Federation(exp, fed, schema, data.vocab_sizes, names, tuple(files))
+    info = {"silos": silo_sizes(silos), "availability": matrices, "_silos": silos,
+            "silo_tasks": {s.name: list(s.tasks) for s in silos},
+            **({"world": world} if world is not None else {})}
+    return data, federation, info
+
+
+def initial_model(data: PreparedData, fed: Federation) -> Any:
+    """The server's starting model: the seeded weights every client builds, output biases at
+    the pooled label rates (a count per task, what secure aggregation of the silos' counts
+    would give), and unshared pieces zeroed: the server holds none of them."""
+    model = fed.build()
+    if fed.experiment.train.output_bias_prior:
+        model.init_output_bias(label_priors(data.train, data.schema))
+    _, local = fed.layout(model)
+    zeros = {p.name: np.zeros_like(a) for p, a in zip(local, pack(model, local).values(),
+                                                       strict=True)}
+    unpack(model, local, zeros)
+    return model
+
+
+def simulate(fed: Federation, data: PreparedData, log: Callable[[str], None] = print
+             ) -> tuple[Any, Recorder, dict[int, dict[str, Any]], float]:
+    """Run the federation on Flower's simulation engine. Returns the final global model,
+    the clients' records, the server's pooled evaluation per round, and the seconds."""
+    require("flwr", "federated", "federated training")
+    require("ray", "federated", "Flower's simulation engine")
+    from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
+    from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation
+
+    cfg = fed.federated
+    logging.getLogger("flwr").setLevel(logging.WARNING)  # our one line a round instead
+    model = initial_model(data, fed)
+    shared, _ = fed.layout(model)
+    recorder = Recorder(fed.silo_names)
+    pooled: dict[int, dict[str, Any]] = {}
+    pooled_source = TableSource(data, fed.experiment.train.batch_size,
+                                eval_batch_size=fed.experiment.train.eval_batch_size)
+    t0 = time.perf_counter()
+
+    def evaluate_fn(rnd: int, arrays: Any) -> Any:
+        unpack(model, shared, {k: v.numpy() for k, v in arrays.items()})
+        per_task = pooled_source.evaluate(model, "test")
+        aucs = nest_auc(per_task)
+        pooled[rnd] = {"auc": aucs, "seconds": time.perf_counter() - t0}
+        log(f"round {rnd}/{cfg.rounds}: pooled test AUC " + ", ".join(
+            f"{t} {per_task[t].get('auc', float('nan')):.4f}" for t in per_task))
+        return MetricRecord({f"auc|{t}|{s}": v for t, m in aucs.items() for s, v in m.items()})
+
+    strategy = make_strategy(cfg, len(fed.silo_names), recorder.on_train, recorder.on_eval)
+    app = ServerApp()
+    result: dict[str, Any] = {}
+
+    @app.main()
+    def _main(grid: Any, context: Any) -> None:
+        random.seed(cfg.seed)  # Flower samples the round's clients with ``random``
+        initial = ArrayRecord({n: Array(v) for n, v in pack(model, shared).items()})
+        result["r"] = strategy.start(grid=grid, initial_arrays=initial,
+                                     num_rounds=cfg.rounds, train_config=ConfigRecord(),
+                                     evaluate_fn=evaluate_fn)
+
+    backend = {"client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": 0.0},
+               "init_args": {"num_cpus": cfg.engine_cpus, "include_dashboard": False,
+                             "log_to_driver": False}}
+    saved = {k: os.environ.get(k) for k in ENV}
+    os.environ.update(ENV)  # the engine's workers inherit them; ours are put back after
+    try:
+        run_simulation(app, make_client_app(fed), num_supernodes=len(fed.silo_names),
+                       backend_config=backend)
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    if "r" not in result:
+        raise RuntimeError("the federated run did not finish (see the engine's log above)")
+    final = {k: v.numpy() for k, v in result["r"].arrays.items()}
+    unpack(model, shared, final)
+    return model, recorder, pooled, time.perf_counter() - t0
+
+
+def summarise(fed: Federation, recorder: Recorder, pooled: dict[int, dict[str, Any]],
+              info: dict[str, Any], seconds: float, shared_bytes: int) -> dict[str, Any]:
+    rounds = []
+    for r in sorted(set(recorder.train) | set(recorder.eval)):
+        train = recorder.train.get(r, {})
+        rounds.append({
+            "round": r,
+            "pooled": pooled.get(r, {}).get("auc", {}),
+            "silos": {s: m["auc"] for s, m in recorder.eval.get(r, {}).items()},
+            "clients": sorted(train),
+            "bytes_sent": {s: int(m["bytes-sent"]) for s, m in train.items()},
+            "bytes_received": {s: int(m["bytes-received"]) for s, m in train.items()},
+            "train_loss": {s: m["train_loss"] for s, m in train.items()},
+        })
+    cfg = fed.federated
+    return json_safe({
+        "federated": to_dict(cfg), "model": fed.experiment.model.name,
+        "tasks": list(fed.schema.task_names), "scenarios": list(fed.schema.scenario_names),
+        **info, "shared_bytes_per_client": shared_bytes,
+        "initial_pooled": pooled.get(0, {}).get("auc", {}),
+        "rounds": rounds, "final": rounds[-1] if rounds else {}, "seconds": seconds,
+    })
+
+
+def run_federated(run: FederatedRun, out: str | Path, log: Callable[[str], None] = print
+                  ) -> dict[str, Any]:
+    """``shopmtl federate``: silos, the simulated federation, ``model/`` (the global model,
+    unshared pieces zero), ``metrics.json`` and ``report.md`` in ``out``."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(run.federated.seed)
+    data, fed, info = prepare(run, out, log)
+    log(f"{len(fed.silo_names)} silos: " + ", ".join(
+        f"{n} ({info['silos'][n]['train']:,} rows)" for n in fed.silo_names))
+    model, recorder, pooled, seconds = simulate(fed, data, log)
+    shared, _ = fed.layout(model)
+    info = {k: v for k, v in info.items() if k != "_silos"}
+    metrics = summarise(fed, recorder, pooled, info, seconds, nbytes(pack(model, shared)))
+    save_model_dir(out / "model", model, fed.experiment, fed.schema, data.encoders,
+                   {"federated": {"strategy": run.federated.strategy,
+                                  "rounds": run.federated.rounds,
+                                  "share": list(run.federated.share)}})
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1, allow_nan=False))
+    from shopmtl.federated.report import write_federated_report
+
+    write_federated_report(out, metrics)
+    return metrics

@@ -1,0 +1,90 @@
+"""Robust aggregation drops an attacker's influence: 4 honest updates near 1.0 and one
+sign-flipped x10 update, aggregated by Flower's strategies as a round would."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from shopmtl.federated.config import FederatedConfig
+from shopmtl.federated.server import make_strategy
+
+
+@pytest.fixture
+def identity():
+    """The identity a ServerApp's process has during a run (Flower stamps it on messages);
+    put back afterwards."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    try:
+        yield
+    finally:
+        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+def _replies(values: list[np.ndarray]) -> list:
+    from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
+
+    return [Message(content=RecordDict({"arrays": ArrayRecord({"w": Array(v)}),
+                                        "metrics": MetricRecord({"num-examples": 100})}),
+                    dst_node_id=i + 1, message_type="train")
+            for i, v in enumerate(values)]
+
+
+@pytest.mark.parametrize(("strategy", "robust"), [
+    ("fedavg", False), ("trimmed_mean", True), ("median", True), ("krum", True),
+    ("multikrum", True)])
+def test_one_attacker_of_five(identity, strategy: str, robust: bool) -> None:
+    rng = np.random.default_rng(0)
+    start = np.zeros(50, np.float32)
+    honest = [(1.0 + 0.05 * rng.standard_normal(50)).astype(np.float32) for _ in range(4)]
+    attacker = start - 10 * (honest[0] - start)  # sign-flipped, scaled x10
+    cfg = FederatedConfig(strategy=strategy, trim=0.2, malicious=1)
+
+    def keep(replies, key):
+        from flwr.app import MetricRecord
+
+        return MetricRecord({"clients": len(replies)})
+
+    s = make_strategy(cfg, 5, keep, keep)
+    arrays, _ = s.aggregate_train(1, _replies([*honest, attacker]))
+    got = arrays["w"].numpy()
+    clean = np.mean(honest, axis=0)
+    err = float(np.abs(got - clean).mean())
+    if robust:
+        assert err < 0.1, err
+    else:  # the attack works on plain averaging: the mean is pulled far below zero
+        assert err > 1.5 and float(got.mean()) < -1.0, err
+
+
+def test_row_mean_averages_each_row_over_the_clients_that_moved_it() -> None:
+    from shopmtl.federated.server import row_mean
+
+    sent = np.zeros((3, 2), np.float32)
+    a = np.array([[1, 1], [0, 0], [2, 2]], np.float32)  # moved rows 0 and 2
+    b = np.array([[3, 3], [0, 0], [0, 0]], np.float32)  # moved row 0
+    got = row_mean(sent, [(a, 1.0), (b, 3.0)])
+    # row 0: both moved it, weighted 1:3; row 1: nobody; row 2: a alone, not halved
+    assert np.allclose(got, [[2.5, 2.5], [0, 0], [2, 2]])
+
+
+def test_the_config_reaches_flowers_strategies() -> None:
+    from flwr.serverapp import strategy as st
+
+    def keep(replies, key):  # pragma: no cover - not called here
+        return None
+
+    prox = make_strategy(FederatedConfig(strategy="fedprox", mu=0.5, fraction=0.5,
+                                         min_clients=3), 8, keep, keep)
+    assert isinstance(prox, st.FedProx) and type(prox).__name__ == "RowAwareFedProx"
+    assert (prox.proximal_mu, prox.fraction_train, prox.min_train_nodes) == (0.5, 0.5, 3)
+    plain = make_strategy(FederatedConfig(strategy="fedavg", row_aware=False), 4, keep, keep)
+    assert type(plain) is st.FedAvg
+    adam = make_strategy(FederatedConfig(strategy="fedadam", server_lr=0.05), 4, keep, keep)
+    assert isinstance(adam, st.FedAdam) and adam.eta == 0.05
+    trimmed = make_strategy(FederatedConfig(strategy="trimmed_mean", trim=0.25), 4, keep, keep)
+    assert isinstance(trimmed, st.FedTrimmedAvg) and trimmed.beta == 0.25
+    multi = make_strategy(FederatedConfig(strategy="multikrum", malicious=1), 5, keep, keep)
+    assert isinstance(multi, st.MultiKrum) and multi.num_nodes_to_select == 4
