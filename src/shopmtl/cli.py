@@ -627,12 +627,6 @@ def compare(
     typer.echo(f"wrote {out / 'compare.json'} and {out / 'compare.md'}")
 
 
-<<<<<<< HEAD
-# the A/B-testing group (docs/ABTEST.md): imports only typer at load, like the commands here
-from shopmtl.abtest.cli import app as abtest_app  # noqa: E402
-
-app.add_typer(abtest_app, name="abtest")
-=======
 @app.command()
 @_guard
 def federate(
@@ -659,7 +653,12 @@ def federate(
     for task, scopes in final["pooled"].items():
         typer.echo(f"pooled test AUC {task}: {scopes.get('all', float('nan')):.4f}")
     typer.echo(f"wrote {out / 'metrics.json'} and {out / 'report.md'}")
->>>>>>> fed
+
+
+# the A/B-testing group (docs/ABTEST.md): imports only typer at load, like the commands here
+from shopmtl.abtest.cli import app as abtest_app  # noqa: E402
+
+app.add_typer(abtest_app, name="abtest")
 
 
 if __name__ == "__main__":
