@@ -458,8 +458,9 @@ def describe(
 @app.command()
 @_guard
 def serve(
-    model_dir: Annotated[Path, typer.Argument(help="A model directory (OUT/model, "
-                                              "OUT/joint/model)")],
+    model_dir: Annotated[Path | None, typer.Argument(help="A model directory (OUT/model, "
+                                                     "OUT/joint/model); optional with "
+                                                     "--experiment")] = None,
     host: Annotated[str, typer.Option(help="Address to listen on (loopback by default)")
                     ] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on", min=1, max=65535)] = 8000,
@@ -479,6 +480,10 @@ def serve(
         "--features-redis", help="Instead of --features: a Redis URL "
         "(redis://127.0.0.1:6379/0) holding the features (`shopmtl features ... "
         "--to-redis URL`), read per request")] = None,
+    experiment: Annotated[Path | None, typer.Option(
+        "--experiment", help="An experiment config (YAML, docs/ABTEST.md): its arms rank "
+        "on POST /v1/experiments/NAME/rank, clicks and conversions come to POST "
+        "/v1/feedback, every event goes to its SQLite store")] = None,
 ) -> None:
     """Serve a model over HTTP (the serve extra): one JSON endpoint per subsystem the model
     has (/v1/score, /v1/recommend, /v1/ads/ctr, /v1/search, /v1/support/intent,
@@ -494,8 +499,13 @@ def serve(
         from shopmtl.config import ConfigError
 
         raise ConfigError("give --features or --features-redis, not both")
+    if model_dir is None and experiment is None:
+        from shopmtl.config import ConfigError
+
+        raise ConfigError("give a model directory, --experiment CONFIG, or both")
     run(model_dir, host=host, port=port, max_in_flight=max_in_flight, max_body=max_body,
-        admin_key_file=admin_key_file, features=features, features_redis=features_redis)
+        admin_key_file=admin_key_file, features=features, features_redis=features_redis,
+        experiment=experiment)
 
 
 def _columns(text: str) -> tuple[str, ...]:

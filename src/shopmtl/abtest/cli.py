@@ -182,3 +182,42 @@ def run_cmd(
     (out / "command.txt").write_text(f"shopmtl abtest run {args}\n")
     summary = run_abtest(cfg, out, log=typer.echo)
     typer.echo(f"wrote {out / 'abtest.json'} and {summary['report']}")
+
+
+@app.command("play")
+@_guard
+def play(
+    url: Annotated[str, typer.Argument(help="The service (http://127.0.0.1:8000)")],
+    experiment: Annotated[str, typer.Option("--experiment", help="The experiment's name "
+                                            "(its route /v1/experiments/NAME/rank)")],
+    world: Annotated[Path, typer.Option(help="The world the shop simulates: its world.json "
+                                        "(OUT/data/world.json of `shopmtl quickstart`)")],
+    requests: Annotated[int, typer.Option(help="Page views to play", min=1)] = 1_000,
+    seed: Annotated[int, typer.Option(help="Seed of the requests and the users' responses",
+                                      min=0)] = 0,
+) -> None:
+    """Play the simulated shop's users against a running `shopmtl serve --experiment`: one
+    request at a time, ranked by the service, the clicks and conversions posted to
+    /v1/feedback. Stop the server (SIGTERM) to flush its events, then `shopmtl abtest analyze`
+    its event store."""
+    import httpx
+
+    from shopmtl.abtest.http import HttpRanker, ServiceError, play_http, world_of
+    from shopmtl.config import ConfigError
+
+    try:
+        cfg = world_of(world)  # a bad --world is refused before the world is built
+    except ConfigError as e:
+        raise OptionError(str(e)) from None
+    from shopmtl.abtest.shop import Shop
+
+    shop = Shop(cfg)
+    try:
+        with HttpRanker(url.rstrip("/"), experiment) as ranker:
+            sent = play_http(shop, shop.requests(requests, seed), ranker, seed)
+    except (ServiceError, httpx.HTTPError) as e:  # the service is down or refused a request
+        _fail(f"{url}: {e}" if isinstance(e, ServiceError) else
+              f"{url}: the service did not answer ({type(e).__name__})", 1)
+    arms = ", ".join(f"{a} {n}" for a, n in sorted(sent.arms.items()))
+    typer.echo(f"sent {sent.exposures} rank requests ({arms}) and {sent.feedback} feedback "
+               "events")

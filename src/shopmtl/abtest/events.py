@@ -109,6 +109,10 @@ class EventStore:
             self._con.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)",
                               (key, json.dumps(value, sort_keys=True)))
 
+    def meta(self) -> dict[str, Any]:
+        """The meta table as key -> value (what an earlier run of this store wrote)."""
+        return {k: json.loads(v) for k, v in self._con.execute("SELECT key, value FROM meta")}
+
     def close(self) -> None:
         self._con.close()
 

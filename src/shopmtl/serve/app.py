@@ -19,6 +19,7 @@ the errors by type; never a request's text, its query string, ids or the client'
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import inspect
 import json
 import logging
@@ -41,6 +42,7 @@ from shopmtl.serve.errors import (
     error_json,
     validation_message,
 )
+from shopmtl.serve.experiment import FEEDBACK_PATH, Experiment, add_routes
 from shopmtl.serve.gate import SERVED_KEY, Gate, ServeState
 from shopmtl.serve.metrics import ServeMetrics
 from shopmtl.serve.reload import (
@@ -61,15 +63,20 @@ __all__ = ["create_app", "model_version", "run"]
 log = logging.getLogger("shopmtl.serve")
 
 
-def create_app(model_path: str | Path, *, max_in_flight: int = 8, max_body: int = MAX_BODY,
-               admin_key: str | None = None, features: Any = None) -> Any:
+def create_app(model_path: str | Path | None, *, max_in_flight: int = 8,
+               max_body: int = MAX_BODY, admin_key: str | None = None, features: Any = None,
+               experiment: Any = None) -> Any:
     """The FastAPI app serving ``model_path`` (any directory ``shopmtl.load`` reads).
     ``max_in_flight`` model requests are answered at once, the next ones get 429;
     ``max_body`` bytes bound a request body (413 beyond). ``admin_key``: the key of
     ``POST /admin/reload`` (``Authorization: Bearer <key>``); None disables it (403).
     ``features``: a feature store (``serve.features``: ``SnapshotStore``, ``RedisStore``)
     that fills the user and item columns a table-row request lacks by its ids; None: a
-    request gives every field itself."""
+    request gives every field itself. ``experiment``: an ``abtest.experiment.ExperimentConfig``
+    whose arms load their own models (``serve.experiment``: its rank and feedback routes beside
+    the model's); ``model_path`` may then be None (the experiment's routes only)."""
+    if model_path is None and experiment is None:
+        raise ValueError("give a model directory, an experiment, or both")
     if max_in_flight < 1 or max_body < 1:
         raise ValueError("max_in_flight and max_body must be >= 1")
     if admin_key is not None:
@@ -78,26 +85,42 @@ def create_app(model_path: str | Path, *, max_in_flight: int = 8, max_body: int 
 
     from shopmtl.serve.features import KINDS, Features
 
-    path = Path(model_path)
+    path = Path(model_path) if model_path is not None else None
     store = Features(features) if features is not None else None
-    served = load_served(path, store)
+    served = load_served(path, store) if path is not None else no_model(experiment)
     model = served.model
-    routes = frozenset([*served.endpoints, "/livez", "/readyz", "/metrics", "/openapi.json",
-                        "/docs", RELOAD_PATH])
-    state = ServeState(served, ServeMetrics(served.version, model.kind), routes, max_in_flight,
+    exp = Experiment(experiment) if experiment is not None else None
+    exp_routes = [exp.path, FEEDBACK_PATH] if exp is not None else []
+    routes = frozenset([*served.endpoints, *exp_routes, "/livez", "/readyz", "/metrics",
+                        "/openapi.json", "/docs", RELOAD_PATH])
+    state = ServeState(served, ServeMetrics(served.version, served.kind), routes, max_in_flight,
                        max_body, admin_key=admin_key.encode() if admin_key is not None else None)
+    if exp is not None:
+        exp.attach_metrics(state.metrics.registry)
     if store is not None:
         state.metrics.features(KINDS)
         store.on_miss = lambda kind, n: state.metrics.feature_misses.labels(kind).inc(n)
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Any) -> AsyncIterator[None]:
-        threading.Thread(target=reloader.startup, daemon=True, name="shopmtl-warm-up").start()
-        yield
+        if exp is not None:
+            exp.start()
+        threading.Thread(target=startup, daemon=True, name="shopmtl-warm-up").start()
+        try:
+            yield
+        finally:  # after uvicorn answered the requests in flight: every event is written
+            if exp is not None:
+                exp.close()
+
+    def startup() -> None:
+        if exp is not None and not warm_experiment(exp, state):
+            return
+        reloader.startup()
 
     app = fastapi.FastAPI(
         title="shopmtl", version=served.version, lifespan=lifespan,
-        description=f"A shopmtl {model.kind} model ({', '.join(model.tasks)}). Every response "
+        description=(f"A shopmtl {model.kind} model ({', '.join(model.tasks)})" if model
+                     is not None else f"Experiment {experiment.name}") + ". Every response "
         "carries X-Model-Version; every error is {\"error\": {\"code\", \"message\", "
         "\"fields\"}}; 429 with Retry-After when busy.")
 
@@ -111,13 +134,39 @@ def create_app(model_path: str | Path, *, max_in_flight: int = 8, max_body: int 
         app.add_api_route(ep.path, handler(fastapi, ep, state), methods=["POST"],
                           summary=ep.summary, description=ep.description, tags=["model"],
                           responses=errors)
+    if exp is not None:
+        add_routes(fastapi, app, exp)
     _health_routes(fastapi, app, state)
     _admin_routes(fastapi, app, reloader)
     _error_handlers(fastapi, app)
     app.add_middleware(Gate, state=state)
     app.state.serve = state
     app.state.reloader = reloader
+    app.state.experiment = exp
     return app
+
+
+def no_model(experiment: Any) -> Served:
+    """The ``Served`` of an experiment-only service: no model, no model endpoints; its
+    version (the X-Model-Version header) is the experiment config's short sha256."""
+    version = "exp-" + hashlib.sha256(repr(experiment).encode()).hexdigest()[:12]
+    return Served(None, None, version, {})
+
+
+def warm_experiment(exp: Experiment, state: ServeState) -> bool:
+    """Each arm's policy scores its model's example once before the service says ready; a
+    failure keeps /readyz at 503 (False)."""
+    try:
+        exp.warm_up()
+    except Exception as e:
+        state.warm_error = f"experiment arm: {type(e).__name__}"
+        log.error("experiment warm-up failed (%s); /readyz stays 503", type(e).__name__)
+        return False
+    log.info("experiment %s: %d arms warm (%s), events to %s", exp.cfg.name, len(exp.arms),
+             ", ".join(f"{a} {s:g}" for a, s in exp.arms),
+             exp.cfg.events.name if exp.cfg.events is not None else
+             "nowhere (events: none, a dry run: nothing is logged)")
+    return True
 
 
 def check_admin_key(key: str) -> None:
@@ -296,15 +345,17 @@ def _error_handlers(fastapi: Any, app: Any) -> None:
                             status_code=422)
 
 
-def run(model_path: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
+def run(model_path: str | Path | None, *, host: str = "127.0.0.1", port: int = 8000,
         max_in_flight: int = 8, max_body: int = MAX_BODY,
         admin_key_file: str | Path | None = None, features: str | Path | None = None,
-        features_redis: str | None = None) -> None:
+        features_redis: str | None = None, experiment: str | Path | None = None) -> None:
     """``shopmtl serve``: the app under uvicorn, one process; SIGTERM stops accepting and lets
     in-flight requests finish (up to ``GRACEFUL_S``); SIGHUP reloads the model directory the
     server was started with (a hot reload, no key needed: whoever can signal the process
     runs it). The admin key: ``admin_key_from(admin_key_file)``. ``features``: a snapshot
-    folder held in memory, or ``features_redis``: a Redis URL (``serve.features``)."""
+    folder held in memory, or ``features_redis``: a Redis URL (``serve.features``).
+    ``experiment``: an experiment config (``abtest.experiment``); SIGTERM then also writes
+    every queued event and the counts to its store."""
     uvicorn = require("uvicorn", "serve", "shopmtl serve")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -316,11 +367,18 @@ def run(model_path: str | Path, *, host: str = "127.0.0.1", port: int = 8000,
         log.info("feature store: %s (user columns %s; item columns %s)",
                  "snapshot in memory" if features is not None else "Redis",
                  ", ".join(store.spec.columns["user"]), ", ".join(store.spec.columns["item"]))
+    exp_cfg = None
+    if experiment is not None:
+        from shopmtl.abtest.experiment import load_experiment
+
+        exp_cfg = load_experiment(experiment)
     app = create_app(model_path, max_in_flight=max_in_flight, max_body=max_body,
-                     admin_key=key, features=store)
-    log.info("serving %s (model %s) on http://%s:%d; admin endpoints %s", model_path,
-             app.state.serve.version, host, port, "on (admin key set)" if key else
-             "disabled (no admin key)")
+                     admin_key=key, features=store, experiment=exp_cfg)
+    log.info("serving %s (model %s) on http://%s:%d; admin endpoints %s",
+             model_path or "no model directory", app.state.serve.version, host, port,
+             "on (admin key set)" if key else "disabled (no admin key)")
+    if exp_cfg is not None:
+        log.info("experiment %s on %s", exp_cfg.name, app.state.experiment.path)
     if hasattr(signal, "SIGHUP"):
         signal.signal(signal.SIGHUP, lambda _sig, _frame: sighup(app.state.reloader))
     uvicorn.run(app, host=host, port=port, access_log=False, server_header=False,

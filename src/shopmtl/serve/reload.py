@@ -54,7 +54,7 @@ def model_version(path: Path) -> str:
 class Served:
     """One loaded model as the service answers it (the module docstring)."""
 
-    path: Path
+    path: Path | None  # None: an experiment-only service (serve.experiment), no model
     model: Any
     version: str
     endpoints: Mapping[str, Endpoint]
@@ -62,7 +62,7 @@ class Served:
 
     @property
     def kind(self) -> str:
-        return str(self.model.kind)
+        return "none" if self.model is None else str(self.model.kind)
 
 
 class ReloadError(Exception):
@@ -135,7 +135,7 @@ class Reloader:
     called with the new ``Served`` right after the swap (the app refreshes its OpenAPI
     version)."""
 
-    def __init__(self, state: ServeState, start_path: Path,
+    def __init__(self, state: ServeState, start_path: Path | None,
                  on_swap: Callable[[Served], None] | None = None, features: Any = None
                  ) -> None:
         self.state, self.start_path, self.on_swap = state, start_path, on_swap
@@ -174,6 +174,10 @@ class Reloader:
                               "warm-up) is running; retry when it is done", "busy")
         try:
             start = time.perf_counter()
+            if self.state.current.model is None:  # no model routes were built: nothing fits
+                raise ReloadError(409, "reload_incompatible", "this server was started "
+                                  "without a model directory (an experiment only): restart it "
+                                  "to serve a model", "incompatible")
             new = self._prepare(Path(path) if path is not None else self.start_path)
             with self._swap:  # one reference assignment: the next request gets the new model
                 old, self.state.current = self.state.current, new
