@@ -41,13 +41,22 @@ def test_the_example_config_loads_and_bad_keys_are_refused(tmp_path: Path) -> No
         load_abtest_config(EXAMPLE, ["arms=[{name: a, policy: oracle, share: 1.0}]"])
     with pytest.raises(ConfigError, match="test_requests: must be >= 1"):
         load_abtest_config(EXAMPLE, ["test_requests=0"])
+    # the command: one line, exit 2, nothing written
+    proc = cli("abtest", "run", str(_write(tmp_path, sample_size=3)), "--out",
+               str(tmp_path / "out"))
+    assert proc.returncode == 2, proc.stderr
+    assert "unknown key(s) ['sample_size']" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    assert not (tmp_path / "out" / "events.db").exists()
+    assert "No such command" in cli("abtest", "nonsense").stderr
 
 
 def test_a_tiny_run_end_to_end(tmp_path: Path, ab_models: Path) -> None:
     out = tmp_path / "run"
     sets = [f"models={ab_models}", "pre_requests=1000", "test_requests=3000",
             "truth_requests=500", "ope.requests=150"]
-    proc = cli("abtest", "run", str(EXAMPLE), "--out", str(out),
+    # the short form: `shopmtl abtest CONFIG.yaml` is `shopmtl abtest run CONFIG.yaml`
+    proc = cli("abtest", str(EXAMPLE), "--out", str(out),
                *[a for s in sets for a in ("--set", s)], check=True)
     for name in ("events.db", "truth.json", "ope.json", "report.html", "results.json",
                  "abtest.json", "abtest.yaml", "command.txt"):

@@ -13,10 +13,24 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+import typer.core
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
+
+class _Group(typer.core.TyperGroup):
+    """``shopmtl abtest CONFIG.yaml`` is ``shopmtl abtest run CONFIG.yaml``: a first argument
+    that is no command but a YAML file runs it (the issue's and the docs' short form)."""
+
+    def resolve_command(self, ctx, args):
+        if args and args[0] not in self.commands and args[0].endswith((".yaml", ".yml")):
+            args = ["run", *args]
+        return super().resolve_command(ctx, args)
+
+
+app = typer.Typer(cls=_Group, add_completion=False, no_args_is_help=True,
                   pretty_exceptions_show_locals=False,
-                  help="A/B testing: simulate, serve and analyse experiments (docs/ABTEST.md).")
+                  help="A/B testing: simulate, serve and analyse experiments (docs/ABTEST.md). "
+                       "`shopmtl abtest CONFIG.yaml` is short for `shopmtl abtest run "
+                       "CONFIG.yaml`.")
 
 
 class OptionError(ValueError):
