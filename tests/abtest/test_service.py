@@ -398,10 +398,10 @@ def test_the_shop_against_the_service_end_to_end(trained: Path, tmp_path: Path) 
     posted back), the events in SQLite, then ``analyze``: the units split as the shares say
     (SRM ok), every event sent is stored or counted as dropped, and none was dropped."""
     from shopmtl.abtest.analyze import analyze
-    from shopmtl.abtest.http import HttpRanker, play_http, world_of
-    from shopmtl.abtest.shop import Shop
+    from shopmtl.abtest.http import HttpRanker, play_http
+    from shopmtl.abtest.shop import Shop, read_world
 
-    shop = Shop(world_of(trained / "data" / "world.json"))  # the models' world
+    shop = Shop(read_world(trained / "data" / "world.json"))  # the models' world
     cfg = write_config(tmp_path / "exp.yaml", trained)
     with _serve(cfg, tmp_path / "serve.log") as server:
         with server.client() as client, HttpRanker(server.url, NAME, client=client) as ranker:

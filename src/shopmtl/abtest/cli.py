@@ -216,14 +216,14 @@ def play(
     its event store."""
     import httpx
 
-    from shopmtl.abtest.http import HttpRanker, ServiceError, play_http, world_of
+    from shopmtl.abtest.http import HttpRanker, ServiceError, play_http
+    from shopmtl.abtest.shop import Shop, read_world
     from shopmtl.config import ConfigError
 
     try:
-        cfg = world_of(world)  # a bad --world is refused before the world is built
+        cfg = read_world(world)  # a bad --world is refused before the world is built
     except ConfigError as e:
-        raise OptionError(str(e)) from None
-    from shopmtl.abtest.shop import Shop
+        raise OptionError(f"--world: {e}") from None
 
     shop = Shop(cfg)
     try:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -106,22 +105,3 @@ def play_http(shop: Any, requests: Iterable[Any], ranker: HttpRanker, seed: int 
         _arm, request_id, shown = ranker(request)
         ranker.feedback(request_id, shop.respond(request, shown, rng))
     return ranker.sent
-
-
-def world_of(world_json: str | Path) -> Any:
-    """The ``WorldConfig`` a generated world was made with (``DATA/world.json``: the
-    quickstart's ``OUT/data/world.json``), strictly parsed."""
-    import json
-
-    from shopmtl.config import ConfigError, from_dict
-    from shopmtl.data.synthetic import WorldConfig
-
-    p = Path(world_json)
-    if not p.is_file():
-        raise ConfigError(f"--world: {p}: no such file (a generated world's world.json, e.g. "
-                          "OUT/data/world.json of `shopmtl quickstart`)")
-    try:
-        raw = json.loads(p.read_text())["config"]
-    except (ValueError, KeyError, TypeError):
-        raise ConfigError(f"--world: {p}: not a world.json (no 'config' mapping)") from None
-    return from_dict(WorldConfig, raw, "world")

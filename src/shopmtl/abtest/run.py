@@ -30,7 +30,7 @@ from shopmtl.abtest.policy import (
     model_policy,
     popularity_policy,
 )
-from shopmtl.abtest.shop import METRICS, PER_USER, Experiment, Shop, play, truth
+from shopmtl.abtest.shop import METRICS, PER_USER, Experiment, Shop, play, read_world, truth
 from shopmtl.config import (
     ConfigError,
     _yaml_load,
@@ -185,9 +185,8 @@ def train_models(spec: TrainSpec, out: Path) -> Path:
 
 
 def world_of(models: Path) -> WorldConfig:
-    """The world the models were trained on (its world.json), for the shop."""
-    saved = json.loads((models / "data" / "world.json").read_text())["config"]
-    return from_dict(WorldConfig, saved, "world.json")
+    """The world the models were trained on (``MODELS/data/world.json``), for the shop."""
+    return read_world(models / "data" / "world.json")
 
 
 def build_policies(cfg: AbConfig, models: Path) -> dict[str, Policy]:

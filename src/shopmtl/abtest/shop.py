@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -378,3 +379,18 @@ def _write(shop: Shop, exp: Experiment, store: EventStore, reqs: Sequence[Reques
     store.add_exposures(exposures)
     store.add_feedback(feedback)
 
+
+def read_world(world_json: str | Path) -> WorldConfig:
+    """The ``WorldConfig`` a generated world was made with (``DATA/world.json``: the
+    quickstart's ``OUT/data/world.json``), strictly parsed; one-line errors."""
+    from shopmtl.config import ConfigError, from_dict
+
+    p = Path(world_json)
+    if not p.is_file():
+        raise ConfigError(f"{p}: no such file (a generated world's world.json, e.g. "
+                          "OUT/data/world.json of `shopmtl quickstart`)")
+    try:
+        raw = json.loads(p.read_text())["config"]
+    except (ValueError, KeyError, TypeError):
+        raise ConfigError(f"{p}: not a world.json (no 'config' mapping)") from None
+    return from_dict(WorldConfig, raw, "world")
