@@ -358,9 +358,8 @@ def read_events(where: str | Path) -> Events:
 
 
 def _read_postgres(url: str) -> Events:
-    import psycopg  # _pg_connect required it (the abtest-pg extra)
-
-    con = _pg_connect(url, doing="read")
+    con = _pg_connect(url, doing="read")  # first: a missing psycopg is the extra's one line
+    import psycopg
     try:
         con.read_only = True
         con.isolation_level = psycopg.IsolationLevel.REPEATABLE_READ
