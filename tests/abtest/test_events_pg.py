@@ -75,7 +75,15 @@ def test_postgres_round_trip_equals_sqlite(pg: Cluster, tmp_path: Path) -> None:
         with pytest.raises(psycopg.errors.UniqueViolation):
             store.add_exposures([Exposure("new", 1.0, "e", "test", "a", "u", "s", "[]"),
                                  Exposure("r2", 1.0, "e", "test", "a", "u", "s", "[]")])
-    assert read_events(url).exposures.num_rows == lite.exposures.num_rows
+        assert read_events(url).exposures.num_rows == lite.exposures.num_rows
+        # the server restarts under a store: the next write fails (the writer counts it as
+        # dropped), the one after connects again
+        pg.restart()
+        with pytest.raises(psycopg.OperationalError):
+            store.add_exposures([Exposure("x1", 1.0, "e", "test", "a", "u", "s", "[]")])
+        store.add_exposures([Exposure("x2", 1.0, "e", "test", "a", "u", "s", "[]")])
+    ids = set(read_events(url).exposures.column("request_id").to_pylist())
+    assert "x2" in ids and "x1" not in ids and len(ids) == lite.exposures.num_rows + 1
 
 
 def _config(path: Path, url: str, queue: int, shares: tuple[float, float] = (0.3, 0.7)) -> Path:

@@ -253,7 +253,12 @@ class EventStore:
 
     @contextmanager
     def _tx(self) -> Iterator[Any]:
-        """A cursor inside one transaction (committed on success, rolled back on error)."""
+        """A cursor inside one transaction (committed on success, rolled back on error). A
+        PostgreSQL connection that broke (the server restarted, the network dropped) failed
+        the call that found it broken; the next call connects again."""
+        if self.postgres and self._con.broken:
+            self._con.close()
+            self._con = _pg_connect(str(self.where), doing="reconnect to")
         if self.postgres:
             with self._con.transaction(), self._con.cursor() as cur:
                 yield cur
