@@ -82,9 +82,10 @@ def _run(cmd: list[str], what: str) -> None:
 
 
 @contextlib.contextmanager
-def cluster(password: str = "pg-test-secret-5e1f") -> Iterator[Cluster]:
+def cluster(password: str = "pg-test-secret-5e1f", durable: bool = False) -> Iterator[Cluster]:
     """A running cluster; stopped (pg_ctl stop, else SIGKILL of its postmaster) and its folder
-    removed in every case."""
+    removed in every case. ``durable``: PostgreSQL's own defaults for fsync, synchronous_commit
+    and full_page_writes (a benchmark's honest commit cost), else off (a test's speed)."""
     bin_ = pg_bin()
     root = Path(tempfile.mkdtemp(prefix="shopmtl-pg-"))
     data = root / "data"
@@ -98,7 +99,8 @@ def cluster(password: str = "pg-test-secret-5e1f") -> Iterator[Cluster]:
               "--encoding=UTF8"], "initdb")
         port = free_port()
         with (data / "postgresql.conf").open("a") as f:
-            f.write("".join(f"{k} = {v}\n" for k, v in {**SETTINGS, "port": str(port)}.items()))
+            settings = {k: v for k, v in SETTINGS.items() if not durable or v != "off"}
+            f.write("".join(f"{k} = {v}\n" for k, v in {**settings, "port": str(port)}.items()))
         try:
             _run([str(bin_ / "pg_ctl"), "-D", str(data), "-l", str(root / "server.log"), "-w",
                   "-t", "60", "start"], "pg_ctl start")
