@@ -6,9 +6,14 @@ errors that never show the password."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -32,7 +37,7 @@ from shopmtl.serve.experiment import Experiment
 from tests.abtest import eventgen
 from tests.abtest.pg import Cluster, cluster
 from tests.helpers import assert_one_error_line, cli
-from tests.serve.server import free_port
+from tests.serve.server import Server, free_port, stop, wait_ready
 
 SECRET = "s3cr3t-Do-Not-Show"
 PG_TYPES = {"string": "text", "double": "double precision", "int64": "bigint"}
@@ -185,6 +190,55 @@ def test_two_servers_write_one_database_then_one_analysis(pg: Cluster, tmp_path:
     n = sum(units.values())
     assert n >= 600 and abs(units["treatment"] / n - 0.7) < 0.06  # 4 standard errors
     assert analyze(events, n_boot=0)["srm"]["counts"] == units  # the same events in-process
+
+
+@contextmanager
+def _serve(cfg: Path, log: Path) -> Iterator[Server]:
+    """``shopmtl serve --experiment CFG`` on a free port (not waited for); stopped always."""
+    port = free_port()
+    with log.open("wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "shopmtl", "serve", "--experiment",
+                                 str(cfg), "--port", str(port)], stdout=out,
+                                stderr=subprocess.STDOUT,
+                                env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    server = Server(f"http://127.0.0.1:{port}", proc, log)
+    try:
+        yield server
+    finally:
+        stop(server)
+
+
+def test_two_server_processes_share_one_database(pg: Cluster, tmp_path: Path) -> None:
+    """Two real `shopmtl serve --experiment` processes, started at once on one database (the
+    tables and the meta created by whichever comes first), each answering its own users;
+    SIGTERM drains both: every exposure and click stored, each server's counts under its own
+    key, and neither log shows the URL's password."""
+    url = pg.create_database("processes")  # the password in the URL: the logs must hide it
+    cfg = _config(tmp_path / "exp.yaml", url, queue=1000)
+    cands = [{"item_id": f"i{j}"} for j in range(6)]
+    with ExitStack() as stack:
+        servers = [stack.enter_context(_serve(cfg, tmp_path / f"s{i}.log")) for i in range(2)]
+        for server in servers:
+            wait_ready(server)
+        for i, server in enumerate(servers):
+            with server.client() as c:
+                for u in range(40):
+                    r = c.post("/v1/experiments/pg-exp/rank", json={
+                        "user_id": f"user{i}-{u}", "scenario": "search", "candidates": cands})
+                    assert r.status_code == 200, r.text
+                    if u % 4 == 0:
+                        assert c.post("/v1/feedback", json={
+                            "request_id": r.json()["request_id"], "kind": "click",
+                            "item": r.json()["shown"][0], "position": 0}).status_code == 202
+        for server in servers:
+            assert stop(server) in (0, -signal.SIGTERM), server.log_text()
+    events = read_events(url)
+    assert (events.exposures.num_rows, events.feedback.num_rows) == (80, 20)
+    assert events.meta["written"] == {"exposures": 80, "feedback": 20}
+    assert events.meta["dropped"] == {"exposures": 0, "feedback": 0}
+    assert sorted(s["written"]["exposures"] for s in events.meta["servers"].values()) == [40, 40]
+    logs = "".join(s.log_text() for s in servers)
+    assert pg.password not in logs and "shop:***@127.0.0.1" in logs
 
 
 def test_bad_url_or_unreachable_server_is_one_line_without_the_password(
