@@ -265,6 +265,9 @@ def test_bad_url_or_unreachable_server_is_one_line_without_the_password(
     empty = pg.create_database("empty")
     with pytest.raises(ValueError, match="not a shopmtl event store"):
         read_events(empty)
+    # a config holding a password prints (and hashes: X-Model-Version) without it
+    cfg = load_experiment(_config(tmp_path / "ok.yaml", pg.url("db", SECRET), 10))
+    assert str(cfg.events) == pg.url("db", SECRET) and SECRET not in repr(cfg)
     # the config checks a URL's form without echoing it
     for events, match in ((f"mysql://u:{SECRET}@h/db", "mysql:// URL is not supported"),
                           (f"postgresql://u:{SECRET}@h:99999/db", "not a valid URL"),

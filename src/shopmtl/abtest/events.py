@@ -121,6 +121,16 @@ def redact(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc, query=query))
 
 
+class StoreURL(str):
+    """A database URL whose ``repr`` hides its password: a config holding one can be printed
+    or hashed (``repr``) without it. ``str`` is the whole URL, for connecting."""
+
+    __slots__ = ()
+
+    def __repr__(self) -> str:
+        return repr(redact(str(self)))
+
+
 def describe(where: str | Path) -> str:
     """How logs and errors name a store: a URL redacted, a path as given."""
     return redact(where) if is_url(where) else str(where)

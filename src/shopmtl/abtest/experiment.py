@@ -35,7 +35,7 @@ from typing import Any
 from urllib.parse import urlsplit
 
 from shopmtl.abtest.assign import check_arms
-from shopmtl.abtest.events import SCHEMES
+from shopmtl.abtest.events import SCHEMES, StoreURL
 from shopmtl.abtest.policy import Policy, PopularityPolicy, RandomPolicy, model_policy
 from shopmtl.config import ConfigError, _yaml_load, yaml_problem
 
@@ -119,7 +119,7 @@ def _url(value: str, where: str) -> str:
     if any(c.isspace() for c in value) or not parts.path.strip("/"):
         raise ConfigError(f"{where}: expected postgresql://user@host:port/DATABASE (the "
                           "database name missing, or white space)")
-    return value
+    return StoreURL(value)  # its repr (a printed or hashed config) hides the password
 
 
 def _keys(raw: Any, allowed: set[str], where: str) -> dict[str, Any]:
