@@ -9,6 +9,7 @@ extras add what only some runs use (pyproject.toml, ``[project.optional-dependen
   serve fastapi, uvicorn, httpx, prometheus_client, pydantic: ``shopmtl serve``, the request
         models
   abtest  scipy, statsmodels: ``shopmtl abtest analyze`` / ``plan`` (the A/B statistics)
+  abtest-pg  psycopg: an experiment's event store in PostgreSQL (several servers, one store)
 
 Every import of an optional package goes through ``require`` (or is guarded by ``installed``)
 where it is used, never at module level, so ``import shopmtl`` and the core commands work
@@ -31,6 +32,7 @@ EXTRAS: dict[str, tuple[str, ...]] = {
     "serve": ("fastapi", "uvicorn", "httpx", "prometheus_client"),
     "federated": ("flwr", "ray"),  # ray: Flower's simulation engine
     "abtest": ("scipy", "statsmodels"),
+    "abtest-pg": ("psycopg",),
 }
 
 

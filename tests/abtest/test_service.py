@@ -76,7 +76,7 @@ def candidates(trained: Path, n: int = 30, start: int = 0) -> list[dict[str, Any
 
 @pytest.mark.parametrize("change, match", [
     ({"colour": "red"}, "unknown key.*colour"),
-    ({"events": "postgresql://db/events"}, "postgresql:// URL is not supported"),
+    ({"events": "mysql://db/events"}, "mysql:// URL is not supported"),
     ({"control": "nobody"}, "control: not one of the arms"),
     ({"k": 0}, r"\.k: expected an integer in \[1, 1000\]"),
     ({"queue": 0}, r"\.queue: expected an integer"),

@@ -63,7 +63,9 @@ def _guard(fn):
 @app.command()
 @_guard
 def analyze(
-    events: Annotated[Path, typer.Argument(help="The event store (SQLite) of the experiment")],
+    # a str, not a Path: Path would fold a URL's '//' into '/'
+    events: Annotated[str, typer.Argument(help="The event store of the experiment: a SQLite "
+                                          "file or a postgresql://user@host:port/db URL")],
     out: Annotated[Path, typer.Option(help="Folder for report.html and results.json")] = Path(
         "runs/abtest"),
     control: Annotated[str | None, typer.Option(

@@ -8,7 +8,8 @@ A config::
     control: control           # the control arm (default: the first)
     k: {home_feed: 20, search: 20, ad_slot: 4, product_page: 10}   # or one number (default 10)
     events: events.db          # the SQLite event store (default: events.db beside the config;
-                               # none: nothing logged, a dry run)
+                               # none: nothing logged, a dry run; postgresql://user@host:5432/db:
+                               # a PostgreSQL database that several servers share)
     queue: 10000               # events waiting for the writer; beyond, dropped and counted
     arms:
       - {name: control, share: 0.5, policy: {model: runs/a/model,
@@ -19,8 +20,8 @@ A config::
       # (each item's clicks in a training file) or {random: 7}
 
 Unknown keys, wrong types and bad shares are one-line ``ConfigError``s naming the key; a
-relative path is relative to the config file. A ``postgresql://`` events URL is refused: only
-the embedded SQLite store is built (docs/ABTEST.md).
+relative path is relative to the config file. An events URL is checked here without being
+echoed (it may hold a password); connecting is the event store's job (``abtest.events``).
 """
 
 from __future__ import annotations
@@ -31,8 +32,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from shopmtl.abtest.assign import check_arms
+from shopmtl.abtest.events import SCHEMES, StoreURL
 from shopmtl.abtest.policy import Policy, PopularityPolicy, RandomPolicy, model_policy
 from shopmtl.config import ConfigError, _yaml_load, yaml_problem
 
@@ -71,7 +74,7 @@ class ExperimentConfig:
     salt: str
     control: str
     arms: tuple[ArmConfig, ...]
-    events: Path | None  # None: no event store (``events: none``)
+    events: Path | str | None  # a SQLite file, a postgresql:// URL; None: ``events: none``
     k: int | Mapping[str, int] = DEFAULT_K
     queue: int = DEFAULT_QUEUE
 
@@ -101,6 +104,22 @@ def _path(value: Any, where: str, base: Path) -> Path:
         raise ConfigError(f"{where}: expected a path")
     p = Path(value).expanduser()
     return p if p.is_absolute() else base / p
+
+
+def _url(value: str, where: str) -> str:
+    """A PostgreSQL URL, checked for its form only (never echoed: it may hold a password)."""
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 (a property that raises ValueError for a bad port)
+    except ValueError:
+        raise ConfigError(f"{where}: not a valid URL (check the host and port)") from None
+    if parts.scheme not in SCHEMES:
+        raise ConfigError(f"{where}: a {parts.scheme[:20]}:// URL is not supported; give a "
+                          "file path (SQLite) or a postgresql://user@host:port/db URL")
+    if any(c.isspace() for c in value) or not parts.path.strip("/"):
+        raise ConfigError(f"{where}: expected postgresql://user@host:port/DATABASE (the "
+                          "database name missing, or white space)")
+    return StoreURL(value)  # its repr (a printed or hashed config) hides the password
 
 
 def _keys(raw: Any, allowed: set[str], where: str) -> dict[str, Any]:
@@ -187,11 +206,11 @@ def experiment_from_dict(raw: Any, base: Path, where: str = "experiment") -> Exp
     else:
         k = _int(k_raw, f"{where}.k", 1, MAX_K)
     events = raw.get("events", "events.db")
+    store: Path | str | None
     if isinstance(events, str) and "://" in events:
-        scheme = events.split("://", 1)[0]
-        raise ConfigError(f"{where}.events: a {scheme}:// URL is not supported; only the "
-                          "embedded SQLite store is built (give a file path)")
-    store = None if events == "none" else _path(events, f"{where}.events", base)
+        store = _url(events, f"{where}.events")
+    else:
+        store = None if events == "none" else _path(events, f"{where}.events", base)
     return ExperimentConfig(name, salt, control, tuple(arms), store, k,
                             _int(raw.get("queue", DEFAULT_QUEUE), f"{where}.queue", 1, MAX_QUEUE))
 

@@ -31,6 +31,7 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
+from shopmtl.abtest.events import describe
 from shopmtl.data.ingest import DataError
 from shopmtl.deps import require
 from shopmtl.serve.endpoints import Endpoint
@@ -164,7 +165,8 @@ def warm_experiment(exp: Experiment, state: ServeState) -> bool:
         return False
     log.info("experiment %s: %d arms warm (%s), events to %s", exp.cfg.name, len(exp.arms),
              ", ".join(f"{a} {s:g}" for a, s in exp.arms),
-             exp.cfg.events.name if exp.cfg.events is not None else
+             exp.cfg.events.name if isinstance(exp.cfg.events, Path) else
+             describe(exp.cfg.events) if exp.cfg.events is not None else
              "nowhere (events: none, a dry run: nothing is logged)")
     return True
 

@@ -15,12 +15,16 @@ traffic split between arms, exposure and feedback logging that never blocks a re
 
 The queue (``EventQueue``) is bounded: a request puts its event without waiting; when the
 queue is full the event is dropped and counted (metrics and the store's meta), never queued
-without bound and never waited for. One writer thread drains it into the SQLite store
-(``abtest.events.EventStore``, WAL mode), a batch per transaction. On shutdown (SIGTERM: after
-uvicorn answered the requests in flight) the queue is drained and the meta written:
-``experiment``, ``arms`` {arm: share}, ``control``, ``salt_sha256``, ``written`` and
-``dropped`` ({exposures, feedback}, summed over the clean runs on this store), so
-events sent = stored + dropped can be checked.
+without bound and never waited for. One writer thread drains it into the event store
+(``abtest.events.EventStore``: a SQLite file in WAL mode, or a PostgreSQL database that several
+servers share), a batch per transaction. At start the server claims the store's meta
+(``experiment``, ``arms`` {arm: share}, ``salt_sha256``: the first server's values stay, and a
+server whose config differs is refused) and writes ``control``. On shutdown (SIGTERM: after
+uvicorn answered the requests in flight) the queue is drained and this run's counts written
+under its own keys, ``written@SERVER`` and ``dropped@SERVER`` ({exposures, feedback}; SERVER:
+host, pid and a random suffix, so servers and restarts never overwrite each other's). Readers
+see their sums as ``written`` and ``dropped``, so events sent = stored + dropped can be checked
+over every server of the experiment.
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import queue
+import socket
 import threading
 import time
 import uuid
@@ -40,7 +46,7 @@ import numpy as np
 import pyarrow as pa
 
 from shopmtl.abtest.assign import assign, unit_of
-from shopmtl.abtest.events import EventStore, Exposure, Feedback
+from shopmtl.abtest.events import EventStore, Exposure, Feedback, describe
 from shopmtl.abtest.experiment import ExperimentConfig, build_policies
 from shopmtl.abtest.policy import Policy, top_k
 from shopmtl.config import ConfigError
@@ -55,6 +61,12 @@ FEEDBACK_PATH = "/v1/feedback"
 KINDS = ("exposures", "feedback")
 _STOP = object()
 log = logging.getLogger("shopmtl.serve")
+
+
+def server_id() -> str:
+    """This server run's name in the store's meta keys (``written@SERVER``): the host and pid
+    say which process it was, the random suffix keeps a restart (or a reused pid) apart."""
+    return f"{socket.gethostname()[:64]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 def rank_path(name: str) -> str:
@@ -213,6 +225,7 @@ class Experiment:
         if self.store is not None:
             self._check_store(self.store)
         self.unattributed = 0  # refused requests whose user id could not be read
+        self.server = server_id()  # this run's meta keys: written@SERVER, dropped@SERVER
 
     def attach_metrics(self, registry: Any) -> None:
         """The experiment's series in the service's Prometheus ``registry``."""
@@ -225,23 +238,22 @@ class Experiment:
             self.metrics.count(what, kind, n)
 
     def _check_store(self, store: EventStore) -> None:
-        """An event store belongs to one experiment (and one salt): refuse another's."""
-        meta = store.meta()
+        """An event store belongs to one experiment (and one salt): refuse another's. The
+        claim is atomic, so of several servers starting at once on one database the first
+        one's config is the store's and a differing one is refused."""
         salt = hashlib.sha256(self.cfg.salt.encode()).hexdigest()
-        if "experiment" in meta and (meta["experiment"] != self.cfg.name
-                                     or meta.get("salt_sha256") != salt):
+        held = store.claim_meta({"experiment": self.cfg.name, "salt_sha256": salt,
+                                 "arms": self.cfg.shares})
+        where = describe(store.where)  # a URL's password hidden
+        if held["experiment"] != self.cfg.name or held["salt_sha256"] != salt:
             store.close()
-            raise ConfigError(f"{self.cfg.events}: this event store holds another experiment "
+            raise ConfigError(f"{where}: this event store holds another experiment "
                              "(another name or salt); give a new events path")
-        if "arms" in meta and meta["arms"] != self.cfg.shares:
+        if held["arms"] != self.cfg.shares:
             store.close()
-            raise ConfigError(f"{self.cfg.events}: this event store's arms or shares differ "
+            raise ConfigError(f"{where}: this event store's arms or shares differ "
                              "from the config's; give a new events path")
-        store.set_meta("experiment", self.cfg.name)
-        store.set_meta("arms", self.cfg.shares)
         store.set_meta("control", self.cfg.control)
-        store.set_meta("salt_sha256", salt)
-        self._before = {k: meta.get(k, dict.fromkeys(KINDS, 0)) for k in ("written", "dropped")}
 
     def start(self) -> None:
         if self.queue is not None:
@@ -325,13 +337,15 @@ class Experiment:
                                     body.position, float(body.value)))
 
     def close(self) -> Counts:
-        """Drain the queue, write the meta (counts summed with the earlier runs'), close."""
+        """Drain the queue, write this run's counts under its own meta keys, close."""
         if self.queue is None or self.store is None:
             return Counts()
         counts = self.queue.close()
-        for key, now in (("written", counts.written), ("dropped", counts.dropped)):
-            self.store.set_meta(key, {k: int(self._before[key].get(k, 0)) + now[k]
-                                      for k in KINDS})
+        try:
+            self.store.set_meta(f"written@{self.server}", counts.written)
+            self.store.set_meta(f"dropped@{self.server}", counts.dropped)
+        except Exception as e:  # the database gone at shutdown: the counts are in the log
+            log.error("event store: this run's counts not written (%s)", type(e).__name__)
         self.store.close()
         log.info("experiment %s: events written %s, dropped %s", self.cfg.name,
                  counts.written, counts.dropped)
