@@ -26,8 +26,8 @@ import torch
 from shopmtl.config import ConfigError, to_dict
 from shopmtl.data.pipeline import PreparedData, prepare_data, resolve_synthetic
 from shopmtl.deps import require
-from shopmtl.federated.client import Federation, make_client_app, nest_auc
 from shopmtl.federated import dp as fdp
+from shopmtl.federated.client import Federation, make_client_app, nest_auc
 from shopmtl.federated.config import FederatedConfig, FederatedRun
 from shopmtl.federated.silos import (
     availability,
