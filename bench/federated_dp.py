@@ -29,7 +29,7 @@ EPSILONS = (8.0, 4.0, 1.0)
 def runs(silos: int, clip: float, mode: str, scenarios: bool) -> dict[str, list[str]]:
     """Run name -> its overrides."""
     iid = ["federated.silos.by=user_hash", f"federated.silos.count={silos}"]
-    out = {"no DP": [*iid, "federated.dp.mode=off"]}
+    out = {"no DP": [*iid, "federated.dp.mode=none"]}
     for eps in EPSILONS:
         out[f"DP epsilon {eps:g}"] = [*iid, f"federated.dp.mode={mode}",
                                       f"federated.dp.clip={clip}", f"federated.dp.epsilon={eps}"]

@@ -218,3 +218,14 @@ def test_bad_dp_config_is_refused(dp: dict, extra: dict, where: str) -> None:
     with pytest.raises(ConfigError) as e:
         federated_from_dict(raw)
     assert where in str(e.value)
+
+
+def test_a_yaml_dp_section_loads(tmp_path: Path) -> None:
+    from shopmtl.federated.config import load_federated
+
+    cfg = tmp_path / "f.yaml"
+    cfg.write_text("data: {synthetic: {rows: 2000}}\nfederated:\n  strategy: fedavg\n"
+                   "  row_aware: false\n  dp: {mode: server, clip: 0.2, noise: 1.5}\n")
+    dp = load_federated(cfg).federated.dp
+    assert (dp.mode, dp.clip, dp.noise, dp.epsilon, dp.delta) == ("server", 0.2, 1.5, 0, 1e-5)
+    assert load_federated(cfg, ["federated.dp.mode=none"]).federated.dp.mode == "none"

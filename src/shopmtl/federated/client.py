@@ -168,7 +168,7 @@ def client_train(fed: Federation, msg: Any, context: Any) -> Any:
     # every client); what differs by silo (its tasks) travels as JSON beside it
     metrics = {"num-examples": len(data.train), "silo": i, "round": rnd,
                "bytes-sent": nbytes(sent), "bytes-received": nbytes(received), "steps": k,
-               **({UNIT_WEIGHT: 1} if cfg.dp.mode != "off" else {})}  # DP: a uniform mean
+               **({UNIT_WEIGHT: 1} if cfg.dp.mode != "none" else {})}  # DP: a uniform mean
     detail = {"train_loss": {t: float(v) for t, v in losses.items()}}
     return Message(RecordDict({"arrays": ArrayRecord({n: Array(v) for n, v in sent.items()}),
                                "metrics": MetricRecord(metrics),
@@ -188,7 +188,7 @@ def client_evaluate(fed: Federation, msg: Any, context: Any) -> Any:
     per_task = source.evaluate(model, "test")
     metrics = {"num-examples": len(data.test), "silo": i,
                "round": int(msg.content["config"]["server-round"]),
-               **({UNIT_WEIGHT: 1} if fed.federated.dp.mode != "off" else {})}
+               **({UNIT_WEIGHT: 1} if fed.federated.dp.mode != "none" else {})}
     detail = {"auc": nest_auc(per_task)}
     return Message(RecordDict({"metrics": MetricRecord(metrics),
                                "detail": ConfigRecord({"json": json.dumps(detail)})}),

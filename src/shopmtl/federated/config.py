@@ -69,9 +69,10 @@ class DPConfig:
     ``noise * clip / clients`` to their (uniform) mean, through Flower's DP strategy wrappers;
     Flower's RDP accountant (Google's dp-accounting) tracks the (epsilon, delta) spent."""
 
-    mode: Literal["off", "client", "server"] = key(
-        "off", "who clips each update: the client (Flower's fixedclipping_mod, the server "
-               "never sees an unclipped update) or the server; the server adds the noise")
+    mode: Literal["none", "client", "server"] = key(
+        "none", "none: no DP; else who clips each update: the client (Flower's "
+                "fixedclipping_mod: the server never sees an unclipped update) or the server; "
+                "the server adds the noise either way")
     clip: float = key(0.1, "the L2 norm a client's update (all its shared arrays) is "
                            "clipped to", gt=0, finite=True)
     # one of the two: the noise multiplier itself, or the epsilon it is calibrated to reach
@@ -84,7 +85,7 @@ class DPConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
-        if self.mode != "off" and (self.noise > 0) == (self.epsilon > 0):
+        if self.mode != "none" and (self.noise > 0) == (self.epsilon > 0):
             raise ValueError("federated.dp: set exactly one of noise (the multiplier) and "
                              f"epsilon (the target), got noise {self.noise}, epsilon "
                              f"{self.epsilon}")
@@ -129,7 +130,7 @@ class FederatedConfig:
             raise ValueError("federated.share: share at least one part of the model")
         if self.strategy == "fedprox" and self.mu == 0:
             raise ValueError("federated.mu: fedprox needs mu > 0 (mu 0 is fedavg)")
-        if self.dp.mode != "off":
+        if self.dp.mode != "none":
             # the accountant's sensitivity is clip / clients: a uniform mean of the clipped
             # updates. A row mean over the clients that moved a row, a weighted mean or a
             # server optimiser would give one client more weight than that.

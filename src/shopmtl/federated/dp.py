@@ -123,8 +123,8 @@ def client_mods(dp: DPConfig) -> list[Any]:
 
 
 def describe(strategy: Any, fed: FederatedConfig, n_clients: int) -> dict[str, Any]:
-    """The DP settings of a run as metrics.json records them (empty when off)."""
-    if fed.dp.mode == "off":
+    """The DP settings of a run as metrics.json records them (empty when none)."""
+    if fed.dp.mode == "none":
         return {}
     m = sample_size(fed, n_clients)
     z = float(strategy.noise_multiplier)

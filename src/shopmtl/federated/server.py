@@ -59,7 +59,7 @@ def make_strategy(fed: FederatedConfig, n_clients: int, on_train: Callable, on_e
                   min_evaluate_nodes=n_clients, min_available_nodes=n_clients,
                   train_metrics_aggr_fn=on_train, evaluate_metrics_aggr_fn=on_eval,
                   # DP: a uniform mean (every client weighs 1), what the accountant assumes
-                  **({"weighted_by_key": fdp.UNIT_WEIGHT} if fed.dp.mode != "off" else {}))
+                  **({"weighted_by_key": fdp.UNIT_WEIGHT} if fed.dp.mode != "none" else {}))
     if fed.strategy == "fedavg":
         return (row_aware(st.FedAvg) if fed.row_aware else st.FedAvg)(**common)
     if fed.strategy == "fedprox":
@@ -132,7 +132,7 @@ class Recorder:
         self.names = names
         self.train: dict[int, dict[str, dict[str, float]]] = {}
         self.eval: dict[int, dict[str, dict[str, float]]] = {}
-        self.dp: dict[str, Any] = {}  # the DP settings (federated.dp), empty when off
+        self.dp: dict[str, Any] = {}  # the DP settings (federated.dp), empty when none
         self.privacy: dict[int, dict[str, float]] = {}  # round -> (epsilon, delta) spent
 
     def _record(self, into: dict, replies: list[Any]) -> Any:
@@ -236,7 +236,7 @@ def simulate(fed: Federation, data: PreparedData, log: Callable[[str], None] = p
         return MetricRecord({f"auc|{t}|{s}": v for t, m in aucs.items() for s, v in m.items()})
 
     strategy = make_strategy(cfg, len(fed.silo_names), recorder.on_train, recorder.on_eval)
-    if cfg.dp.mode != "off":
+    if cfg.dp.mode != "none":
         strategy = fdp.wrap(strategy, cfg, len(fed.silo_names))
         recorder.dp = fdp.describe(strategy, cfg, len(fed.silo_names))
         log(f"DP ({cfg.dp.mode}-side clipping): clip {cfg.dp.clip:g}, noise multiplier "
