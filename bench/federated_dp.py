@@ -9,7 +9,7 @@ what the accountant assumes). Client-level DP's noise on the mean is z * clip / 
 it needs many clients; with the example's 4 scenario silos (``--with-scenarios`` adds that
 row) it drowns the model.
 
-    python bench/federated_dp.py --out runs/federated_dp
+    python bench/federated_dp.py --seeds 3 --with-scenarios --out runs/federated_dp
 
 Writes federated_dp.json and federated_dp.md into --out (and bench/results/).
 """
@@ -42,6 +42,7 @@ def runs(silos: int, clip: float, mode: str, scenarios: bool) -> dict[str, list[
 
 def run(config: Path, out: Path, overrides: list[str], seed: int, plan: dict[str, list[str]]
         ) -> dict:
+    """One seed of every run in ``plan``: name -> its pooled AUC, epsilon, noise, seconds."""
     import torch
 
     from shopmtl.federated.config import load_federated
@@ -75,12 +76,28 @@ def run(config: Path, out: Path, overrides: list[str], seed: int, plan: dict[str
     return res
 
 
-def table(res: dict, command: str) -> str:
+def mean_over_seeds(per_seed: dict[int, dict]) -> dict:
+    """Each run's pooled AUC averaged over the seeds (with the range), epsilon the largest."""
+    first = next(iter(per_seed.values()))
+    out = {}
+    for name, r in first.items():
+        runs_ = [per_seed[s][name] for s in per_seed]
+        eps = [x["epsilon"] for x in runs_ if x["epsilon"] is not None]
+        out[name] = {**r, "epsilon": max(eps) if eps else None,
+                     "pooled": {t: sum(x["pooled"][t] for x in runs_) / len(runs_)
+                                for t in r["pooled"]},
+                     "range": {t: (min(x["pooled"][t] for x in runs_),
+                                   max(x["pooled"][t] for x in runs_)) for t in r["pooled"]}}
+    return out
+
+
+def table(res: dict, command: str, seeds: int) -> str:
     tasks = list(res["no DP"]["pooled"])
     lines = [f"Regenerate: `{command}`", "",
-             "Pooled test AUC of the global model (delta to no DP); epsilon: spent after the "
-             "last round (delta 1e-5); z: the noise multiplier; std: the noise on each "
-             "coordinate of the mean update.", "",
+             f"Pooled test AUC of the global model, mean of {seeds} seed(s) (delta to no DP; "
+             "click's range over the seeds); epsilon: spent after the last round (delta "
+             "1e-5; the largest over the seeds); z: the noise multiplier; std: the noise on "
+             "each coordinate of the mean update.", "",
              "| run | clients | epsilon | z | std | " + " | ".join(tasks) + " |",
              "|---|---|---|---|---|" + "---|" * len(tasks)]
     base = res["no DP"]["pooled"]
@@ -89,6 +106,8 @@ def table(res: dict, command: str) -> str:
         z = "-" if r["noise_multiplier"] is None else f"{r['noise_multiplier']:.3f}"
         std = "-" if r["noise_std"] is None else f"{r['noise_std']:.2g}"
         cells = [f"{r['pooled'][t]:.4f} ({r['pooled'][t] - base[t]:+.4f})" for t in tasks]
+        lo, hi = r["range"][tasks[0]]
+        cells[0] += f" [{lo:.3f}, {hi:.3f}]"
         lines.append(f"| {name} | {r['clients']} | {eps} | {z} | {std} | "
                      + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -98,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", type=Path, default=ROOT / "examples" / "federated.yaml")
     ap.add_argument("--out", type=Path, default=Path("runs/federated_dp"))
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", type=int, default=1, help="seeds 0 .. n-1")
     ap.add_argument("--silos", type=int, default=50)
     ap.add_argument("--clip", type=float, default=1.0)
     ap.add_argument("--mode", choices=("client", "server"), default="client")
@@ -107,15 +126,17 @@ def main(argv: list[str] | None = None) -> None:
     a = ap.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     plan = runs(a.silos, a.clip, a.mode, a.with_scenarios)
-    res = run(a.config, a.out, a.sets, a.seed, plan)
+    per_seed = {s: run(a.config, a.out, a.sets, s, plan) for s in range(a.seeds)}
+    res = mean_over_seeds(per_seed)
     command = "python bench/federated_dp.py " + " ".join(
-        [f"--seed {a.seed}", f"--silos {a.silos}", f"--clip {a.clip:g}", f"--mode {a.mode}",
+        [f"--seeds {a.seeds}", f"--silos {a.silos}", f"--clip {a.clip:g}", f"--mode {a.mode}",
          *(["--with-scenarios"] if a.with_scenarios else []),
          *(f"--set {s}" for s in a.sets)])
-    md = table(res, command)
+    md = table(res, command, a.seeds)
     print(md)
     for d in (a.out, ROOT / "bench" / "results"):
-        (d / "federated_dp.json").write_text(json.dumps(res, indent=1))
+        (d / "federated_dp.json").write_text(json.dumps({"mean": res, "seeds": per_seed},
+                                                        indent=1))
         (d / "federated_dp.md").write_text(md)
 
 
