@@ -6,4 +6,5 @@ user embedding rows stay local by default), ``proximal`` (FedProx's term as a re
 the one loop), ``client`` (the ClientApp: local training is ``train.loop.fit``), ``server``
 (the strategy on Flower's simulation engine, per-round evaluation, metrics.json) and
 ``report``. An app: it sits at the top of the layers, beside ``run`` and ``serve``.
+``dp``: client-level differential privacy (Flower's fixed-clipping wrappers, its accountant).
 """

@@ -24,6 +24,7 @@ from shopmtl.config import ExperimentConfig
 from shopmtl.data.pipeline import PreparedData
 from shopmtl.data.schema import ALL, Schema
 from shopmtl.federated.config import FederatedConfig
+from shopmtl.federated.dp import UNIT_WEIGHT, client_mods
 from shopmtl.federated.proximal import ProximalSource, anchors_of
 from shopmtl.federated.silos import load_silo
 from shopmtl.federated.wire import Piece, nbytes, pack, pieces, select, unpack
@@ -166,7 +167,8 @@ def client_train(fed: Federation, msg: Any, context: Any) -> Any:
     # the weighting key and the ids in the MetricRecord (Flower wants the same keys from
     # every client); what differs by silo (its tasks) travels as JSON beside it
     metrics = {"num-examples": len(data.train), "silo": i, "round": rnd,
-               "bytes-sent": nbytes(sent), "bytes-received": nbytes(received), "steps": k}
+               "bytes-sent": nbytes(sent), "bytes-received": nbytes(received), "steps": k,
+               **({UNIT_WEIGHT: 1} if cfg.dp.mode != "none" else {})}  # DP: a uniform mean
     detail = {"train_loss": {t: float(v) for t, v in losses.items()}}
     return Message(RecordDict({"arrays": ArrayRecord({n: Array(v) for n, v in sent.items()}),
                                "metrics": MetricRecord(metrics),
@@ -185,7 +187,8 @@ def client_evaluate(fed: Federation, msg: Any, context: Any) -> Any:
                          eval_batch_size=fed.experiment.train.eval_batch_size)
     per_task = source.evaluate(model, "test")
     metrics = {"num-examples": len(data.test), "silo": i,
-               "round": int(msg.content["config"]["server-round"])}
+               "round": int(msg.content["config"]["server-round"]),
+               **({UNIT_WEIGHT: 1} if fed.federated.dp.mode != "none" else {})}
     detail = {"auc": nest_auc(per_task)}
     return Message(RecordDict({"metrics": MetricRecord(metrics),
                                "detail": ConfigRecord({"json": json.dumps(detail)})}),
@@ -198,7 +201,7 @@ def make_client_app(fed: Federation) -> Any:
 
     app = ClientApp()
 
-    @app.train()
+    @app.train(mods=client_mods(fed.federated.dp))  # DP, mode client: Flower's clipping
     def _train(msg: Any, context: Any) -> Any:
         return client_train(fed, msg, context)
 

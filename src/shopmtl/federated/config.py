@@ -63,6 +63,36 @@ class AttackConfig:
 
 
 @dataclass(frozen=True)
+class DPConfig:
+    """Client-level differential privacy (``federated.dp``, docs/FEDERATED.md): each client's
+    update is clipped to L2 norm ``clip`` and the server adds Gaussian noise of std
+    ``noise * clip / clients`` to their (uniform) mean, through Flower's DP strategy wrappers;
+    Flower's RDP accountant (Google's dp-accounting) tracks the (epsilon, delta) spent."""
+
+    mode: Literal["none", "client", "server"] = key(
+        "none", "none: no DP; else who clips each update: the client (Flower's "
+                "fixedclipping_mod: the server never sees an unclipped update) or the server; "
+                "the server adds the noise either way")
+    # 1.0: must-show 3's setting (docs/FEDERATED.md); the noise scales with it
+    clip: float = key(1.0, "the L2 norm a client's update (all its shared arrays) is "
+                           "clipped to", gt=0, finite=True)
+    # one of the two: the noise multiplier itself, or the epsilon it is calibrated to reach
+    # after all the rounds
+    noise: float = key(0.0, "the noise multiplier z (std / clip of the summed updates); 0: "
+                            "calibrated from epsilon", ge=0, finite=True)
+    epsilon: float = key(0.0, "the target epsilon after all rounds (z is calibrated to it); "
+                              "0: use noise", ge=0, finite=True)
+    delta: float = key(1e-5, "the delta of the (epsilon, delta) reported", gt=0, lt=1)
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.mode != "none" and (self.noise > 0) == (self.epsilon > 0):
+            raise ValueError("federated.dp: set exactly one of noise (the multiplier) and "
+                             f"epsilon (the target), got noise {self.noise}, epsilon "
+                             f"{self.epsilon}")
+
+
+@dataclass(frozen=True)
 class FederatedConfig:
     silos: SiloConfig = key(factory=SiloConfig, doc="how the rows are split into silos")
     share: tuple[Literal["dense", "items", "towers", "users"], ...] = key(
@@ -90,6 +120,8 @@ class FederatedConfig:
     seed: int = key(0, "seed of the split, the sampling and every client", ge=0)
     attack: AttackConfig = key(factory=AttackConfig, doc="a test harness: silos that send "
                                                          "sign-flipped updates")
+    dp: DPConfig = key(factory=DPConfig, doc="client-level differential privacy: clipping, "
+                                             "Gaussian noise, the accountant")
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -99,6 +131,16 @@ class FederatedConfig:
             raise ValueError("federated.share: share at least one part of the model")
         if self.strategy == "fedprox" and self.mu == 0:
             raise ValueError("federated.mu: fedprox needs mu > 0 (mu 0 is fedavg)")
+        if self.dp.mode != "none":
+            # the accountant's sensitivity is clip / clients: a uniform mean of the clipped
+            # updates. A row mean over the clients that moved a row, a weighted mean or a
+            # server optimiser would give one client more weight than that.
+            if self.strategy not in ("fedavg", "fedprox"):
+                raise ValueError(f"federated.dp: needs strategy fedavg or fedprox (a uniform "
+                                 f"mean of clipped updates), got {self.strategy}")
+            if self.row_aware:
+                raise ValueError("federated.dp: needs row_aware: false (a row's mean over "
+                                 "the clients that moved it is not bounded by clip / clients)")
 
 
 @dataclass(frozen=True)

@@ -26,6 +26,7 @@ import torch
 from shopmtl.config import ConfigError, to_dict
 from shopmtl.data.pipeline import PreparedData, prepare_data, resolve_synthetic
 from shopmtl.deps import require
+from shopmtl.federated import dp as fdp
 from shopmtl.federated.client import Federation, make_client_app, nest_auc
 from shopmtl.federated.config import FederatedConfig, FederatedRun
 from shopmtl.federated.silos import (
@@ -56,7 +57,9 @@ def make_strategy(fed: FederatedConfig, n_clients: int, on_train: Callable, on_e
     common = dict(fraction_train=fed.fraction, fraction_evaluate=1.0,
                   min_train_nodes=min(fed.min_clients, n_clients),
                   min_evaluate_nodes=n_clients, min_available_nodes=n_clients,
-                  train_metrics_aggr_fn=on_train, evaluate_metrics_aggr_fn=on_eval)
+                  train_metrics_aggr_fn=on_train, evaluate_metrics_aggr_fn=on_eval,
+                  # DP: a uniform mean (every client weighs 1), what the accountant assumes
+                  **({"weighted_by_key": fdp.UNIT_WEIGHT} if fed.dp.mode != "none" else {}))
     if fed.strategy == "fedavg":
         return (row_aware(st.FedAvg) if fed.row_aware else st.FedAvg)(**common)
     if fed.strategy == "fedprox":
@@ -129,6 +132,8 @@ class Recorder:
         self.names = names
         self.train: dict[int, dict[str, dict[str, float]]] = {}
         self.eval: dict[int, dict[str, dict[str, float]]] = {}
+        self.dp: dict[str, Any] = {}  # the DP settings (federated.dp), empty when none
+        self.privacy: dict[int, dict[str, float]] = {}  # round -> (epsilon, delta) spent
 
     def _record(self, into: dict, replies: list[Any]) -> Any:
         from flwr.app import MetricRecord
@@ -221,17 +226,29 @@ def simulate(fed: Federation, data: PreparedData, log: Callable[[str], None] = p
         per_task = pooled_source.evaluate(model, "test")
         aucs = nest_auc(per_task)
         pooled[rnd] = {"auc": aucs, "seconds": time.perf_counter() - t0}
+        eps = fdp.spent(strategy) if rnd > 0 else None
+        if eps is not None:
+            recorder.privacy[rnd] = eps
         log(f"round {rnd}/{cfg.rounds}: pooled test AUC " + ", ".join(
-            f"{t} {per_task[t].get('auc', float('nan')):.4f}" for t in per_task))
+            f"{t} {per_task[t].get('auc', float('nan')):.4f}" for t in per_task)
+            + (f"; DP epsilon {eps['epsilon']:.3f} at delta {eps['delta']:g}"
+               if eps is not None else ""))
         return MetricRecord({f"auc|{t}|{s}": v for t, m in aucs.items() for s, v in m.items()})
 
     strategy = make_strategy(cfg, len(fed.silo_names), recorder.on_train, recorder.on_eval)
+    if cfg.dp.mode != "none":
+        strategy = fdp.wrap(strategy, cfg, len(fed.silo_names))
+        recorder.dp = fdp.describe(strategy, cfg, len(fed.silo_names))
+        log(f"DP ({cfg.dp.mode}-side clipping): clip {cfg.dp.clip:g}, noise multiplier "
+            f"{recorder.dp['noise_multiplier']:.4f}, noise std {recorder.dp['noise_std']:.3g} "
+            f"on the mean of {recorder.dp['clients_per_round']} clients")
     app = ServerApp()
     result: dict[str, Any] = {}
 
     @app.main()
     def _main(grid: Any, context: Any) -> None:
         random.seed(cfg.seed)  # Flower samples the round's clients with ``random``
+        np.random.seed(cfg.seed)  # and draws the DP noise with numpy's global generator
         initial = ArrayRecord({n: Array(v) for n, v in pack(model, shared).items()})
         result["r"] = strategy.start(grid=grid, initial_arrays=initial,
                                      num_rounds=cfg.rounds, train_config=ConfigRecord(),
@@ -271,6 +288,7 @@ def summarise(fed: Federation, recorder: Recorder, pooled: dict[int, dict[str, A
             "bytes_sent": {s: int(m["bytes-sent"]) for s, m in train.items()},
             "bytes_received": {s: int(m["bytes-received"]) for s, m in train.items()},
             "train_loss": {s: m["train_loss"] for s, m in train.items()},
+            **({"privacy": recorder.privacy[r]} if r in recorder.privacy else {}),
         })
     cfg = fed.federated
     return json_safe({
@@ -279,6 +297,8 @@ def summarise(fed: Federation, recorder: Recorder, pooled: dict[int, dict[str, A
         **info, "shared_bytes_per_client": shared_bytes,
         "initial_pooled": pooled.get(0, {}).get("auc", {}),
         "rounds": rounds, "final": rounds[-1] if rounds else {}, "seconds": seconds,
+        **({"dp": {**recorder.dp, "spent": recorder.privacy[max(recorder.privacy)]}}
+           if recorder.privacy else {}),
     })
 
 
