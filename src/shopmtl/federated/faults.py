@@ -106,15 +106,24 @@ def spec_bytes(spec: Spec) -> int:
     return sum(math.prod(shape) * np.dtype(dtype).itemsize for shape, dtype in spec.values())
 
 
-_EXC_TYPE = re.compile(r"<class '([\w.]+)'>")
+# an exception's type at the start of a traceback line ("pkg.mod.SomeError: ..."): in a
+# chained traceback the first one is the root cause (the engine wraps it in its own types)
+_EXC_LINE = re.compile(r"^\s*((?:[A-Za-z_]\w*\.)*[A-Za-z_]\w*(?:Error|Exception|Fault|Interrupt))"
+                       r"(?::|$)", re.MULTILINE)
+_EXC_CLASS = re.compile(r"<class '([\w.()]+)'>")
 
 
 def error_reason(msg: Any) -> str:
-    """An error reply's reason without its free text: Flower's error code and the exception's
-    type (the message of an exception may quote data)."""
-    m = _EXC_TYPE.search(str(msg.error.reason))
-    kind = m.group(1).rsplit(".", 1)[-1] if m else "unknown"
-    return f"crashed (error code {int(msg.error.code)}, {kind})"
+    """An error reply's reason without its free text: Flower's error code and the type of
+    the exception that caused it (its message, or a traceback's lines, may quote data)."""
+    from flwr.common.constant import ErrorCode
+
+    code = int(msg.error.code)
+    names = {v: k for k, v in vars(ErrorCode).items() if isinstance(v, int)}
+    text = str(msg.error.reason)
+    m = _EXC_LINE.search(text) or _EXC_CLASS.search(text)
+    kind = m.group(1).rsplit(".", 1)[-1] if m else "no exception type given"
+    return f"crashed ({names.get(code, f'error code {code}')}: {kind})"
 
 
 def _nbytes(a: Any) -> int:

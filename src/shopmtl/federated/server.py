@@ -314,14 +314,18 @@ def roll_call(grid: Any, names: tuple[str, ...], log: Callable[[str], None],
     round 1's timeout. A node that does not answer is named by its id later."""
     from flwr.app import Message, RecordDict
 
+    deadline = time.monotonic() + timeout
     nodes = list(grid.get_node_ids())
+    while len(nodes) < len(names) and time.monotonic() < deadline:  # the engine registers
+        time.sleep(0.1)  # its nodes while the ServerApp starts (Flower's sample_nodes waits too)
+        nodes = list(grid.get_node_ids())
     replies = grid.send_and_receive(
         [Message(RecordDict(), dst_node_id=n, message_type="query") for n in nodes],
-        timeout=timeout)
+        timeout=max(1.0, deadline - time.monotonic()))
     found = {m.metadata.src_node_id: names[int(m.content["silo"]["silo"])]
              for m in replies if not m.has_error()}
-    if len(found) < len(nodes):
-        log(f"roll call: {len(nodes) - len(found)} of {len(nodes)} nodes did not answer")
+    if len(found) < len(names):
+        log(f"roll call: {len(names) - len(found)} of {len(names)} nodes did not answer")
     return found
 
 
