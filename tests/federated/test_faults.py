@@ -259,14 +259,15 @@ def test_sigkilled_server_resumes_after_its_last_round(tmp_path: Path) -> None:
     assert not (out / "metrics.json").exists()
     before = json.loads((out / "checkpoints" / killed_at / "run.json").read_text())
 
-    proc = _federate(cfg, out, "--resume")
-    try:
-        text, _ = proc.communicate(timeout=180)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-    assert proc.returncode == 0, text[-3000:]
+    # the resume runs in this process (the CLI through typer's runner: no second start-up)
+    from typer.testing import CliRunner
+
+    from shopmtl.cli import app
+
+    res = CliRunner().invoke(app, ["federate", str(cfg), "--out", str(out), "--resume"])
+    text = res.output
+    assert res.exit_code == 0, text[-3000:]
+    assert psutil.Process().children(recursive=True) == []
     assert "resuming after round 1" in text
     assert "round 1/2: pooled test AUC" not in text  # not run again
     assert "round 2/2: pooled test AUC" in text
@@ -277,6 +278,12 @@ def test_sigkilled_server_resumes_after_its_last_round(tmp_path: Path) -> None:
     assert latest.read_text() == "ckpt-00-000000002"
     marker = json.loads((out / "shopmtl-run.json").read_text())
     assert before["run_id"] == marker["run_id"]  # one run, resumed
+    # the command names a corrupt checkpoint and stops before the engine starts
+    arrays = out / "checkpoints" / "ckpt-00-000000002" / "arrays.safetensors"
+    arrays.write_bytes(arrays.read_bytes()[:-8])
+    res = CliRunner().invoke(app, ["federate", str(cfg), "--out", str(out), "--resume"])
+    assert res.exit_code == 1
+    assert "ckpt-00-000000002: file 'arrays.safetensors' is corrupt" in res.output
 
 
 # Ray's two agents: after the raylet dies they try to report it to the (dead) GCS, with a
