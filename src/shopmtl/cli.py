@@ -635,6 +635,9 @@ def federate(
     sets: Sets = None,
     overwrite: Annotated[bool, typer.Option(
         help="Replace the previous shopmtl run in OUT")] = False,
+    resume: Annotated[bool, typer.Option(
+        help="Continue the run in OUT after its last completed round (a checkpoint is "
+             "written after every round)")] = False,
 ) -> None:
     """Federated training on Flower's simulation engine: the rows split into silos that never
     pool them, one model trained by rounds of local training and aggregation; AUC per round
@@ -646,9 +649,10 @@ def federate(
 
     run = load_federated(config, sets or [])
     with locked_output(out):
-        start_run(out, check_output(out, command="federate", overwrite=overwrite),
-                  command="federate")
-        metrics = run_federated(run, out, log=typer.echo)
+        action = check_output(out, command="federate", resume=resume, overwrite=overwrite)
+        run_id = start_run(out, action, command="federate", checkpoints=out / "checkpoints")
+        metrics = run_federated(run, out, log=typer.echo, resume=action == "resume",
+                                run_id=run_id)
     final = metrics["final"]
     for task, scopes in final["pooled"].items():
         typer.echo(f"pooled test AUC {task}: {scopes.get('all', float('nan')):.4f}")

@@ -25,6 +25,7 @@ from shopmtl.data.pipeline import PreparedData
 from shopmtl.data.schema import ALL, Schema
 from shopmtl.federated.config import FederatedConfig
 from shopmtl.federated.dp import UNIT_WEIGHT, client_mods
+from shopmtl.federated.faults import fault_for, inject_after, inject_before
 from shopmtl.federated.proximal import ProximalSource, anchors_of
 from shopmtl.federated.silos import load_silo
 from shopmtl.federated.wire import Piece, nbytes, pack, pieces, select, unpack
@@ -148,10 +149,13 @@ def client_train(fed: Federation, msg: Any, context: Any) -> Any:
     exp, cfg = fed.experiment, fed.federated
     torch.set_num_threads(max(1, exp.train.threads))
     i = int(context.node_config["partition-id"])
+    rnd = int(msg.content["config"]["server-round"])
+    # federated.faults, a test tool: this silo crashes or is late on purpose this round
+    fault = fault_for(cfg.faults, fed.silo_names[i], rnd)
+    inject_before(fault, cfg.faults.delay or cfg.round_timeout + 1)
     data = _silo(fed, i)
     received = _arrays(msg.content["arrays"])
     model, shared, local = _model(fed, context.state, received)
-    rnd = int(msg.content["config"]["server-round"])
     mu = float(msg.content["config"].get("proximal-mu", 0.0))
     start = (LoopState(**json.loads(str(context.state["loop"]["state"])))
              if "loop" in context.state else None)
@@ -163,6 +167,7 @@ def client_train(fed: Federation, msg: Any, context: Any) -> Any:
     sent = pack(model, shared)
     if fed.silo_names[i] in cfg.attack.silos:  # the harness: a sign-flipped, scaled update
         sent = {n: received[n] - cfg.attack.scale * (v - received[n]) for n, v in sent.items()}
+    sent = inject_after(fault, sent)  # federated.faults: NaNs, a wrong shape, too many bytes
     losses = res.state.history[-1]["train_loss"] if res.state.history else {}
     # the weighting key and the ids in the MetricRecord (Flower wants the same keys from
     # every client); what differs by silo (its tasks) travels as JSON beside it
@@ -209,5 +214,19 @@ def make_client_app(fed: Federation) -> Any:
     def _evaluate(msg: Any, context: Any) -> Any:
         return client_evaluate(fed, msg, context)
 
+    @app.query()
+    def _query(msg: Any, context: Any) -> Any:
+        return client_roll_call(fed, msg, context)
+
     return app
 
+
+def client_roll_call(fed: Federation, msg: Any, context: Any) -> Any:
+    """The answer to the server's roll call before round 1: which silo this node is (so a
+    client dropped later is named by its silo), after loading its rows (so the engine's
+    start and the imports are not counted in round 1's timeout)."""
+    from flwr.app import Message, MetricRecord, RecordDict
+
+    i = int(context.node_config["partition-id"])
+    _silo(fed, i)
+    return Message(RecordDict({"silo": MetricRecord({"silo": i})}), reply_to=msg)

@@ -23,6 +23,7 @@ from shopmtl.config import (
     from_dict,
     yaml_problem,
 )
+from shopmtl.federated.faults import FaultConfig
 from shopmtl.keys import check_fields, key
 
 
@@ -114,7 +115,9 @@ class FederatedConfig:
     local_epochs: float = key(0.5, "each client's local training per round, in epochs of "
                                    "its own rows", gt=0)
     fraction: float = key(1.0, "the fraction of clients sampled each round", gt=0, le=1)
-    min_clients: int = key(2, "the fewest clients a round trains on", ge=1)
+    min_clients: int = key(2, "the fewest clients a round trains on, and the fewest valid "
+                              "replies it aggregates (fewer: the previous global model is "
+                              "kept)", ge=1)
     client_cpus: float = key(1.0, "CPUs the simulation engine reserves per client", gt=0)
     engine_cpus: int = key(2, "CPUs the simulation engine may use", ge=1)
     seed: int = key(0, "seed of the split, the sampling and every client", ge=0)
@@ -122,6 +125,13 @@ class FederatedConfig:
                                                          "sign-flipped updates")
     dp: DPConfig = key(factory=DPConfig, doc="client-level differential privacy: clipping, "
                                              "Gaussian noise, the accountant")
+    # Flower's Grid timeout (``send_and_receive``); the engine's start and the clients'
+    # imports happen in a roll call before round 1, not inside it
+    round_timeout: float = key(3600.0, "seconds the server waits for a round's replies; a "
+                                       "client not answered by then is dropped from the round",
+                               gt=0)
+    faults: FaultConfig = key(factory=FaultConfig, doc="a TEST TOOL: silos that fail on "
+                                                       "purpose (federated.faults)")
 
     def __post_init__(self) -> None:
         check_fields(self)

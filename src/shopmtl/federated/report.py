@@ -79,6 +79,18 @@ def write_federated_report(out: Path, metrics: dict[str, Any]) -> Path:
     else:
         note_skipped("the AUC-per-round figure", "matplotlib", "viz")
         lines += ["", f"No figure: matplotlib is not installed ({install_hint('viz')})."]
+    lines += dropped_table(metrics)
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def dropped_table(metrics: dict[str, Any]) -> list[str]:
+    """The clients left out of a round and why (``federated.faults``); nothing when none
+    was."""
+    rows = [f"| {r['round']} | {who} | {why} |" for r in metrics["rounds"]
+            for who, why in sorted(r.get("dropped", {}).items())]
+    if not rows:
+        return []
+    return ["", "## Clients dropped from a round", "", "| round | client | reason |",
+            "|---|---|---|", *rows]

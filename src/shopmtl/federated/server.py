@@ -29,6 +29,15 @@ from shopmtl.deps import require
 from shopmtl.federated import dp as fdp
 from shopmtl.federated.client import Federation, make_client_app, nest_auc
 from shopmtl.federated.config import FederatedConfig, FederatedRun
+from shopmtl.federated.faults import Guard
+from shopmtl.federated.resume import (
+    int_keys,
+    load_round,
+    restore_strategy,
+    run_rounds,
+    save_round,
+    strategy_state,
+)
 from shopmtl.federated.silos import (
     availability,
     check_tasks_covered,
@@ -40,6 +49,7 @@ from shopmtl.federated.silos import (
 )
 from shopmtl.federated.wire import nbytes, pack, unpack
 from shopmtl.jsonsafe import json_safe
+from shopmtl.train.stages import Checkpointer
 from shopmtl.train.table import TableSource
 from shopmtl.train.trainer import label_priors, save_model_dir
 
@@ -126,7 +136,8 @@ def row_aware(base: type) -> type:
 
 
 class Recorder:
-    """Every round's per-client replies (train and evaluate), by round and silo."""
+    """Every round's per-client replies (train and evaluate), by round and silo, and the
+    clients dropped from each round with the reason (``faults.Guard``)."""
 
     def __init__(self, names: tuple[str, ...]) -> None:
         self.names = names
@@ -134,6 +145,7 @@ class Recorder:
         self.eval: dict[int, dict[str, dict[str, float]]] = {}
         self.dp: dict[str, Any] = {}  # the DP settings (federated.dp), empty when none
         self.privacy: dict[int, dict[str, float]] = {}  # round -> (epsilon, delta) spent
+        self.dropped: dict[int, dict[str, str]] = {}
 
     def _record(self, into: dict, replies: list[Any]) -> Any:
         from flwr.app import MetricRecord
@@ -172,6 +184,10 @@ def prepare(run: FederatedRun, out: Path, log: Callable[[str], None] = print
     if unknown:
         raise ConfigError(f"federated.attack.silos: {unknown} are not silos; silos: "
                           f"{list(names)}")
+    unknown = sorted(set(fed.faults.silos) - set(names))
+    if unknown:
+        raise ConfigError(f"federated.faults.silos: {unknown} are not silos; silos: "
+                          f"{list(names)}")
     parts = [silo_data(data, s) for s in silos]
     matrices = {s.name: availability(schema, p.train) for s, p in zip(silos, parts, strict=True)}
     check_tasks_covered(schema, matrices)
@@ -201,13 +217,16 @@ def initial_model(data: PreparedData, fed: Federation) -> Any:
     return model
 
 
-def simulate(fed: Federation, data: PreparedData, log: Callable[[str], None] = print
+def simulate(fed: Federation, data: PreparedData, log: Callable[[str], None] = print,
+             checkpointer: Checkpointer | None = None, resume: bool = False
              ) -> tuple[Any, Recorder, dict[int, dict[str, Any]], float]:
     """Run the federation on Flower's simulation engine. Returns the final global model,
-    the clients' records, the server's pooled evaluation per round, and the seconds."""
+    the clients' records (``dropped``: who was left out of each round and why), the server's
+    pooled evaluation per round, and the seconds. ``checkpointer``: a checkpoint after each
+    round (``federated.resume``); ``resume``: continue after the latest one."""
     require("flwr", "federated", "federated training")
     require("ray", "federated", "Flower's simulation engine")
-    from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
+    from flwr.app import Array, ArrayRecord, MetricRecord
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
@@ -217,6 +236,21 @@ def simulate(fed: Federation, data: PreparedData, log: Callable[[str], None] = p
     shared, _ = fed.layout(model)
     recorder = Recorder(fed.silo_names)
     pooled: dict[int, dict[str, Any]] = {}
+    config = run_config(fed)
+    first, start, moments = 1, pack(model, shared), {}
+    if resume and fed.federated.dp.mode != "none":
+        # the accountant's releases live in the strategy object, not in the checkpoint: a
+        # resumed run would count epsilon from zero and under-report what was spent
+        raise ConfigError("--resume with federated.dp: not supported (the privacy accountant's "
+                          "state is not checkpointed); start the DP run again")
+    if resume:
+        assert checkpointer is not None
+        done, start, moments, records = load_round(checkpointer, config)
+        recorder.train, recorder.eval = (int_keys(records["train"]),
+                                         int_keys(records["eval"]))
+        recorder.dropped, pooled = int_keys(records["dropped"]), int_keys(records["pooled"])
+        first = done + 1
+        log(f"resuming after round {done} (checkpoint {checkpointer.latest()})")
     pooled_source = TableSource(data, fed.experiment.train.batch_size,
                                 eval_batch_size=fed.experiment.train.eval_batch_size)
     t0 = time.perf_counter()
@@ -226,7 +260,7 @@ def simulate(fed: Federation, data: PreparedData, log: Callable[[str], None] = p
         per_task = pooled_source.evaluate(model, "test")
         aucs = nest_auc(per_task)
         pooled[rnd] = {"auc": aucs, "seconds": time.perf_counter() - t0}
-        eps = fdp.spent(strategy) if rnd > 0 else None
+        eps = fdp.spent(strategy.inner) if rnd > 0 else None
         if eps is not None:
             recorder.privacy[rnd] = eps
         log(f"round {rnd}/{cfg.rounds}: pooled test AUC " + ", ".join(
@@ -235,24 +269,36 @@ def simulate(fed: Federation, data: PreparedData, log: Callable[[str], None] = p
                if eps is not None else ""))
         return MetricRecord({f"auc|{t}|{s}": v for t, m in aucs.items() for s, v in m.items()})
 
-    strategy = make_strategy(cfg, len(fed.silo_names), recorder.on_train, recorder.on_eval)
+    inner = make_strategy(cfg, len(fed.silo_names), recorder.on_train, recorder.on_eval)
     if cfg.dp.mode != "none":
-        strategy = fdp.wrap(strategy, cfg, len(fed.silo_names))
-        recorder.dp = fdp.describe(strategy, cfg, len(fed.silo_names))
+        inner = fdp.wrap(inner, cfg, len(fed.silo_names))
+        recorder.dp = fdp.describe(inner, cfg, len(fed.silo_names))
         log(f"DP ({cfg.dp.mode}-side clipping): clip {cfg.dp.clip:g}, noise multiplier "
             f"{recorder.dp['noise_multiplier']:.4f}, noise std {recorder.dp['noise_std']:.3g} "
             f"on the mean of {recorder.dp['clients_per_round']} clients")
+    # the reply checks sit in front of everything else, DP's clipping and noise included
+    strategy = Guard(inner, min(cfg.min_clients, len(fed.silo_names)), cfg.round_timeout, log)
+    strategy.dropped = recorder.dropped
+    restore_strategy(strategy, moments)
     app = ServerApp()
     result: dict[str, Any] = {}
 
+    def after_round(rnd: int, arrays: Any) -> None:
+        if checkpointer is not None:
+            records = {"train": recorder.train, "eval": recorder.eval,
+                       "dropped": recorder.dropped, "pooled": pooled}
+            save_round(checkpointer, rnd, {k: v.numpy() for k, v in arrays.items()},
+                       strategy_state(strategy), records, config)
+
     @app.main()
     def _main(grid: Any, context: Any) -> None:
-        random.seed(cfg.seed)  # Flower samples the round's clients with ``random``
-        np.random.seed(cfg.seed)  # and draws the DP noise with numpy's global generator
-        initial = ArrayRecord({n: Array(v) for n, v in pack(model, shared).items()})
-        result["r"] = strategy.start(grid=grid, initial_arrays=initial,
-                                     num_rounds=cfg.rounds, train_config=ConfigRecord(),
-                                     evaluate_fn=evaluate_fn)
+        random.seed(cfg.seed + first - 1)  # Flower samples the round's clients with ``random``
+        np.random.seed(cfg.seed + first - 1)  # and draws the DP noise with numpy's global one
+        strategy.names = roll_call(grid, fed.silo_names, log)
+        initial = ArrayRecord({n: Array(v) for n, v in start.items()})
+        result["r"] = run_rounds(strategy, grid, initial, first=first, last=cfg.rounds,
+                                 timeout=cfg.round_timeout, evaluate_fn=evaluate_fn,
+                                 after_round=after_round)
 
     backend = {"client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": 0.0},
                "init_args": {"num_cpus": cfg.engine_cpus, "include_dashboard": False,
@@ -270,9 +316,39 @@ def simulate(fed: Federation, data: PreparedData, log: Callable[[str], None] = p
                 os.environ[k] = v
     if "r" not in result:
         raise RuntimeError("the federated run did not finish (see the engine's log above)")
-    final = {k: v.numpy() for k, v in result["r"].arrays.items()}
+    final = {k: v.numpy() for k, v in result["r"].items()}
     unpack(model, shared, final)
     return model, recorder, pooled, time.perf_counter() - t0
+
+
+def run_config(fed: Federation) -> dict[str, Any]:
+    """The config a round checkpoint must be resumed with: the experiment and the
+    federation but ``rounds`` (a run may be resumed with more), as JSON."""
+    cfg = {k: v for k, v in to_dict(fed.federated).items() if k != "rounds"}
+    return json.loads(json.dumps(json_safe({"experiment": to_dict(fed.experiment),
+                                            "federated": cfg})))
+
+
+def roll_call(grid: Any, names: tuple[str, ...], log: Callable[[str], None],
+              timeout: float = 600.0) -> dict[int, str]:
+    """Node id -> silo name, asked of every node before round 1 (a Flower ``query``
+    message). The engine starts its workers and the clients load their rows here, not inside
+    round 1's timeout. A node that does not answer is named by its id later."""
+    from flwr.app import Message, RecordDict
+
+    deadline = time.monotonic() + timeout
+    nodes = list(grid.get_node_ids())
+    while len(nodes) < len(names) and time.monotonic() < deadline:  # the engine registers
+        time.sleep(0.1)  # its nodes while the ServerApp starts (Flower's sample_nodes waits too)
+        nodes = list(grid.get_node_ids())
+    replies = grid.send_and_receive(
+        [Message(RecordDict(), dst_node_id=n, message_type="query") for n in nodes],
+        timeout=max(1.0, deadline - time.monotonic()))
+    found = {m.metadata.src_node_id: names[int(m.content["silo"]["silo"])]
+             for m in replies if not m.has_error()}
+    if len(found) < len(names):
+        log(f"roll call: {len(names) - len(found)} of {len(names)} nodes did not answer")
+    return found
 
 
 def summarise(fed: Federation, recorder: Recorder, pooled: dict[int, dict[str, Any]],
@@ -289,6 +365,7 @@ def summarise(fed: Federation, recorder: Recorder, pooled: dict[int, dict[str, A
             "bytes_received": {s: int(m["bytes-received"]) for s, m in train.items()},
             "train_loss": {s: m["train_loss"] for s, m in train.items()},
             **({"privacy": recorder.privacy[r]} if r in recorder.privacy else {}),
+            "dropped": recorder.dropped.get(r, {}),
         })
     cfg = fed.federated
     return json_safe({
@@ -302,17 +379,20 @@ def summarise(fed: Federation, recorder: Recorder, pooled: dict[int, dict[str, A
     })
 
 
-def run_federated(run: FederatedRun, out: str | Path, log: Callable[[str], None] = print
-                  ) -> dict[str, Any]:
+def run_federated(run: FederatedRun, out: str | Path, log: Callable[[str], None] = print,
+                  *, resume: bool = False, run_id: str | None = None) -> dict[str, Any]:
     """``shopmtl federate``: silos, the simulated federation, ``model/`` (the global model,
-    unshared pieces zero), ``metrics.json`` and ``report.md`` in ``out``."""
+    unshared pieces zero), ``metrics.json`` and ``report.md`` in ``out``; a checkpoint after
+    every round in ``out/checkpoints`` (``resume``: continue after the latest one; ``run_id``:
+    the output folder's, ``train.outdir``)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(run.federated.seed)
     data, fed, info = prepare(run, out, log)
     log(f"{len(fed.silo_names)} silos: " + ", ".join(
         f"{n} ({info['silos'][n]['train']:,} rows)" for n in fed.silo_names))
-    model, recorder, pooled, seconds = simulate(fed, data, log)
+    checkpointer = Checkpointer(out / "checkpoints", run_id=run_id)
+    model, recorder, pooled, seconds = simulate(fed, data, log, checkpointer, resume)
     shared, _ = fed.layout(model)
     info = {k: v for k, v in info.items() if k != "_silos"}
     metrics = summarise(fed, recorder, pooled, info, seconds, nbytes(pack(model, shared)))
