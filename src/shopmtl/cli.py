@@ -635,10 +635,18 @@ def federate(
     sets: Sets = None,
     overwrite: Annotated[bool, typer.Option(
         help="Replace the previous shopmtl run in OUT")] = False,
+    deployment: Annotated[str | None, typer.Option(
+        help="Run on a Flower SuperLink (its API's host:port) instead of the simulation "
+             "engine (docs/FEDERATED.md, deployment mode)")] = None,
+    insecure: Annotated[bool, typer.Option(
+        help="--deployment without TLS (loopback tests only)")] = False,
+    root_certificates: Annotated[Path | None, typer.Option(
+        help="--deployment: the CA certificate that signed the SuperLink's")] = None,
 ) -> None:
-    """Federated training on Flower's simulation engine: the rows split into silos that never
-    pool them, one model trained by rounds of local training and aggregation; AUC per round
-    per silo and on the pooled test split in OUT/metrics.json and OUT/report.md."""
+    """Federated training on Flower's simulation engine (or a SuperLink's SuperNodes with
+    --deployment): the rows split into silos that never pool them, one model trained by
+    rounds of local training and aggregation; AUC per round per silo and on the pooled test
+    split in OUT/metrics.json and OUT/report.md."""
     from shopmtl.federated.config import load_federated
     from shopmtl.federated.server import run_federated
     from shopmtl.train.outdir import check_output, start_run
@@ -648,7 +656,13 @@ def federate(
     with locked_output(out):
         start_run(out, check_output(out, command="federate", overwrite=overwrite),
                   command="federate")
-        metrics = run_federated(run, out, log=typer.echo)
+        if deployment:  # the ServerApp, started by the SuperLink, writes OUT
+            from shopmtl.federated.deploy import run_deployment
+
+            metrics = run_deployment(config, out, sets or [], deployment, insecure=insecure,
+                                     root_certificates=root_certificates)
+        else:
+            metrics = run_federated(run, out, log=typer.echo)
     final = metrics["final"]
     for task, scopes in final["pooled"].items():
         typer.echo(f"pooled test AUC {task}: {scopes.get('all', float('nan')):.4f}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -192,19 +193,23 @@ def client_evaluate(fed: Federation, msg: Any, context: Any) -> Any:
                    reply_to=msg)
 
 
-def make_client_app(fed: Federation) -> Any:
-    """The ``ClientApp``: node ``partition-id`` k is silo k."""
+def make_client_app(fed: Federation | Callable[[Any], Federation]) -> Any:
+    """The ``ClientApp``: node ``partition-id`` k is silo k. ``fed``: the federation, or a
+    function of the node's ``Context`` returning it (a SuperNode reads it from its node
+    config: ``federated.deploy``). SecAgg+ messages pass through ``secure.secagg_mod``."""
     from flwr.clientapp import ClientApp
 
+    from shopmtl.federated.secure import secagg_mod
+
+    resolve = fed if callable(fed) else (lambda context: fed)
     app = ClientApp()
 
-    @app.train()
+    @app.train(mods=[secagg_mod])
     def _train(msg: Any, context: Any) -> Any:
-        return client_train(fed, msg, context)
+        return client_train(resolve(context), msg, context)
 
     @app.evaluate()
     def _evaluate(msg: Any, context: Any) -> Any:
-        return client_evaluate(fed, msg, context)
+        return client_evaluate(resolve(context), msg, context)
 
     return app
-

@@ -196,18 +196,14 @@ def initial_model(data: PreparedData, fed: Federation) -> Any:
     return model
 
 
-def simulate(fed: Federation, data: PreparedData, log: Callable[[str], None] = print
-             ) -> tuple[Any, Recorder, dict[int, dict[str, Any]], float]:
-    """Run the federation on Flower's simulation engine. Returns the final global model,
-    the clients' records, the server's pooled evaluation per round, and the seconds."""
-    require("flwr", "federated", "federated training")
-    require("ray", "federated", "Flower's simulation engine")
+def serve(fed: Federation, data: PreparedData, grid: Any, log: Callable[[str], None] = print
+          ) -> tuple[Any, Recorder, dict[int, dict[str, Any]], float]:
+    """The server's rounds on ``grid`` (the simulation engine's or a SuperLink's): the
+    strategy started from the initial model, the pooled evaluation every round. Returns the
+    final global model, the clients' records, the pooled evaluation per round, the seconds."""
     from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord
-    from flwr.serverapp import ServerApp
-    from flwr.simulation import run_simulation
 
     cfg = fed.federated
-    logging.getLogger("flwr").setLevel(logging.WARNING)  # our one line a round instead
     model = initial_model(data, fed)
     shared, _ = fed.layout(model)
     recorder = Recorder(fed.silo_names)
@@ -226,16 +222,37 @@ def simulate(fed: Federation, data: PreparedData, log: Callable[[str], None] = p
         return MetricRecord({f"auc|{t}|{s}": v for t, m in aucs.items() for s, v in m.items()})
 
     strategy = make_strategy(cfg, len(fed.silo_names), recorder.on_train, recorder.on_eval)
+    if cfg.secagg:  # the strategy's training rounds through SecAgg+ (federated/secure.py)
+        from shopmtl.federated.secure import SecureGrid
+
+        # the weights' bound: every client's examples count below it (Flower warns above)
+        grid = SecureGrid(grid, cfg, max_weight=float(len(data.train)))
+    random.seed(cfg.seed)  # Flower samples the round's clients with ``random``
+    initial = ArrayRecord({n: Array(v) for n, v in pack(model, shared).items()})
+    result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=cfg.rounds,
+                            train_config=ConfigRecord(), evaluate_fn=evaluate_fn)
+    final = {k: v.numpy() for k, v in result.arrays.items()}
+    unpack(model, shared, final)
+    return model, recorder, pooled, time.perf_counter() - t0
+
+
+def simulate(fed: Federation, data: PreparedData, log: Callable[[str], None] = print
+             ) -> tuple[Any, Recorder, dict[int, dict[str, Any]], float]:
+    """Run the federation on Flower's simulation engine (``serve`` in this process, one
+    virtual SuperNode per silo). Returns what ``serve`` returns."""
+    require("flwr", "federated", "federated training")
+    require("ray", "federated", "Flower's simulation engine")
+    from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation
+
+    cfg = fed.federated
+    logging.getLogger("flwr").setLevel(logging.WARNING)  # our one line a round instead
     app = ServerApp()
     result: dict[str, Any] = {}
 
     @app.main()
     def _main(grid: Any, context: Any) -> None:
-        random.seed(cfg.seed)  # Flower samples the round's clients with ``random``
-        initial = ArrayRecord({n: Array(v) for n, v in pack(model, shared).items()})
-        result["r"] = strategy.start(grid=grid, initial_arrays=initial,
-                                     num_rounds=cfg.rounds, train_config=ConfigRecord(),
-                                     evaluate_fn=evaluate_fn)
+        result["r"] = serve(fed, data, grid, log)
 
     backend = {"client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": 0.0},
                "init_args": {"num_cpus": cfg.engine_cpus, "include_dashboard": False,
@@ -253,9 +270,7 @@ def simulate(fed: Federation, data: PreparedData, log: Callable[[str], None] = p
                 os.environ[k] = v
     if "r" not in result:
         raise RuntimeError("the federated run did not finish (see the engine's log above)")
-    final = {k: v.numpy() for k, v in result["r"].arrays.items()}
-    unpack(model, shared, final)
-    return model, recorder, pooled, time.perf_counter() - t0
+    return result["r"]
 
 
 def summarise(fed: Federation, recorder: Recorder, pooled: dict[int, dict[str, Any]],
@@ -282,9 +297,14 @@ def summarise(fed: Federation, recorder: Recorder, pooled: dict[int, dict[str, A
     })
 
 
-def run_federated(run: FederatedRun, out: str | Path, log: Callable[[str], None] = print
-                  ) -> dict[str, Any]:
-    """``shopmtl federate``: silos, the simulated federation, ``model/`` (the global model,
+Engine = Callable[[Federation, PreparedData, Callable[[str], None]],
+                  tuple[Any, Recorder, dict[int, dict[str, Any]], float]]
+
+
+def run_federated(run: FederatedRun, out: str | Path, log: Callable[[str], None] = print,
+                  engine: Engine = simulate) -> dict[str, Any]:
+    """``shopmtl federate``: silos, the federation (``engine``: Flower's simulation engine by
+    default; ``federated.deploy`` passes a SuperLink's grid), ``model/`` (the global model,
     unshared pieces zero), ``metrics.json`` and ``report.md`` in ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -292,7 +312,7 @@ def run_federated(run: FederatedRun, out: str | Path, log: Callable[[str], None]
     data, fed, info = prepare(run, out, log)
     log(f"{len(fed.silo_names)} silos: " + ", ".join(
         f"{n} ({info['silos'][n]['train']:,} rows)" for n in fed.silo_names))
-    model, recorder, pooled, seconds = simulate(fed, data, log)
+    model, recorder, pooled, seconds = engine(fed, data, log)
     shared, _ = fed.layout(model)
     info = {k: v for k, v in info.items() if k != "_silos"}
     metrics = summarise(fed, recorder, pooled, info, seconds, nbytes(pack(model, shared)))
