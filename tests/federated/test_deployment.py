@@ -5,6 +5,7 @@ afterwards (process groups killed in the fixture's finally, checked in /proc by 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -45,12 +46,27 @@ def wait_port(port: int, proc: subprocess.Popen, seconds: float = 30) -> None:
     raise AssertionError(f"nothing listens on port {port} after {seconds} s")
 
 
+def world_config(world: Path, **federated: object) -> dict:
+    """The tiny run's config reading the tiny world's files (generated once)."""
+    from shopmtl.config import config_from_dict, to_dict
+    from shopmtl.data.pipeline import resolve_synthetic
+
+    raw = tiny_raw(**federated)
+    fed = raw.pop("federated")
+    exp, _ = resolve_synthetic(config_from_dict(raw), world / "data", lambda s: None)
+    out = to_dict(exp)
+    out["data"]["synthetic"] = None
+    return {**out, "federated": fed}
+
+
 def flower_env(home: Path) -> dict[str, str]:
     repo = Path(__file__).resolve().parents[2]
     # PATH: the SuperLink and SuperNodes start flower-superexec from it
     path = os.pathsep.join([str(BIN), os.environ.get("PATH", "")])
     return {**os.environ, "PATH": path, "FLWR_HOME": str(home), "OMP_NUM_THREADS": "1",
             "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+            # the SuperExecs look for a new ServerApp / ClientApp to start every 0.2 s
+            "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",
             "PYTHONPATH": os.pathsep.join([str(repo / "src"), str(repo)])}
 
 
@@ -86,15 +102,11 @@ class Procs:
             live = self.tree()
             self.pids |= live
             for p in self.procs:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.killpg(p.pid, sig)
-                except ProcessLookupError:
-                    pass
             for pid in live:
-                try:
+                with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, sig)
-                except ProcessLookupError:
-                    pass
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline and any(_alive(pid) for pid in live):
                 time.sleep(0.1)
@@ -124,7 +136,8 @@ def test_superlink_and_two_supernodes_run_two_rounds(tiny_world: Path, tmp_path:
 
     out = tmp_path / "run"
     cfg = tmp_path / "fed.yaml"
-    cfg.write_text(yaml.safe_dump(tiny_raw(silos=TWO_SILOS, rounds=2, local_epochs=0.5)))
+    cfg.write_text(yaml.safe_dump(world_config(tiny_world, silos=TWO_SILOS, rounds=2,
+                                               local_epochs=0.25)))
     env = flower_env(tmp_path / "flwr_home")
     link = free_port()
     superlink = procs.start([str(BIN / "flower-superlink"), "--insecure", "--port", str(link)],

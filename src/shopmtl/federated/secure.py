@@ -86,11 +86,17 @@ def secure_round(grid: Any, messages: list[Any], cfg: FederatedConfig, max_weigh
     node) sent through the protocol; one reply per client that finished it, each holding the
     unmasked weighted mean and that client's metrics ([] if the protocol halted: too few
     clients left, and the strategy keeps the previous model)."""
-    from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord
-    from flwr.app import RecordDict
-    from flwr.common import parameters_to_ndarrays
+    from flwr.app import (
+        Array,
+        ArrayRecord,
+        ConfigRecord,
+        Context,
+        Message,
+        MetricRecord,
+        RecordDict,
+    )
+    from flwr.common import ndarrays_to_parameters, parameters_to_ndarrays
     from flwr.compat.common import recorddict_compat as compat
-    from flwr.common import ndarrays_to_parameters
     from flwr.server.compat.legacy_context import LegacyContext
     from flwr.server.workflow import SecAggPlusWorkflow
     from flwr.server.workflow.constant import MAIN_CONFIGS_RECORD, MAIN_PARAMS_RECORD, Key
