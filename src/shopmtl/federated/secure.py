@@ -157,6 +157,15 @@ class SecureGrid:
 
 # -- the client's side -------------------------------------------------------------------------
 
+def _clip(ctxt: Any) -> float:
+    """The clipping range the server set in the protocol's setup stage (kept by
+    ``secaggplus_mod`` in the node's state)."""
+    from flwr.common.secure_aggregation.secaggplus_constants import RECORD_KEY_STATE, Key
+
+    state = ctxt.state.config_records.get(RECORD_KEY_STATE, {})
+    return float(state.get(Key.CLIPPING_RANGE, float("inf")) or float("inf"))
+
+
 def _as_fit(msg: Any, ctxt: Any, call_next: Any) -> Any:
     """``secaggplus_mod``'s inner call: the legacy ``FitIns`` made the message
     ``client_train`` reads, its reply made a legacy ``FitRes``."""
@@ -177,7 +186,15 @@ def _as_fit(msg: Any, ctxt: Any, call_next: Any) -> Any:
     out = reply.content
     metrics: dict[str, Any] = dict(out["metrics"])
     metrics[_DETAIL] = str(out["detail"]["json"]) if "detail" in out else "{}"
-    params = ndarrays_to_parameters([out["arrays"][n].numpy() for n in names])
+    sent = [out["arrays"][n].numpy() for n in names]
+    clip = _clip(ctxt)
+    over = [(n, float(np.abs(a).max())) for n, a in zip(names, sent, strict=True)
+            if a.size and float(np.abs(a).max()) > clip]
+    if over:  # Flower's quantiser clips them silently: the aggregate would be off
+        log.warning("secure aggregation: %d shared array(s) exceed secagg_clip %.3g (largest "
+                    "|w| %.3g in '%s'); they are clipped: raise federated.secagg_clip",
+                    len(over), clip, max(v for _, v in over), max(over, key=lambda x: x[1])[0])
+    params = ndarrays_to_parameters(sent)
     fitres = FitRes(Status(Code.OK, ""), params, int(metrics["num-examples"]), metrics)
     return Message(compat.fitres_to_recorddict(fitres, True), reply_to=msg)
 
