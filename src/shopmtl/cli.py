@@ -653,6 +653,10 @@ def federate(
     from shopmtl.train.outlock import locked_output
 
     run = load_federated(config, sets or [])
+    if deployment:
+        from shopmtl.federated.deploy import check_connection
+
+        check_connection(insecure, root_certificates)
     with locked_output(out):
         start_run(out, check_output(out, command="federate", overwrite=overwrite),
                   command="federate")

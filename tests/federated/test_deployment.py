@@ -166,3 +166,22 @@ def test_superlink_and_two_supernodes_run_two_rounds(tiny_world: Path, tmp_path:
     # spawned) is gone
     assert procs.pids, "no process was seen running"
     assert [pid for pid in procs.pids if _alive(pid)] == []
+
+
+@pytest.mark.parametrize("flags, needle", [
+    ([], "give --root-certificates"),
+    (["--insecure", "--root-certificates", "ca.crt"], "exclude each other"),
+    (["--root-certificates", "missing.crt"], "--root-certificates: no file"),
+])
+def test_deployment_needs_tls_or_insecure(tmp_path: Path, flags: list[str],
+                                          needle: str) -> None:
+    from shopmtl.cli import app
+
+    cfg = tmp_path / "fed.yaml"
+    cfg.write_text(yaml.safe_dump(tiny_raw()))
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["federate", str(cfg), "--out", str(out), "--deployment",
+                                   "127.0.0.1:9", *flags])
+    assert res.exit_code == 2, res.output
+    assert needle in res.output
+    assert not out.exists()  # refused before anything was written

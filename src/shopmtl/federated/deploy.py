@@ -176,13 +176,22 @@ def _toml_str(s: str) -> str:
     return json.dumps(s)  # a JSON string is a TOML basic string (same escapes)
 
 
+def check_connection(insecure: bool, root_certificates: Path | None) -> None:
+    """TLS (a CA certificate that exists) or, said explicitly, none."""
+    if insecure and root_certificates is not None:
+        raise ConfigError("--deployment: --insecure and --root-certificates exclude each other")
+    if not insecure and root_certificates is None:
+        raise ConfigError("--deployment: give --root-certificates (the CA that signed the "
+                          "SuperLink's certificate) or --insecure (loopback tests only)")
+    if root_certificates is not None and not Path(root_certificates).is_file():
+        raise ConfigError(f"--root-certificates: no file at {root_certificates}")
+
+
 def write_flower_home(home: Path, address: str, insecure: bool,
                       root_certificates: Path | None) -> Path:
     """A Flower config (``$FLWR_HOME/config.toml``) whose default connection is the
     SuperLink's Control API at ``address``: TLS with ``root_certificates``, or insecure."""
-    if not insecure and root_certificates is None:
-        raise ConfigError("--deployment: give --root-certificates (the CA that signed the "
-                          "SuperLink's certificate) or --insecure (loopback tests only)")
+    check_connection(insecure, root_certificates)
     lines = ["[superlink]", f"default = {_toml_str(CONNECTION)}", "",
              f"[superlink.{CONNECTION}]", f"address = {_toml_str(address)}"]
     if insecure:
