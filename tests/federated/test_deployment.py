@@ -137,7 +137,7 @@ def test_superlink_and_two_supernodes_run_two_rounds(tiny_world: Path, tmp_path:
     out = tmp_path / "run"
     cfg = tmp_path / "fed.yaml"
     cfg.write_text(yaml.safe_dump(world_config(tiny_world, silos=TWO_SILOS, rounds=2,
-                                               local_epochs=0.25)))
+                                               local_epochs=0.25), sort_keys=False))
     env = flower_env(tmp_path / "flwr_home")
     link = free_port()
     superlink = procs.start([str(BIN / "flower-superlink"), "--insecure", "--port", str(link)],
