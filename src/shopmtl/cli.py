@@ -638,21 +638,47 @@ def federate(
     resume: Annotated[bool, typer.Option(
         help="Continue the run in OUT after its last completed round (a checkpoint is "
              "written after every round)")] = False,
+    deployment: Annotated[str | None, typer.Option(
+        help="Run on a Flower SuperLink (its API's host:port) instead of the simulation "
+             "engine (docs/FEDERATED.md, deployment mode)")] = None,
+    insecure: Annotated[bool, typer.Option(
+        help="--deployment without TLS (loopback tests only)")] = False,
+    root_certificates: Annotated[Path | None, typer.Option(
+        help="--deployment: the CA certificate that signed the SuperLink's")] = None,
 ) -> None:
-    """Federated training on Flower's simulation engine: the rows split into silos that never
-    pool them, one model trained by rounds of local training and aggregation; AUC per round
-    per silo and on the pooled test split in OUT/metrics.json and OUT/report.md."""
+    """Federated training on Flower's simulation engine (or a SuperLink's SuperNodes with
+    --deployment): the rows split into silos that never pool them, one model trained by
+    rounds of local training and aggregation; AUC per round per silo and on the pooled test
+    split in OUT/metrics.json and OUT/report.md."""
     from shopmtl.federated.config import load_federated
     from shopmtl.federated.server import run_federated
     from shopmtl.train.outdir import check_output, start_run
     from shopmtl.train.outlock import locked_output
 
     run = load_federated(config, sets or [])
+    if deployment:
+        from shopmtl.federated.deploy import check_connection
+
+        check_connection(insecure, root_certificates)
     with locked_output(out):
         action = check_output(out, command="federate", resume=resume, overwrite=overwrite)
         run_id = start_run(out, action, command="federate", checkpoints=out / "checkpoints")
-        metrics = run_federated(run, out, log=typer.echo, resume=action == "resume",
-                                run_id=run_id)
+        if deployment:  # the ServerApp, started by the SuperLink, writes OUT
+            from shopmtl.config import ConfigError
+
+            if run.federated.dp.mode != "none":
+                raise ConfigError("federated.dp with --deployment: not built (DP runs on the "
+                                  "simulation engine)")
+            if resume:
+                raise ConfigError("--resume: resume a federated run on the simulation engine "
+                                  "(deployment mode writes its checkpoints on the SuperLink)")
+            from shopmtl.federated.deploy import run_deployment
+
+            metrics = run_deployment(config, out, sets or [], deployment, insecure=insecure,
+                                     root_certificates=root_certificates)
+        else:
+            metrics = run_federated(run, out, log=typer.echo, resume=action == "resume",
+                                    run_id=run_id)
     final = metrics["final"]
     for task, scopes in final["pooled"].items():
         typer.echo(f"pooled test AUC {task}: {scopes.get('all', float('nan')):.4f}")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -200,23 +201,32 @@ def client_evaluate(fed: Federation, msg: Any, context: Any) -> Any:
                    reply_to=msg)
 
 
-def make_client_app(fed: Federation) -> Any:
-    """The ``ClientApp``: node ``partition-id`` k is silo k."""
+def make_client_app(fed: Federation | Callable[[Any], Federation]) -> Any:
+    """The ``ClientApp``: node ``partition-id`` k is silo k. ``fed``: the federation, or a
+    function of the node's ``Context`` returning it (a SuperNode reads it from its node
+    config: ``federated.deploy``). SecAgg+ messages pass through ``secure.secagg_mod``."""
     from flwr.clientapp import ClientApp
 
+    from shopmtl.federated.secure import secagg_mod
+
+    resolve = fed if callable(fed) else (lambda context: fed)
     app = ClientApp()
 
-    @app.train(mods=client_mods(fed.federated.dp))  # DP, mode client: Flower's clipping
+    # DP's clipping mod (mode client) is chosen here, from a federation known up front: a
+    # deployed SuperNode's (resolved per message) runs without DP (refused at start)
+    mods = [secagg_mod] if callable(fed) else [*client_mods(fed.federated.dp), secagg_mod]
+
+    @app.train(mods=mods)
     def _train(msg: Any, context: Any) -> Any:
-        return client_train(fed, msg, context)
+        return client_train(resolve(context), msg, context)
 
     @app.evaluate()
     def _evaluate(msg: Any, context: Any) -> Any:
-        return client_evaluate(fed, msg, context)
+        return client_evaluate(resolve(context), msg, context)
 
     @app.query()
     def _query(msg: Any, context: Any) -> Any:
-        return client_roll_call(fed, msg, context)
+        return client_roll_call(resolve(context), msg, context)
 
     return app
 

@@ -132,6 +132,16 @@ class FederatedConfig:
                                gt=0)
     faults: FaultConfig = key(factory=FaultConfig, doc="a TEST TOOL: silos that fail on "
                                                        "purpose (federated.faults)")
+    # secure aggregation (federated/secure.py): the server sees only the sum of the updates
+    secagg: bool = key(False, "aggregate with Flower's SecAgg+ protocol: the server sees only "
+                              "the clients' weighted sum (fedavg, fedprox, fedadam; row_aware "
+                              "false)")
+    secagg_clip: float = key(8.0, "secagg: every shared weight is clipped to [-clip, clip] "
+                                  "before quantisation (2**22 levels)", gt=0)
+    secagg_shares: float = key(1.0, "secagg: the fraction of the round's clients each client "
+                                    "shares its secret keys with", gt=0, le=1)
+    secagg_threshold: float = key(0.5, "secagg: the fraction of those shares needed to "
+                                       "reconstruct a dropped client's mask", gt=0, le=1)
 
     def __post_init__(self) -> None:
         check_fields(self)
@@ -151,6 +161,26 @@ class FederatedConfig:
             if self.row_aware:
                 raise ValueError("federated.dp: needs row_aware: false (a row's mean over "
                                  "the clients that moved it is not bounded by clip / clients)")
+        if self.secagg:
+            check_secagg(self)
+
+
+# secure aggregation reveals only the sum: these need each client's own update
+SECAGG_STRATEGIES = ("fedavg", "fedprox", "fedadam")
+
+
+def check_secagg(cfg: FederatedConfig) -> None:
+    """Refuse what cannot combine with SecAgg+ (one line naming the key)."""
+    if cfg.strategy not in SECAGG_STRATEGIES:
+        raise ValueError(f"federated.secagg: strategy '{cfg.strategy}' needs each client's "
+                         f"update, secure aggregation reveals only their sum; use one of "
+                         f"{list(SECAGG_STRATEGIES)}")
+    if cfg.dp.mode != "none":
+        raise ValueError("federated.secagg: not built together with federated.dp (server-side "
+                         "clipping needs each client's update; the pair is untested)")
+    if cfg.row_aware and cfg.strategy != "fedadam":
+        raise ValueError("federated.secagg: row_aware averaging needs each client's rows, "
+                         "secure aggregation reveals only their sum; set row_aware: false")
 
 
 @dataclass(frozen=True)

@@ -217,28 +217,25 @@ def initial_model(data: PreparedData, fed: Federation) -> Any:
     return model
 
 
-def simulate(fed: Federation, data: PreparedData, log: Callable[[str], None] = print,
-             checkpointer: Checkpointer | None = None, resume: bool = False
-             ) -> tuple[Any, Recorder, dict[int, dict[str, Any]], float]:
-    """Run the federation on Flower's simulation engine. Returns the final global model,
-    the clients' records (``dropped``: who was left out of each round and why), the server's
-    pooled evaluation per round, and the seconds. ``checkpointer``: a checkpoint after each
-    round (``federated.resume``); ``resume``: continue after the latest one."""
-    require("flwr", "federated", "federated training")
-    require("ray", "federated", "Flower's simulation engine")
+def serve(fed: Federation, data: PreparedData, grid: Any, log: Callable[[str], None] = print,
+          checkpointer: Checkpointer | None = None, resume: bool = False
+          ) -> tuple[Any, Recorder, dict[int, dict[str, Any]], float]:
+    """The server's rounds on ``grid`` (the simulation engine's or a SuperLink's): the
+    strategy (DP-wrapped when asked, behind the reply checks) from the initial model or the
+    latest round checkpoint, the pooled evaluation every round. Returns the final global
+    model, the clients' records (``dropped``: who was left out of each round and why), the
+    server's pooled evaluation per round, and the seconds. ``checkpointer``: a checkpoint
+    after each round (``federated.resume``); ``resume``: continue after the latest one."""
     from flwr.app import Array, ArrayRecord, MetricRecord
-    from flwr.serverapp import ServerApp
-    from flwr.simulation import run_simulation
 
     cfg = fed.federated
-    logging.getLogger("flwr").setLevel(logging.WARNING)  # our one line a round instead
     model = initial_model(data, fed)
     shared, _ = fed.layout(model)
     recorder = Recorder(fed.silo_names)
     pooled: dict[int, dict[str, Any]] = {}
     config = run_config(fed)
     first, start, moments = 1, pack(model, shared), {}
-    if resume and fed.federated.dp.mode != "none":
+    if resume and cfg.dp.mode != "none":
         # the accountant's releases live in the strategy object, not in the checkpoint: a
         # resumed run would count epsilon from zero and under-report what was spent
         raise ConfigError("--resume with federated.dp: not supported (the privacy accountant's "
@@ -277,11 +274,15 @@ def simulate(fed: Federation, data: PreparedData, log: Callable[[str], None] = p
             f"{recorder.dp['noise_multiplier']:.4f}, noise std {recorder.dp['noise_std']:.3g} "
             f"on the mean of {recorder.dp['clients_per_round']} clients")
     # the reply checks sit in front of everything else, DP's clipping and noise included
+    # (under SecAgg+ every reply carries the unmasked mean: the checks see only the aggregate)
     strategy = Guard(inner, min(cfg.min_clients, len(fed.silo_names)), cfg.round_timeout, log)
     strategy.dropped = recorder.dropped
     restore_strategy(strategy, moments)
-    app = ServerApp()
-    result: dict[str, Any] = {}
+    if cfg.secagg:  # the strategy's training rounds through SecAgg+ (federated/secure.py)
+        from shopmtl.federated.secure import SecureGrid
+
+        # the weights' bound: every client's examples count below it (Flower warns above)
+        grid = SecureGrid(grid, cfg, max_weight=float(len(data.train)))
 
     def after_round(rnd: int, arrays: Any) -> None:
         if checkpointer is not None:
@@ -290,15 +291,35 @@ def simulate(fed: Federation, data: PreparedData, log: Callable[[str], None] = p
             save_round(checkpointer, rnd, {k: v.numpy() for k, v in arrays.items()},
                        strategy_state(strategy), records, config)
 
+    random.seed(cfg.seed + first - 1)  # Flower samples the round's clients with ``random``
+    np.random.seed(cfg.seed + first - 1)  # and draws the DP noise with numpy's global one
+    strategy.names = roll_call(grid, fed.silo_names, log)
+    initial = ArrayRecord({n: Array(v) for n, v in start.items()})
+    final_arrays = run_rounds(strategy, grid, initial, first=first, last=cfg.rounds,
+                              timeout=cfg.round_timeout, evaluate_fn=evaluate_fn,
+                              after_round=after_round)
+    unpack(model, shared, {k: v.numpy() for k, v in final_arrays.items()})
+    return model, recorder, pooled, time.perf_counter() - t0
+
+
+def simulate(fed: Federation, data: PreparedData, log: Callable[[str], None] = print,
+             checkpointer: Checkpointer | None = None, resume: bool = False
+             ) -> tuple[Any, Recorder, dict[int, dict[str, Any]], float]:
+    """Run the federation on Flower's simulation engine (``serve`` in this process, one
+    virtual SuperNode per silo). Returns what ``serve`` returns."""
+    require("flwr", "federated", "federated training")
+    require("ray", "federated", "Flower's simulation engine")
+    from flwr.serverapp import ServerApp
+    from flwr.simulation import run_simulation
+
+    cfg = fed.federated
+    logging.getLogger("flwr").setLevel(logging.WARNING)  # our one line a round instead
+    app = ServerApp()
+    result: dict[str, Any] = {}
+
     @app.main()
     def _main(grid: Any, context: Any) -> None:
-        random.seed(cfg.seed + first - 1)  # Flower samples the round's clients with ``random``
-        np.random.seed(cfg.seed + first - 1)  # and draws the DP noise with numpy's global one
-        strategy.names = roll_call(grid, fed.silo_names, log)
-        initial = ArrayRecord({n: Array(v) for n, v in start.items()})
-        result["r"] = run_rounds(strategy, grid, initial, first=first, last=cfg.rounds,
-                                 timeout=cfg.round_timeout, evaluate_fn=evaluate_fn,
-                                 after_round=after_round)
+        result["r"] = serve(fed, data, grid, log, checkpointer, resume)
 
     backend = {"client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": 0.0},
                "init_args": {"num_cpus": cfg.engine_cpus, "include_dashboard": False,
@@ -316,9 +337,7 @@ def simulate(fed: Federation, data: PreparedData, log: Callable[[str], None] = p
                 os.environ[k] = v
     if "r" not in result:
         raise RuntimeError("the federated run did not finish (see the engine's log above)")
-    final = {k: v.numpy() for k, v in result["r"].items()}
-    unpack(model, shared, final)
-    return model, recorder, pooled, time.perf_counter() - t0
+    return result["r"]
 
 
 def run_config(fed: Federation) -> dict[str, Any]:
@@ -379,9 +398,15 @@ def summarise(fed: Federation, recorder: Recorder, pooled: dict[int, dict[str, A
     })
 
 
+Engine = Callable[[Federation, PreparedData, Callable[[str], None], Checkpointer | None, bool],
+                  tuple[Any, Recorder, dict[int, dict[str, Any]], float]]
+
+
 def run_federated(run: FederatedRun, out: str | Path, log: Callable[[str], None] = print,
-                  *, resume: bool = False, run_id: str | None = None) -> dict[str, Any]:
-    """``shopmtl federate``: silos, the simulated federation, ``model/`` (the global model,
+                  *, resume: bool = False, run_id: str | None = None,
+                  engine: Engine = simulate) -> dict[str, Any]:
+    """``shopmtl federate``: silos, the federation (``engine``: Flower's simulation engine by
+    default; ``federated.deploy`` passes a SuperLink's grid), ``model/`` (the global model,
     unshared pieces zero), ``metrics.json`` and ``report.md`` in ``out``; a checkpoint after
     every round in ``out/checkpoints`` (``resume``: continue after the latest one; ``run_id``:
     the output folder's, ``train.outdir``)."""
@@ -392,7 +417,7 @@ def run_federated(run: FederatedRun, out: str | Path, log: Callable[[str], None]
     log(f"{len(fed.silo_names)} silos: " + ", ".join(
         f"{n} ({info['silos'][n]['train']:,} rows)" for n in fed.silo_names))
     checkpointer = Checkpointer(out / "checkpoints", run_id=run_id)
-    model, recorder, pooled, seconds = simulate(fed, data, log, checkpointer, resume)
+    model, recorder, pooled, seconds = engine(fed, data, log, checkpointer, resume)
     shared, _ = fed.layout(model)
     info = {k: v for k, v in info.items() if k != "_silos"}
     metrics = summarise(fed, recorder, pooled, info, seconds, nbytes(pack(model, shared)))
