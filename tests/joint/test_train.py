@@ -455,3 +455,20 @@ def test_loss_weightings_train_a_joint_run(small_cfg: Path, tmp_path: Path, weig
         for cell in m["test"][src].values():
             assert all(v is None or np.isfinite(v) for v in cell.values()
                        if isinstance(v, float))
+
+
+def test_training_leaves_the_processes_float_state_as_it_found_it(run: Path) -> None:
+    """Training flushes subnormal floats (speed); the process-wide FPU flag is restored after,
+    so a caller's own numerics (and hypothesis, which refuses to run under it) are unchanged."""
+    from shopmtl.joint.train import _denormals_flushed, flushed_denormals
+
+    assert (run / "metrics.json").is_file()  # the session's joint run has trained
+    assert not _denormals_flushed()
+    with flushed_denormals():
+        assert _denormals_flushed()
+        with flushed_denormals():
+            assert _denormals_flushed()
+        assert _denormals_flushed()  # an inner scope restores the outer one's setting
+    assert not _denormals_flushed()
+    tiny = np.finfo(np.float64).tiny
+    assert tiny / 2 > 0  # subnormals exist again

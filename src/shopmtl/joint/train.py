@@ -23,9 +23,12 @@ is a list of stages (``train.stages``):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -180,15 +183,45 @@ def train_joint(cfg: JointConfig, out_dir: str | Path, *, only: tuple[str, ...] 
     valid and test splits; write metrics.json and the checkpoint ``model/`` into ``out_dir``.
     ``resume``: continue from the latest checkpoint under ``out_dir/checkpoints`` if any.
     ``run_id``: the id its checkpoints carry (``train.stages.Checkpointer``)."""
+    with flushed_denormals():
+        return _train_joint(cfg, out_dir, only=only, steps=steps, log=log, save=save,
+                            shared=shared, resume=resume, run_id=run_id)
+
+
+def _denormals_flushed() -> bool:
+    """Whether this thread's CPU flushes subnormal floats to zero now (FTZ/DAZ): half the
+    smallest normal double is then 0 (plain float arithmetic runs on the same FPU state)."""
+    smallest_normal = sys.float_info.min  # a runtime value: never constant-folded
+    return smallest_normal / 2.0 == 0.0
+
+
+@contextlib.contextmanager
+def flushed_denormals() -> Iterator[None]:
+    """Subnormal floats flushed to zero inside, the caller's setting restored after.
+
+    Adam's moments of the n-gram rows a source does not touch decay by 0.9 a step into
+    subnormal floats, which the CPU computes ~100x slower: without this a 12,000-step run
+    slowed down 4x after step 2,000. Flushing them to zero changes nothing measurable. It is
+    process-wide FPU state, so it must not outlive the run: a caller's own code (hypothesis,
+    numerics that rely on IEEE subnormals) would silently change behaviour."""
+    before = _denormals_flushed()
+    torch.set_flush_denormal(True)
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(before)
+
+
+def _train_joint(cfg: JointConfig, out_dir: str | Path, *, only: tuple[str, ...] | None = None,
+                steps: int | None = None, log: Any = print, save: bool = True,
+                shared: tuple[list[Any], TextIndex] | None = None,
+                resume: bool = False, run_id: str | None = None) -> dict[str, Any]:
+    """``train_joint`` with denormals already flushed."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.train.seed)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
-    # Adam's moments of the n-gram rows a source does not touch decay by 0.9 a step into
-    # subnormal floats, which the CPU computes ~100x slower: without this a 12,000-step run
-    # slowed down 4x after step 2,000. Flushing them to zero changes nothing measurable.
-    torch.set_flush_denormal(True)
     t0 = time.perf_counter()
     if shared is None:
         parts, texts, load_s = load_parts(cfg, out, log)
