@@ -49,3 +49,17 @@ def prepared(tiny_world: Path, tmp_path: Path) -> Any:
 
     shutil.copytree(tiny_world / "data", tmp_path / "data")
     return prepare(federated_from_dict(tiny_raw()), tmp_path, log=lambda s: None)
+
+
+@pytest.fixture
+def identity():
+    """The identity a ServerApp's process has during a run (Flower stamps it on messages);
+    put back afterwards."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    try:
+        yield
+    finally:
+        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved

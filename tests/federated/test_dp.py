@@ -21,20 +21,6 @@ from shopmtl.federated.config import DPConfig, FederatedConfig, federated_from_d
 from tests.federated.conftest import tiny_raw
 
 
-@pytest.fixture
-def identity():
-    """The identity a ServerApp's process has during a run (Flower stamps it on messages);
-    put back afterwards."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    try:
-        yield
-    finally:
-        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
-
-
 def _exact_delta(eps: float, mu: float) -> float:
     """The exact delta(eps) of a Gaussian mechanism of sensitivity / std = mu (Balle & Wang
     2018, Theorem 8); ``rounds`` releases of multiplier z compose to mu = sqrt(rounds) / z."""

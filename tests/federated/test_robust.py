@@ -10,20 +10,6 @@ from shopmtl.federated.config import FederatedConfig
 from shopmtl.federated.server import make_strategy
 
 
-@pytest.fixture
-def identity():
-    """The identity a ServerApp's process has during a run (Flower stamps it on messages);
-    put back afterwards."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    try:
-        yield
-    finally:
-        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
-
-
 def _replies(values: list[np.ndarray]) -> list:
     from flwr.app import Array, ArrayRecord, Message, MetricRecord, RecordDict
 
