@@ -108,6 +108,12 @@ class FederatedConfig:
     row_aware: bool = key(True, "fedavg / fedprox: average each embedding row over the "
                                 "clients that updated it (not over all clients)")
     server_lr: float = key(0.01, "fedadam: the server optimiser's step (eta)", gt=0)
+    # FedAvg with a server learning rate (Reddi et al. 2021): a mean of K clients' updates is
+    # about 1/K of the progress of the same local steps taken one after another (one epoch of
+    # centralised training), so a step above 1 makes up for it
+    server_step: float = key(1.0, "fedavg / fedprox: the new global model is global + "
+                                  "server_step * (the clients' mean - global); 1 is the mean",
+                             gt=0, le=16)
     trim: float = key(0.2, "trimmed_mean: the fraction cut from each end", ge=0, lt=0.5)
     malicious: int = key(1, "krum, multikrum: the number of attackers tolerated (multikrum "
                             "averages the clients - malicious updates Krum scores best)", ge=0)
@@ -151,6 +157,9 @@ class FederatedConfig:
             raise ValueError("federated.share: share at least one part of the model")
         if self.strategy == "fedprox" and self.mu == 0:
             raise ValueError("federated.mu: fedprox needs mu > 0 (mu 0 is fedavg)")
+        if self.server_step != 1.0 and self.strategy not in ("fedavg", "fedprox"):
+            raise ValueError(f"federated.server_step: only fedavg and fedprox take a server "
+                             f"step, got strategy {self.strategy}")
         if self.dp.mode != "none":
             # the accountant's sensitivity is clip / clients: a uniform mean of the clipped
             # updates. A row mean over the clients that moved a row, a weighted mean or a

@@ -70,11 +70,13 @@ def make_strategy(fed: FederatedConfig, n_clients: int, on_train: Callable, on_e
                   train_metrics_aggr_fn=on_train, evaluate_metrics_aggr_fn=on_eval,
                   # DP: a uniform mean (every client weighs 1), what the accountant assumes
                   **({"weighted_by_key": fdp.UNIT_WEIGHT} if fed.dp.mode != "none" else {}))
-    if fed.strategy == "fedavg":
-        return (row_aware(st.FedAvg) if fed.row_aware else st.FedAvg)(**common)
-    if fed.strategy == "fedprox":
-        return (row_aware(st.FedProx) if fed.row_aware else st.FedProx)(**common,
-                                                                        proximal_mu=fed.mu)
+    if fed.strategy in ("fedavg", "fedprox"):
+        base = st.FedAvg if fed.strategy == "fedavg" else st.FedProx
+        if fed.row_aware:
+            base = row_aware(base)
+        if fed.server_step != 1.0:
+            base = server_stepped(base, fed.server_step)
+        return base(**common, **({"proximal_mu": fed.mu} if fed.strategy == "fedprox" else {}))
     if fed.strategy == "fedadam":
         return st.FedAdam(**common, eta=fed.server_lr)
     if fed.strategy == "trimmed_mean":
@@ -133,6 +135,38 @@ def row_aware(base: type) -> type:
 
     RowAware.__name__ = RowAware.__qualname__ = f"RowAware{base.__name__}"
     return RowAware
+
+
+def server_stepped(base: type, step: float) -> type:
+    """``base`` (FedAvg or FedProx, row-aware or not) with a server learning rate: the new
+    global array is ``sent + step * (aggregate - sent)`` (FedAvg with server learning rate,
+    Reddi et al. 2021, "Adaptive Federated Optimization"). Averaging K clients' updates keeps
+    about 1/K of the progress their local steps make one after another, which is what a
+    centralised epoch over the same rows does; ``step`` > 1 gives it back. Applied to the
+    mean, so it is post-processing of whatever DP noise or secure aggregation produced."""
+
+    class Stepped(base):  # type: ignore[misc, valid-type]
+        def configure_train(self, server_round: int, arrays: Any, config: Any, grid: Any
+                            ) -> Any:
+            self._start = {k: v.numpy().copy() for k, v in arrays.items()}
+            return super().configure_train(server_round, arrays, config, grid)
+
+        def aggregate_train(self, server_round: int, replies: Any) -> Any:
+            from flwr.app import Array
+
+            arrays, metrics = super().aggregate_train(server_round, replies)
+            start = getattr(self, "_start", None)
+            if arrays is None or start is None:
+                return arrays, metrics
+            for key in list(arrays.keys()):
+                if key in start:
+                    mean = arrays[key].numpy()
+                    arrays[key] = Array((start[key] + step * (mean - start[key]))
+                                        .astype(mean.dtype))
+            return arrays, metrics
+
+    Stepped.__name__ = Stepped.__qualname__ = f"Stepped{base.__name__}"
+    return Stepped
 
 
 class Recorder:
