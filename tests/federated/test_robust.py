@@ -74,3 +74,51 @@ def test_the_config_reaches_flowers_strategies() -> None:
     assert isinstance(trimmed, st.FedTrimmedAvg) and trimmed.beta == 0.25
     multi = make_strategy(FederatedConfig(strategy="multikrum", malicious=1), 5, keep, keep)
     assert isinstance(multi, st.MultiKrum) and multi.num_nodes_to_select == 4
+
+
+def _configured(s, start: np.ndarray) -> None:
+    """What ``configure_train`` records of the arrays it sends (no grid needed)."""
+    s._start = {"w": start}
+
+
+@pytest.mark.parametrize("row_aware", [False, True])
+def test_server_step_scales_the_mean_update(identity, row_aware: bool) -> None:
+    def keep(replies, key):
+        from flwr.app import MetricRecord
+
+        return MetricRecord({"clients": len(replies)})
+
+    start = np.full(4, 1.0, np.float32)
+    updates = [np.array([2, 1, 1, 3], np.float32), np.array([2, 1, 3, 1], np.float32)]
+    s = make_strategy(FederatedConfig(strategy="fedavg", row_aware=row_aware, server_step=3),
+                      2, keep, keep)
+    assert type(s).__name__.startswith("Stepped")
+    _configured(s, start)
+    got = s.aggregate_train(1, _replies(updates))[0]["w"].numpy()
+    # mean [2, 1, 2, 2]: 1 + 3 * (mean - 1)
+    assert np.allclose(got, [4, 1, 4, 4])
+
+
+def test_server_momentum_accumulates_the_updates(identity) -> None:
+    def keep(replies, key):
+        from flwr.app import MetricRecord
+
+        return MetricRecord({"clients": len(replies)})
+
+    s = make_strategy(FederatedConfig(strategy="fedprox", row_aware=False,
+                                      server_momentum=0.5), 2, keep, keep)
+    start = np.zeros(3, np.float32)
+    _configured(s, start)
+    first = s.aggregate_train(1, _replies([start + 1, start + 1]))[0]["w"].numpy()
+    assert np.allclose(first, 1.0)  # v = 1
+    _configured(s, first)
+    second = s.aggregate_train(2, _replies([first + 1, first + 1]))[0]["w"].numpy()
+    assert np.allclose(second, 1.0 + 0.5 * 1 + 1)  # v = 0.5 * 1 + 1
+    assert np.allclose(s.velocity["w"], 1.5)
+
+
+def test_server_step_is_refused_for_other_strategies() -> None:
+    with pytest.raises(ValueError, match="server_step"):
+        FederatedConfig(strategy="median", server_step=2)
+    with pytest.raises(ValueError, match="server_step"):
+        FederatedConfig(strategy="krum", server_momentum=0.9)

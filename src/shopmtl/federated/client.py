@@ -82,7 +82,8 @@ def round_lr(exp: ExperimentConfig, epochs_done: float) -> float:
 
 def train_silo(model: nn.Module, data: PreparedData, exp: ExperimentConfig, *, steps: int,
                lr: float, seed: int, start: LoopState | None = None, mu: float = 0.0,
-               anchor: list[Piece] | None = None, decay_every: int = 0) -> FitResult:
+               anchor: list[Piece] | None = None, decay_every: int = 0,
+               optimizer_state: dict[int, dict[str, torch.Tensor]] | None = None) -> FitResult:
     """``steps`` more steps of ``model`` on ``data``'s training rows through ``train.loop.fit``
     (``start``: the loop state to continue from; ``mu`` > 0: FedProx's proximal term to the
     current values of the ``anchor`` pieces, the global model just received)."""
@@ -99,7 +100,24 @@ def train_silo(model: nn.Module, data: PreparedData, exp: ExperimentConfig, *, s
     # the mean AUC over tasks: a silo may lack a task's validation labels
     selector = MetricSelector("valid.all_tasks.auc", "max", source.name)
     return fit(model, [source], weighting, schedule, selector, start=start, alpha=t.alpha,
-               weight_decay=t.weight_decay, optimizer=t.optimizer)
+               weight_decay=t.weight_decay, optimizer=t.optimizer,
+               optimizer_state=optimizer_state)
+
+
+def optimizer_arrays(state: dict[int, dict[str, torch.Tensor]]) -> dict[str, np.ndarray]:
+    """An optimizer's per-parameter state as flat named arrays (``"3/exp_avg"``), to keep in
+    the client's Flower ``Context.state`` between rounds."""
+    return {f"{i}/{k}": v.detach().cpu().numpy() for i, st in state.items()
+            for k, v in st.items()}
+
+
+def optimizer_state(arrays: dict[str, np.ndarray]) -> dict[int, dict[str, torch.Tensor]]:
+    """``optimizer_arrays``' inverse."""
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    for name, v in arrays.items():
+        i, k = name.split("/", 1)
+        out.setdefault(int(i), {})[k] = torch.from_numpy(np.array(v))
+    return out
 
 
 def nest_auc(per_task: dict[str, dict[str, Any]], key: str = "auc"
@@ -160,10 +178,16 @@ def client_train(fed: Federation, msg: Any, context: Any) -> Any:
     mu = float(msg.content["config"].get("proximal-mu", 0.0))
     start = (LoopState(**json.loads(str(context.state["loop"]["state"])))
              if "loop" in context.state else None)
+    kept = (optimizer_state(_arrays(context.state["optimizer"]))
+            if cfg.keep_optimizer and "optimizer" in context.state else None)
     k = local_steps(cfg, data, exp.train.batch_size)
     res = train_silo(model, data, exp, steps=k, lr=round_lr(exp, (rnd - 1) * cfg.local_epochs),
-                     seed=cfg.seed * 1009 + i, start=start, mu=mu, anchor=shared)
+                     seed=cfg.seed * 1009 + i, start=start, mu=mu, anchor=shared,
+                     optimizer_state=kept)
     context.state["local"] = ArrayRecord({k: Array(v) for k, v in pack(model, local).items()})
+    if cfg.keep_optimizer:  # local state, never sent
+        context.state["optimizer"] = ArrayRecord(
+            {k: Array(v) for k, v in optimizer_arrays(res.optimizer).items()})
     context.state["loop"] = ConfigRecord({"state": json.dumps(state_json(res.state))})
     sent = pack(model, shared)
     if fed.silo_names[i] in cfg.attack.silos:  # the harness: a sign-flipped, scaled update

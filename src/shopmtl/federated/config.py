@@ -114,6 +114,12 @@ class FederatedConfig:
     server_step: float = key(1.0, "fedavg / fedprox: the new global model is global + "
                                   "server_step * (the clients' mean - global); 1 is the mean",
                              gt=0, le=16)
+    server_momentum: float = key(0.0, "fedavg / fedprox: FedAvgM's server momentum on the "
+                                      "mean update (0: none)", ge=0, lt=1)
+    # Adam restarted every round takes its first steps as sign steps of one batch's gradient
+    # (bias correction), which moves the weights of sparse, low-weight tasks by a full lr
+    keep_optimizer: bool = key(False, "each client keeps its optimizer's state (Adam's "
+                                      "moments) between rounds, in its own state; never sent")
     trim: float = key(0.2, "trimmed_mean: the fraction cut from each end", ge=0, lt=0.5)
     malicious: int = key(1, "krum, multikrum: the number of attackers tolerated (multikrum "
                             "averages the clients - malicious updates Krum scores best)", ge=0)
@@ -157,7 +163,8 @@ class FederatedConfig:
             raise ValueError("federated.share: share at least one part of the model")
         if self.strategy == "fedprox" and self.mu == 0:
             raise ValueError("federated.mu: fedprox needs mu > 0 (mu 0 is fedavg)")
-        if self.server_step != 1.0 and self.strategy not in ("fedavg", "fedprox"):
+        if ((self.server_step != 1.0 or self.server_momentum > 0)
+                and self.strategy not in ("fedavg", "fedprox")):
             raise ValueError(f"federated.server_step: only fedavg and fedprox take a server "
                              f"step, got strategy {self.strategy}")
         if self.dp.mode != "none":

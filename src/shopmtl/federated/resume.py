@@ -30,7 +30,7 @@ from shopmtl.config import ConfigError
 from shopmtl.train import checkpoint as ck
 from shopmtl.train.stages import Checkpointer
 
-MOMENTS = ("m_t", "v_t")  # Flower's FedOpt family keeps its server optimiser state here
+MOMENTS = ("m_t", "v_t", "velocity")  # FedOpt's server optimiser state; FedAvgM's velocity
 
 
 def run_rounds(strategy: Any, grid: Any, arrays: Any, *, first: int, last: int,

@@ -74,8 +74,8 @@ def make_strategy(fed: FederatedConfig, n_clients: int, on_train: Callable, on_e
         base = st.FedAvg if fed.strategy == "fedavg" else st.FedProx
         if fed.row_aware:
             base = row_aware(base)
-        if fed.server_step != 1.0:
-            base = server_stepped(base, fed.server_step)
+        if fed.server_step != 1.0 or fed.server_momentum > 0:
+            base = server_stepped(base, fed.server_step, fed.server_momentum)
         return base(**common, **({"proximal_mu": fed.mu} if fed.strategy == "fedprox" else {}))
     if fed.strategy == "fedadam":
         return st.FedAdam(**common, eta=fed.server_lr)
@@ -137,15 +137,20 @@ def row_aware(base: type) -> type:
     return RowAware
 
 
-def server_stepped(base: type, step: float) -> type:
+def server_stepped(base: type, step: float, momentum: float = 0.0) -> type:
     """``base`` (FedAvg or FedProx, row-aware or not) with a server learning rate: the new
     global array is ``sent + step * (aggregate - sent)`` (FedAvg with server learning rate,
     Reddi et al. 2021, "Adaptive Federated Optimization"). Averaging K clients' updates keeps
     about 1/K of the progress their local steps make one after another, which is what a
     centralised epoch over the same rows does; ``step`` > 1 gives it back. Applied to the
-    mean, so it is post-processing of whatever DP noise or secure aggregation produced."""
+    mean, so it is post-processing of whatever DP noise or secure aggregation produced.
+    ``momentum`` > 0: FedAvgM's server momentum (Hsu et al. 2019), ``v = momentum * v +
+    (aggregate - sent)`` and the step is taken along ``v`` (``v`` is checkpointed with the
+    round: ``resume.MOMENTS``)."""
 
     class Stepped(base):  # type: ignore[misc, valid-type]
+        velocity: dict[str, np.ndarray] | None = None
+
         def configure_train(self, server_round: int, arrays: Any, config: Any, grid: Any
                             ) -> Any:
             self._start = {k: v.numpy().copy() for k, v in arrays.items()}
@@ -158,11 +163,17 @@ def server_stepped(base: type, step: float) -> type:
             start = getattr(self, "_start", None)
             if arrays is None or start is None:
                 return arrays, metrics
+            if momentum > 0 and self.velocity is None:
+                self.velocity = {}
             for key in list(arrays.keys()):
                 if key in start:
                     mean = arrays[key].numpy()
-                    arrays[key] = Array((start[key] + step * (mean - start[key]))
-                                        .astype(mean.dtype))
+                    delta = mean - start[key]
+                    if momentum > 0:
+                        v = self.velocity.get(key)
+                        delta = delta if v is None else momentum * v + delta
+                        self.velocity[key] = delta
+                    arrays[key] = Array((start[key] + step * delta).astype(mean.dtype))
             return arrays, metrics
 
     Stepped.__name__ = Stepped.__qualname__ = f"Stepped{base.__name__}"

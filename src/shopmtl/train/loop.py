@@ -542,22 +542,34 @@ class FitResult:
     state: LoopState
     weights: dict[str, Tensor]  # the model's weights at the end (not the best evaluation's)
     valid: dict[str, dict[str, Any]]  # the last evaluation, per source and task
+    # the optimizer's per-parameter state at the end (``opt_state``: Adam's moments), for a
+    # caller that continues the same optimizer later (a federated client between rounds)
+    optimizer: dict[int, dict[str, Tensor]] = field(default_factory=dict)
 
 
 def fit(model: nn.Module, sources: Sequence[TaskSource], weighting: Weighting,
         schedule: Schedule, selector: Selector, *, weights: dict[str, Tensor] | None = None,
-        start: LoopState | None = None, **loop_args: Any) -> FitResult:
+        start: LoopState | None = None, optimizer_state: dict[int, dict[str, Tensor]] | None
+        = None, **loop_args: Any) -> FitResult:
     """A bounded piece of training: from ``weights`` (e.g. a federated round's global model)
     and ``start`` (where the streams and the step count stand), run to ``schedule.steps`` and
     hand back the new weights, state and metrics. The optimizer starts afresh (a federated
-    client's local steps); to continue a run exactly, resume from its checkpoint instead."""
+    client's local steps) unless ``optimizer_state`` (a previous ``FitResult.optimizer``)
+    gives it its per-parameter state back; the learning rate is the schedule's either way. To
+    continue a run exactly, resume from its checkpoint instead."""
     if weights is not None:
         model.load_state_dict(weights)
     loop = Loop(model, sources, weighting, schedule, selector, **loop_args)
     if start is not None:
         loop.state = LoopState(**json.loads(json.dumps(asdict(start))))  # a deep copy
+    if optimizer_state:
+        sd = loop.opt.state_dict()  # its param_groups: this schedule's lr, not the old one's
+        sd["state"] = optimizer_state
+        loop.opt.load_state_dict(sd)
     loop.run()
-    return FitResult(loop.state, clone_state(model), loop.last_valid)
+    return FitResult(loop.state, clone_state(model), loop.last_valid,
+                     {int(i): {k: v.detach().clone() for k, v in st.items()}
+                      for i, st in loop.opt.state_dict()["state"].items()})
 
 
 def state_json(state: LoopState) -> dict[str, Any]:
