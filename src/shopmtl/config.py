@@ -103,6 +103,10 @@ class DataConfig:
     streaming: bool = key(False, "re-read the files chunk by chunk each epoch (constant "
                                  "memory)")
     shuffle_buffer_chunks: int = key(4, "streaming: chunks shuffled together", ge=1)
+    # parsing and encoding a streamed chunk (or pinning a batch for a GPU) would otherwise
+    # stall the step that waits for it; the batches and their order are the same either way
+    prefetch: int = key(4, "batches made ahead in a background thread when the training "
+                           "data is streamed or the device is a GPU (0: off)", ge=0, le=64)
 
     def __post_init__(self) -> None:
         # the held-out fractions come out of the same rows: together they must leave some
@@ -175,6 +179,10 @@ class TrainConfig:
                                        ge=0, lt=1)
     device: Literal["auto", "cpu", "cuda"] = key("auto", "where the loop runs (auto: cuda when "
                                                          "torch sees one)")
+    # the batches' gather then runs on the GPU, with no host work or copy per step
+    resident: Literal["auto", "on", "off"] = key(
+        "auto", "a GPU run: keep the in-memory training table on the GPU (auto: when it takes "
+        "at most half of the GPU's free memory; CPU runs: no effect)")
     # bf16: the forward and the losses under torch.autocast(bfloat16); weights stay float32
     precision: Literal["fp32", "bf16"] = key("fp32", "bf16: forward and losses under autocast "
                                                      "(weights stay fp32)")

@@ -367,3 +367,51 @@ def test_a_learnable_run_saves_only_evaluations_better_than_the_prior(
     state = trainer.fit()
     assert state.prior == {"score": 0.5, "metric": 0.5}
     assert state.best_metric > 0.5
+
+
+def test_prefetching_a_streamed_file_trains_the_same_model(world: Path, tmp_path: Path) -> None:
+    """data.prefetch makes the streamed batches in a background thread: the same batches in
+    the same order, so the same weights as without it (id dropout, drawn from torch's global
+    generator, stays on the training thread)."""
+    import threading
+
+    from shopmtl.run import run_experiment
+
+    path = world_config_yaml(world, tmp_path / "exp.yaml", epochs=1, batch_size=512)
+    sets = ["data.streaming=true", "data.chunk_rows=5000", "train.id_dropout={user_id: 0.1}"]
+    weights = {}
+    for depth in (0, 3):
+        cfg = load_config(path, [*sets, f"data.prefetch={depth}"])
+        run_experiment(cfg, tmp_path / f"run{depth}", progress=False, log=lambda *_: None)
+        weights[depth] = _weights(tmp_path / f"run{depth}" / "model")
+    assert weights[0].keys() == weights[3].keys()
+    for k in weights[0]:
+        assert torch.equal(weights[0][k], weights[3][k]), k
+    assert not [t for t in threading.enumerate() if t.name.startswith("prefetch-")]
+
+
+def test_a_table_kept_on_a_device_gathers_its_batches_there(world: Path, tmp_path: Path
+                                                            ) -> None:
+    """train.resident: the decision, the table's size, and ``TensorTable.to``: every column
+    moved, batches gathered on the device with the host's row order. No GPU here: the
+    'meta' device (shapes, no data) stands in for one; bench/gpu_throughput.py runs the same
+    path with train.device=cuda."""
+    from shopmtl.train.table import keep_resident
+
+    assert keep_resident(100, 200, "auto") and not keep_resident(101, 200, "auto")
+    assert keep_resident(10**12, 0, "on") and not keep_resident(1, 10**12, "off")
+    cfg = load_config(world_config_yaml(world, tmp_path / "exp.yaml", epochs=1))
+    table = prepare_data(cfg.data, cfg.data.schema.build(), tmp_path / "prep").train
+    cols = ("cat", "num", "seq", "scenario", "labels", "mask", "group", "content", "slices")
+    assert table.nbytes() == sum(getattr(table, n).numel() * getattr(table, n).element_size()
+                                 for n in cols) + (
+        0 if table.oracle is None else table.oracle.numel() * table.oracle.element_size())
+    assert table.to("cpu") is table
+    moved = table.to("meta")
+    assert len(moved) == len(table)
+    assert all(getattr(moved, n).device.type == "meta" for n in cols)
+    host = list(table.batches(512, epoch=1, seed=3))
+    there = list(moved.batches(512, epoch=1, seed=3))
+    assert len(there) == len(host)
+    assert all(b.cat.device.type == "meta" and b.cat.shape == h.cat.shape
+               for b, h in zip(there, host, strict=True))

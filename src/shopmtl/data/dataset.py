@@ -77,6 +77,24 @@ class TensorTable:
     def __len__(self) -> int:
         return self.scenario.shape[0]
 
+    def nbytes(self) -> int:
+        """The bytes of every column (what a copy to a device takes)."""
+        cols = [getattr(self, n) for n in TABLE_COLUMNS]
+        return sum(t.numel() * t.element_size() for t in [*cols, self.oracle]
+                   if t is not None)
+
+    def to(self, device: torch.device | str) -> TensorTable:
+        """The table with every column on ``device`` (itself when it is already there): a GPU
+        run's training rows kept on the GPU, so a batch is a gather there and no copy."""
+        device = torch.device(device)
+        if self.scenario.device == device:
+            return self
+        out = TensorTable.__new__(TensorTable)
+        for name in TABLE_COLUMNS:
+            setattr(out, name, getattr(self, name).to(device))
+        out.oracle = None if self.oracle is None else self.oracle.to(device)
+        return out
+
     def take(self, idx: Tensor) -> Batch:
         return Batch(
             self.cat[idx],

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from shopmtl.config import ConfigError
+from shopmtl.data import prefetch as ahead
 from shopmtl.data.dataset import Batch, TensorTable, concat_tables, labels_only
 from shopmtl.data.pipeline import PreparedData
 from shopmtl.data.schema import ALL, Schema, TaskSpec
@@ -39,9 +40,20 @@ def id_dropout_table(probs: dict[str, float], schema: Schema) -> Tensor | None:
 
 
 def drop_ids(batch: Batch, probs: Tensor) -> Batch:
-    """The batch with each categorical id replaced by OOV (0) with its column's probability."""
+    """The batch with each categorical id replaced by OOV (0) with its column's probability.
+    Drawn on the CPU generator wherever the batch lives, so a run draws the same masks on
+    every device."""
     keep = torch.rand(batch.cat.shape) >= probs  # [B, Fc]
-    return dataclasses.replace(batch, cat=batch.cat * keep)
+    return dataclasses.replace(batch, cat=batch.cat * keep.to(batch.cat.device))
+
+
+def keep_resident(nbytes: int, free: int, setting: str) -> bool:
+    """Whether a GPU run keeps its training table (``nbytes``) on the GPU (``free`` bytes
+    free there): ``on``, ``off``, or ``auto``: when it takes at most half of the free memory
+    (the model, its gradients, Adam's moments and the activations need the rest)."""
+    if setting == "auto":
+        return 2 * nbytes <= free
+    return setting == "on"
 
 
 def _zoo(model: nn.Module) -> MultiTaskModel:
@@ -60,7 +72,8 @@ class TableSource:
                  module: Callable[[nn.Module], MultiTaskModel] = _zoo,
                  embedding_weight_decay: float = 0.0, id_dropout: Tensor | None = None,
                  eval_batch_size: int = 4096, device: torch.device | str = "cpu",
-                 rank: int = 0, world: int = 1) -> None:
+                 rank: int = 0, world: int = 1, prefetch: int = 0,
+                 resident: str = "off") -> None:
         self.name, self.data, self.batch_size = name, data, batch_size
         self.schema = data.schema
         self.module = module
@@ -70,6 +83,19 @@ class TableSource:
         # where training batches go (the model's device); pinned first only for a GPU
         self.device = torch.device(device)
         self.pin = pin_memory(self.device)
+        # batches made ahead in a thread (``data.prefetch``): worth it where making one costs
+        # (a streamed file's parse and encoding, a GPU's copies), not for an in-memory
+        # table's gather on CPU
+        streamed = data.train is not None and not isinstance(data.train, TensorTable)
+        self.prefetch = prefetch if streamed or self.device.type == "cuda" else 0
+        # a GPU run's in-memory training rows, kept on the GPU (``train.resident``): a batch
+        # is then a gather there, with no host work and no copy per step
+        self.train = data.train
+        if (self.device.type == "cuda" and isinstance(data.train, TensorTable)
+                and keep_resident(data.train.nbytes(),
+                                  torch.cuda.mem_get_info(self.device)[0], resident)):
+            self.train = data.train.to(self.device)
+            self.prefetch = 0
         # torchrun: this process takes every ``world``-th row of each (global) batch
         self.rank, self.world = rank, world
         if world > 1:
@@ -89,21 +115,21 @@ class TableSource:
 
     def num_batches(self) -> int:
         if self.world > 1:
-            return self.data.train.num_batches(self.batch_size, self.world)
-        return self.data.train.num_batches(self.batch_size)
+            return self.train.num_batches(self.batch_size, self.world)
+        return self.train.num_batches(self.batch_size)
 
     def batches(self, epoch: int, seed: int, skip: int = 0) -> Iterator[Batch]:
         if self.world > 1:
-            it = self.data.train.batches(self.batch_size, epoch, seed, True, skip,
-                                         rank=self.rank, world=self.world)
+            it = self.train.batches(self.batch_size, epoch, seed, True, skip,
+                                    rank=self.rank, world=self.world)
         else:
-            it = self.data.train.batches(self.batch_size, epoch, seed, True, skip)
-        for batch in it:
+            it = self.train.batches(self.batch_size, epoch, seed, True, skip)
+        for batch in ahead.prefetch(it, self.prefetch, f"prefetch-{self.name}"):
             # drawn here, right before the step that uses the batch: the RNG order is the
             # step's, so resume replays it
             if self.id_dropout is not None:
                 batch = drop_ids(batch, self.id_dropout)
-            if self.device.type != "cpu":
+            if batch.scenario.device.type == "cpu" and self.device.type != "cpu":
                 batch = (batch.pin() if self.pin else batch).to(self.device, non_blocking=True)
             yield batch
 

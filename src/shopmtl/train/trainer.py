@@ -146,7 +146,8 @@ class Trainer:
                                   id_dropout=id_dropout_table(t.id_dropout, self.schema),
                                   eval_batch_size=t.eval_batch_size, device=self.device,
                                   rank=self.dist.rank if self.dist else 0,
-                                  world=self.dist.world if self.dist else 1)
+                                  world=self.dist.world if self.dist else 1,
+                                  prefetch=cfg.data.prefetch, resident=t.resident)
         if t.adversarial == "fgm" and not t.adversarial_epsilon > 0:
             raise ConfigError(f"train.adversarial_epsilon: must be > 0, got "
                               f"{t.adversarial_epsilon}")
