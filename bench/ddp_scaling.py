@@ -1,5 +1,5 @@
 """Training throughput of one process vs several (torchrun, DDP over gloo) on this machine's
-CPUs, and (only when CUDA is available) on one GPU. A benchmark, not a test.
+CPUs. A benchmark, not a test.
 
     .venv/bin/python bench/ddp_scaling.py [--rows 200000] [--epochs 3] [--batch 2048]
 
@@ -11,9 +11,8 @@ per process. samples/s = training rows / the epoch's training-loop seconds (hist
 ``seconds``: validation excluded), the median over the epochs. On a 2-core machine two
 processes compete for the same two cores as two threads do: expect little or no gain.
 
-GPU section (CUDA only; otherwise it says it was skipped): MMoE and PLE at batch 2048, 8192
-and 65536, in process, ``train.device: cuda``: samples/s over the steps after a warm-up and
-``torch.cuda.max_memory_allocated``.
+One GPU: bench/gpu_throughput.py (MMoE and PLE at batch 2048, 8192 and 65536 against
+torch-rechub), run on a lent GPU machine by bench/gpu_check.sh.
 
 Writes bench/results/ddp_scaling.json (or ``--out``) and prints a table.
 """
@@ -21,7 +20,6 @@ Writes bench/results/ddp_scaling.json (or ``--out``) and prints a table.
 from __future__ import annotations
 
 import argparse
-import itertools
 import json
 import os
 import platform
@@ -119,48 +117,6 @@ def cpu_section(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]
     return out
 
 
-def gpu_section(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    import torch
-
-    if not torch.cuda.is_available():
-        return {"skipped": "no GPU present (torch.cuda.is_available() is False)"}
-    from shopmtl.config import load_config
-    from shopmtl.data.pipeline import prepare_data
-    from shopmtl.train.trainer import Trainer
-
-    data_dir = world(args.rows, workdir)
-    models = {"mmoe": {"embed_dim": 16}, "ple": {"embed_dim": 16}}
-    rows: list[dict[str, Any]] = []
-    data = None
-    for name, margs in models.items():
-        for batch in (2048, 8192, 65536):
-            cfg = load_config(config_yaml(data_dir, workdir / f"gpu-{name}-{batch}.yaml", 1,
-                                          batch, 0, name, margs, "cuda"))
-            if data is None:
-                data = prepare_data(cfg.data, cfg.data.schema.build())
-            trainer = Trainer(cfg, data, workdir / f"gpu-{name}-{batch}", progress=False)
-            torch.cuda.reset_peak_memory_stats()
-            warm, timed = 3, 20  # steps; epochs repeat when a large batch has few of them
-            stream = (b for e in itertools.count() for b in trainer.source.batches(e, SEED))
-            for _ in range(warm):
-                trainer.step(next(stream))
-            torch.cuda.synchronize()
-            t0, seen = time.perf_counter(), 0
-            for _ in range(timed):
-                batch_rows = next(stream)
-                trainer.step(batch_rows)
-                seen += len(batch_rows)
-            torch.cuda.synchronize()
-            seconds = time.perf_counter() - t0
-            rows.append({"model": name, "batch": batch, "steps_timed": timed,
-                         "samples_per_s": seen / seconds if seconds > 0 else None,
-                         "max_memory_allocated_mb":
-                             torch.cuda.max_memory_allocated() / 2**20})
-            print(f"  {name} batch {batch}: {rows[-1]['samples_per_s']:,.0f} samples/s, "
-                  f"{rows[-1]['max_memory_allocated_mb']:.0f} MiB", flush=True)
-    return {"device": torch.cuda.get_device_name(0), "rows": rows}
-
-
 def table(result: dict[str, Any]) -> str:
     lines = ["| processes x threads | global batch | median epoch s | samples/s | speed-up |",
              "|---|---|---|---|---|"] if result["cpu"] else []
@@ -169,14 +125,6 @@ def table(result: dict[str, Any]) -> str:
         lines.append(f"| {r['processes']} x {r['threads_per_process']} | {r['batch']} | "
                      f"{r['median_epoch_seconds']:.2f} | {r['samples_per_s']:,.0f} | "
                      f"{r['samples_per_s'] / base:.2f}x |")
-    gpu = result["gpu"]
-    if "skipped" in gpu:
-        lines.append(f"\nGPU section skipped: {gpu['skipped']}.")
-    else:
-        lines += ["", f"GPU ({gpu['device']}):", "", "| model | batch | samples/s | peak MiB |",
-                  "|---|---|---|---|"]
-        lines += [f"| {r['model']} | {r['batch']} | {r['samples_per_s']:,.0f} | "
-                  f"{r['max_memory_allocated_mb']:.0f} |" for r in gpu["rows"]]
     return "\n".join(lines)
 
 
@@ -197,12 +145,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(f"CPU: {os.cpu_count()} cores; {args.rows:,} rows, {args.epochs} epochs, "
               f"global batch {args.batch}", flush=True)
         cpu = [] if args.skip_cpu else cpu_section(args, workdir)
-        gpu = gpu_section(args, workdir)
     cmd = ".venv/bin/python bench/ddp_scaling.py " + " ".join(argv if argv is not None
                                                               else sys.argv[1:])
     result = {"command": cmd.strip(), "machine": {"cpus": os.cpu_count(),
                                                   "platform": platform.platform()},
-              "cpu": cpu, "gpu": gpu}
+              "cpu": cpu}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print(table(result))
