@@ -89,19 +89,6 @@ def _sent_names(out: Path) -> list[str]:
 
 # -- the checks, on hand-made replies -------------------------------------------------------
 
-@pytest.fixture
-def identity():
-    """The identity a ServerApp's process has during a run (Flower stamps it on messages)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
-    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
-    try:
-        yield
-    finally:
-        TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
-
-
 SENT = {"w": np.zeros((4, 3), np.float32), "b": np.zeros(3, np.float32)}
 
 
