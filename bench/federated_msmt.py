@@ -9,7 +9,9 @@ pooled model then scores every user as unknown, so only the per-silo rows compar
 
     python bench/federated_msmt.py --seeds 3 --out runs/federated_msmt
 
-Writes federated_msmt.json and federated_msmt.md into --out (and bench/results/).
+Writes federated_msmt.json and federated_msmt.md into --out (and bench/results/). Another
+world: ``--config examples/federated_movielens.yaml`` (a real dataset split by genre group)
+writes federated_msmt_<config stem>.json / .md instead, beside the default world's.
 """
 
 from __future__ import annotations
@@ -24,6 +26,10 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_CONFIG = ROOT / "examples" / "federated.yaml"
+# the tables' column titles (what the run's federated.strategy is called in the papers)
+STRATEGY_NAMES = {"fedprox": "FedProx", "fedavg": "FedAvg", "fedadam": "FedAdam",
+                  "fedyogi": "FedYogi"}
 VARIANTS = {"global": "[dense,items,towers,users]", "private": "[dense,items,towers]"}
 
 
@@ -62,6 +68,8 @@ def run(config: Path, seeds: int, out: Path, overrides: list[str]) -> dict:
                 f"{t} {v['all']:.4f}" for t, v in per[variant]["pooled"].items()), flush=True)
         res["seeds"][seed] = per
     res["silos"] = [s.name for s in silos]
+    res["strategy"] = fr.federated.strategy
+    res["server_step"] = fr.federated.server_step
     res["tasks"] = list(fed.schema.task_names)
     return res
 
@@ -77,9 +85,10 @@ def _f(x: float | None, signed: bool = False) -> str:
 
 def table(res: dict, command: str) -> str:
     seeds = list(res["seeds"].values())
+    name = STRATEGY_NAMES.get(res.get("strategy", "fedprox"), res.get("strategy"))
     lines = [f"Regenerate: `{command}`", "",
              "Pooled test AUC per task (mean over seeds):", "",
-             "| task | centralised | FedProx global | gap | FedProx private (users unknown) |",
+             f"| task | centralised | {name} global | gap | {name} private (users unknown) |",
              "|---|---|---|---|---|"]
     for t in res["tasks"]:
         c = _mean([s["centralised"]["pooled"].get(t, {}).get("all") for s in seeds])
@@ -88,7 +97,7 @@ def table(res: dict, command: str) -> str:
         gap = None if g is None or c is None else g - c
         lines.append(f"| {t} | {_f(c)} | {_f(g)} | {_f(gap, True)} | {_f(p)} |")
     lines += ["", "Each silo's own test rows, AUC per task (mean over seeds):", "",
-              "| silo | task | local only | FedProx global | FedProx private | centralised |",
+              f"| silo | task | local only | {name} global | {name} private | centralised |",
               "|---|---|---|---|---|---|"]
     for silo in res["silos"]:
         for t in res["tasks"]:
@@ -104,20 +113,32 @@ def table(res: dict, command: str) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--config", type=Path, default=ROOT / "examples" / "federated.yaml")
+    ap.add_argument("--config", type=Path, default=DEFAULT_CONFIG)
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path("runs/federated_msmt"))
     ap.add_argument("--set", dest="sets", action="append", default=[])
     a = ap.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     res = run(a.config, a.seeds, a.out, a.sets)
+    default = a.config.resolve() == DEFAULT_CONFIG
     command = "python bench/federated_msmt.py " + " ".join(
-        [f"--seeds {a.seeds}", *(f"--set {s}" for s in a.sets)])
+        [*([] if default else [f"--config {_shown(a.config)}"]), f"--seeds {a.seeds}",
+         *(f"--set {s}" for s in a.sets)])
     md = table(res, command)
     print(md)
+    # the default world keeps its file names; another config's results sit beside them
+    stem = "federated_msmt" if default else f"federated_msmt_{a.config.stem}"
     for d in (a.out, ROOT / "bench" / "results"):
-        (d / "federated_msmt.json").write_text(json.dumps(res, indent=1))
-        (d / "federated_msmt.md").write_text(md)
+        (d / f"{stem}.json").write_text(json.dumps(res, indent=1))
+        (d / f"{stem}.md").write_text(md)
+
+
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository when it is inside it (the command in the docs)."""
+    try:
+        return str(path.resolve().relative_to(ROOT))
+    except ValueError:
+        return str(path)
 
 
 if __name__ == "__main__":

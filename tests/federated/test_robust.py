@@ -122,3 +122,62 @@ def test_server_step_is_refused_for_other_strategies() -> None:
         FederatedConfig(strategy="median", server_step=2)
     with pytest.raises(ValueError, match="server_step"):
         FederatedConfig(strategy="krum", server_momentum=0.9)
+
+
+def _yogi_step(x: np.ndarray, m: np.ndarray, v: np.ndarray, mean: np.ndarray, eta: float,
+               b1: float = 0.9, b2: float = 0.99, tau: float = 1e-3
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One server step of Yogi (Reddi et al. 2021, Algorithm 2), written out here."""
+    d = mean - x
+    m = b1 * m + (1 - b1) * d
+    v = v - (1 - b2) * d**2 * np.sign(v - d**2)
+    return x + eta * m / (np.sqrt(v) + tau), m, v
+
+
+def test_fedyogi_aggregates_by_the_yogi_rule(identity) -> None:
+    from flwr.serverapp import strategy as st
+
+    def keep(replies, key):
+        from flwr.app import MetricRecord
+
+        return MetricRecord({"clients": len(replies)})
+
+    cfg = FederatedConfig(strategy="fedyogi", server_lr=0.05)
+    s = make_strategy(cfg, 2, keep, keep)
+    assert isinstance(s, st.FedYogi) and s.eta == 0.05
+    adam = make_strategy(FederatedConfig(strategy="fedadam", server_lr=0.05), 2, keep, keep)
+    x = np.array([0.0, 1.0, -2.0, 0.5], np.float32)
+    m = v = np.zeros(4)
+    # two rounds: the second update is smaller than the first in coordinates 0-1 and larger
+    # in 2-3, where Yogi's additive second moment departs from Adam's moving average
+    for rnd, (a, b, big) in enumerate([(0.2, 0.4, 0.0), (0.01, 0.03, 1.0)], start=1):
+        updates = [(x + a).astype(np.float32), (x + b).astype(np.float32)]
+        updates[1][2:] += big  # coordinates 2-3: a bigger move in round 2
+        for strat in (s, adam):  # the arrays the round sent (configure_train keeps them)
+            strat.current_arrays = {"w": x.copy()}
+        got = s.aggregate_train(rnd, _replies(updates))[0]["w"].numpy()
+        adam_got = adam.aggregate_train(rnd, _replies(updates))[0]["w"].numpy()
+        mean = np.mean(updates, axis=0)  # equal num-examples: the plain mean
+        want, m, v = _yogi_step(x.astype(np.float64), m, v, mean, eta=0.05)
+        assert np.allclose(got, want, rtol=1e-5, atol=1e-6), (rnd, got, want)
+        assert np.all(np.sign(got - x) == np.sign(mean - x))  # it moves towards the mean
+        if rnd == 2:  # Adam's v = b2 v + (1 - b2) d^2 gives another step
+            assert np.abs(got - adam_got).max() > 1e-3
+        x = got
+    assert np.allclose(s.v_t["w"], v, rtol=1e-5)
+
+
+def test_fedyogi_config() -> None:
+    from shopmtl.config import ConfigError
+    from shopmtl.federated.config import federated_from_dict
+
+    from .conftest import tiny_raw
+
+    run = federated_from_dict(tiny_raw(strategy="fedyogi", server_lr=0.03))
+    assert (run.federated.strategy, run.federated.server_lr) == ("fedyogi", 0.03)
+    # a server optimiser on the mean: SecAgg+ gives it the mean, row_aware is not used
+    assert federated_from_dict(tiny_raw(strategy="fedyogi", secagg=True)).federated.secagg
+    with pytest.raises(ConfigError, match="server_step"):
+        federated_from_dict(tiny_raw(strategy="fedyogi", server_step=2.0))
+    with pytest.raises(ConfigError, match=r"federated\.strategy"):
+        federated_from_dict(tiny_raw(strategy="fedyoghurt"))

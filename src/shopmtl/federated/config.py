@@ -100,14 +100,14 @@ class FederatedConfig:
         ("dense", "items", "towers"), "the parts of the model that cross the wire; users "
         "(the user-id embedding rows) stay in their silo unless listed")
     strategy: Literal["fedavg", "fedprox", "fedadam", "trimmed_mean", "median", "krum",
-                      "multikrum"] = key("fedprox", "the server's aggregation")
+                      "multikrum", "fedyogi"] = key("fedprox", "the server's aggregation")
     # small: under Adam the term is normalised like any gradient, so mu 0.01 already pins the
     # weights whose own gradients are small to the global model (docs/FEDERATED.md)
     mu: float = key(1e-4, "fedprox: weight of the proximal term mu/2 ||w - w_global||^2",
                     ge=0)
     row_aware: bool = key(True, "fedavg / fedprox: average each embedding row over the "
                                 "clients that updated it (not over all clients)")
-    server_lr: float = key(0.01, "fedadam: the server optimiser's step (eta)", gt=0)
+    server_lr: float = key(0.01, "fedadam, fedyogi: the server optimiser's step (eta)", gt=0)
     # FedAvg with a server learning rate (Reddi et al. 2021): a mean of K clients' updates is
     # about 1/K of the progress of the same local steps taken one after another (one epoch of
     # centralised training), so a step above 1 makes up for it
@@ -146,8 +146,8 @@ class FederatedConfig:
                                                        "purpose (federated.faults)")
     # secure aggregation (federated/secure.py): the server sees only the sum of the updates
     secagg: bool = key(False, "aggregate with Flower's SecAgg+ protocol: the server sees only "
-                              "the clients' weighted sum (fedavg, fedprox, fedadam; row_aware "
-                              "false)")
+                              "the clients' weighted sum (fedavg, fedprox, fedadam, fedyogi; "
+                              "row_aware false)")
     secagg_clip: float = key(8.0, "secagg: every shared weight is clipped to [-clip, clip] "
                                   "before quantisation (2**22 levels)", gt=0)
     secagg_shares: float = key(1.0, "secagg: the fraction of the round's clients each client "
@@ -182,7 +182,9 @@ class FederatedConfig:
 
 
 # secure aggregation reveals only the sum: these need each client's own update
-SECAGG_STRATEGIES = ("fedavg", "fedprox", "fedadam")
+SECAGG_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")
+# a server optimiser on the weighted mean (Flower's FedOpt family): row_aware does not apply
+SERVER_OPTIMISERS = ("fedadam", "fedyogi")
 
 
 def check_secagg(cfg: FederatedConfig) -> None:
@@ -194,7 +196,7 @@ def check_secagg(cfg: FederatedConfig) -> None:
     if cfg.dp.mode != "none":
         raise ValueError("federated.secagg: not built together with federated.dp (server-side "
                          "clipping needs each client's update; the pair is untested)")
-    if cfg.row_aware and cfg.strategy != "fedadam":
+    if cfg.row_aware and cfg.strategy not in SERVER_OPTIMISERS:
         raise ValueError("federated.secagg: row_aware averaging needs each client's rows, "
                          "secure aggregation reveals only their sum; set row_aware: false")
 

@@ -79,6 +79,8 @@ def make_strategy(fed: FederatedConfig, n_clients: int, on_train: Callable, on_e
         return base(**common, **({"proximal_mu": fed.mu} if fed.strategy == "fedprox" else {}))
     if fed.strategy == "fedadam":
         return st.FedAdam(**common, eta=fed.server_lr)
+    if fed.strategy == "fedyogi":  # Adam whose second moment moves additively (Reddi et al.)
+        return st.FedYogi(**common, eta=fed.server_lr)
     if fed.strategy == "trimmed_mean":
         return st.FedTrimmedAvg(**common, beta=fed.trim)
     if fed.strategy == "median":
