@@ -25,7 +25,9 @@ from typing import Any
 import numpy as np
 import psutil
 import pytest
+import torch
 import yaml
+from safetensors.torch import load_file
 
 from shopmtl.config import ConfigError
 from shopmtl.federated.config import federated_from_dict
@@ -262,6 +264,22 @@ def test_sigkilled_server_resumes_after_its_last_round(tmp_path: Path) -> None:
     assert [r["round"] for r in back["rounds"]] == [1, 2]
     # the rounds before the kill are the checkpoint's records, untouched
     assert back["rounds"][0]["pooled"] == before["records"]["pooled"]["1"]["auc"]
+    # every client went on from its own state of round 1 (its file beside its silo's)...
+    assert back["rounds"][1]["restored"] == {s: 1 for s in back["rounds"][1]["clients"]}
+    assert "restored" not in back["rounds"][0]
+    # ... so the resumed run ends where an uninterrupted one does (only the order in which
+    # the replies were summed may differ)
+    whole = tmp_path / "whole"
+    res = CliRunner().invoke(app, ["federate", str(cfg), "--out", str(whole)])
+    assert res.exit_code == 0, res.output[-3000:]
+    a = load_file(str(out / "model" / "model.safetensors"))
+    b = load_file(str(whole / "model" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5), k
+    again = json.loads((whole / "metrics.json").read_text())["final"]["pooled"]
+    for task, per in back["final"]["pooled"].items():
+        assert again[task] == pytest.approx(per, abs=1e-4), task
     assert latest.read_text() == "ckpt-00-000000002"
     marker = json.loads((out / "shopmtl-run.json").read_text())
     assert before["run_id"] == marker["run_id"]  # one run, resumed

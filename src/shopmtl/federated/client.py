@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -150,6 +151,72 @@ def _arrays(record: Any) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in record.items()}
 
 
+# -- what a client keeps, on its own disk --------------------------------------------------
+# A client's state (its unshared pieces, its loop state, its optimizer's moments) lives in
+# Flower's ``Context.state``, which dies with the process that runs it: with the simulation
+# engine, with the server. Each client also writes it beside its silo's file after every
+# round it trains, so that a resumed run (``--resume``) continues each silo where it stood.
+
+KEEP_STATES = 2  # a client's latest state files kept (the one a resume needs, and the last)
+
+
+def _state_files(silo_file: str) -> dict[int, Path]:
+    """round -> the client state file written after that round (``NN.client-RRRRRR``)."""
+    path = Path(silo_file)
+    out = {}
+    for f in path.parent.glob(f"{path.stem}.client-*.safetensors"):
+        digits = f.name.removesuffix(".safetensors").rsplit("-", 1)[1]
+        if digits.isdigit():
+            out[int(digits)] = f
+    return out
+
+
+def save_client_state(silo_file: str, rnd: int, state: Any) -> Path:
+    """The client's ``Context.state`` after round ``rnd``, atomically (a temporary file
+    renamed over), in safetensors; older files beyond ``KEEP_STATES`` are removed."""
+    from safetensors.numpy import save_file
+
+    tensors = {f"{part}/{k}": np.ascontiguousarray(v) for part in ("local", "optimizer")
+               if part in state for k, v in _arrays(state[part]).items()}
+    meta = {"round": str(rnd), "loop": str(state["loop"]["state"]) if "loop" in state else ""}
+    path = Path(silo_file)
+    dest = path.parent / f"{path.stem}.client-{rnd:06d}.safetensors"
+    tmp = dest.with_name(f".{dest.name}.tmp")
+    save_file(tensors, str(tmp), metadata=meta)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, dest)
+    for r in sorted(_state_files(silo_file))[:-KEEP_STATES]:
+        _state_files(silo_file)[r].unlink(missing_ok=True)
+    return dest
+
+
+def restore_client_state(silo_file: str, rnd: int, state: Any) -> int | None:
+    """Fill an empty ``Context.state`` (a resumed run's fresh client) from the latest state
+    file written before round ``rnd``; the round it came from, or None (nothing to do)."""
+    if "loop" in state:
+        return None
+    files = {r: f for r, f in _state_files(silo_file).items() if r < rnd}
+    if not files:
+        return None
+    from flwr.app import Array, ArrayRecord, ConfigRecord
+    from safetensors import safe_open
+
+    last = max(files)
+    with safe_open(str(files[last]), "numpy") as f:
+        meta = f.metadata() or {}
+        parts: dict[str, dict[str, np.ndarray]] = {}
+        names = f.keys()  # (a safe_open handle is not iterable)
+        for k in names:
+            part, name = k.split("/", 1)
+            parts.setdefault(part, {})[name] = f.get_tensor(k)
+    for part, arrays in parts.items():
+        state[part] = ArrayRecord({k: Array(v) for k, v in arrays.items()})
+    if meta.get("loop"):
+        state["loop"] = ConfigRecord({"state": meta["loop"]})
+    return last
+
+
 def _model(fed: Federation, state: Any, global_arrays: dict[str, np.ndarray]
            ) -> tuple[MultiTaskModel, list[Piece], list[Piece]]:
     """The silo's model: its own pieces (kept in ``state``; the initial ones before its
@@ -173,6 +240,7 @@ def client_train(fed: Federation, msg: Any, context: Any) -> Any:
     fault = fault_for(cfg.faults, fed.silo_names[i], rnd)
     inject_before(fault, cfg.faults.delay or cfg.round_timeout + 1)
     data = _silo(fed, i)
+    restored = restore_client_state(fed.silo_files[i], rnd, context.state)
     received = _arrays(msg.content["arrays"])
     model, shared, local = _model(fed, context.state, received)
     mu = float(msg.content["config"].get("proximal-mu", 0.0))
@@ -189,6 +257,7 @@ def client_train(fed: Federation, msg: Any, context: Any) -> Any:
         context.state["optimizer"] = ArrayRecord(
             {k: Array(v) for k, v in optimizer_arrays(res.optimizer).items()})
     context.state["loop"] = ConfigRecord({"state": json.dumps(state_json(res.state))})
+    save_client_state(fed.silo_files[i], rnd, context.state)
     sent = pack(model, shared)
     if fed.silo_names[i] in cfg.attack.silos:  # the harness: a sign-flipped, scaled update
         sent = {n: received[n] - cfg.attack.scale * (v - received[n]) for n, v in sent.items()}
@@ -199,7 +268,8 @@ def client_train(fed: Federation, msg: Any, context: Any) -> Any:
     metrics = {"num-examples": len(data.train), "silo": i, "round": rnd,
                "bytes-sent": nbytes(sent), "bytes-received": nbytes(received), "steps": k,
                **({UNIT_WEIGHT: 1} if cfg.dp.mode != "none" else {})}  # DP: a uniform mean
-    detail = {"train_loss": {t: float(v) for t, v in losses.items()}}
+    detail = {"train_loss": {t: float(v) for t, v in losses.items()},
+              **({"restored_from": restored} if restored is not None else {})}
     return Message(RecordDict({"arrays": ArrayRecord({n: Array(v) for n, v in sent.items()}),
                                "metrics": MetricRecord(metrics),
                                "detail": ConfigRecord({"json": json.dumps(detail)})}),
@@ -212,6 +282,8 @@ def client_evaluate(fed: Federation, msg: Any, context: Any) -> Any:
     torch.set_num_threads(max(1, fed.experiment.train.threads))
     i = int(context.node_config["partition-id"])
     data = _silo(fed, i)
+    restore_client_state(fed.silo_files[i], int(msg.content["config"]["server-round"]),
+                         context.state)
     model, _, _ = _model(fed, context.state, _arrays(msg.content["arrays"]))
     source = TableSource(data, fed.experiment.train.batch_size,
                          eval_batch_size=fed.experiment.train.eval_batch_size)

@@ -430,6 +430,10 @@ def summarise(fed: Federation, recorder: Recorder, pooled: dict[int, dict[str, A
             "bytes_sent": {s: int(m["bytes-sent"]) for s, m in train.items()},
             "bytes_received": {s: int(m["bytes-received"]) for s, m in train.items()},
             "train_loss": {s: m["train_loss"] for s, m in train.items()},
+            # a resumed run's clients: the round whose own state each one read back
+            **({"restored": {s: m["restored_from"] for s, m in train.items()
+                             if "restored_from" in m}}
+               if any("restored_from" in m for m in train.values()) else {}),
             **({"privacy": recorder.privacy[r]} if r in recorder.privacy else {}),
             "dropped": recorder.dropped.get(r, {}),
         })
@@ -461,6 +465,9 @@ def run_federated(run: FederatedRun, out: str | Path, log: Callable[[str], None]
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(run.federated.seed)
     data, fed, info = prepare(run, out, log)
+    if not resume:  # a fresh run: no client continues from an earlier run's state
+        for f in (out / "silos").glob("*.client-*.safetensors"):
+            f.unlink()
     log(f"{len(fed.silo_names)} silos: " + ", ".join(
         f"{n} ({info['silos'][n]['train']:,} rows)" for n in fed.silo_names))
     checkpointer = Checkpointer(out / "checkpoints", run_id=run_id)
