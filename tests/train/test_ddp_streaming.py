@@ -128,6 +128,28 @@ def test_epoch_order_is_a_seeded_permutation() -> None:
 
 
 # -- a streamed file, rank by rank --------------------------------------------------------------
+def test_the_reader_reads_the_row_groups_asked_in_their_order(world: Path) -> None:
+    from shopmtl.data.ingest import BadRowLog, parquet_row_groups, read_chunks
+    from shopmtl.data.synthetic import default_schema
+
+    path = world / "train_groups.parquet"
+    sizes = parquet_row_groups(path)
+    assert sizes[:4] == list(PATTERN) and sum(sizes) == pq.ParquetFile(path).metadata.num_rows
+    starts = np.concatenate([[1], 1 + np.cumsum(sizes)])
+    log = BadRowLog("quarantine", 1.0)
+    parts = read_chunks(path, default_schema(), 1000, log, row_groups=[3, 1])
+    lines = np.concatenate([p.lines for p in parts])
+    # row group 3's rows, then row group 1's, with their line numbers in the whole file
+    want = np.concatenate([np.arange(starts[3], starts[4]), np.arange(starts[1], starts[2])])
+    assert np.array_equal(lines, want)
+    with pytest.raises(DataError, match="no row group 15"):
+        list(read_chunks(path, default_schema(), 1000, log, row_groups=[0, 15]))
+    csv = world / "rows.csv"
+    csv.write_text("a\n1\n")
+    with pytest.raises(DataError, match="only in Parquet"):
+        list(read_chunks(csv, default_schema(), 1000, log, row_groups=[0]))
+
+
 def test_each_rank_reads_only_its_row_groups_and_takes_the_same_steps(
         world: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     source = _streamed(world, tmp_path, "train_ids.parquet")
