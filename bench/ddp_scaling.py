@@ -2,6 +2,7 @@
 CPUs. A benchmark, not a test.
 
     .venv/bin/python bench/ddp_scaling.py [--rows 200000] [--epochs 3] [--batch 2048]
+        [--streamed]
 
 CPU section: the default synthetic world of ``--rows`` impressions (generated into
 ``--workdir``, reused when present), the quickstart's SharedBottom trained ``--epochs`` epochs
@@ -10,6 +11,10 @@ threads, and as ``torchrun --standalone --nproc_per_node=2 -m shopmtl train`` wi
 per process. samples/s = training rows / the epoch's training-loop seconds (history.json
 ``seconds``: validation excluded), the median over the epochs. On a 2-core machine two
 processes compete for the same two cores as two threads do: expect little or no gain.
+``--streamed`` adds ``data.streaming: true`` rows for 1 and 2 processes over a copy of the
+training file in row groups of ``--row-group`` rows (under torchrun each rank reads its own
+row groups, ``shopmtl.data.shards``): samples/s then counts the rows a run trains on (two
+processes leave a small remainder out each epoch) and includes each epoch's parse.
 
 One GPU: bench/gpu_throughput.py (MMoE and PLE at batch 2048, 8192 and 65536 against
 torch-rechub), run on a lent GPU machine by bench/gpu_check.sh.
@@ -47,7 +52,7 @@ def world(rows: int, workdir: Path) -> Path:
 
 def config_yaml(data: Path, path: Path, epochs: int, batch: int, threads: int,
                 model: str = "shared_bottom", args: dict | None = None,
-                device: str = "cpu") -> Path:
+                device: str = "cpu", streamed: Path | None = None) -> Path:
     import yaml
 
     from shopmtl.config import to_dict
@@ -66,7 +71,20 @@ def config_yaml(data: Path, path: Path, epochs: int, batch: int, threads: int,
                   "early_stopping": {"metric": "valid.click.all.auc", "mode": "max",
                                      "patience": epochs + 1}},
     }
+    if streamed is not None:  # the training file in row groups, re-read every epoch
+        raw["data"].update(streaming=True, train=str(streamed))
     path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def row_grouped(data: Path, rows_per_group: int) -> Path:
+    """train.parquet rewritten in row groups of ``rows_per_group`` rows (reused)."""
+    import pyarrow.parquet as pq
+
+    path = data / f"train-rg{rows_per_group}.parquet"
+    if not path.is_file():
+        pq.write_table(pq.read_table(data / "train.parquet"), path,
+                       row_group_size=rows_per_group)
     return path
 
 
@@ -95,7 +113,8 @@ def cpu_run(cfg: Path, out: Path, nproc: int, timeout: float) -> dict[str, Any]:
         raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
     history = json.loads((out / "history.json").read_text())
     metrics = json.loads((out / "metrics.json").read_text())
-    return {"epoch_seconds": [h["seconds"] for h in history], "wall_seconds":
+    return {"epoch_seconds": [h["seconds"] for h in history],
+            "steps_per_epoch": history[0]["step"], "wall_seconds":
             time.perf_counter() - t0, "test_auc": {t: m["all"]["auc"] for t, m in
                                                    metrics["test"].items()}}
 
@@ -104,27 +123,36 @@ def cpu_section(args: argparse.Namespace, workdir: Path) -> list[dict[str, Any]]
     data = world(args.rows, workdir)
     rows = train_rows(data)
     out = []
-    for nproc, threads in ((1, 1), (1, 2), (2, 1)):
-        cfg = config_yaml(data, workdir / f"cfg-{nproc}x{threads}.yaml", args.epochs,
-                          args.batch, threads)
-        run = cpu_run(cfg, workdir / f"run-{nproc}x{threads}", nproc, args.timeout)
+    runs = [(1, 1, None), (1, 2, None), (2, 1, None)]
+    if args.streamed:
+        grouped = row_grouped(data, args.row_group)
+        runs += [(1, 1, grouped), (2, 1, grouped)]
+    for nproc, threads, streamed in runs:
+        tag = f"{nproc}x{threads}" + ("-streamed" if streamed else "")
+        cfg = config_yaml(data, workdir / f"cfg-{tag}.yaml", args.epochs, args.batch,
+                          threads, streamed=streamed)
+        run = cpu_run(cfg, workdir / f"run-{tag}", nproc, args.timeout)
         median = statistics.median(run["epoch_seconds"])
+        # the rows trained on: two streaming processes leave a remainder out each epoch
+        trained = min(rows, run["steps_per_epoch"] * args.batch)
         out.append({"processes": nproc, "threads_per_process": threads, "batch": args.batch,
-                    "train_rows": rows, "epochs": args.epochs,
-                    "median_epoch_seconds": median, "samples_per_s": rows / median, **run})
-        print(f"  {nproc} process(es) x {threads} thread(s): {rows / median:,.0f} samples/s",
-              flush=True)
+                    "data": "streamed" if streamed else "memory", "train_rows": rows,
+                    "trained_rows_per_epoch": trained, "epochs": args.epochs,
+                    "median_epoch_seconds": median, "samples_per_s": trained / median, **run})
+        print(f"  {tag}: {trained / median:,.0f} samples/s", flush=True)
     return out
 
 
 def table(result: dict[str, Any]) -> str:
-    lines = ["| processes x threads | global batch | median epoch s | samples/s | speed-up |",
-             "|---|---|---|---|---|"] if result["cpu"] else []
+    lines = ["| processes x threads | data | global batch | median epoch s | samples/s | "
+             "speed-up | test click AUC |",
+             "|---|---|---|---|---|---|---|"] if result["cpu"] else []
     base = result["cpu"][0]["samples_per_s"] if result["cpu"] else 1.0
     for r in result["cpu"]:
-        lines.append(f"| {r['processes']} x {r['threads_per_process']} | {r['batch']} | "
+        lines.append(f"| {r['processes']} x {r['threads_per_process']} | "
+                     f"{r.get('data', 'memory')} | {r['batch']} | "
                      f"{r['median_epoch_seconds']:.2f} | {r['samples_per_s']:,.0f} | "
-                     f"{r['samples_per_s'] / base:.2f}x |")
+                     f"{r['samples_per_s'] / base:.2f}x | {r['test_auc']['click']:.4f} |")
     return "\n".join(lines)
 
 
@@ -137,6 +165,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--timeout", type=float, default=1800)
     ap.add_argument("--skip-cpu", action="store_true")
+    ap.add_argument("--streamed", action="store_true",
+                    help="also 1 and 2 processes with data.streaming over row groups")
+    ap.add_argument("--row-group", type=int, default=10_000,
+                    help="rows per Parquet row group of the streamed copy")
     args = ap.parse_args(argv)
     sys.path[:0] = [str(REPO / "src"), str(REPO)]
     with tempfile.TemporaryDirectory() as tmp:

@@ -19,6 +19,7 @@ from shopmtl.config import (
     from_dict,
 )
 from shopmtl.config import load_config as _load_config
+from shopmtl.data.ingest import is_csv
 from shopmtl.deps import require_extra
 from shopmtl.joint.config import (
     REC,
@@ -73,10 +74,12 @@ def check_experiment(cfg: ExperimentConfig) -> ExperimentConfig:
             raise ConfigError(f"weighting.name: {cfg.weighting.name!r} combines per-task "
                               "gradients, which is not supported with several processes "
                               f"(torchrun); use one of: {', '.join(usable)}")
-        if cfg.data.streaming:
-            raise ConfigError("data.streaming: streamed training data is not supported with "
-                              "several processes (torchrun) yet; use in-memory data or one "
-                              "process")
+        if cfg.data.streaming and cfg.data.train is not None and is_csv(cfg.data.train):
+            # ranks shard a streamed file by Parquet row groups (data.shards); CSV has none
+            raise ConfigError("data.streaming: streamed training data with several processes "
+                              "(torchrun) must be Parquet (each rank reads its own row "
+                              f"groups); data.train is CSV ({Path(cfg.data.train).name}): "
+                              "convert it to Parquet, or use in-memory data or one process")
         check_batch_size(cfg.train.batch_size, world)
     return cfg
 

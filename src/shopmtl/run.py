@@ -20,7 +20,7 @@ from shopmtl.config import (
     TrainConfig,
     dump_config,
 )
-from shopmtl.data.dataset import TensorTable
+from shopmtl.data.dataset import StreamingSource, TensorTable
 from shopmtl.data.pipeline import PreparedData, prepare_data, resolve_synthetic
 from shopmtl.jsonsafe import json_safe
 from shopmtl.report import negative_transfer, write_report
@@ -104,6 +104,8 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, baselines: boo
     rows = len(data.train) if isinstance(data.train, TensorTable) else data.train.rows
     log(f"data ready: {rows:,}"
         f" training rows ({time.perf_counter() - t0:.1f}s)")
+    if dist is not None and isinstance(data.train, StreamingSource):  # each rank's row groups
+        log(data.train.plan(cfg.train.batch_size, dist.world).describe())
     metrics: dict[str, Any] = {"tasks": list(schema.task_names),
                                "scenarios": list(schema.scenario_names),
                                "availability": schema.availability(), **(extra or {})}

@@ -200,14 +200,15 @@ def test_two_processes_match_one_at_the_same_global_batch(world: Path, tmp_path:
     assert max(abs(b[t] - c[t]) for t in TASKS) <= 1e-6, (b, c)
 
 
-def test_streaming_or_baselines_are_refused_across_processes(world: Path, tmp_path: Path
-                                                             ) -> None:
+def test_unshardable_streaming_or_baselines_are_refused_across_processes(
+        world: Path, tmp_path: Path) -> None:
     cfg = world_config_yaml(world, tmp_path / "exp.yaml", epochs=1)
-    for extra, needle in ((["--set", "data.streaming=true"], "streaming"),
-                          (["--baselines"], "baselines")):
+    # the world's train.parquet is one row group: rank 1 would have nothing to stream
+    for k, (extra, needle) in enumerate(((["--set", "data.streaming=true"], "row group"),
+                                         (["--baselines"], "baselines"))):
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                "--nproc_per_node=2", "-m", "shopmtl", "train", str(cfg), "--out",
-               str(tmp_path / "run"), *extra]
+               str(tmp_path / f"run{k}"), *extra]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
                               env={**os.environ, "OMP_NUM_THREADS": "1"})
         assert proc.returncode != 0
@@ -248,7 +249,8 @@ def test_config_checks_refuse_what_several_processes_cannot_do(
     monkeypatch.setenv("WORLD_SIZE", "2")
     load_experiment(cfg)  # batch 256, a loss weighting, in memory: fine
     for sets, needle in ((["weighting.name=pcgrad"], "per-task gradients"),
-                         (["data.streaming=true"], "streaming"),
+                         (["data.streaming=true", f"data.train={tmp_path / 'train.csv'}"],
+                          "must be Parquet"),
                          (["train.batch_size=255"], "divisible")):
         with pytest.raises(ConfigError, match=needle):
             load_experiment(cfg, sets)

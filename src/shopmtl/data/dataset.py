@@ -16,8 +16,9 @@ import torch
 from torch import Tensor
 
 from shopmtl.data.encoders import Encoded, Encoders
-from shopmtl.data.ingest import BadRowLog, Parsed, read_chunks
+from shopmtl.data.ingest import BadRowLog, DataError, Parsed, read_chunks
 from shopmtl.data.schema import Schema
+from shopmtl.data.shards import ShardPlan, epoch_order, plan_shards
 
 
 @dataclass
@@ -180,6 +181,11 @@ class StreamingSource:
 
     Rows are encoded with already-fit encoders, so each epoch costs a parse of the file: the
     price of constant memory. Order is a function of (seed, epoch) alone, so resume can skip.
+
+    Under torchrun (``world > 1``) rank ``rank`` reads only its own Parquet row groups
+    (``data.shards``: the unit, the assignment, the equal step count and what is left out),
+    in a seeded order per (seed, epoch, rank), and takes exactly ``plan(...).steps``
+    micro-batches of ``batch_size / world`` rows each epoch.
     """
 
     def __init__(
@@ -193,21 +199,73 @@ class StreamingSource:
         self.path, self.schema, self.encoders = Path(path), schema, encoders
         self.chunk_rows, self.buffer_chunks = chunk_rows, buffer_chunks
         self.rows = 0  # set by the caller after the fit pass
+        # usable rows per Parquet row group, set by the fit pass (None: CSV, or not counted)
+        self.group_rows: tuple[int, ...] | None = None
 
-    def num_batches(self, batch_size: int) -> int:
+    def plan(self, batch_size: int, world: int) -> ShardPlan:
+        """The ranks' shards of a global batch of ``batch_size`` rows; DataError when the file
+        cannot be sharded (CSV, or a rank would get less than one micro-batch)."""
+        name = self.path.name
+        if self.group_rows is None:
+            raise DataError(f"{name}: streaming with several processes (torchrun) shards the "
+                            "training file by Parquet row groups; convert it to Parquet, or "
+                            "use in-memory data (data.streaming: false) or one process")
+        plan = plan_shards(self.group_rows, world, batch_size // world)
+        if plan.steps == 0:
+            raise DataError(
+                f"{name}: {len(self.group_rows)} row group(s) cannot give each of {world} "
+                f"processes one micro-batch of {plan.micro} rows (rows per process: "
+                f"{list(plan.rows)}); rewrite the file with smaller row groups (pyarrow "
+                "write_table(..., row_group_size=...)) or lower train.batch_size")
+        return plan
+
+    def num_batches(self, batch_size: int, world: int = 1) -> int:
+        if world > 1:
+            return self.plan(batch_size, world).steps
         return (self.rows + batch_size - 1) // batch_size
 
-    def _read(self, log: BadRowLog) -> Iterator[Parsed]:
+    def _read(self, log: BadRowLog, row_groups: list[int] | None = None) -> Iterator[Parsed]:
         # the rows the fit pass kept: values the encoders cannot standardise are bad rows
         return read_chunks(self.path, self.schema, self.chunk_rows, log,
-                           bounds=self.encoders.numeric_bounds())
+                           bounds=self.encoders.numeric_bounds(), row_groups=row_groups)
 
     def batches(
-        self, batch_size: int, epoch: int = 0, seed: int = 0, shuffle: bool = True, skip: int = 0
+        self, batch_size: int, epoch: int = 0, seed: int = 0, shuffle: bool = True, skip: int = 0,
+        rank: int = 0, world: int = 1,
     ) -> Iterator[Batch]:
-        g = torch.Generator().manual_seed(_seed(seed, epoch))
         # bad rows were reported in the fit pass; here they are dropped again, quietly
         log = BadRowLog("quarantine", 1.0)
+        if world == 1:
+            g = torch.Generator().manual_seed(_seed(seed, epoch))
+            yield from self._shuffled(self._read(log), batch_size, g, shuffle, skip)
+            return
+        plan = self.plan(batch_size, world)
+        # its own stream per rank: the ranks' buffers are shuffled independently
+        g = torch.Generator().manual_seed(_seed(seed, epoch) + 7_919 * (rank + 1))
+        groups = list(plan.shards[rank])
+        if shuffle:
+            groups = epoch_order(groups, g)
+        it = self._shuffled(self._read(log, groups), plan.micro, g, shuffle, skip)
+        taken = skip
+        try:
+            while taken < plan.steps:  # the rest of this rank's shard is left out this epoch
+                batch = next(it, None)
+                if batch is None or len(batch) != plan.micro:
+                    break
+                taken += 1
+                yield batch
+        finally:
+            it.close()  # stop reading: the row groups after the last step stay unread
+        if taken < plan.steps:  # never silently: the other ranks would wait in a collective
+            raise DataError(f"{self.path.name}: rank {rank}'s row groups gave {taken} of "
+                            f"{plan.steps} micro-batches this epoch (the file changed since "
+                            "the run read it?)")
+
+    def _shuffled(self, chunks: Iterator[Parsed], batch_size: int, g: torch.Generator,
+                  shuffle: bool, skip: int) -> Iterator[Batch]:
+        """Batches of ``batch_size`` rows shuffled within a buffer of ``buffer_chunks`` chunks
+        (the remainder carried into the next buffer; a last smaller batch at the end); the
+        first ``skip`` are made (the generator advances alike) but not yielded."""
         buffer: list[Encoded] = []
         carry: TensorTable | None = None
         produced = 0
@@ -233,7 +291,7 @@ class StreamingSource:
                 else:
                     carry = _subset(table, rest.sort().values)
 
-        for parsed in self._read(log):
+        for parsed in chunks:
             buffer.append(self.encoders.transform(parsed))
             if len(buffer) >= self.buffer_chunks:
                 yield from drain(buffer, final=False)

@@ -191,6 +191,7 @@ def read_chunks(
     nulls: Collection[str] = (),
     passthrough: Sequence[str] = (),
     bounds: Mapping[str, tuple[float, float]] | None = None,
+    row_groups: Sequence[int] | None = None,
 ) -> Iterator[Parsed]:
     """Parse ``source`` (a CSV/TSV/gzip/Parquet path, or an in-memory table named ``rows``)
     chunk by chunk; bad rows go to ``log`` (which may raise).
@@ -198,7 +199,9 @@ def read_chunks(
     ``nulls``: columns of the schema not read (all missing: the labels when predicting);
     ``passthrough``: columns kept as read in ``Parsed.passthrough`` (ids for the output);
     ``bounds``: per numeric feature, the values its fitted encoder can standardise
-    (``Encoders.numeric_bounds``); a value outside is a bad row."""
+    (``Encoders.numeric_bounds``); a value outside is a bad row;
+    ``row_groups``: a Parquet file's row groups to read, in this order (a torchrun rank's
+    shard, ``data.shards``); rows keep their line numbers in the whole file."""
     columns = [c for c in schema.source_columns() if c not in nulls]
     columns += [c for c in passthrough if c not in columns]
     if isinstance(source, pa.Table):
@@ -208,8 +211,10 @@ def read_chunks(
         if not path.is_file():
             raise DataError(f"data file not found: {path}")
         name = path.name
+        if row_groups is not None and is_csv(path):
+            raise DataError(f"{path.name}: row groups exist only in Parquet files")
         chunks = (_csv_chunks(path, columns, chunk_rows, log) if is_csv(path)
-                  else _parquet_chunks(path, columns, chunk_rows))
+                  else _parquet_chunks(path, columns, chunk_rows, row_groups))
     for chunk in chunks:
         table = chunk.table
         for c in schema.source_columns():
@@ -384,21 +389,36 @@ def _table_chunks(table: pa.Table, name: str, columns: list[str], chunk_rows: in
         yield _Chunk(part, lines, _row_json(part), [], part.num_rows)
 
 
-def _parquet_chunks(path: Path, columns: list[str], chunk_rows: int) -> Iterator[_Chunk]:
+def parquet_row_groups(path: str | Path) -> list[int]:
+    """The row count of each row group of a Parquet file (its footer only)."""
+    path = Path(path)
+    try:
+        meta = pq.ParquetFile(path).metadata
+    except (pa.ArrowInvalid, OSError) as e:
+        raise DataError(f"{path.name}: not a readable Parquet file ({e})") from None
+    return [meta.row_group(g).num_rows for g in range(meta.num_row_groups)]
+
+
+def _parquet_chunks(path: Path, columns: list[str], chunk_rows: int,
+                    row_groups: Sequence[int] | None = None) -> Iterator[_Chunk]:
     try:
         pf = pq.ParquetFile(path)
     except (pa.ArrowInvalid, OSError) as e:
         raise DataError(f"{path.name}: not a readable Parquet file ({e})") from None
     _missing(path.name, pf.schema_arrow.names, columns, csv_header=False)
-    start = 1
+    sizes = [pf.metadata.row_group(g).num_rows for g in range(pf.metadata.num_row_groups)]
+    first = np.concatenate([[1], 1 + np.cumsum(sizes)]).astype(np.int64)  # line of each start
+    groups = range(len(sizes)) if row_groups is None else row_groups
+    bad = [g for g in groups if not 0 <= g < len(sizes)]
+    if bad:
+        raise DataError(f"{path.name}: no row group {bad[0]} (the file has {len(sizes)})")
     try:
         # one row group at a time, sliced into chunks: ParquetFile.iter_batches kept ~35
         # bytes a row alive until the file was done (pyarrow's pool grew 45 -> 280 MB over
         # 8M rows; bench/scaling.py), this holds one row group
-        for g in range(pf.metadata.num_row_groups):
+        for g in groups:
             group = pf.read_row_group(g, columns=columns)
-            yield from _table_chunks(group, path.name, columns, chunk_rows, start)
-            start += group.num_rows
+            yield from _table_chunks(group, path.name, columns, chunk_rows, int(first[g]))
             del group
     except (pa.ArrowInvalid, OSError) as e:
         raise DataError(f"{path.name}: corrupt or truncated Parquet data ({e})") from None

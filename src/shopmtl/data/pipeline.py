@@ -9,10 +9,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from shopmtl.config import DataConfig, ExperimentConfig, SchemaConfig, from_dict, to_dict
 from shopmtl.data.dataset import StreamingSource, TensorTable
 from shopmtl.data.encoders import Encoded, Encoders
-from shopmtl.data.ingest import BadRowLog, DataError, read_chunks
+from shopmtl.data.ingest import BadRowLog, DataError, is_csv, parquet_row_groups, read_chunks
 from shopmtl.data.schema import Schema
 from shopmtl.jsonsafe import json_safe
 
@@ -77,14 +79,22 @@ def prepare_data(
         if cfg.valid is None:
             raise DataError("data.valid: streaming needs an explicit validation file")
         rows = 0
+        # Parquet: the usable rows of each row group, what torchrun ranks shard (data.shards)
+        parquet = Path(cfg.train).is_file() and not is_csv(cfg.train)  # else read_chunks says
+        ends = np.cumsum(parquet_row_groups(cfg.train)) if parquet else None
+        kept = None if ends is None else np.zeros(len(ends), np.int64)
         for p in read_chunks(cfg.train, schema, cfg.chunk_rows, log):
             if fit:
                 enc.partial_fit(p)
             rows += p.n
+            if kept is not None:  # a Parquet row's line is its index + 1
+                kept += np.bincount(np.searchsorted(ends, p.lines - 1, side="right"),
+                                    minlength=len(kept))
         if fit:
             enc.finish()
         stream = StreamingSource(cfg.train, schema, enc, cfg.chunk_rows, cfg.shuffle_buffer_chunks)
         stream.rows = rows
+        stream.group_rows = None if kept is None else tuple(int(k) for k in kept)
         if rows == 0:
             raise DataError(f"{Path(cfg.train).name}: no usable rows")
         train = stream

@@ -9,7 +9,9 @@ How a step stays one step of the whole world (``Loop.step``):
 
 - every rank takes every ``world``-th row of each global batch of the epoch's seeded
   permutation (``TensorTable.batches(rank=, world=)``): the union over ranks is the batch a
-  single process would take, ``train.batch_size`` is the global batch;
+  single process would take, ``train.batch_size`` is the global batch; a streamed file
+  (``data.streaming``) is sharded by Parquet row groups instead, each rank reading only its
+  own and taking the same number of ``batch_size / world`` micro-batches (``data.shards``);
 - the task-loss values are combined over ranks before the weighting sees them
   (``Dist.global_values``: the global value, the local gradient path), weighted by each
   rank's labelled rows per task (``source.loss_counts``), so the averaged gradient is the one

@@ -96,14 +96,13 @@ class TableSource:
                                   torch.cuda.mem_get_info(self.device)[0], resident)):
             self.train = data.train.to(self.device)
             self.prefetch = 0
-        # torchrun: this process takes every ``world``-th row of each (global) batch
+        # torchrun: this process takes every ``world``-th row of each (global) batch, or its
+        # own row groups of a streamed file (``data.shards``)
         self.rank, self.world = rank, world
         if world > 1:
             check_batch_size(batch_size, world)
             if data.train is not None and not isinstance(data.train, TensorTable):
-                raise ConfigError("data.streaming: streamed training data is not supported "
-                                  "with several processes (torchrun) yet; use in-memory data "
-                                  "(data.streaming: false) or one process")
+                data.train.plan(batch_size, world)  # refused now (one line), not mid-run
 
     @property
     def tasks(self) -> tuple[TaskSpec, ...]:
@@ -114,16 +113,11 @@ class TableSource:
         return self.schema.task_names
 
     def num_batches(self) -> int:
-        if self.world > 1:
-            return self.train.num_batches(self.batch_size, self.world)
-        return self.train.num_batches(self.batch_size)
+        return self.train.num_batches(self.batch_size, self.world)
 
     def batches(self, epoch: int, seed: int, skip: int = 0) -> Iterator[Batch]:
-        if self.world > 1:
-            it = self.train.batches(self.batch_size, epoch, seed, True, skip,
-                                    rank=self.rank, world=self.world)
-        else:
-            it = self.train.batches(self.batch_size, epoch, seed, True, skip)
+        it = self.train.batches(self.batch_size, epoch, seed, True, skip,
+                                rank=self.rank, world=self.world)
         for batch in ahead.prefetch(it, self.prefetch, f"prefetch-{self.name}"):
             # drawn here, right before the step that uses the batch: the RNG order is the
             # step's, so resume replays it
