@@ -67,14 +67,19 @@ class TableSource:
         self.embedding_weight_decay = embedding_weight_decay
         self.id_dropout = id_dropout
         self.eval_batch_size = eval_batch_size
-        # where training batches go (the model's device); pinned first only for a GPU
+        self.place(torch.device(device), rank, world)
+
+    def place(self, device: torch.device, rank: int = 0, world: int = 1) -> None:
+        """Where training batches go (the model's device), and this process's share under
+        torchrun (a joint run places its rec source once it knows both)."""
+        # pinned first only for a GPU
         self.device = torch.device(device)
         self.pin = pin_memory(self.device)
         # torchrun: this process takes every ``world``-th row of each (global) batch
         self.rank, self.world = rank, world
         if world > 1:
-            check_batch_size(batch_size, world)
-            if data.train is not None and not isinstance(data.train, TensorTable):
+            check_batch_size(self.batch_size, world)
+            if self.data.train is not None and not isinstance(self.data.train, TensorTable):
                 raise ConfigError("data.streaming: streamed training data is not supported "
                                   "with several processes (torchrun) yet; use in-memory data "
                                   "(data.streaming: false) or one process")
