@@ -131,11 +131,22 @@ def load_joint(path: str | Path, overrides: list[str] | None = None) -> JointCon
 
 def check_joint(cfg: JointConfig) -> JointConfig:
     """A parsed joint config's names, the 'text' extra every joint run needs, and (like
-    ``check_experiment``) what several processes cannot do: a joint run under torchrun."""
+    ``check_experiment``) what several processes cannot do (docs/SCALING.md)."""
     check_joint_names(cfg)
-    if env_world()[2] > 1:
-        raise ConfigError("a joint run (a config with `sources`) is not supported with "
-                          "several processes (torchrun) yet; run it in one process")
+    world = env_world()[2]
+    if world > 1:
+        cls = check_weighting(cfg.weighting)
+        if cls.needs_gradients:  # one source alone may name one; a torchrun job may not
+            usable = [n for n, c in WEIGHTINGS.items() if not c.needs_gradients]
+            raise ConfigError(f"weighting.name: {cfg.weighting.name!r} combines per-task "
+                              "gradients, which is not supported with several processes "
+                              f"(torchrun); use one of: {', '.join(usable)}")
+        for i, sc in enumerate(cfg.sources):  # each source's batch is a global batch
+            try:
+                check_batch_size(sc.batch_size, world)
+            except ConfigError as e:
+                raise ConfigError(f"sources[{i}] ({sc.name}).batch_size: "
+                                  f"{str(e).removeprefix('train.batch_size: ')}") from None
     require_extra("text", "a joint run (a config with `sources`)")
     return cfg
 

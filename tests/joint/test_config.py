@@ -101,14 +101,19 @@ def test_own_source_alpha_checked_when_it_declares_its_tasks(
         load_joint_config(_write(tmp_path, raw))
 
 
-def test_a_joint_run_under_torchrun_is_refused_at_load(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Checked with the config (checks.check_joint), before anything in OUT is touched."""
+def test_a_joint_run_under_torchrun_is_checked_at_load(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Checked with the config (checks.check_joint), before anything in OUT is touched: the
+    example's batches divide by 2 processes (accepted), not by 3 (refused, naming the source;
+    tests/joint/test_torchrun.py runs a job)."""
     from shopmtl.checks import load_run_config
 
     path = Path(__file__).resolve().parents[2] / "examples" / "joint.yaml"
-    monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "0")
-    with pytest.raises(ConfigError, match=r"joint run .* not supported with several processes"):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert load_run_config(path) == load_joint_config(path)
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    with pytest.raises(ConfigError, match=r"sources\[0\] \(rec\)\.batch_size: 1024 .* "
+                                          r"divisible by the number of processes \(3\)"):
         load_joint_config(path)
-    with pytest.raises(ConfigError, match="several processes"):
+    with pytest.raises(ConfigError, match="number of processes"):
         load_run_config(path)

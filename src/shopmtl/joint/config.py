@@ -130,6 +130,12 @@ class JointTrainConfig:
     solve_iters: int = key(100, "L-BFGS iterations per penalty", ge=1)
     divergence_factor: float = key(100.0, "stop when a task's loss exceeds this many times "
                                           "its first (0: off)", ge=0)
+    # the one-table run's three keys, with the same meaning (docs/SCALING.md)
+    device: Literal["auto", "cpu", "cuda"] = key("auto", "where the loop runs (auto: cuda when "
+                                                         "torch sees one)")
+    precision: Literal["fp32", "bf16"] = key("fp32", "bf16: forward and losses under autocast "
+                                                     "(weights stay fp32)")
+    dist_timeout: float = key(300.0, "torchrun: seconds a process waits in a collective", gt=0)
 
     def __post_init__(self) -> None:
         check_fields(self)  # a config built in Python: the loader's ranges

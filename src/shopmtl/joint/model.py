@@ -118,12 +118,12 @@ class SharedText(nn.Module):
         if self.lora is None:
             vec = self.bank[uniq]
         else:
-            vec = torch.zeros(len(uniq), self.width)
+            vec = torch.zeros(len(uniq), self.width, device=self.vec_in.weight.device)
             has = uniq > 0
             if has.any():
                 rows = uniq[has]
-                vec = vec.index_put((has.nonzero().squeeze(1),),
-                                    self.lora(self.bank[rows], self.bank_mask[rows]))
+                tuned = self.lora(self.bank[rows], self.bank_mask[rows])
+                vec = vec.index_put((has.nonzero().squeeze(1),), tuned.to(vec.dtype))
         h = self.vec_in(vec)
         if self.ngram is not None and self.ngram_in is not None:
             flat, offsets, _ = self.ngram_bags(uniq)  # a mean bag: no per-id weights

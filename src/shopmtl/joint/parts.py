@@ -8,7 +8,6 @@ pipeline (encoders fitted on train, AUC per task x scenario).
 
 from __future__ import annotations
 
-import math
 import re
 import time
 import zlib
@@ -28,6 +27,7 @@ from shopmtl.data.source import Source, SourceData, SourceSplit
 from shopmtl.joint.config import REC, JointConfig, SourceConfig
 from shopmtl.joint.model import JointModel, RankHead, TableHead
 from shopmtl.tasks import TASK_TYPES
+from shopmtl.train.distributed import check_batch_size, pin_memory
 from shopmtl.train.table import TableSource
 
 
@@ -145,6 +145,24 @@ class SplitTensors:
             {k: v[idx] for k, v in self.cand_ids.items()},
         )
 
+    def to(self, device: torch.device, non_blocking: bool = False) -> SplitTensors:
+        """The rows on ``device`` (the same object when they are already there)."""
+        if self.numeric.device == device:
+            return self
+        return self._map(lambda t: t.to(device, non_blocking=non_blocking))
+
+    def pin(self) -> SplitTensors:
+        """The rows in pinned (page-locked) host memory: asynchronous copies to a GPU."""
+        return self._map(Tensor.pin_memory)
+
+    def _map(self, fn: Any) -> SplitTensors:
+        return SplitTensors(
+            fn(self.text), fn(self.numeric), {k: fn(v) for k, v in self.ids.items()},
+            {k: fn(v) for k, v in self.labels.items()},
+            None if self.cand_text is None else fn(self.cand_text),
+            {k: fn(v) for k, v in self.cand_ids.items()},
+        )
+
 
 def tensorise(split: SourceSplit, texts: TextIndex) -> SplitTensors:
     cand = None
@@ -202,13 +220,26 @@ class SourcePart:
             st.labels = {t.name: _labels(t, sp.labels[t.name]) for t in self.tasks}
             self.splits[s] = st
         self.has_text = len(self.splits["train"].text) > 0
+        self.place(torch.device("cpu"))
+
+    def place(self, device: torch.device, rank: int = 0, world: int = 1) -> None:
+        """Where training batches go (the model's device; pinned first only for a GPU) and,
+        under torchrun, this process's share: every ``world``-th row of each global batch of
+        ``cfg.batch_size`` rows (``TableSource.place``, the same rule)."""
+        if world > 1:
+            check_batch_size(self.cfg.batch_size, world)
+        self.device, self.pin = torch.device(device), pin_memory(torch.device(device))
+        self.rank, self.world = rank, world
 
     @property
     def task_names(self) -> tuple[str, ...]:
         return tuple(t.name for t in self.tasks)
 
     def num_batches(self) -> int:
-        return math.ceil(len(self.splits["train"]) / self.cfg.batch_size)
+        # with several processes a last partial batch is kept only when every process gets
+        # at least one of its rows (``TensorTable.num_batches``)
+        full, rest = divmod(len(self.splits["train"]), self.cfg.batch_size)
+        return full + (1 if rest >= self.world else 0)
 
     def build_head(self, text_dim: int, cfg: Any, ngram_buckets: int = 0,
                    vector_width: int = 0) -> nn.Module:
@@ -221,12 +252,16 @@ class SourcePart:
                          self.data.id_sizes, cfg, wide_buckets=wide, vector_width=vec)
 
     def batches(self, epoch: int, seed: int, skip: int = 0) -> Iterator[SplitTensors]:
-        """Epoch ``epoch``'s training batches in a seeded order, from batch ``skip`` on."""
+        """Epoch ``epoch``'s training batches in a seeded order, from batch ``skip`` on (this
+        rank's rows of each, on the training device)."""
         train, bs = self.splits["train"], self.cfg.batch_size
         g = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
         perm = torch.randperm(len(train), generator=g)
-        for lo in range(skip * bs, len(train), bs):
-            yield train.take(perm[lo : lo + bs])
+        for i in range(skip, self.num_batches()):
+            batch = train.take(perm[i * bs : (i + 1) * bs][self.rank :: self.world])
+            if self.device.type != "cpu":
+                batch = (batch.pin() if self.pin else batch).to(self.device, non_blocking=True)
+            yield batch
 
     def head(self, model: JointModel) -> nn.Module:
         return model.heads[self.name]
@@ -268,23 +303,43 @@ class SourcePart:
             res[t.name] = TASK_TYPES[t.type].loss(out[t.name], y, mask, t)
         return res
 
+    def loss_counts(self, b: SplitTensors) -> Tensor:
+        """[T] the rows (lists, for a ranking task) each task's loss averages over: its weight
+        when several processes combine their shards of one batch (``train.distributed``)."""
+        return torch.stack([_loss_rows(t, b.labels[t.name]) for t in self.tasks]).float()
+
     @torch.no_grad()
     def predict(self, model: JointModel, split: str, batch_size: int = 2048
                 ) -> dict[str, np.ndarray]:
         st = self.splits[split]
         outs: dict[str, list[np.ndarray]] = {t.name: [] for t in self.tasks}
+        device = next(model.parameters()).device  # the model's, wherever it was moved
         with eval_mode(model):
             for lo in range(0, len(st), batch_size):
-                b = st.take(torch.arange(lo, min(lo + batch_size, len(st))))
+                b = st.take(torch.arange(lo, min(lo + batch_size, len(st)))).to(device)
                 logits = self.logits(model, b)
                 for t in self.tasks:
                     outs[t.name].append(TASK_TYPES[t.type].activate(logits[t.name]).float()
-                                        .numpy())
+                                        .cpu().numpy())
         return {k: np.concatenate(v) for k, v in outs.items()}
 
     def evaluate(self, model: JointModel, split: str) -> dict[str, dict[str, float]]:
         preds = self.predict(model, split)
         return {t: self.source.metrics(self.data, split, t, p) for t, p in preds.items()}
+
+
+def _loss_rows(spec: TaskSpec, y: Tensor) -> Tensor:
+    """The denominator of ``spec``'s masked-mean loss on labels ``y`` (``tasks``): labelled
+    rows; for a ranking task the lists that count (listwise: some relevance; pairwise: some
+    ordered pair of labelled candidates)."""
+    if spec.type != "ranking":
+        return (~torch.isnan(y)).sum()
+    valid = ~torch.isnan(y)
+    rel = torch.where(valid, y, torch.zeros_like(y))
+    if spec.resolved_loss == "pairwise":
+        pairs = valid.unsqueeze(-1) & valid.unsqueeze(-2) & (rel.unsqueeze(-1) > rel.unsqueeze(-2))
+        return pairs.flatten(1).any(1).sum()
+    return (rel.sum(-1) > 0).sum()
 
 
 def head_logits(model: JointModel, name: str, ranking: bool, has_text: bool, b: SplitTensors

@@ -198,12 +198,15 @@ class Asked:
         [n, L] of requests of one list length)."""
         split = self.encode(rows)
         texts = TextIndex()
-        st = tensorise(split, texts)
+        # the model's device, wherever the caller moved it; the answer comes back as CPU numpy
+        device = next(self.model.parameters()).device
+        st = tensorise(split, texts).to(device)
         bank = text_bank(self.cfg, texts.texts)
-        self.model.text.set_bank(bank.bank, bank.mask, bank.ngrams)
+        self.model.text.set_bank(*(None if t is None else t.to(device)
+                                   for t in (bank.bank, bank.mask, bank.ngrams)))
         logits = head_logits(self.model, self.owner, bool(self.s["ranking"]),
                              bool(self.s["has_text"]), st)[self.task]
-        pred = TASK_TYPES[self.spec.type].activate(logits).float().numpy()
+        pred = TASK_TYPES[self.spec.type].activate(logits).float().cpu().numpy()
         to_user = getattr(self.cls, "to_user", None)
         if callable(to_user):
             pred = np.asarray(to_user(self.meta, split, self.task, pred))

@@ -10,9 +10,10 @@ from typing import Any
 
 from shopmtl.joint.config import REC, JointConfig
 from shopmtl.joint.parts import RecPart, load_parts
-from shopmtl.joint.train import replace_steps, train_joint
+from shopmtl.joint.train import join, main_first, replace_steps, train_joint
 from shopmtl.jsonsafe import json_safe
 from shopmtl.tasks import TASK_TYPES
+from shopmtl.train.distributed import shutdown
 
 
 def _primary(types: dict[str, str], task: str, m: dict[str, Any] | None) -> float | None:
@@ -38,16 +39,25 @@ def run_joint(cfg: JointConfig, out_dir: str | Path, *, alone: bool = False,
     is trained for the steps rec got in any case; with ``alone`` the rec source is also
     trained alone with its title (the same model without sharing). ``resume``: every run
     continues from its latest checkpoint (one that had none starts afresh). ``run_id``: the id
-    every run's checkpoints carry (``train.outdir``)."""
+    every run's checkpoints carry (``train.outdir``).
+
+    Under torchrun (``WORLD_SIZE > 1``) every model here trains across the processes
+    (``train_joint``); rank 0 alone computes the baselines and writes metrics.json and the
+    report, and returns the metrics (the other ranks return {} after waiting for it)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    parts, texts, load_s = load_parts(cfg, out, log)
+    _, dist = join(cfg)  # before any data: ``device: cuda`` without CUDA stops here
+    main = dist is None or dist.main
+    if not main:
+        log = _quiet
+    with main_first(dist):  # rank 0 generates the rec world, the others read it
+        parts, texts, load_s = load_parts(cfg, out, log)
     joint = train_joint(cfg, out / "joint", log=log, shared=(parts, texts), resume=resume,
                         run_id=run_id)
     joint["seconds"]["load"] = sum(load_s.values())
     types = joint["tasks"]
     t0 = time.perf_counter()
-    base = baselines(parts)
+    base = baselines(parts) if main else {}
     log(f"baselines ({time.perf_counter() - t0:.1f}s)")
     result: dict[str, Any] = {"joint": joint, "baseline": base, "alone": {}}
     if alone:
@@ -61,17 +71,26 @@ def run_joint(cfg: JointConfig, out_dir: str | Path, *, alone: bool = False,
     rec = next((p for p in parts if isinstance(p, RecPart)), None)
     if rec is not None and rec.args["content"]:
         sc = dataclasses.replace(rec.cfg, args={**rec.cfg.args, "content": []})
-        id_only = RecPart(sc, out / "rec_id_only", cfg.text, cfg.train.seed, log)
+        with main_first(dist):
+            id_only = RecPart(sc, out / "rec_id_only", cfg.text, cfg.train.seed, log)
         n = joint["steps_per_source"][REC]
         log(f"baseline: rec ID-only for {n} steps")
         result["rec_id_only"] = train_joint(
             replace_steps(cfg, n), out / "alone" / "rec_id_only", log=log, save=False,
             shared=([id_only], texts), resume=resume, run_id=run_id)
+    if not main:
+        shutdown()  # waits for rank 0's files
+        return {}
     result["table"] = comparison_table(result, types)
     result = json_safe(result)
     (out / "metrics.json").write_text(json.dumps(result, indent=1, allow_nan=False))
     (out / "report.md").write_text(render_table(result["table"], cfg))
+    shutdown()  # torchrun: the other ranks are waiting for these files
     return result
+
+
+def _quiet(*args: Any, **kwargs: Any) -> None:
+    """The log of a torchrun rank other than 0: rank 0 speaks for the job."""
 
 
 def comparison_table(result: dict[str, Any], types: dict[str, str]) -> list[dict[str, Any]]:

@@ -79,8 +79,8 @@ def bag_matrix(flat: Tensor, offsets: Tensor, weights: Tensor, n_cols: int) -> B
     """``EmbeddingBag``-style input (flat column ids, offsets, per-id weights) as a sparse
     matrix of ``n_cols`` columns; ids >= n_cols (rows that are not free) are dropped, and a
     repeated id in one bag is summed, as a sum-mode bag does."""
-    counts = torch.diff(offsets, append=torch.tensor([len(flat)]))
-    rows = torch.repeat_interleave(torch.arange(len(offsets)), counts)
+    counts = torch.diff(offsets, append=torch.tensor([len(flat)], device=offsets.device))
+    rows = torch.repeat_interleave(torch.arange(len(offsets), device=offsets.device), counts)
     keep = flat < n_cols
     idx = torch.stack([rows[keep], flat[keep]])
     vals = weights[keep]
@@ -98,7 +98,7 @@ def head_inputs(model: JointModel, part: SourcePart, split: str
     in one pass: ``SharedText.encode`` runs each distinct text once."""
     head = model.heads[part.name]
     assert isinstance(head, TableHead)
-    st = part.splits[split]
+    st = part.splits[split].to(next(model.parameters()).device)
     with eval_mode(model):
         return head.inputs(model.text, st.text if part.has_text else None, st.numeric, st.ids)
 
@@ -106,8 +106,8 @@ def head_inputs(model: JointModel, part: SourcePart, split: str
 def _remap(flat: Tensor, free: Tensor, n_rows: int) -> Tensor:
     """Table rows -> positions in ``free`` (the rows being solved); any other row -> len(free),
     dropped by ``bag_matrix`` (its weight is held at zero)."""
-    pos = torch.full((n_rows,), len(free), dtype=torch.long)
-    pos[free] = torch.arange(len(free))
+    pos = torch.full((n_rows,), len(free), dtype=torch.long, device=flat.device)
+    pos[free] = torch.arange(len(free), device=flat.device)
     return pos[flat]
 
 
@@ -149,9 +149,9 @@ def _fit(p: dict[str, Tensor], x: Inputs, spec: TaskSpec, l2: float, iters: int)
 def _score(part: SourcePart, spec: TaskSpec, split: str, logits: Tensor) -> tuple[float, float]:
     """(primary metric signed so that higher is better, -loss): the validation order (ties in
     a coarse metric such as accuracy on a few hundred rows go to the lower loss)."""
-    y = part.splits[split].labels[spec.name]
+    y = part.splits[split].labels[spec.name].to(logits.device)
     loss = float(TASK_TYPES[spec.type].loss(logits, y, ~torch.isnan(y), spec))
-    pred = TASK_TYPES[spec.type].activate(logits).numpy()
+    pred = TASK_TYPES[spec.type].activate(logits).cpu().numpy()
     key, higher = TASK_TYPES[spec.type].primary
     m = part.source.metrics(part.data, split, spec.name, pred)[key]
     return (m if higher else -m), -loss
@@ -221,7 +221,9 @@ def solve_head(model: JointModel, part: SourcePart, grid: tuple[float, ...], ite
                 free = torch.unique(flat)
             design = bag_matrix(_remap(flat, free, head.wide.num_embeddings), offsets, weights,
                                 len(free))
-        splits[s] = Inputs(h, design, vec, part.splits[s].labels)
+        # the solve runs where the head lives (a full-batch L-BFGS: a GPU's kind of work)
+        labels = {k: v.to(h.device) for k, v in part.splits[s].labels.items()}
+        splits[s] = Inputs(h, design, vec, labels)
     out: dict[str, dict[str, Any]] = {}
     col = 0
     for spec, width in zip(head.tasks, head.widths, strict=True):

@@ -19,6 +19,14 @@ is a list of stages (``train.stages``):
    (``model.share_ids``) then refits on the rows as they end.
 3. ``solve`` (``train.solve_heads``): each text head's output layer solved by L-BFGS
    (``joint.solve``), kept where validation improves.
+
+Device and processes (docs/SCALING.md), as in a one-table run: the model lives on
+``train.device`` (every source's training batches are moved there, evaluation comes back as CPU
+numpy, files are written from CPU copies) and ``train.precision: bf16`` runs the forward and
+the losses of the joint and refit steps under autocast. Under torchrun every source takes its
+rank's rows of each global batch, every step is one step of the world (``Loop`` with ``dist``)
+and rank 0 alone validates (broadcast), writes checkpoints, ``model/``, TensorBoard and
+``metrics.json``.
 """
 
 from __future__ import annotations
@@ -50,6 +58,7 @@ from shopmtl.joint.parts import (
 )
 from shopmtl.joint.solve import solve_heads
 from shopmtl.jsonsafe import json_safe
+from shopmtl.train.distributed import Dist, resolve_device, setup
 from shopmtl.train.loop import Loop, Schedule, clone_state
 from shopmtl.train.select import GainSelector, primary, valid_score
 from shopmtl.train.stages import Checkpointer, Stage, StageContext, run_stages
@@ -82,22 +91,54 @@ def _schedule(cfg: JointConfig, steps: int) -> Schedule:
     return Schedule(steps=steps, lr=t.lr, eval_every=t.eval_every, lr_decay=t.lr_decay,
                     decay_every=t.decay_every, log_every=t.log_every,
                     sampling=cfg.sampling.method, temperature=cfg.sampling.temperature,
-                    seed=t.seed, divergence_factor=t.divergence_factor)
+                    seed=t.seed, divergence_factor=t.divergence_factor, precision=t.precision)
+
+
+def _device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
+
+
+@contextlib.contextmanager
+def main_first(dist: Dist | None) -> Iterator[None]:
+    """Under torchrun rank 0 runs the block first (it generates the synthetic world and
+    embeds and caches the texts) and the others then, reading what it wrote instead of
+    writing the same files at the same time; one process: just the block. The others wait
+    in a barrier, bounded by ``train.dist_timeout``."""
+    if dist is not None and not dist.main:
+        dist.barrier()
+    yield
+    if dist is not None and dist.main:
+        dist.barrier()
+
+
+def _valid_primary(part: Any, model: torch.nn.Module, types: dict[str, str],
+                   dist: Dist | None) -> dict[str, float]:
+    """``part``'s primary validation metrics, scored by rank 0 and broadcast (as ``Loop``
+    validates): a decision taken on them is the same on every rank."""
+    got = (primary({part.name: part.evaluate(model, "valid")}, types)
+           if dist is None or dist.main else None)
+    return got if dist is None else dist.broadcast_json(got)
 
 
 def _joint_stage(cfg: JointConfig, parts: list[Any], types: dict[str, str], steps: int,
-                 log: Any, writer: Any = None) -> Any:
+                 log: Any, writer: Any = None, dist: Dist | None = None) -> Any:
     t = cfg.train
     tasks = [n for p in parts for n in p.task_names]
 
     def run(ctx: StageContext) -> dict[str, Any]:
-        weighting = build_weighting(cfg.weighting.name, cfg.weighting.args, tasks)
+        weighting = build_weighting(cfg.weighting.name, cfg.weighting.args, tasks
+                                    ).to(_device(ctx.model))
         loop = Loop(ctx.model, parts, weighting, _schedule(cfg, steps), GainSelector(types),
                     alpha={k: v for k, v in t.alpha.items() if k in tasks},
                     weight_decay=t.weight_decay, track_sources=bool(t.refit_steps), log=log,
-                    writer=writer)
+                    writer=writer, dist=dist)
         ctx.attach(loop).run()
         ctx.finish(loop)
+        if dist is not None:  # the sampler is a function of (seed, step): the same everywhere
+            theirs = dist.broadcast_json(loop.state.steps_by_source)
+            if theirs != loop.state.steps_by_source:
+                raise RuntimeError(f"rank {dist.rank} drew other sources than rank 0 "
+                                   f"({loop.state.steps_by_source} vs {theirs})")
         loop.load_best()
         # each source's head at its own best joint step: the refit stages' other start
         ctx.carry.update({f"own_best.{k}": v for k, v in loop.own_best.items()})
@@ -110,8 +151,11 @@ def _joint_stage(cfg: JointConfig, parts: list[Any], types: dict[str, str], step
     return run
 
 
-def _refit_stage(cfg: JointConfig, part: Any, types: dict[str, str], log: Any) -> Any:
-    """One source's head alone on its batches, everything else frozen (``refit_steps``)."""
+def _refit_stage(cfg: JointConfig, part: Any, types: dict[str, str], log: Any,
+                 dist: Dist | None = None) -> Any:
+    """One source's head alone on its batches, everything else frozen (``refit_steps``).
+    Under torchrun it is the same distributed loop as the joint stage (each rank its rows,
+    one averaged update, rank 0's validation), so every rank keeps the same head."""
     t = cfg.train
 
     def run(ctx: StageContext) -> dict[str, Any]:
@@ -120,14 +164,13 @@ def _refit_stage(cfg: JointConfig, part: Any, types: dict[str, str], log: Any) -
         start = clone_state(head)
         mine = {id(p) for p in head.parameters()}
         trainable = [p for p in model.parameters() if p.requires_grad]
-        first = primary({part.name: part.evaluate(model, "valid")}, types)
+        first = _valid_primary(part, model, types, dist)
         best = (0.0, start)  # a refit must beat the head it starts from
         own = ctx.carry.get(f"own_best.{part.name}")
         took_own = False
         if own is not None:
             head.load_state_dict(own)
-            gain = valid_score(primary({part.name: part.evaluate(model, "valid")}, types),
-                               first, types)
+            gain = valid_score(_valid_primary(part, model, types, dist), first, types)
             took_own = gain > 0
             if took_own:
                 best = (gain, own)
@@ -136,7 +179,7 @@ def _refit_stage(cfg: JointConfig, part: Any, types: dict[str, str], log: Any) -
         weighting = build_weighting("static", {"alpha": alpha}, part.task_names)
         schedule = Schedule(steps=t.refit_steps, lr=t.refit_lr, eval_every=t.refit_eval_every,
                             patience=t.refit_patience, seed=t.seed, checkpoint_evals=False,
-                            divergence_factor=t.divergence_factor)
+                            divergence_factor=t.divergence_factor, precision=t.precision)
         try:
             # only this head trains: the adapter and every other head (with any rec rows a
             # head borrows) stay as they are, and get no gradient computed
@@ -144,7 +187,7 @@ def _refit_stage(cfg: JointConfig, part: Any, types: dict[str, str], log: Any) -
                 p.requires_grad_(id(p) in mine)
             loop = Loop(model, [part], weighting, schedule, GainSelector(types, first),
                         params=[p for p in head.parameters() if p.requires_grad],
-                        weight_decay=t.weight_decay, frozen=[model.text])
+                        weight_decay=t.weight_decay, frozen=[model.text], dist=dist)
             ctx.attach(loop)
             # the start to beat: the head as it is now (the better of its two starts)
             loop.state.best_score, loop.best = best[0], clone_state(model)
@@ -161,6 +204,37 @@ def _refit_stage(cfg: JointConfig, part: Any, types: dict[str, str], log: Any) -
                 "valid_gain": st.best_score or 0.0}
 
     return run
+
+
+def _solve_stage(cfg: JointConfig, parts: list[Any], log: Any, dist: Dist | None) -> Any:
+    """The L-BFGS solve of the table heads (``joint.solve``). Under torchrun every rank solves
+    the same full-batch problem from the same weights (every rank holds every split), so no
+    rank idles in a collective bounded by ``train.dist_timeout`` meanwhile, and the wall time
+    is one solve's; rank 0's heads and result are then broadcast, so that a kernel that is not
+    bitwise deterministic (a GPU's sparse products) cannot leave the ranks apart. Simpler than
+    sharding it: the solve is a small part of a run."""
+    t = cfg.train
+
+    def run(ctx: StageContext) -> dict[str, Any]:
+        res = solve_heads(ctx.model, parts, t.solve_l2, t.solve_iters, log)
+        if dist is not None:
+            dist.broadcast_module(ctx.model)
+            res = dist.broadcast_json(res)
+        return res
+
+    return run
+
+
+def _quiet(*args: Any, **kwargs: Any) -> None:
+    """The log of a torchrun rank other than 0: rank 0 speaks for the job."""
+
+
+def join(cfg: JointConfig) -> tuple[torch.device, Dist | None]:
+    """``train.device`` resolved (``cuda`` without CUDA: a ConfigError, before any data is
+    read) and, under torchrun, the job joined (once; later calls return it)."""
+    device = resolve_device(cfg.train.device)
+    dist = setup(device, cfg.train.dist_timeout)
+    return (dist.device if dist is not None else device), dist
 
 
 def refit_heads(model: JointModel, parts: list[Any], cfg: JointConfig, types: dict[str, str],
@@ -219,12 +293,17 @@ def _train_joint(cfg: JointConfig, out_dir: str | Path, *, only: tuple[str, ...]
     """``train_joint`` with denormals already flushed."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
+    device, dist = join(cfg)
+    main = dist is None or dist.main
+    if not main:
+        log = _quiet
     torch.manual_seed(cfg.train.seed)
     if cfg.train.threads:
         torch.set_num_threads(cfg.train.threads)
     t0 = time.perf_counter()
     if shared is None:
-        parts, texts, load_s = load_parts(cfg, out, log)
+        with main_first(dist):
+            parts, texts, load_s = load_parts(cfg, out, log)
     else:
         (parts, texts), load_s = shared, {}
     every_task = [t for p in parts for t in p.task_names]
@@ -232,24 +311,30 @@ def _train_joint(cfg: JointConfig, out_dir: str | Path, *, only: tuple[str, ...]
     if only is not None:
         parts = [p for p in parts if p.name in only]
     t1 = time.perf_counter()
-    bank = text_bank(cfg, texts.texts)
+    with main_first(dist):  # rank 0 embeds (and caches) the texts, the others read the cache
+        bank = text_bank(cfg, texts.texts)
     embed_s = time.perf_counter() - t1
     log(f"text bank: {len(texts.texts) - 1:,} distinct texts ({embed_s:.1f}s)")
     torch.manual_seed(cfg.train.seed)
     model = build_joint_model(cfg, parts, text_width(cfg), log)
     model.text.set_bank(bank.bank, bank.mask, bank.ngrams)
+    model.to(device)  # the bank is a buffer: it moves with the weights
+    if dist is not None:  # the same initial weights on every rank
+        dist.broadcast_module(model)
+    for p in parts:  # training batches to the device; under torchrun this rank's rows
+        p.place(device, dist.rank if dist else 0, dist.world if dist else 1)
     tasks = [t for p in parts for t in p.task_names]
     types = {t.name: t.type for p in parts for t in p.tasks}
     n_steps = steps if steps is not None else cfg.train.steps
-    writer = tensorboard_writer(out / "tb")  # training losses, task weights, validation
-    stages = [Stage("joint", _joint_stage(cfg, parts, types, n_steps, log, writer))]
+    # training losses, task weights, validation (rank 0's)
+    writer = tensorboard_writer(out / "tb") if main else None
+    stages = [Stage("joint", _joint_stage(cfg, parts, types, n_steps, log, writer, dist))]
     if cfg.train.refit_steps:  # rec first: heads that borrow its rows refit on their end
-        stages += [Stage(f"refit:{p.name}", _refit_stage(cfg, p, types, log))
+        stages += [Stage(f"refit:{p.name}", _refit_stage(cfg, p, types, log, dist))
                    for p in sorted(parts, key=lambda p: not p.refit_first)]
     if cfg.train.solve_heads:
-        stages.append(Stage("solve", lambda ctx: solve_heads(
-            ctx.model, parts, cfg.train.solve_l2, cfg.train.solve_iters, log)))
-    checkpointer = Checkpointer(out / "checkpoints", run_id=run_id)
+        stages.append(Stage("solve", _solve_stage(cfg, parts, log, dist)))
+    checkpointer = Checkpointer(out / "checkpoints", write=main, run_id=run_id)
     resume = resume and checkpointer.latest() is not None
     t2 = time.perf_counter()
     try:
@@ -260,6 +345,8 @@ def _train_joint(cfg: JointConfig, out_dir: str | Path, *, only: tuple[str, ...]
     train_s = time.perf_counter() - t2
     joint = results["joint"]
     model.eval()
+    if not main:  # rank 0 scores, writes, and hands every rank the same metrics
+        return dist.broadcast_json(None)  # type: ignore[union-attr]
     valid = {p.name: p.evaluate(model, "valid") for p in parts}
     test = {p.name: p.evaluate(model, "test") for p in parts}
     metrics: dict[str, Any] = {
@@ -283,7 +370,7 @@ def _train_joint(cfg: JointConfig, out_dir: str | Path, *, only: tuple[str, ...]
         save_joint_dir(out / "model", model, cfg, parts)
     metrics = json_safe(metrics)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1, allow_nan=False))
-    return metrics
+    return metrics if dist is None else dist.broadcast_json(metrics)
 
 
 def replace_steps(cfg: JointConfig, steps: int) -> JointConfig:

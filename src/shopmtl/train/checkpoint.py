@@ -130,7 +130,8 @@ def write_dir(
     try:
         for name, tdict in tensors.items():
             save_file(
-                {k: v.detach().contiguous() for k, v in tdict.items()},
+                # CPU copies: a model trained on a GPU is written (and read back) the same
+                {k: v.detach().cpu().contiguous() for k, v in tdict.items()},
                 str(tmp / f"{name}.safetensors"),
             )
         for name, obj in jsons.items():

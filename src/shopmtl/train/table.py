@@ -80,29 +80,36 @@ class TableSource:
         self.embedding_weight_decay = embedding_weight_decay
         self.id_dropout = id_dropout
         self.eval_batch_size = eval_batch_size
-        # where training batches go (the model's device); pinned first only for a GPU
+        self.prefetch_depth, self.resident = prefetch, resident
+        self.place(torch.device(device), rank, world)
+
+    def place(self, device: torch.device, rank: int = 0, world: int = 1) -> None:
+        """Where training batches go (the model's device), and this process's share under
+        torchrun (a joint run places its rec source once it knows both)."""
+        # pinned first only for a GPU
         self.device = torch.device(device)
         self.pin = pin_memory(self.device)
+        data = self.data
         # batches made ahead in a thread (``data.prefetch``): worth it where making one costs
         # (a streamed file's parse and encoding, a GPU's copies), not for an in-memory
         # table's gather on CPU
         streamed = data.train is not None and not isinstance(data.train, TensorTable)
-        self.prefetch = prefetch if streamed or self.device.type == "cuda" else 0
+        self.prefetch = self.prefetch_depth if streamed or self.device.type == "cuda" else 0
         # a GPU run's in-memory training rows, kept on the GPU (``train.resident``): a batch
         # is then a gather there, with no host work and no copy per step
         self.train = data.train
         if (self.device.type == "cuda" and isinstance(data.train, TensorTable)
                 and keep_resident(data.train.nbytes(),
-                                  torch.cuda.mem_get_info(self.device)[0], resident)):
+                                  torch.cuda.mem_get_info(self.device)[0], self.resident)):
             self.train = data.train.to(self.device)
             self.prefetch = 0
         # torchrun: this process takes every ``world``-th row of each (global) batch, or its
         # own row groups of a streamed file (``data.shards``)
         self.rank, self.world = rank, world
         if world > 1:
-            check_batch_size(batch_size, world)
+            check_batch_size(self.batch_size, world)
             if data.train is not None and not isinstance(data.train, TensorTable):
-                data.train.plan(batch_size, world)  # refused now (one line), not mid-run
+                data.train.plan(self.batch_size, world)  # refused now (one line), not mid-run
 
     @property
     def tasks(self) -> tuple[TaskSpec, ...]:
