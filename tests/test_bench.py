@@ -237,3 +237,25 @@ def test_protocol_says_when_shopmtl_scales_its_learning_rate() -> None:
     assert _lr_scaling_note({"lr": 1e-3}) == ""  # results written before the rule
     assert _lr_scaling_note({"lr": 1e-3, "shopmtl_lr_scaling": {"rule": "none",
                                                                 "base_batch": 256}}) == ""
+
+
+def test_the_prepared_gpu_run_dry_runs_on_cpu(tmp_path: Path) -> None:
+    """bench/gpu_throughput.py is what a lent GPU machine runs (bench/gpu_check.sh); no GPU
+    runs it in CI, so its CPU dry run keeps it from rotting: every run of every model and
+    batch answers a rate (none an error), and the script that launches it parses."""
+    from bench.gpu_throughput import MODELS, VARIANTS, main
+
+    out = tmp_path / "gpu.json"
+    result = main(["--device", "cpu", "--rows", "4000", "--steps", "1", "--warmup", "0",
+                   "--batches", "256", "--workdir", str(tmp_path / "work"), "--out", str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(result))
+    runs = {(r["model"], r["run"]) for r in result["rows"]}
+    assert {(m, v) for m in MODELS for v in VARIANTS} <= runs
+    for r in result["rows"]:
+        assert "error" not in r, r
+        assert r["samples_per_s"] > 0 and r["peak_mib"] is None  # CPU: no GPU memory
+        if r["run"].startswith("shopmtl"):
+            assert r["table_on_device"] is False  # resident applies to a GPU only
+    check = subprocess.run(["bash", "-n", "bench/gpu_check.sh"], capture_output=True,
+                           text=True, cwd=Path(__file__).resolve().parents[1])
+    assert check.returncode == 0, check.stderr
