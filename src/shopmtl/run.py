@@ -112,6 +112,10 @@ def run_experiment(cfg: ExperimentConfig, out_dir: str | Path, *, baselines: boo
     histories: dict[str, list] = {}
 
     t1 = time.perf_counter()
+    pointer = out / "checkpoints" / "latest"
+    if resume and pointer.is_file():  # which one: ckpt-<stage>-<step>
+        name = pointer.read_text().strip()
+        log(f"resuming from checkpoint {name} (step {int(name.rsplit('-', 1)[1])})")
     model, state = train_model(cfg, data, out, resume=resume, progress=progress, run_id=run_id)
     if not main:
         shutdown()  # waits for rank 0's test evaluation and files

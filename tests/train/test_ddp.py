@@ -12,6 +12,7 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -296,17 +297,21 @@ class Signalled:
 
 
 def _signal_rank_1(world: Path, tmp_path: Path, sig: int, dist_timeout: float,
-                   wait: float = 120) -> tuple[Signalled, Path, Path]:
+                   wait: float = 120, extra: tuple[str, ...] = (), **train: Any
+                   ) -> tuple[Signalled, Path, Path]:
     """A 2-process job on the world; once its first checkpoint exists, ``sig`` goes to rank 1;
     then wait for torchrun to end (an AssertionError if it hangs past ``wait`` s). Every
-    process of the job is gone afterwards (stopped ones continued, the group SIGKILLed)."""
+    process of the job is gone afterwards (stopped ones continued, the group SIGKILLed).
+    ``extra``: more arguments of ``shopmtl train`` (``--set`` overrides); ``train``: config
+    keys replacing the defaults below."""
     import time
 
-    cfg = world_config_yaml(world, tmp_path / "exp.yaml", epochs=3, batch_size=32,
-                            log_every=0, checkpoint_every=50, dist_timeout=dist_timeout)
+    keys = {"epochs": 3, "batch_size": 32, "log_every": 0, "checkpoint_every": 50,
+            "dist_timeout": dist_timeout, **train}
+    cfg = world_config_yaml(world, tmp_path / "exp.yaml", **keys)
     out = tmp_path / "run"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-           "--nproc_per_node=2", "-m", "shopmtl", "train", str(cfg), "--out", str(out)]
+           "--nproc_per_node=2", "-m", "shopmtl", "train", str(cfg), "--out", str(out), *extra]
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
     log = tmp_path / "torchrun.log"
     pids: list[int] = []

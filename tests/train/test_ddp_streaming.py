@@ -22,7 +22,7 @@ from shopmtl.data.pipeline import prepare_data
 from shopmtl.data.shards import assign_row_groups, epoch_order, plan_shards, shard_of
 from shopmtl.train.table import TableSource
 from tests.helpers import cli, small_world, world_config_yaml
-from tests.train.test_ddp import _test_auc, _torchrun
+from tests.train.test_ddp import _signal_rank_1, _test_auc, _torchrun
 
 # uneven row groups (and a short last one): the balance and the step count have work to do
 PATTERN = (1500, 900, 1300, 700)
@@ -290,3 +290,35 @@ def test_two_processes_stream_their_own_shards_and_match_one_process(
     a, b = _test_auc(one), _test_auc(two)
     print(f"streamed test AUC: 1 process {a}, 2 processes {b}")
     assert abs(a["click"] - b["click"]) <= 0.01, (a, b)
+
+
+def test_a_streamed_job_killed_mid_run_resumes_to_the_uninterrupted_model(
+        world: Path, tmp_path: Path) -> None:
+    """Rank 1 of a 2-process streamed job is SIGKILLed after the first checkpoint; the same
+    torchrun command with ``--resume`` ends with the model an uninterrupted 2-process run
+    ends with, bit for bit: every rank re-reads its own row groups in the epoch's order and
+    skips the micro-batches the checkpoint had taken (prefetch on, the default)."""
+    import signal
+
+    from safetensors.torch import load_file
+
+    sets = ("--set", "data.streaming=true", "--set",
+            f"data.train={world / 'train_groups.parquet'}")
+    keys = {"epochs": 2, "batch_size": 64, "checkpoint_every": 20}
+    (tmp_path / "killed").mkdir()
+    job, cfg, out = _signal_rank_1(world, tmp_path / "killed", signal.SIGKILL,
+                                   dist_timeout=30, extra=sets, **keys)
+    assert job.rc != 0, job.log
+    assert not (out / "metrics.json").exists()  # it ended before the run did
+    saved = int((out / "checkpoints" / "latest").read_text().rsplit("-", 1)[1])
+    resumed = _torchrun(["train", str(cfg), "--out", str(out), "--resume", *sets], nproc=2)
+    # it went on from a checkpoint in the middle of the run (2 x 246 steps)
+    assert 0 < saved < 2 * 246, saved
+    assert f"resuming from checkpoint ckpt-00-{saved:09d} (step {saved})" in resumed.stdout
+    whole = tmp_path / "whole"
+    _torchrun(["train", str(cfg), "--out", str(whole), *sets], nproc=2)
+    a = load_file(str(out / "model" / "model.safetensors"))
+    b = load_file(str(whole / "model" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
