@@ -542,7 +542,7 @@ class FitResult:
     state: LoopState
     weights: dict[str, Tensor]  # the model's weights at the end (not the best evaluation's)
     valid: dict[str, dict[str, Any]]  # the last evaluation, per source and task
-    # the optimizer's per-parameter state at the end (``opt_state``: Adam's moments), for a
+    # the optimizer's per-parameter state at the end (Adam's moments and step count), for a
     # caller that continues the same optimizer later (a federated client between rounds)
     optimizer: dict[int, dict[str, Tensor]] = field(default_factory=dict)
 
@@ -567,9 +567,9 @@ def fit(model: nn.Module, sources: Sequence[TaskSource], weighting: Weighting,
         sd["state"] = optimizer_state
         loop.opt.load_state_dict(sd)
     loop.run()
+    # the optimizer's own tensors, not copies: the loop and its optimizer end here
     return FitResult(loop.state, clone_state(model), loop.last_valid,
-                     {int(i): {k: v.detach().clone() for k, v in st.items()}
-                      for i, st in loop.opt.state_dict()["state"].items()})
+                     {int(i): dict(st) for i, st in loop.opt.state_dict()["state"].items()})
 
 
 def state_json(state: LoopState) -> dict[str, Any]:
