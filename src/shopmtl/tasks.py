@@ -320,6 +320,17 @@ class RankingTask:
         return _softmax_ranking_loss(s, rel, valid)
 
     @staticmethod
+    def counted_lists(y: Tensor, mask: Tensor, spec: TaskSpec | None = None) -> Tensor:
+        """[G] the lists ``loss`` averages over (its denominator): listwise, a list with some
+        relevance; pairwise, a list with some ordered pair of labelled candidates. Several
+        processes weigh their shards of one batch by it (``train.distributed``)."""
+        valid = mask.bool().unsqueeze(-1) & ~torch.isnan(y)
+        rel = torch.where(valid, y, torch.zeros_like(y))
+        if spec is not None and spec.resolved_loss == "pairwise":
+            return _ordered_pairs(rel, valid).flatten(1).any(1)
+        return rel.sum(dim=-1) > 0
+
+    @staticmethod
     def activate(logits: Tensor) -> Tensor:
         return logits
 
@@ -359,9 +370,14 @@ def _softmax_ranking_loss(s: Tensor, rel: Tensor, valid: Tensor) -> Tensor:
     return _masked_mean(per_list, counts)
 
 
+def _ordered_pairs(rel: Tensor, valid: Tensor) -> Tensor:
+    """[G, L, L]: candidate i labelled more relevant than labelled candidate j."""
+    return valid.unsqueeze(-1) & valid.unsqueeze(-2) & (rel.unsqueeze(-1) > rel.unsqueeze(-2))
+
+
 def _ranknet_loss(s: Tensor, rel: Tensor, valid: Tensor) -> Tensor:
     diff = s.unsqueeze(-1) - s.unsqueeze(-2)  # [G, L, L]: s_i - s_j
-    pairs = valid.unsqueeze(-1) & valid.unsqueeze(-2) & (rel.unsqueeze(-1) > rel.unsqueeze(-2))
+    pairs = _ordered_pairs(rel, valid)
     per_pair = F.softplus(-diff)  # -log sigmoid(s_i - s_j): i should be above j
     n_pairs = pairs.sum(dim=(-2, -1))  # [G]
     per_list = torch.where(pairs, per_pair, torch.zeros_like(per_pair)).sum(dim=(-2, -1))

@@ -26,7 +26,7 @@ from shopmtl.data.schema import TaskSpec
 from shopmtl.data.source import Source, SourceData, SourceSplit
 from shopmtl.joint.config import REC, JointConfig, SourceConfig
 from shopmtl.joint.model import JointModel, RankHead, TableHead
-from shopmtl.tasks import TASK_TYPES
+from shopmtl.tasks import TASK_TYPES, RankingTask
 from shopmtl.train.distributed import check_batch_size, pin_memory
 from shopmtl.train.table import TableSource
 
@@ -296,17 +296,20 @@ class SourcePart:
 
     def losses(self, model: JointModel, b: SplitTensors) -> dict[str, Tensor]:
         out = self.logits(model, b)
-        res = {}
-        for t in self.tasks:
-            y = b.labels[t.name]
-            mask = ~torch.isnan(y).all(-1) if t.type == "ranking" else ~torch.isnan(y)
-            res[t.name] = TASK_TYPES[t.type].loss(out[t.name], y, mask, t)
-        return res
+        return {t.name: TASK_TYPES[t.type].loss(out[t.name], b.labels[t.name],
+                                                _label_mask(t, b.labels[t.name]), t)
+                for t in self.tasks}
 
     def loss_counts(self, b: SplitTensors) -> Tensor:
         """[T] the rows (lists, for a ranking task) each task's loss averages over: its weight
         when several processes combine their shards of one batch (``train.distributed``)."""
-        return torch.stack([_loss_rows(t, b.labels[t.name]) for t in self.tasks]).float()
+        counts = []
+        for t in self.tasks:
+            y = b.labels[t.name]
+            mask = _label_mask(t, y)
+            counts.append(RankingTask.counted_lists(y, mask, t).sum() if t.type == "ranking"
+                          else mask.sum())
+        return torch.stack(counts).float()
 
     @torch.no_grad()
     def predict(self, model: JointModel, split: str, batch_size: int = 2048
@@ -328,18 +331,9 @@ class SourcePart:
         return {t: self.source.metrics(self.data, split, t, p) for t, p in preds.items()}
 
 
-def _loss_rows(spec: TaskSpec, y: Tensor) -> Tensor:
-    """The denominator of ``spec``'s masked-mean loss on labels ``y`` (``tasks``): labelled
-    rows; for a ranking task the lists that count (listwise: some relevance; pairwise: some
-    ordered pair of labelled candidates)."""
-    if spec.type != "ranking":
-        return (~torch.isnan(y)).sum()
-    valid = ~torch.isnan(y)
-    rel = torch.where(valid, y, torch.zeros_like(y))
-    if spec.resolved_loss == "pairwise":
-        pairs = valid.unsqueeze(-1) & valid.unsqueeze(-2) & (rel.unsqueeze(-1) > rel.unsqueeze(-2))
-        return pairs.flatten(1).any(1).sum()
-    return (rel.sum(-1) > 0).sum()
+def _label_mask(spec: TaskSpec, y: Tensor) -> Tensor:
+    """Which rows have a label (a ranking task: which lists have any)."""
+    return ~torch.isnan(y).all(-1) if spec.type == "ranking" else ~torch.isnan(y)
 
 
 def head_logits(model: JointModel, name: str, ranking: bool, has_text: bool, b: SplitTensors
