@@ -186,8 +186,9 @@ def save_client_state(silo_file: str, rnd: int, state: Any) -> Path:
     with open(tmp, "rb") as fh:
         os.fsync(fh.fileno())
     os.replace(tmp, dest)
-    for r in sorted(_state_files(silo_file))[:-KEEP_STATES]:
-        _state_files(silo_file)[r].unlink(missing_ok=True)
+    files = _state_files(silo_file)
+    for r in sorted(files)[:-KEEP_STATES]:
+        files[r].unlink(missing_ok=True)
     return dest
 
 
