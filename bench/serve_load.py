@@ -4,21 +4,28 @@ Trains the quickstart model if ``--run`` holds none (``shopmtl quickstart --rows
 --no-baselines --out runs/bench-export``, as bench/export.py does), exports its int8 ONNX bundle
 (``shopmtl export RUN/model --out RUN/bundle-int8 --data RUN/data/test.parquet --int8``, once),
 then for each run starts the real server (``python -m shopmtl serve MODEL --port P
---max-in-flight N``: uvicorn, one process), waits for ``/readyz`` and drives ``POST
-/v1/recommend`` with C concurrent clients for ``--seconds`` (each request: one user, 100
+--max-in-flight N --batch-rows B``: uvicorn, one process), waits for ``/readyz`` and drives
+``POST /v1/recommend`` with C concurrent clients for ``--seconds`` (each request: one user, 100
 candidate items, both drawn from the test split), then stops the server (SIGTERM, always):
 
-- ``int8``: the int8 bundle, 16 clients, the default in-flight bound (8);
+- ``int8``: the int8 bundle, 16 clients, the default in-flight bound (8), concurrent requests
+  combined into one model call (``--batch-rows 4096``, the default: ``serve.batch``);
+- ``int8-alone``: the same with ``--batch-rows 0`` (each request its own model call): what
+  combining buys;
 - ``overload``: the int8 bundle, 64 clients, ``--max-in-flight 8``: 429s expected, never a 5xx;
-- ``pytorch``: the source model directory (plain PyTorch) under the ``int8`` run's load.
+- ``pytorch`` / ``pytorch-alone``: the source model directory (plain PyTorch) under the
+  ``int8`` run's load, with and without combining;
+- ``int8-httpx`` (not run by default): ``int8`` driven by httpx clients, the client of the
+  earlier tables.
 
 Prints the table docs/DEPLOY.md ("## Load") holds and writes ``--out`` (JSON):
 
     .venv/bin/python bench/serve_load.py --out bench/results/serve_load.json
 
-The client: one Python process, asyncio, one ``httpx.AsyncClient`` per client (HTTP/1.1, one
-keep-alive connection each), the request bodies serialised before the clock starts and the 200
-answers not parsed (one checked before the run), so the client spends little CPU per request.
+The client: one Python process on uvloop, one keep-alive HTTP/1.1 connection per client
+(``RawHTTP``: the requests' bytes built before the clock starts, each answer's status line,
+Content-Length and Retry-After read, the 200 answers not parsed; one checked with httpx before
+the run), so the client spends little CPU per request.
 Each client is a closed loop: send, wait for the answer, send again; a 429 is honoured as a
 polite client would (it sleeps its ``Retry-After`` before sending again). Latency is the time
 from sending to the whole answer, in the client: it includes the loopback and the client's own
@@ -30,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -41,6 +49,7 @@ import sys
 import time
 from collections import Counter
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +61,14 @@ READY_S = 300
 # the rec columns that describe the item (the rest: the user and the scenario)
 ITEM_FIELDS = ("item_id", "top_category", "leaf_category", "brand", "position", "price")
 TARGET_P99_MS = 20.0
+MAX_ROWS = 4096  # the server's --batch-rows default (serve.batch.MAX_ROWS)
+RUNS = ("int8", "int8-alone", "int8-httpx", "overload", "pytorch", "pytorch-alone")
+DEFAULT_RUNS = ("int8", "int8-alone", "overload", "pytorch", "pytorch-alone")
+# the ratios reported: (run a, run b) -> a's throughput / b's, b's p50 / a's, b's p99 / a's
+RATIOS = {"onnx_over_pytorch": ("int8", "pytorch"),
+          "combined_over_alone": ("int8", "int8-alone"),
+          "pytorch_combined_over_alone": ("pytorch", "pytorch-alone"),
+          "raw_client_over_httpx": ("int8", "int8-httpx")}
 GATE_LINE = re.compile(r"POST /v1/recommend 200 ([0-9.]+) ms")
 
 
@@ -111,15 +128,17 @@ def cpu_seconds(pid: int) -> float:
 
 
 @contextmanager
-def server(model: Path, max_in_flight: int, log: Path):
-    """``python -m shopmtl serve MODEL`` on a free loopback port, ready; always stopped."""
+def server(model: Path, max_in_flight: int, log: Path, *args: str):
+    """``python -m shopmtl serve MODEL ARGS`` on a free loopback port, ready; always
+    stopped."""
     import httpx
 
     port = free_port()
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "shopmtl", "serve", str(model), "--port", str(port),
-             "--max-in-flight", str(max_in_flight)], stdout=out, stderr=subprocess.STDOUT)
+             "--max-in-flight", str(max_in_flight), *args], stdout=out,
+            stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + READY_S
@@ -145,20 +164,83 @@ def server(model: Path, max_in_flight: int, log: Path):
                 proc.wait(10)
 
 
-async def drive(url: str, bodies: list[bytes], clients: int, seconds: float
-                ) -> dict[str, Any]:
-    """``clients`` closed-loop clients for ``seconds``: every answer's status and latency."""
+class RawHTTP:
+    """One keep-alive HTTP/1.1 connection that POSTs prepared bodies and reads each answer's
+    status, ``Retry-After`` and body: the least a load client can do per request. Why not
+    httpx here: on the 2-core machine the client shares the cores with the server, and
+    httpx's ``AsyncClient`` spent about 1.2 ms of CPU per request (9 CPU s for 7,300
+    requests in the last httpx run), a server-sized cost taken from the server; this client
+    spends a fraction of that (both are measured: ``--client httpx`` runs the old one)."""
+
+    def __init__(self, host: str, port: int) -> None:
+        self.host, self.port = host, port
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    def request(self, path: str, body: bytes) -> bytes:
+        return (f"POST {path} HTTP/1.1\r\nHost: {self.host}:{self.port}\r\n"
+                f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+                ).encode() + body
+
+    async def post(self, request: bytes) -> tuple[int, float, bytes]:
+        """(status, Retry-After seconds or 0, body) of one prepared request."""
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+        assert self.reader is not None
+        self.writer.write(request)
+        head = await self.reader.readuntil(b"\r\n\r\n")
+        lines = head.split(b"\r\n")
+        status = int(lines[0].split(b" ", 2)[1])
+        length, retry, close = 0, 0.0, False
+        for line in lines[1:]:
+            name, _, value = line.partition(b":")
+            name = name.strip().lower()
+            if name == b"content-length":
+                length = int(value)
+            elif name == b"retry-after":
+                retry = float(value)
+            elif name == b"connection" and value.strip().lower() == b"close":
+                close = True
+        body = await self.reader.readexactly(length)
+        if close:
+            await self.aclose()
+        return status, retry, body
+
+    async def aclose(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            with contextlib.suppress(OSError):
+                await self.writer.wait_closed()
+        self.reader = self.writer = None
+
+
+async def drive(url: str, bodies: list[bytes], clients: int, seconds: float,
+                kind: str = "raw") -> dict[str, Any]:
+    """``clients`` closed-loop clients for ``seconds``: every answer's status and latency.
+    ``kind``: "raw" (``RawHTTP``) or "httpx" (one ``httpx.AsyncClient`` per client)."""
     import httpx
 
     headers = {"content-type": "application/json"}
     lat_ok: list[float] = []
     codes: Counter[str] = Counter()
-    # one AsyncClient (one keep-alive connection) per client: a pool shared by 64 clients
-    # costs the client process several ms of CPU per request (httpcore's pool bookkeeping)
+    host, port = url.removeprefix("http://").split(":")
+    # one connection per client: a pool shared by 64 clients costs the client process
+    # several ms of CPU per request (httpcore's pool bookkeeping)
     https = [httpx.AsyncClient(base_url=url, limits=httpx.Limits(max_connections=1),
-                               timeout=60) for _ in range(clients)]
+                               timeout=60) for _ in range(clients)] if kind == "httpx" else []
+    raws = [RawHTTP(host, int(port)) for _ in range(clients)] if kind == "raw" else []
+    prepared = [RawHTTP(host, int(port)).request("/v1/recommend", b) for b in bodies]
+
+    async def post(k: int, i: int) -> tuple[int, float]:
+        if raws:
+            status, retry, _ = await raws[k].post(prepared[i])
+            return status, retry
+        r = await https[k].post("/v1/recommend", content=bodies[i], headers=headers)
+        return r.status_code, float(r.headers.get("retry-after", "0"))
+
     try:
-        first = await https[0].post("/v1/recommend", content=bodies[0], headers=headers)
+        async with httpx.AsyncClient(base_url=url, timeout=60) as check:
+            first = await check.post("/v1/recommend", content=bodies[0], headers=headers)
         if first.status_code != 200 or len(first.json()["items"]) != CANDIDATES:
             raise RuntimeError(f"the first request failed: {first.status_code} "
                                f"{first.text[:500]}")
@@ -166,28 +248,29 @@ async def drive(url: str, bodies: list[bytes], clients: int, seconds: float
         end = start + seconds
 
         async def client(k: int) -> None:
-            http, i = https[k], k
+            i = k
             while time.perf_counter() < end:
-                body = bodies[i % len(bodies)]
+                n = i % len(bodies)
                 i += clients
                 t0 = time.perf_counter()
                 try:
-                    r = await http.post("/v1/recommend", content=body, headers=headers)
-                except httpx.TransportError:
+                    status, retry = await post(k, n)
+                except (httpx.TransportError, OSError, asyncio.IncompleteReadError):
                     codes["connection_error"] += 1
+                    if raws:
+                        await raws[k].aclose()
                     continue
                 dt = time.perf_counter() - t0
-                codes[str(r.status_code)] += 1
-                if r.status_code == 200:
+                codes[str(status)] += 1
+                if status == 200:
                     lat_ok.append(dt)
-                elif r.status_code == 429:
-                    await asyncio.sleep(min(float(r.headers.get("retry-after", "1")),
-                                            max(0.0, end - time.perf_counter())))
+                elif status == 429:
+                    await asyncio.sleep(min(retry or 1.0, max(0.0, end - time.perf_counter())))
 
         await asyncio.gather(*(client(k) for k in range(clients)))
         wall = time.perf_counter() - start
     finally:
-        await asyncio.gather(*(h.aclose() for h in https))
+        await asyncio.gather(*(h.aclose() for h in https), *(r.aclose() for r in raws))
     return {"wall_s": wall, "codes": dict(codes), "latency_ok_s": lat_ok}
 
 
@@ -199,14 +282,36 @@ def gate_latencies(log: Path) -> list[float]:
     return times[1:]
 
 
-def measure(name: str, model: Path, bodies: list[bytes], clients: int, seconds: float,
-            max_in_flight: int, logs: Path) -> dict[str, Any]:
+def run_async(coro: Any) -> Any:
+    """uvloop's event loop when installed (the server's too, under uvicorn), else asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One load run: the model, the clients, the server's in-flight bound and --batch-rows,
+    the client kind."""
+
+    model: Path
+    clients: int
+    max_in_flight: int
+    batch_rows: int
+    client: str = "raw"
+
+
+def measure(name: str, run: Run, bodies: list[bytes], seconds: float, logs: Path
+            ) -> dict[str, Any]:
     import numpy as np
 
     log = logs / f"serve-{name}.log"
-    with server(model, max_in_flight, log) as (url, proc):
+    with server(run.model, run.max_in_flight, log, "--batch-rows", str(run.batch_rows)
+                ) as (url, proc):
         cpu0, me0, load0 = cpu_seconds(proc.pid), time.process_time(), os.getloadavg()[0]
-        got = asyncio.run(drive(url, bodies, clients, seconds))
+        got = run_async(drive(url, bodies, run.clients, seconds, run.client))
         cpu1, me1, load1 = cpu_seconds(proc.pid), time.process_time(), os.getloadavg()[0]
     lat = np.asarray(got["latency_ok_s"]) * 1e3
     gate = np.asarray(gate_latencies(log))
@@ -216,7 +321,9 @@ def measure(name: str, model: Path, bodies: list[bytes], clients: int, seconds: 
     other = sum(v for k, v in codes.items() if k.isdigit() and int(k) not in (200, 429)
                 and int(k) < 500)
     pct = (lambda q: float(np.percentile(lat, q))) if ok else (lambda q: float("nan"))
-    return {"run": name, "model": str(model), "clients": clients, "max_in_flight": max_in_flight,
+    return {"run": name, "model": str(run.model), "clients": run.clients,
+            "max_in_flight": run.max_in_flight, "batch_rows": run.batch_rows,
+            "client": run.client,
             "seconds": got["wall_s"], "requests": sum(codes.values()), "ok": ok,
             "throughput_ok_rps": ok / got["wall_s"], "p50_ms": pct(50), "p90_ms": pct(90),
             "p99_ms": pct(99), "max_ms": float(lat.max()) if ok else float("nan"),
@@ -229,12 +336,13 @@ def measure(name: str, model: Path, bodies: list[bytes], clients: int, seconds: 
 
 
 def markdown(result: dict[str, Any]) -> str:
-    head = ["run", "model", "clients", "in-flight", "req/s (200)", "p50 ms", "p99 ms",
-            "server p50 / p99 ms",
-            "200", "429", "5xx", "conn. err.", "server / client CPU s", "load"]
+    head = ["run", "model", "batch rows", "client", "clients", "in-flight", "req/s (200)",
+            "p50 ms", "p99 ms", "server p50 / p99 ms", "200", "429", "5xx", "conn. err.",
+            "server / client CPU s", "load"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result["runs"]:
-        cells = [r["run"], r["model_kind"], str(r["clients"]), str(r["max_in_flight"]),
+        cells = [r["run"], r["model_kind"], str(r["batch_rows"]), r["client"],
+                 str(r["clients"]), str(r["max_in_flight"]),
                  f"{r['throughput_ok_rps']:.1f}", f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}",
                  f"{r['server_p50_ms']:.1f} / {r['server_p99_ms']:.1f}",
                  str(r["ok"]), str(r["n429"]), str(r["n5xx"]), str(r["connection_errors"]),
@@ -253,38 +361,40 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clients", type=int, default=16)
     ap.add_argument("--overload-clients", type=int, default=64)
     ap.add_argument("--overload-in-flight", type=int, default=8)
-    ap.add_argument("--runs", nargs="+", default=["int8", "overload", "pytorch"],
-                    choices=["int8", "overload", "pytorch"])
+    ap.add_argument("--runs", nargs="+", default=list(DEFAULT_RUNS), choices=list(RUNS))
     ap.add_argument("--out", type=Path, default=Path("bench/results/serve_load.json"))
     args = ap.parse_args(argv)
     load_before = os.getloadavg()[0]
     model_dir = ensure_run(args.run, args.rows)
     bundle = ensure_bundle(args.run)
     bodies = request_bodies(model_dir, args.run / "data" / "test.parquet", BODIES)
-    plan = {"int8": (bundle, args.clients, 8),
-            "overload": (bundle, args.overload_clients, args.overload_in_flight),
-            "pytorch": (model_dir, args.clients, 8)}
+    plan = {"int8": Run(bundle, args.clients, 8, MAX_ROWS),
+            "int8-alone": Run(bundle, args.clients, 8, 0),
+            "int8-httpx": Run(bundle, args.clients, 8, MAX_ROWS, "httpx"),
+            "overload": Run(bundle, args.overload_clients, args.overload_in_flight, MAX_ROWS),
+            "pytorch": Run(model_dir, args.clients, 8, MAX_ROWS),
+            "pytorch-alone": Run(model_dir, args.clients, 8, 0)}
     runs = []
     for name in args.runs:
-        model, clients, limit = plan[name]
-        r = measure(name, model, bodies, clients, args.seconds, limit, args.run)
-        r["model_kind"] = "onnx int8" if model == bundle else "pytorch"
+        r = measure(name, plan[name], bodies, args.seconds, args.run)
+        r["model_kind"] = "onnx int8" if plan[name].model == bundle else "pytorch"
         runs.append(r)
         print(f"{name}: {r['throughput_ok_rps']:.1f} req/s, p50 {r['p50_ms']:.1f} ms, "
               f"p99 {r['p99_ms']:.1f} ms, codes {r['codes']}", flush=True)
     by = {r["run"]: r for r in runs}
     result: dict[str, Any] = {"runs": runs, "candidates": CANDIDATES,
                               "target_p99_ms": TARGET_P99_MS}
-    if "int8" in by and "pytorch" in by:
-        result["onnx_over_pytorch"] = {
-            "throughput": by["int8"]["throughput_ok_rps"] / by["pytorch"]["throughput_ok_rps"],
-            "p50": by["pytorch"]["p50_ms"] / by["int8"]["p50_ms"],
-            "p99": by["pytorch"]["p99_ms"] / by["int8"]["p99_ms"]}
+    for key, (a, b) in RATIOS.items():
+        if a in by and b in by:
+            result[key] = {"throughput": by[a]["throughput_ok_rps"] / by[b]["throughput_ok_rps"],
+                           "p50": by[b]["p50_ms"] / by[a]["p50_ms"],
+                           "p99": by[b]["p99_ms"] / by[a]["p99_ms"]}
     result["env"] = {"cpu": cpu_model(), "cores": os.cpu_count(),
                      "load_average_before": load_before,
                      "load_average_after": os.getloadavg()[0], "quickstart_rows": args.rows,
-                     "client": "one process, asyncio, one httpx.AsyncClient per client, closed "
-                     "loop, 429 -> sleep Retry-After; client and server share the cores"}
+                     "client": "one process, uvloop, one keep-alive connection per client "
+                     "(RawHTTP, or httpx.AsyncClient for the -httpx run), closed loop, 429 -> "
+                     "sleep Retry-After; client and server share the cores"}
     result["command"] = "python bench/serve_load.py " + " ".join(
         argv if argv is not None else sys.argv[1:])
     table = markdown(result)
@@ -292,10 +402,11 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print(table)
-    if "onnx_over_pytorch" in result:
-        x = result["onnx_over_pytorch"]
-        print(f"onnx int8 / pytorch: {x['throughput']:.2f}x throughput, p50 {x['p50']:.2f}x, "
-              f"p99 {x['p99']:.2f}x lower")
+    for key, (a, b) in RATIOS.items():
+        if key in result:
+            x = result[key]
+            print(f"{a} / {b}: {x['throughput']:.2f}x throughput, p50 {x['p50']:.2f}x, "
+                  f"p99 {x['p99']:.2f}x lower")
     print(f"load {load_before:.1f} -> {result['env']['load_average_after']:.1f}; "
           f"wrote {args.out}")
     return 0

@@ -484,6 +484,10 @@ def serve(
         "--experiment", help="An experiment config (YAML, docs/ABTEST.md): its arms rank "
         "on POST /v1/experiments/NAME/rank, clicks and conversions come to POST "
         "/v1/feedback, every event goes to its SQLite store")] = None,
+    batch_rows: Annotated[int, typer.Option(
+        "--batch-rows", help="Most table rows of concurrent requests scored in one model "
+        "call (/v1/score, /v1/recommend, /v1/ads/ctr); 0: each request alone", min=0)
+    ] = 4096,
 ) -> None:
     """Serve a model over HTTP (the serve extra): one JSON endpoint per subsystem the model
     has (/v1/score, /v1/recommend, /v1/ads/ctr, /v1/search, /v1/support/intent,
@@ -505,7 +509,7 @@ def serve(
         raise ConfigError("give a model directory, --experiment CONFIG, or both")
     run(model_dir, host=host, port=port, max_in_flight=max_in_flight, max_body=max_body,
         admin_key_file=admin_key_file, features=features, features_redis=features_redis,
-        experiment=experiment)
+        experiment=experiment, batch_rows=batch_rows)
 
 
 def _columns(text: str) -> tuple[str, ...]:

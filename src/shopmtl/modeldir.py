@@ -138,7 +138,7 @@ class OnnxBundle(ZooModel):
     kind = "onnx"
     MODEL_FILES = ("model.onnx", "model.int8.onnx")
 
-    def __init__(self, path: Path, meta: dict[str, Any]) -> None:
+    def __init__(self, path: Path, meta: dict[str, Any], threads: int = 0) -> None:
         from shopmtl.export.runtime import OnnxForward
         from shopmtl.train.trainer import read_model_files
 
@@ -147,7 +147,7 @@ class OnnxBundle(ZooModel):
             raise ck.CheckpointError(f"{path}/meta.json: model_file {graph!r} is not one of "
                                      f"{', '.join(self.MODEL_FILES)}")
         self.cfg, self.schema, self.encoders, _ = read_model_files(path)
-        self.model = OnnxForward(path / graph, self.schema)  # a predict.Forward
+        self.model = OnnxForward(path / graph, self.schema, threads)  # a predict.Forward
         Model.__init__(self, path, list(self.schema.task_names), meta)
 
 
@@ -255,11 +255,16 @@ def kind_of(path: PathLike, meta: Any) -> str:
     return kind
 
 
-def load(path: PathLike) -> Model:
+def load(path: PathLike, *, onnx_threads: int = 0) -> Model:
     """Load any model directory (``OUT/model`` of ``shopmtl train``/``quickstart``, or
     ``OUT/joint/model`` of a joint run): the manifest is verified, then ``meta.json``'s kind
-    picks the loader. A missing, tampered or unknown directory raises ``CheckpointError``."""
+    picks the loader. A missing, tampered or unknown directory raises ``CheckpointError``.
+    ``onnx_threads``: the intra-op threads of an ONNX bundle's onnxruntime session (0:
+    onnxruntime's default, one per core; the service uses 1: ``serve.reload``)."""
     path = Path(path)
     ck.verify_dir(path)
     meta = ck.read_json(path, "meta")
-    return KINDS[kind_of(path, meta)](path, meta)
+    kind = kind_of(path, meta)
+    if kind == OnnxBundle.kind:
+        return OnnxBundle(path, meta, threads=onnx_threads)
+    return KINDS[kind](path, meta)

@@ -290,13 +290,13 @@ def test_other_endpoints_or_a_failing_warm_up_are_refused(
     version = app_client.get("/readyz").json()["model_version"]
     real = rl.load_served
 
-    def without_ads(path: Path) -> rl.Served:
-        s = real(path)
+    def without_ads(path: Path, **kw: Any) -> rl.Served:
+        s = real(path, **kw)
         return dataclasses.replace(s, endpoints={p: e for p, e in s.endpoints.items()
                                                  if p != "/v1/ads/ctr"})
 
-    def broken(path: Path) -> rl.Served:
-        s = real(path)
+    def broken(path: Path, **kw: Any) -> rl.Served:
+        s = real(path, **kw)
 
         def fail(*_a: Any, **_k: Any) -> Any:
             raise RuntimeError("secret value 42")

@@ -4,12 +4,17 @@ The model is loaded once, when the app is built, and its endpoints come from its
 (``serve.endpoints``). Starting the server starts the warm-up in a thread: every endpoint
 answers its contract's example once (the first text request builds the text bank, loads the
 encoder: seconds), and only then do ``/readyz`` and the model paths open (503 ``not_ready``
-before); ``/livez`` answers from the first moment. One lock serialises each served model: a
-joint model's text bank is shared state, and scoring is CPU-bound, so threads would gain
-nothing. ``POST /admin/reload`` (behind the admin key, checked by the gate) and SIGHUP swap in
-another model directory (``serve.reload``); the routes stay the ones built here.
+before); ``/livez`` answers from the first moment. Each served model scores through one
+``serve.batch.Scorer``: one model call at a time (a joint model's text bank is shared state,
+and scoring is CPU-bound, so threads would gain nothing), the table rows of concurrent
+requests combined into one call (``batch_rows``; 0: off). ``POST /admin/reload`` (behind the
+admin key, checked by the gate) and SIGHUP swap in another model directory
+(``serve.reload``); the routes stay the ones built here.
 Handlers are plain functions, run by FastAPI in its thread pool, so the event loop keeps
-answering health checks, metrics and 429s while the model works.
+answering health checks, metrics and 429s while the model works. A model answer is encoded
+once, by ``JSONResponse`` (no second pass through FastAPI's ``jsonable_encoder`` and response
+validation: the answer is plain JSON values already, and that pass cost about 1 ms of a
+100-candidate answer).
 
 Logging: one line per request (method, route, status, time: ``serve.gate``), the warm-up and
 the errors by type; never a request's text, its query string, ids or the client's address
@@ -34,6 +39,7 @@ from typing import Any
 from shopmtl.abtest.events import describe
 from shopmtl.data.ingest import DataError
 from shopmtl.deps import require
+from shopmtl.serve.batch import MAX_ROWS
 from shopmtl.serve.endpoints import Endpoint
 from shopmtl.serve.errors import (
     CODES,
@@ -66,7 +72,7 @@ log = logging.getLogger("shopmtl.serve")
 
 def create_app(model_path: str | Path | None, *, max_in_flight: int = 8,
                max_body: int = MAX_BODY, admin_key: str | None = None, features: Any = None,
-               experiment: Any = None) -> Any:
+               experiment: Any = None, batch_rows: int = MAX_ROWS) -> Any:
     """The FastAPI app serving ``model_path`` (any directory ``shopmtl.load`` reads).
     ``max_in_flight`` model requests are answered at once, the next ones get 429;
     ``max_body`` bytes bound a request body (413 beyond). ``admin_key``: the key of
@@ -75,11 +81,15 @@ def create_app(model_path: str | Path | None, *, max_in_flight: int = 8,
     that fills the user and item columns a table-row request lacks by its ids; None: a
     request gives every field itself. ``experiment``: an ``abtest.experiment.ExperimentConfig``
     whose arms load their own models (``serve.experiment``: its rank and feedback routes beside
-    the model's); ``model_path`` may then be None (the experiment's routes only)."""
+    the model's); ``model_path`` may then be None (the experiment's routes only).
+    ``batch_rows``: the most table rows of concurrent requests scored in one model call
+    (``serve.batch``); 0 scores each request on its own."""
     if model_path is None and experiment is None:
         raise ValueError("give a model directory, an experiment, or both")
     if max_in_flight < 1 or max_body < 1:
         raise ValueError("max_in_flight and max_body must be >= 1")
+    if batch_rows < 0:
+        raise ValueError("batch_rows must be >= 0 (0: no combining)")
     if admin_key is not None:
         check_admin_key(admin_key)
     fastapi = require("fastapi", "serve", "the HTTP service")
@@ -88,7 +98,12 @@ def create_app(model_path: str | Path | None, *, max_in_flight: int = 8,
 
     path = Path(model_path) if model_path is not None else None
     store = Features(features) if features is not None else None
-    served = load_served(path, store) if path is not None else no_model(experiment)
+
+    def on_call(requests: int, rows: int) -> None:  # a model call of the Scorer (once served)
+        state.metrics.model_call(requests, rows)
+
+    load = {"features": store, "batch_rows": batch_rows, "on_call": on_call}
+    served = load_served(path, **load) if path is not None else no_model(experiment)
     model = served.model
     exp = Experiment(experiment) if experiment is not None else None
     exp_routes = [exp.path, FEEDBACK_PATH] if exp is not None else []
@@ -129,7 +144,7 @@ def create_app(model_path: str | Path | None, *, max_in_flight: int = 8,
         app.version = new.version
         app.openapi_schema = None
 
-    reloader = Reloader(state, path, on_swap=swapped, features=store)
+    reloader = Reloader(state, path, on_swap=swapped, load=load)
     errors = error_responses()
     for ep in served.endpoints.values():
         app.add_api_route(ep.path, handler(fastapi, ep, state), methods=["POST"],
@@ -218,14 +233,16 @@ def handler(fastapi: Any, ep: Endpoint, state: ServeState) -> Callable[..., Any]
     from starlette.requests import Request
 
     path = ep.path
+    JSONResponse = fastapi.responses.JSONResponse
 
     def answer(request: Request, body: Any, top_k: int = 1, all_classes: bool = False
                ) -> dict[str, Any]:
         served = request.scope.get(SERVED_KEY) or state.current
         now = served.endpoints[path]
         options = {"top_k": top_k, "all_classes": all_classes} if now.max_top_k else {}
-        with served.lock:
-            return now.answer(body, **options)
+        # a Response passes FastAPI untouched: encoded once (the module docstring); the
+        # annotation stays the dict, as OpenAPI describes it
+        return JSONResponse(now.answer(body, **options))  # type: ignore[return-value]
 
     kw = inspect.Parameter.KEYWORD_ONLY
     params = [inspect.Parameter("request", kw, annotation=Request),
@@ -350,14 +367,15 @@ def _error_handlers(fastapi: Any, app: Any) -> None:
 def run(model_path: str | Path | None, *, host: str = "127.0.0.1", port: int = 8000,
         max_in_flight: int = 8, max_body: int = MAX_BODY,
         admin_key_file: str | Path | None = None, features: str | Path | None = None,
-        features_redis: str | None = None, experiment: str | Path | None = None) -> None:
+        features_redis: str | None = None, experiment: str | Path | None = None,
+        batch_rows: int = MAX_ROWS) -> None:
     """``shopmtl serve``: the app under uvicorn, one process; SIGTERM stops accepting and lets
     in-flight requests finish (up to ``GRACEFUL_S``); SIGHUP reloads the model directory the
     server was started with (a hot reload, no key needed: whoever can signal the process
     runs it). The admin key: ``admin_key_from(admin_key_file)``. ``features``: a snapshot
     folder held in memory, or ``features_redis``: a Redis URL (``serve.features``).
     ``experiment``: an experiment config (``abtest.experiment``); SIGTERM then also writes
-    every queued event and the counts to its store."""
+    every queued event and the counts to its store. ``batch_rows``: ``create_app``'s."""
     uvicorn = require("uvicorn", "serve", "shopmtl serve")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -375,7 +393,8 @@ def run(model_path: str | Path | None, *, host: str = "127.0.0.1", port: int = 8
 
         exp_cfg = load_experiment(experiment)
     app = create_app(model_path, max_in_flight=max_in_flight, max_body=max_body,
-                     admin_key=key, features=store, experiment=exp_cfg)
+                     admin_key=key, features=store, experiment=exp_cfg,
+                     batch_rows=batch_rows)
     log.info("serving %s (model %s) on http://%s:%d; admin endpoints %s",
              model_path or "no model directory", app.state.serve.version, host, port,
              "on (admin key set)" if key else "disabled (no admin key)")

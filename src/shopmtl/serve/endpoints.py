@@ -3,9 +3,10 @@
 Each ``Endpoint`` is a path, a pydantic body model built from a contract
 (``data.contract.request_model``), a valid example body (the contract's own: the warm-up and
 the OpenAPI example) and an ``answer`` function whose every number comes from
-``Model.predict``: the service has no scoring code of its own, so an HTTP answer equals
-``shopmtl.load(dir).predict(...)`` on the same request, and any model kind ``shopmtl.load``
-reads can be served.
+``Model.predict``, called through the model's ``serve.batch.Scorer`` (one call at a time;
+concurrent table rows combined into one call): the service has no scoring code of its own, so
+an HTTP answer equals ``shopmtl.load(dir).predict(...)`` on the same request, and any model
+kind ``shopmtl.load`` reads can be served.
 
 - Table rows (a zoo model, a joint model's ``rec`` source): ``/v1/score`` (rows -> one
   prediction per task), ``/v1/recommend`` (a context shared by the candidates, up to
@@ -33,6 +34,7 @@ from shopmtl.data.contract import Contract, request_model
 from shopmtl.data.ingest import DataError
 from shopmtl.deps import require
 from shopmtl.describe import TABLE_SOURCES
+from shopmtl.serve.batch import Scorer
 
 SOURCE_PATHS = {"search": "/v1/search", "bitext": "/v1/support/intent",
                 "reviews": "/v1/reviews/rating", "retail": "/v1/demand"}
@@ -61,9 +63,10 @@ class Endpoint:
     max_top_k: int = 0
 
 
-def build_endpoints(model: Any, features: Any = None) -> list[Endpoint]:
-    """Every endpoint the model can answer, its table-row endpoints first. ``features``: a
-    ``serve.features.Features`` (the store and its miss counter) or None."""
+def build_endpoints(scorer: Scorer, features: Any = None) -> list[Endpoint]:
+    """Every endpoint ``scorer.model`` can answer, its table-row endpoints first.
+    ``features``: a ``serve.features.Features`` (the store and its miss counter) or None."""
+    model = scorer.model
     by_source: dict[str, tuple[Contract, list[str]]] = {}
     for task in model.tasks:
         contract = model.contract(task)
@@ -72,21 +75,11 @@ def build_endpoints(model: Any, features: Any = None) -> list[Endpoint]:
     for source, (contract, tasks) in by_source.items():
         if source in TABLE_SOURCES:
             fill = features.filler(contract).fill if features is not None else None
-            out += table_endpoints(model, contract, tasks, fill)
+            out += table_endpoints(scorer, contract, tasks, fill)
     for source, (contract, tasks) in by_source.items():
         if source not in TABLE_SOURCES:
-            out.append(source_endpoint(model, contract, tasks))
+            out.append(source_endpoint(scorer, contract, tasks))
     return out
-
-
-def predict_tasks(model: Any, rows: list[dict[str, Any]], tasks: Sequence[str]
-                  ) -> dict[str, list[float]]:
-    """task -> one prediction per row, from ``Model.predict``. A joint model answers one task
-    at a time; any other kind answers all the tasks in one pass."""
-    if model.kind == "joint":
-        return {t: model.predict(rows, task=t).column(t).to_pylist() for t in tasks}
-    table = model.predict(rows, task=list(tasks))
-    return {t: table.column(t).to_pylist() for t in tasks}
 
 
 def _dump(body: Any) -> dict[str, Any]:
@@ -119,8 +112,8 @@ def _complete(row: dict[str, Any], required: list[str], where: str, give: str,
         raise DataError(f"{where}: missing field(s) {missing}: {give}{store}")
 
 
-def table_endpoints(model: Any, contract: Contract, tasks: list[str], fill: Fill | None = None
-                    ) -> list[Endpoint]:
+def table_endpoints(scorer: Scorer, contract: Contract, tasks: list[str],
+                    fill: Fill | None = None) -> list[Endpoint]:
     pd = require("pydantic", "serve", "the HTTP request models")
     row = request_model(_loose(contract) if fill is not None else contract, name="ScoreRow")
     rows = Annotated[list[row], pd.Field(min_length=1, max_length=MAX_ROWS,  # type: ignore[valid-type]
@@ -132,20 +125,20 @@ def table_endpoints(model: Any, contract: Contract, tasks: list[str], fill: Fill
                     f"One prediction per task ({', '.join(tasks)}) for each row, in row order. "
                     "A row holds the training table's columns (labels not read); an unknown "
                     "id reads as the unknown row, as in training.", score, example,
-                    _score_answer(model, contract, tasks, fill), tuple(tasks))]
+                    _score_answer(scorer, contract, tasks, fill), tuple(tasks))]
     if AD_TASK in tasks:
         ads = pd.create_model("AdsRequest", __config__=config, rows=(rows, ...))
         out.append(Endpoint("/v1/ads/ctr", "Ad click-through probability for table rows",
                             "The probability that each row's ad is clicked (task ad_click), "
                             "in row order.", ads, example,
-                            _score_answer(model, contract, [AD_TASK], fill), (AD_TASK,)))
+                            _score_answer(scorer, contract, [AD_TASK], fill), (AD_TASK,)))
     scalar = [t for t in tasks if contract.output(t).type in SCALAR]
     if scalar:
-        out.append(_recommend(model, contract, tasks, scalar, pd, config, fill))
+        out.append(_recommend(scorer, contract, tasks, scalar, pd, config, fill))
     return out
 
 
-def _score_answer(model: Any, contract: Contract, tasks: Sequence[str], fill: Fill | None
+def _score_answer(scorer: Scorer, contract: Contract, tasks: Sequence[str], fill: Fill | None
                   ) -> Answer:
     required = [f.name for f in contract.inputs if f.required]
 
@@ -155,15 +148,15 @@ def _score_answer(model: Any, contract: Contract, tasks: Sequence[str], fill: Fi
             given = fill(given)
             for i, r in enumerate(given):
                 _complete(r, required, f"rows item {i}", "give them in the row", fill)
-        preds = predict_tasks(model, [_row(contract, r) for r in given], tasks)
+        preds = scorer.predict([_row(contract, r) for r in given], tasks)
         n = len(body.rows)
         return {"predictions": [{t: preds[t][i] for t in tasks} for i in range(n)]}
 
     return answer
 
 
-def _recommend(model: Any, contract: Contract, tasks: list[str], scalar: list[str], pd: Any,
-               config: Any, fill: Fill | None = None) -> Endpoint:
+def _recommend(scorer: Scorer, contract: Contract, tasks: list[str], scalar: list[str],
+               pd: Any, config: Any, fill: Fill | None = None) -> Endpoint:
     """``/v1/recommend``: the context (the user's features, the scenario) and each
     candidate's fields make one row per candidate; required fields may come from either.
     Weights apply to the ``scalar`` tasks (one number per row: a sum needs numbers)."""
@@ -191,10 +184,10 @@ def _recommend(model: Any, contract: Contract, tasks: list[str], scalar: list[st
                     "Each candidate's predictions of every task and its combined score "
                     "(sum of task weight x prediction); candidates best first, `candidate` "
                     "is its place in the request (from 0).", body, example,
-                    _recommend_answer(model, contract, tasks, scalar[0], fill), tuple(tasks))
+                    _recommend_answer(scorer, contract, tasks, scalar[0], fill), tuple(tasks))
 
 
-def _recommend_answer(model: Any, contract: Contract, tasks: list[str], first: str,
+def _recommend_answer(scorer: Scorer, contract: Contract, tasks: list[str], first: str,
                       fill: Fill | None) -> Answer:
     required = [f.name for f in contract.inputs if f.required]
 
@@ -209,7 +202,7 @@ def _recommend_answer(model: Any, contract: Contract, tasks: list[str], first: s
         rows = [_row(contract, r) for r in merged]
         given = _dump(body.weights) if body.weights is not None else {}
         weights = {t: float(w) for t, w in given.items()} or {first: 1.0}
-        preds = predict_tasks(model, rows, tasks)
+        preds = scorer.predict(rows, tasks)
         scores = [sum(w * preds[t][i] for t, w in weights.items()) for i in range(len(rows))]
         order = sorted(range(len(rows)), key=lambda i: -scores[i])  # stable: ties keep order
         items = [{"rank": r + 1, "candidate": i, "score": scores[i],
@@ -230,7 +223,7 @@ def _merged(shared: dict[str, Any], own: dict[str, Any], i: int) -> dict[str, An
 # -- one source of a joint model --------------------------------------------------------------
 
 
-def source_endpoint(model: Any, contract: Contract, tasks: list[str]) -> Endpoint:
+def source_endpoint(scorer: Scorer, contract: Contract, tasks: list[str]) -> Endpoint:
     outputs = [contract.output(t) for t in tasks]
     top = max((len(o.labels) for o in outputs if o.type == "multiclass"), default=0)
     path = SOURCE_PATHS.get(contract.source, f"/v1/sources/{contract.source}")
@@ -240,15 +233,16 @@ def source_endpoint(model: Any, contract: Contract, tasks: list[str]) -> Endpoin
                     f"tasks: {cols}; the columns of `shopmtl predict --task` (docs/PREDICT.md), "
                     "a ranking task's candidates best first under the task's name.",
                     request_model(contract), dict(contract.example),
-                    _source_answer(model, contract, tasks), tuple(tasks), top)
+                    _source_answer(scorer, contract, tasks), tuple(tasks), top)
 
 
-def _source_answer(model: Any, contract: Contract, tasks: list[str]) -> Answer:
+def _source_answer(scorer: Scorer, contract: Contract, tasks: list[str]) -> Answer:
     def answer(body: Any, top_k: int = 1, all_classes: bool = False) -> dict[str, Any]:
         row = _dump(body)
         out: dict[str, Any] = {}
         for t in tasks:
-            recs = model.predict([row], task=t, top_k=top_k, all_classes=all_classes).to_pylist()
+            recs = scorer.locked(scorer.model.predict, [row], task=t, top_k=top_k,
+                                 all_classes=all_classes).to_pylist()
             if contract.output(t).type == "ranking":
                 out[t] = [{k: v for k, v in r.items() if k != "line"} for r in recs]
             else:

@@ -12,13 +12,15 @@ from shopmtl.deps import require
 # seconds: from a cached single-row answer to a 1,000-candidate list under load
 # shopmtl_reloads_total{outcome}: the outcomes of a hot reload (serve.reload)
 OUTCOMES = ("ok", "failed", "incompatible", "busy")
+CALL_BUCKETS = (1, 2, 4, 8, 16, 32, 64)  # requests of one model call
 BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
 
 class ServeMetrics:
     """Requests by endpoint and status code, latency by endpoint, requests in flight,
     readiness, the served model (``shopmtl_model_info{version, kind}``, changed by a hot
-    reload's swap), the reloads by outcome (``OUTCOMES``) and the feature store's misses
+    reload's swap), the reloads by outcome (``OUTCOMES``), the requests and rows of each model
+call of table rows (``serve.batch``) and the feature store's misses
     (``shopmtl_feature_misses_total{kind}``, ``serve.features``)."""
 
     def __init__(self, version: str, kind: str) -> None:
@@ -45,6 +47,12 @@ class ServeMetrics:
                                   ["outcome"], registry=self.registry)
         for outcome in OUTCOMES:
             self.reloads.labels(outcome)
+        self.call_requests = pc.Histogram(
+            "shopmtl_model_call_requests", "Requests answered by one model call: more than 1 "
+            "when the table rows of concurrent requests were combined (serve.batch)",
+            buckets=CALL_BUCKETS, registry=self.registry)
+        self.call_rows = pc.Counter("shopmtl_model_call_rows", "Table rows scored by model "
+                                    "calls", registry=self.registry)
         self.feature_misses = pc.Counter(
             "shopmtl_feature_misses", "Ids the feature store lacked (their user or item "
             "columns left empty: the unknown row), by kind; each distinct id of a request "
@@ -58,6 +66,10 @@ class ServeMetrics:
     def model(self, version: str, kind: str) -> None:
         """The served model's info (replaced, not added to, by a reload)."""
         self._info.info({"version": version, "kind": kind})
+
+    def model_call(self, requests: int, rows: int) -> None:
+        self.call_requests.observe(requests)
+        self.call_rows.inc(rows)
 
     def observe(self, endpoint: str, status: int, seconds: float) -> None:
         self.requests.labels(endpoint, str(status)).inc()

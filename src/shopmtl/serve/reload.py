@@ -1,8 +1,9 @@
 """The served model and its hot reload (``POST /admin/reload``, SIGHUP).
 
 A ``Served`` is one loaded model as the service answers it: the ``Model``, its version (the
-short sha256 of its ``manifest.json``), its endpoints by path and the lock that serialises its
-scoring. It is never changed once built. ``ServeState.current`` points at the one being served;
+short sha256 of its ``manifest.json``), its endpoints by path, which score through the model's
+one ``serve.batch.Scorer`` (one model call at a time, concurrent table rows combined). It is
+never changed once built. ``ServeState.current`` points at the one being served;
 the gate reads that reference once when a request arrives and the request is answered by that
 ``Served`` to its end (its answer and its ``X-Model-Version`` header), so a swap never moves a
 request from one model to another half way.
@@ -29,16 +30,22 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from shopmtl.serve.batch import MAX_ROWS, Scorer
 from shopmtl.serve.endpoints import Endpoint, build_endpoints
 
 if TYPE_CHECKING:
     from shopmtl.serve.gate import ServeState
 
 log = logging.getLogger("shopmtl.serve")
+# onnxruntime threads per call of a served bundle: a call of a few hundred rows gains nothing
+# from a second thread, whose spin-wait after every call took a core from the server's own
+# Python (bench/serve_load.py, int8 at 16 clients: 1 thread 315-325 req/s and 11-12 CPU s,
+# one per core 237-244 req/s and 14-15 CPU s, 12 s runs each, alternated)
+ONNX_THREADS = 1
 
 
 def model_version(path: Path) -> str:
@@ -58,7 +65,6 @@ class Served:
     model: Any
     version: str
     endpoints: Mapping[str, Endpoint]
-    lock: threading.Lock = field(default_factory=threading.Lock, compare=False, repr=False)
 
     @property
     def kind(self) -> str:
@@ -73,25 +79,26 @@ class ReloadError(Exception):
         self.status, self.code, self.message, self.outcome = status, code, message, outcome
 
 
-def load_served(path: str | Path, features: Any = None) -> Served:
+def load_served(path: str | Path, features: Any = None, batch_rows: int = MAX_ROWS,
+                on_call: Callable[[int, int], None] | None = None) -> Served:
     """``shopmtl.load(path)`` (manifest verified) and its endpoints (filled from the feature
-    store ``features``, a ``serve.features.Features``, when given); not warmed up."""
+    store ``features``, a ``serve.features.Features``, when given), scoring through one
+    ``Scorer(model, batch_rows, on_call)``; not warmed up."""
     from shopmtl.modeldir import load
 
     path = Path(path)
     version = model_version(path)  # before the load: a change meanwhile fails the manifest
-    model = load(path)
+    model = load(path, onnx_threads=ONNX_THREADS)
+    scorer = Scorer(model, batch_rows, on_call)
     return Served(path, model, version,
-                  {e.path: e for e in build_endpoints(model, features)})
+                  {e.path: e for e in build_endpoints(scorer, features)})
 
 
 def warm_up(served: Served) -> None:
     """Each endpoint answers its contract's example once (the first text request builds the
     text bank and loads the encoder: seconds). Raises the first failure."""
     for ep in served.endpoints.values():
-        body = ep.body.model_validate(ep.example)
-        with served.lock:
-            ep.answer(body)
+        ep.answer(ep.body.model_validate(ep.example))
 
 
 def signature(served: Served) -> dict[str, tuple[Any, int]]:
@@ -133,13 +140,14 @@ class Reloader:
     """Serialised reloads of ``state.current`` (the module docstring). ``start_path``: the
     directory the server was started with, reloaded when no path is given. ``on_swap``:
     called with the new ``Served`` right after the swap (the app refreshes its OpenAPI
-    version)."""
+    version). ``load``: what ``load_served`` is given besides the path (the feature store,
+    the scorer's options), the same for every model the server serves."""
 
     def __init__(self, state: ServeState, start_path: Path | None,
-                 on_swap: Callable[[Served], None] | None = None, features: Any = None
-                 ) -> None:
+                 on_swap: Callable[[Served], None] | None = None,
+                 load: Mapping[str, Any] | None = None) -> None:
         self.state, self.start_path, self.on_swap = state, start_path, on_swap
-        self.features = features
+        self.load = dict(load or {})
         self._busy = threading.Lock()
         self._swap = threading.Lock()
 
@@ -199,8 +207,7 @@ class Reloader:
 
     def _prepare(self, path: Path) -> Served:
         try:
-            new = (load_served(path) if self.features is None
-                   else load_served(path, self.features))
+            new = load_served(path, **self.load)
         except Exception as e:
             raise ReloadError(422, "reload_failed", f"the model did not load: {_why(e, path)}",
                               "failed") from None
