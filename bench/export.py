@@ -10,8 +10,10 @@ task, parity, latency.
    the one CSV as the run's pipeline cut it (``census_test``).
 
 Each is exported with ``shopmtl export``'s own code (``shopmtl.export.bundle.export_bundle``):
-fp32, int8, ``--prune 0.5`` and ``--scenario <first scenario>`` (whose AUC is on that
-scenario's rows, its tasks only). Prints the tables that docs/DEPLOY.md holds and writes
+fp32, int8, ``--prune 0.5``, ``--prune 0.5 --finetune TRAIN`` (one epoch on the run's training
+rows: the quickstart's ``OUT/data/train.parquet``, the census run's training part cut out of
+the CSV as its test part is, ``census_part``) and ``--scenario <first scenario>`` (whose AUC is
+on that scenario's rows, its tasks only). Prints the tables that docs/DEPLOY.md holds and writes
 ``--out`` (JSON):
 
     .venv/bin/python bench/export.py --out bench/results/export.json
@@ -39,6 +41,7 @@ from bench.run_all import cpu_model  # noqa: E402  (the machine line every bench
 
 DENSE_ONLY = ("MatMul", "Gemm")
 PRUNE = 0.5
+FINETUNE_EPOCHS = 1  # the pruned model's fine-tune (--finetune-epochs)
 CENSUS = Path(__file__).resolve().parent.parent / "examples" / "census.yaml"
 # the census MMoE: examples/census.yaml (a SharedBottom) with model MMoE, 8 experts as in the
 # paper's census experiments (Ma et al., KDD 2018)
@@ -65,30 +68,45 @@ def ensure_census(run: Path) -> Path:
     return run / "model"
 
 
-def census_test(run: Path) -> Path:
-    """The census run's test split as a file (``run/test.csv``): the config splits one CSV
-    itself (``data.pipeline``: ``split_indices(rows, test_fraction, split_seed + 1)``), so the
-    same rows are cut out of it here, as text. Checked: the PyTorch model's AUC on the file is
-    the test AUC of the run's metrics.json."""
+def census_parts(data: dict[str, Any], n: int) -> dict[str, list[int]]:
+    """The census run's training and test rows (indices into the CSV's rows): the config
+    splits one CSV itself (``data.pipeline``): the test part first, ``split_indices(n,
+    test_fraction, split_seed + 1)``, then validation out of the rest, ``split_indices(rest,
+    valid_fraction / (1 - test_fraction), split_seed)``; training is what remains."""
+    from shopmtl.data.dataset import split_indices
+
+    rest, held = split_indices(n, data["test_fraction"], data["split_seed"] + 1)
+    share = data["valid_fraction"] / (1 - data["test_fraction"])
+    train, _ = split_indices(len(rest), share, data["split_seed"])
+    return {"test": held.tolist(), "train": rest[train].tolist()}
+
+
+def census_part(run: Path, part: str) -> Path:
+    """The census run's ``part`` split (``test``: what the table measures; ``train``: the
+    fine-tune rows) as a file, ``run/<part>.csv``, cut out of the one CSV as the run's
+    pipeline cut it, as text. Checked: the PyTorch model's AUC on the test file is the test
+    AUC of the run's metrics.json."""
     import csv
 
     import yaml
 
-    from shopmtl.data.dataset import split_indices
-
-    out = run / "test.csv"
+    out = run / f"{part}.csv"
     if out.is_file():
         return out
     data = yaml.safe_load(CENSUS.read_text())["data"]
     with (CENSUS.parent / data["train"]).open(newline="") as f:
         reader = csv.reader(f)
         header, rows = next(reader), list(reader)
-    _, held = split_indices(len(rows), data["test_fraction"], data["split_seed"] + 1)
     with out.open("w", newline="") as f:
         w = csv.writer(f)
         w.writerow(header)
-        w.writerows(rows[i] for i in held.tolist())
+        w.writerows(rows[i] for i in census_parts(data, len(rows))[part])
     return out
+
+
+def census_test(run: Path) -> Path:
+    """The census run's test split as a file (``census_part``)."""
+    return census_part(run, "test")
 
 
 def row(name: str, size: int | None, fp32_size: int, quality: dict, parity: float | None,
@@ -141,15 +159,19 @@ def variant_row(name: str, meta: dict[str, Any], size: int) -> dict[str, Any]:
                         "units_towers": p["units_towers"], "kept_whole": p["kept_whole"]}
         r["auc_unpruned"] = {t: q.get("auc") for t, q in
                              c["quality"]["pytorch_fp32_unpruned"].items()}
+        if "finetune" in p:
+            r["finetune"] = p["finetune"]
     if "scenario" in meta:
         r["scenario"] = meta["scenario"]
     return r
 
 
-def run(model_dir: Path, data: Path, dense: bool = True) -> dict[str, Any]:
+def run(model_dir: Path, data: Path, train: Path, dense: bool = True) -> dict[str, Any]:
     """The table of one model: fp32, int8 (and int8 with fp32 tables when ``dense``), pruned
-    by half, and the sub-model of its first scenario when it has several."""
+    by half, pruned by half and fine-tuned ``FINETUNE_EPOCHS`` on ``train`` (the run's
+    training rows), and the sub-model of its first scenario when it has several."""
     from shopmtl.export.bundle import export_bundle, load_source
+    from shopmtl.export.finetune import FineTune
 
     schema = load_source(model_dir).schema
     first = schema.scenario.values[0] if schema.scenario is not None else None
@@ -159,6 +181,8 @@ def run(model_dir: Path, data: Path, dense: bool = True) -> dict[str, Any]:
         int8 = export_bundle(model_dir, t / "int8", data, int8=True)
         d = dense_only(model_dir, data, t / "fp32" / "model.onnx", t) if dense else None
         pruned = export_bundle(model_dir, t / "pruned", data, prune_ratio=PRUNE)
+        tuned = export_bundle(model_dir, t / "tuned", data, prune_ratio=PRUNE,
+                              fine=FineTune(train, FINETUNE_EPOCHS))
         sub = (export_bundle(model_dir, t / "scenario", data, scenario=first)
                if first is not None and len(schema.scenario_names) > 1 else None)
     c32, c8 = fp32["checks"], int8["checks"]
@@ -170,6 +194,8 @@ def run(model_dir: Path, data: Path, dense: bool = True) -> dict[str, Any]:
                         cd["quality"]["onnx_int8"], cd["parity_int8"]["max"],
                         cd["latency"]["onnx_int8"]))
     rows.append(variant_row(f"onnx fp32, pruned {PRUNE:.0%}", pruned, size))
+    rows.append(variant_row(f"onnx fp32, pruned {PRUNE:.0%} + fine-tune {FINETUNE_EPOCHS} "
+                            "epoch", tuned, size))
     if sub is not None:
         rows.append(variant_row(f"onnx fp32, scenario {first}", sub, size))
     return {"rows": c32["rows"], "tasks": fp32["tasks"], "model": fp32["model"],
@@ -210,9 +236,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     load_before = os.getloadavg()[0]
     model_dir = ensure_run(args.run, args.rows)
-    result = run(model_dir, args.run / "data" / "test.parquet")
+    result = run(model_dir, args.run / "data" / "test.parquet",
+                 args.run / "data" / "train.parquet")
     census_dir = ensure_census(args.census)
-    census = run(census_dir, census_test(args.census), dense=False)
+    census = run(census_dir, census_test(args.census), census_part(args.census, "train"),
+                 dense=False)
     ran = json.loads((args.census / "metrics.json").read_text())["test"]
     for t, v in census["variants"][0]["auc"].items():  # the split cut out is the run's
         assert abs(v - ran[t]["all"]["auc"]) < 1e-6, (t, v, ran[t]["all"]["auc"])

@@ -380,28 +380,44 @@ def export(
     prune: Annotated[float | None, typer.Option(
         "--prune", help="Structured pruning, 0 < R < 1: the fraction R of the experts with the "
         "least mean gate weight on --data, and of each hidden MLP layer's units with the "
-        "smallest outgoing-weight L2 norm (no fine-tune)")] = None,
+        "smallest outgoing-weight L2 norm (fine-tuned after when --finetune is given)")] = None,
     scenario: Annotated[str | None, typer.Option(
         "--scenario", help="A sub-model for one scenario: its tasks only, the scenario fixed "
                            "(no scenario input); checked on that scenario's rows of --data")
     ] = None,
+    finetune: Annotated[Path | None, typer.Option(
+        "--finetune", help="With --prune: train the pruned model a little more on this "
+        "labelled file (CSV or Parquet, training rows, not --data) with the model's own train "
+        "config; the fine-tuned model is exported and measured")] = None,
+    finetune_epochs: Annotated[int, typer.Option(
+        "--finetune-epochs", help="Epochs of the --finetune file")] = 1,
 ) -> None:
     """Export a zoo model to an ONNX bundle (fp32, or int8), loadable by `shopmtl predict` and
     `shopmtl.load`. Measured on --data and written into the bundle's meta.json: parity with
     the PyTorch model at batch 1, 7 and 512 (an fp32 graph off by more than 1e-5 is refused),
     AUC and logloss per task, file size, latency of 1 and 100 rows. Needs the 'export' extra."""
     from shopmtl.export.bundle import export_bundle
+    from shopmtl.export.finetune import FineTune, summary_line
     from shopmtl.export.prune import summary
 
-    meta = export_bundle(model_dir, out, data, int8=int8, prune_ratio=prune, scenario=scenario)
+    fine = None if finetune is None else FineTune(finetune, finetune_epochs)
+    meta = export_bundle(model_dir, out, data, int8=int8, prune_ratio=prune, scenario=scenario,
+                         fine=fine)
     _checks_table(meta)
     if "pruning" in meta:
         typer.echo(summary(meta["pruning"]))
+        if "finetune" in meta["pruning"]:
+            typer.echo(summary_line(meta["pruning"]["finetune"]))
     if "scenario" in meta:
         sc = meta["scenario"]
         typer.echo(f"scenario {sc['name']}: tasks {', '.join(sc['tasks'])} "
                    f"(dropped: {', '.join(sc['dropped_tasks']) or 'none'})")
     typer.echo(f"wrote {out} ({meta['model_file']}, {meta['precision']})")
+
+
+def _pruned_name(meta: dict) -> str:
+    return ("pytorch_fp32_pruned_finetuned" if "finetune" in meta["pruning"]
+            else "pytorch_fp32_pruned")
 
 
 def _checks_table(meta: dict) -> None:
@@ -418,7 +434,7 @@ def _checks_table(meta: dict) -> None:
         variants.insert(0, "pytorch_fp32_unpruned")
     table.add_column("measure")
     for col in variants:
-        table.add_column(col.replace("pytorch_fp32", "pytorch_fp32_pruned")
+        table.add_column(col.replace("pytorch_fp32", _pruned_name(meta))
                          if "pruning" in meta and col == "pytorch_fp32" else col)
     dash = ["-"] * (len(variants) - 1)
     table.add_row("file size (MB)", *dash, f"{checks['size_bytes'][precision] / 1e6:.3f}")

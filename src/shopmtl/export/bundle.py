@@ -44,6 +44,7 @@ from shopmtl.export.checks import (
     reference,
     torch_latency,
 )
+from shopmtl.export.finetune import CRITERION, FineTune, check_finetune, finetune, training_rows
 from shopmtl.export.graph import UnsupportedModel, export_onnx, exportable
 from shopmtl.export.prune import check_ratio, prune
 from shopmtl.export.quantize import quantize_int8
@@ -161,11 +162,27 @@ def measure(v: Variant, fp32: Path, graph: Path, precision: str) -> dict[str, An
     return checks
 
 
+def auc_of(schema: Schema, enc: Encoded, model: MultiTaskModel) -> dict[str, float | None]:
+    """Per task, ``model``'s AUC on ``enc`` (None for a task without one)."""
+    return {t: q.get("auc") for t, q in quality(schema, enc, torch_forward(model)(enc)).items()}
+
+
+def finetuned(source: ZooModel, model: MultiTaskModel, enc: Encoded, fine: FineTune,
+              rows: Encoded) -> dict[str, Any]:
+    """Fine-tune the pruned ``model`` in place on ``rows`` (``export.finetune``); the record
+    of it, with the AUC on the held-out ``enc`` before and after."""
+    before = auc_of(source.schema, enc, model)
+    record = finetune(model, source.cfg, source.schema, rows, fine.epochs)
+    return {"file": fine.path.name, **record, "auc_before": before,
+            "auc_after": auc_of(source.schema, enc, model)}
+
+
 def variant(source: ZooModel, enc: Encoded, prune_ratio: float | None = None,
-            scenario: str | None = None) -> Variant:
+            scenario: str | None = None, fine: FineTune | None = None,
+            fine_rows: Encoded | None = None) -> Variant:
     """The model to export: the source's as it is, pruned by ``prune_ratio`` (a copy; gate
-    weights averaged over the rows it will serve), and/or fixed to ``scenario`` (its tasks,
-    its rows of ``enc``)."""
+    weights averaged over the rows it will serve) and then fine-tuned on ``fine_rows`` when
+    ``fine`` says so, and/or fixed to ``scenario`` (its tasks, its rows of ``enc``)."""
     model, schema, info = source.model, source.schema, {}
     if scenario is not None:
         index = scenario_index(schema, scenario)
@@ -178,6 +195,11 @@ def variant(source: ZooModel, enc: Encoded, prune_ratio: float | None = None,
     if prune_ratio is not None:
         unpruned, model = model, copy.deepcopy(model)
         info["pruning"] = prune(model, enc, prune_ratio)
+        if fine is not None and fine_rows is not None:
+            report = info["pruning"]  # its criteria: prune.CRITERIA itself, not a copy
+            report["criteria"] = {**report["criteria"],
+                                  "fine_tune": CRITERION.format(epochs=fine.epochs)}
+            report["finetune"] = finetuned(source, model, enc, fine, fine_rows)
     if scenario is not None:
         sub = scenario_schema(schema, scenario)
         model = ScenarioModel(model, sub, index)
@@ -193,21 +215,26 @@ def variant(source: ZooModel, enc: Encoded, prune_ratio: float | None = None,
 
 
 def export_bundle(model_dir: str | Path, out: str | Path, data: str | Path, int8: bool = False,
-                  prune_ratio: float | None = None, scenario: str | None = None
-                  ) -> dict[str, Any]:
+                  prune_ratio: float | None = None, scenario: str | None = None,
+                  fine: FineTune | None = None) -> dict[str, Any]:
     """Export the zoo model in ``model_dir`` to an ONNX bundle at ``out`` (fp32, or int8 with
-    ``int8``; pruned by ``prune_ratio``, ``export.prune``; one ``scenario``'s sub-model,
-    ``export.scenario``), checked on the labelled rows of ``data`` (the run's test split);
-    returns the bundle's meta.json (its ``checks`` the measurements)."""
+    ``int8``; pruned by ``prune_ratio``, ``export.prune``, then fine-tuned as ``fine`` says,
+    ``export.finetune``; one ``scenario``'s sub-model, ``export.scenario``), checked on the
+    labelled rows of ``data`` (the run's test split); returns the bundle's meta.json (its
+    ``checks`` the measurements)."""
     model_dir, out, data = Path(model_dir), Path(out), Path(data)
     if prune_ratio is not None:
         check_ratio(prune_ratio)
+    check_finetune(fine, prune_ratio, data)
     require_extra("export", "shopmtl export")  # before any work: one line naming the extra
     check_out(model_dir, out)
     source = load_source(model_dir)
     if scenario is not None:
         scenario_index(source.schema, scenario)  # before the rows are read
-    v = variant(source, held_out_rows(source, data), prune_ratio, scenario)
+    enc = held_out_rows(source, data)
+    fine_rows = None if fine is None else training_rows(source.schema, source.encoders,
+                                                        source.cfg, fine.path)
+    v = variant(source, enc, prune_ratio, scenario, fine, fine_rows)
     onnx = require("onnx", "export", "shopmtl export")
     precision = "int8" if int8 else "fp32"
     with tempfile.TemporaryDirectory() as tmp:

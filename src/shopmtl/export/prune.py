@@ -17,8 +17,9 @@ exported from it is smaller and does less work. The criteria, applied with one f
 Kept whole, and named in the report: the embedding tables, the interaction and input norm
 (the model's input width does not change), the experts' inner units, and any tower that is not
 a plain ``MLP`` (PEPNet's gated towers: scaling inputs by a gate makes slicing unsafe). No
-MLP of the zoo has a BatchNorm or LayerNorm between its layers, so no norm is sliced. There is
-no fine-tune after pruning: the AUC reported is that of the sliced model as it is.
+MLP of the zoo has a BatchNorm or LayerNorm between its layers, so no norm is sliced. This
+module only slices; ``export.finetune`` trains the sliced model more when ``--finetune`` asks
+(``CRITERIA["fine_tune"]`` is "none" otherwise).
 """
 
 from __future__ import annotations
