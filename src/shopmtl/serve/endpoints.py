@@ -30,6 +30,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any
 
+import numpy as np
+
 from shopmtl.data.contract import Contract, request_model
 from shopmtl.data.ingest import DataError
 from shopmtl.deps import require
@@ -203,10 +205,16 @@ def _recommend_answer(scorer: Scorer, contract: Contract, tasks: list[str], firs
         given = _dump(body.weights) if body.weights is not None else {}
         weights = {t: float(w) for t, w in given.items()} or {first: 1.0}
         preds = scorer.predict(rows, tasks)
-        scores = [sum(w * preds[t][i] for t, w in weights.items()) for i in range(len(rows))]
-        order = sorted(range(len(rows)), key=lambda i: -scores[i])  # stable: ties keep order
-        items = [{"rank": r + 1, "candidate": i, "score": scores[i],
-                  "predictions": {t: preds[t][i] for t in tasks}} for r, i in enumerate(order)]
+        # by columns (numpy: the same float64 sums, in the same order, as one row at a time)
+        total = np.zeros(len(rows))
+        for t, w in weights.items():
+            total += w * np.asarray(preds[t], dtype=np.float64)
+        order = np.argsort(-total, kind="stable").tolist()  # stable: ties keep their order
+        scores = total.tolist()
+        per_row = [dict(zip(tasks, v, strict=True))
+                   for v in zip(*(preds[t] for t in tasks), strict=True)]
+        items = [{"rank": r, "candidate": i, "score": scores[i], "predictions": per_row[i]}
+                 for r, i in enumerate(order, 1)]
         return {"weights": weights, "items": items}
 
     return answer
