@@ -10,7 +10,8 @@ An app-layer package (tests/test_layering.py), in these parts:
 - ``quantize``: int8 weights by onnxruntime's dynamic quantisation.
 - ``prune``: ``--prune R``, structured pruning (experts by mean gate weight, MLP units by the
   L2 norm of their outgoing weights) into a smaller model of the same class.
-- ``scenario``: ``--scenario S``, a sub-model with S's tasks and S fixed (no scenario input).
+- ``scenario``: ``--scenario S``, a sub-model with S's tasks and S fixed (no scenario input),
+  holding S's copy of every per-scenario weight only.
 - ``checks``: what is measured at export (parity with PyTorch, AUC / logloss, size, latency).
 - ``bundle``: ``export_bundle``, the command: export, check, write the bundle atomically.
 
