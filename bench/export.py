@@ -8,6 +8,10 @@ task, parity, latency.
 2. The census MMoE: ``examples/census.yaml`` with ``CENSUS_MMOE`` set (8 experts), trained into
    ``--census`` when it holds none (about 2 minutes here), measured on its test split, cut out of
    the one CSV as the run's pipeline cut it (``census_test``).
+3. STAR on the quickstart world: ``examples/quickstart.yaml`` with ``STAR`` set (a smaller
+   world, two epochs), trained into ``--star`` when it holds none, measured on its test split:
+   the quickstart and census models have no per-scenario weights but their scenario embedding,
+   STAR's star FC and partitioned norm are what ``--scenario`` slices to one scenario's copy.
 
 Each is exported with ``shopmtl export``'s own code (``shopmtl.export.bundle.export_bundle``):
 fp32, int8, ``--prune 0.5``, ``--prune 0.5 --finetune TRAIN`` (one epoch on the run's training
@@ -17,6 +21,7 @@ on that scenario's rows, its tasks only). Prints the tables that docs/DEPLOY.md 
 ``--out`` (JSON):
 
     .venv/bin/python bench/export.py --out bench/results/export.json
+    .venv/bin/python bench/export.py --tables star --out bench/results/export_star.json
 
 Latency is one onnxruntime call (one intra-op thread) on prepared inputs, p50 / p99 of 500
 single-row calls and 200 calls of 100 rows; "pytorch" is the source model on the same tensors
@@ -47,6 +52,23 @@ CENSUS = Path(__file__).resolve().parent.parent / "examples" / "census.yaml"
 # paper's census experiments (Ma et al., KDD 2018)
 CENSUS_MMOE = ("model.name=mmoe", "model.args={embed_dim: 8, interaction: dot, n_experts: 8, "
                "expert: [64, 32], tower: [32], dropout: 0.1}")
+# STAR on the quickstart world (examples/quickstart.yaml's data and training, 300,000 rows, two
+# epochs: a few minutes here), STARConfig's default star FC (256, 128)
+STAR = ("data.synthetic.rows=300000", "train.epochs=2", "model.name=star",
+        "model.args={embed_dim: 16, interaction: dot, star: [256, 128], tower: [32], aux: [32]}")
+QUICKSTART = Path(__file__).resolve().parent.parent / "examples" / "quickstart.yaml"
+TABLES = ("quickstart", "census", "star")
+
+
+def ensure_star(run: Path) -> Path:
+    """The STAR model directory of ``run``, trained first when absent (its world generated into
+    ``run/data``; ``run/data/test.parquet`` is what the table measures)."""
+    if not (run / "model" / "manifest.json").is_file():
+        cmd = [sys.executable, "-m", "shopmtl", "train", str(QUICKSTART), "--out", str(run)]
+        for s in STAR:
+            cmd += ["--set", s]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return run / "model"
 
 
 def ensure_run(run: Path, rows: int) -> Path:
@@ -232,29 +254,40 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--census", type=Path, default=Path("runs/bench-census"),
                     help="the census MMoE's run folder (trained when it has no model)")
     ap.add_argument("--rows", type=int, default=300_000, help="the quickstart's --rows")
+    ap.add_argument("--star", type=Path, default=Path("runs/bench-star"),
+                    help="the STAR run folder (trained when it has no model)")
+    ap.add_argument("--tables", nargs="+", choices=TABLES, default=list(TABLES),
+                    help="which tables to measure (default: all)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/export.json"))
     args = ap.parse_args(argv)
     load_before = os.getloadavg()[0]
-    model_dir = ensure_run(args.run, args.rows)
-    result = run(model_dir, args.run / "data" / "test.parquet",
-                 args.run / "data" / "train.parquet")
-    census_dir = ensure_census(args.census)
-    census = run(census_dir, census_test(args.census), census_part(args.census, "train"),
-                 dense=False)
-    ran = json.loads((args.census / "metrics.json").read_text())["test"]
-    for t, v in census["variants"][0]["auc"].items():  # the split cut out is the run's
-        assert abs(v - ran[t]["all"]["auc"]) < 1e-6, (t, v, ran[t]["all"]["auc"])
-    result = {"quickstart": result, "census": census}
+    result: dict[str, Any] = {}
+    if "quickstart" in args.tables:
+        model_dir = ensure_run(args.run, args.rows)
+        result["quickstart"] = run(model_dir, args.run / "data" / "test.parquet",
+                                   args.run / "data" / "train.parquet")
+    if "census" in args.tables:
+        census_dir = ensure_census(args.census)
+        census = run(census_dir, census_test(args.census), census_part(args.census, "train"),
+                     dense=False)
+        ran = json.loads((args.census / "metrics.json").read_text())["test"]
+        for t, v in census["variants"][0]["auc"].items():  # the split cut out is the run's
+            assert abs(v - ran[t]["all"]["auc"]) < 1e-6, (t, v, ran[t]["all"]["auc"])
+        result["census"] = census
+    if "star" in args.tables:
+        result["star"] = run(ensure_star(args.star), args.star / "data" / "test.parquet",
+                             args.star / "data" / "train.parquet", dense=False)
+    tables = [name for name in TABLES if name in result]
     result["env"] = {"cpu": cpu_model(), "cores": os.cpu_count(),
                      "load_average_before": load_before,
                      "load_average_after": os.getloadavg()[0],
                      "quickstart_rows": args.rows}
     result["command"] = "python bench/export.py " + " ".join(argv or sys.argv[1:])
-    for name in ("quickstart", "census"):
+    for name in tables:
         result[name]["markdown"] = markdown(result[name])
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
-    for name in ("quickstart", "census"):
+    for name in tables:
         print(f"{name} ({result[name]['model']}, {result[name]['rows']} test rows)")
         print(result[name]["markdown"])
     print(f"load {load_before:.1f} -> "

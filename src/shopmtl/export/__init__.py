@@ -12,7 +12,8 @@ An app-layer package (tests/test_layering.py), in these parts:
   L2 norm of their outgoing weights) into a smaller model of the same class.
 - ``finetune``: ``--finetune TRAIN``, a short fine-tune of the pruned model through the one
   training loop (``train.loop.fit``) with the source's train config.
-- ``scenario``: ``--scenario S``, a sub-model with S's tasks and S fixed (no scenario input).
+- ``scenario``: ``--scenario S``, a sub-model with S's tasks and S fixed (no scenario input),
+  holding S's copy of every per-scenario weight only.
 - ``checks``: what is measured at export (parity with PyTorch, AUC / logloss, size, latency).
 - ``bundle``: ``export_bundle``, the command: export, check, write the bundle atomically.
 

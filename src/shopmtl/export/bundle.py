@@ -11,7 +11,8 @@ encoders as its source (``predict.score_chunks`` with ``runtime.OnnxForward``)::
     meta.json       kind onnx, precision, the graph's inputs and outputs, the source directory
                     and the SHA-256 of its manifest, the versions that wrote it, what int8
                     quantised, what pruning removed (``pruning``), the scenario kept
-                    (``scenario``), and every check measured at export (export.checks)
+                    (``scenario``; its ``sliced``: the per-scenario weights cut to S's),
+                    and every check measured at export (export.checks)
     manifest.json   SHA-256 of every other file (the format every model directory has)
 
 Nothing is written unless every check ran and the fp32 graph matches its model.
@@ -55,6 +56,8 @@ from shopmtl.export.scenario import (
     scenario_rows,
     scenario_schema,
     select,
+    sliced_parity,
+    sub_model,
 )
 from shopmtl.jsonsafe import json_safe
 from shopmtl.modeldir import ZooModel, load
@@ -202,15 +205,19 @@ def variant(source: ZooModel, enc: Encoded, prune_ratio: float | None = None,
             report["finetune"] = finetuned(source, model, enc, fine, fine_rows)
     if scenario is not None:
         sub = scenario_schema(schema, scenario)
-        model = ScenarioModel(model, sub, index)
-        unpruned = None if unpruned is None else ScenarioModel(unpruned, sub, index)
+        enc_sub = select(enc, np.arange(len(enc)), source.schema, sub)
+        full = ScenarioModel(model, sub, index).eval()  # every scenario's weights
+        model, sliced = sub_model(model, sub, index)  # S's only
+        sliced["parity_with_full"] = sliced_parity(full, model.eval(), enc_sub)
+        unpruned = None if unpruned is None else sub_model(unpruned, sub, index)[0]
         info["scenario"] = {"name": scenario, "index_in_source": index, "rows": len(enc),
                             "tasks": list(sub.task_names),
                             "dropped_tasks": [t for t in schema.task_names
                                               if t not in sub.task_names],
                             "scenario_input": "none: fixed inside the graph; rows of other "
-                                              "scenarios are bad rows (unknown scenario)"}
-        enc, schema = select(enc, np.arange(len(enc)), source.schema, sub), sub
+                                              "scenarios are bad rows (unknown scenario)",
+                            "sliced": sliced}
+        enc, schema = enc_sub, sub
     return Variant(model.eval(), schema, enc, unpruned, info)
 
 

@@ -8,14 +8,21 @@ source's with those tasks and a scenario list of S alone, so the reader of ``sho
 instead of scoring it as S.
 
 The towers of the dropped tasks are not in the graph (the exporter keeps only what the
-outputs need). Per-scenario weights (STAR's star-topology FC and partitioned norm) are read
-with the constant index, so the graph still holds every scenario's copy: pruning those to S's
-is not built.
+outputs need). Every per-scenario weight keeps S's copy only (``for_scenario``, on a copy of
+the model): each layer that holds one copy per scenario has a ``for_scenario(index)`` method
+that returns S's layer, and the walk here puts it in place. STAR's star FC becomes one plain
+Linear per layer (W * W_S and b + b_S computed once), its partitioned norm one scale and shift
+(S's running moments folded in, evaluation mode), and the scenario embedding of every model a
+one-row table read at index 0. The sliced model is checked against the full one on S's rows
+(``sliced_parity``, at most ``FP32_TOLERANCE``) before anything is exported, and what was
+sliced (per layer, parameters before / after) goes to meta.json.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+from typing import Any
 
 import numpy as np
 import torch
@@ -25,7 +32,9 @@ from shopmtl.config import ConfigError
 from shopmtl.data.dataset import Batch
 from shopmtl.data.encoders import Encoded
 from shopmtl.data.schema import ScenarioSpec, Schema
+from shopmtl.export.checks import FP32_TOLERANCE, ParityError, max_abs
 from shopmtl.models.base import MultiTaskModel
+from shopmtl.predict import torch_forward
 
 
 def scenario_index(schema: Schema, name: str) -> int:
@@ -55,8 +64,9 @@ def scenario_schema(schema: Schema, name: str) -> Schema:
 
 class ScenarioModel(MultiTaskModel):
     """``model`` with its scenario fixed to ``index`` (whatever the batch says) and only the
-    tasks of ``schema`` (``scenario_schema``) answered: the PyTorch twin of the sub-graph, which
-    the parity check compares it with."""
+    tasks of ``schema`` (``scenario_schema``) answered: with the full model, the reference the
+    sliced one is checked against; with the sliced one (``sub_model``, index 0), the PyTorch twin
+    of the sub-graph, which the parity check compares it with."""
 
     def __init__(self, model: MultiTaskModel, schema: Schema, index: int) -> None:
         super().__init__(schema)
@@ -91,3 +101,57 @@ def select(enc: Encoded, rows: np.ndarray, source: Schema, sub: Schema | None = 
         out.oracle = out.oracle[:, cols]
     out.scenario = np.zeros_like(out.scenario)
     return out
+
+
+def _n(tensors: Any) -> int:
+    return sum(t.numel() for t in tensors)
+
+
+def for_scenario(model: MultiTaskModel, index: int) -> tuple[MultiTaskModel, dict[str, Any]]:
+    """A copy of ``model`` (in evaluation mode; ``model`` untouched) in which every layer that
+    holds one copy of its weights per scenario (it has ``for_scenario``) is replaced by
+    scenario ``index``'s layer, which takes the scenario and ignores it: the copy answers for
+    ``index`` whatever the batch's scenario is, as long as it lies in range (0 does). Returns
+    the copy and what was sliced: per layer (by attribute path) its class and parameter count
+    before and after, and the totals of parameters and buffers."""
+    out = copy.deepcopy(model).eval()
+    layers: dict[str, dict[str, Any]] = {}
+    for path, parent in list(out.named_modules()):
+        for name, child in list(parent.named_children()):
+            fold = getattr(child, "for_scenario", None)
+            if not callable(fold):
+                continue
+            new = fold(index)
+            setattr(parent, name, new)
+            layers[f"{path}.{name}" if path else name] = {
+                "layer": type(child).__name__, "as": type(new).__name__,
+                "params_before": _n(child.parameters()), "params_after": _n(new.parameters()),
+                "buffers_before": _n(child.buffers()), "buffers_after": _n(new.buffers())}
+    report = {
+        "params": {"before": _n(model.parameters()), "after": _n(out.parameters())},
+        "buffers": {"before": _n(model.buffers()), "after": _n(out.buffers())},
+        "layers": layers,
+    }
+    return out, report
+
+
+def sub_model(model: MultiTaskModel, schema: Schema, index: int
+              ) -> tuple[ScenarioModel, dict[str, Any]]:
+    """The sub-model of scenario ``index`` answering ``schema``'s tasks: ``model`` sliced to
+    that scenario's weights (``for_scenario``) and read at index 0, and what was sliced."""
+    sliced, report = for_scenario(model, index)
+    return ScenarioModel(sliced, schema, 0), report
+
+
+def sliced_parity(full: MultiTaskModel, sliced: MultiTaskModel, enc: Encoded) -> float:
+    """The max abs difference of any task's output between the full model fixed to the
+    scenario (``ScenarioModel``) and its sliced sub-model on ``enc`` (the scenario's rows);
+    a difference over ``FP32_TOLERANCE`` raises ``ParityError``: slicing must not change what
+    the model computes, only what it stores."""
+    worst = max(max_abs(torch_forward(full)(enc), torch_forward(sliced)(enc)).values(),
+                default=0.0)
+    if not worst <= FP32_TOLERANCE:
+        raise ParityError(f"the sub-model sliced to one scenario's weights differs from the "
+                          f"full model on that scenario's rows by {worst:.3g} (max abs, "
+                          f"probabilities; at most {FP32_TOLERANCE:g} allowed): nothing written")
+    return worst

@@ -50,6 +50,18 @@ def lookup(table: nn.Embedding, ids: Tensor) -> Tensor:
     return _Lookup.apply(table.weight, ids)
 
 
+class ScenarioTable(nn.Embedding):
+    """The scenario embedding, one row per scenario (an ``nn.Embedding``: the same weights)."""
+
+    @torch.no_grad()
+    def for_scenario(self, index: int) -> nn.Embedding:
+        """Scenario ``index``'s row alone, a one-row table: a one-scenario sub-model reads it
+        at index 0 (``export.scenario``)."""
+        row = nn.Embedding(1, self.embedding_dim)
+        row.weight.copy_(self.weight[index : index + 1])
+        return row
+
+
 class FeatureEmbedding(nn.Module):
     """Every input as one D-dim field: categorical ids, mean-pooled sequences, numeric values
     (value x learned vector, so they join the interactions), and the scenario.
@@ -108,7 +120,7 @@ class FeatureEmbedding(nn.Module):
         n_num = len(schema.of_kind("numeric"))
         self.num_weight = nn.Parameter(torch.randn(n_num, dim) * 0.05)
         self.num_bias = nn.Parameter(torch.zeros(n_num, dim))
-        self.scenario = nn.Embedding(len(schema.scenario_names), dim)
+        self.scenario = ScenarioTable(len(schema.scenario_names), dim)
         nn.init.normal_(self.scenario.weight, std=0.05)
         self.content: ContentFields | None = None
         if schema.content_features:

@@ -4,6 +4,9 @@
   and scale/shift = shared x scenario), ``StarLinear`` / ``StarMLP`` (star-topology FC: weight =
   shared W (element-wise) scenario W, bias = shared b + scenario b) and ``AuxiliaryNetwork``
   (a small network on the scenario representation whose logit is added to the main one).
+  ``PartitionedNorm.for_scenario`` / ``StarLinear.for_scenario`` fold one scenario's copy with
+  the shared weights into a plain layer (``ScaleShift``, ``FoldedLinear``): what a one-scenario
+  sub-model keeps (``export.scenario``).
 * PEPNet (Chang et al., KDD 2023): ``GateNU``, the gate neural unit of EPNet and PPNet,
   ``gamma * sigmoid(W2 relu(W1 x))`` (in (0, gamma), 1 at initialisation for gamma = 2).
 * M2M (Zhang et al., WSDM 2022): ``MetaLinear``, a meta unit whose weights are generated from a
@@ -93,6 +96,28 @@ class PartitionedNorm(nn.Module):
     def shared_parameters(self) -> list[nn.Parameter]:
         return [self.gamma, self.beta]
 
+    @torch.no_grad()
+    def for_scenario(self, index: int) -> ScaleShift:
+        """The evaluation-mode forward of scenario ``index`` as one scale and shift (its
+        running moments folded with gamma * gamma_s, beta + beta_s): inference only, since
+        training normalises by the batch's moments."""
+        scale = self.gamma * self.gamma_s[index] * torch.rsqrt(self.running_var[index] + self.eps)
+        shift = self.beta + self.beta_s[index] - self.running_mean[index] * scale
+        return ScaleShift(scale, shift)
+
+
+class ScaleShift(nn.Module):
+    """x * scale + shift per feature, [B, W] -> [B, W]: one scenario's ``PartitionedNorm`` in
+    evaluation mode. Takes (and ignores) the scenario so it stands in for the norm."""
+
+    def __init__(self, scale: Tensor, shift: Tensor) -> None:
+        super().__init__()
+        self.scale = nn.Parameter(scale.detach().clone())
+        self.shift = nn.Parameter(shift.detach().clone())
+
+    def forward(self, x: Tensor, scenario: Tensor | None = None) -> Tensor:
+        return x * self.scale + self.shift  # [B, W]
+
 
 class StarLinear(nn.Module):
     """Star-topology FC: y = x (W * W_s) + b + b_s for the row's scenario s.
@@ -118,6 +143,22 @@ class StarLinear(nn.Module):
 
     def shared_parameters(self) -> list[nn.Parameter]:
         return [self.weight, self.bias]
+
+    @torch.no_grad()
+    def for_scenario(self, index: int) -> FoldedLinear:
+        """Scenario ``index``'s layer as one plain Linear: W * W_s and b + b_s computed once."""
+        layer = FoldedLinear(*self.weight.shape)
+        layer.weight.copy_((self.weight * self.weight_s[index]).T)  # nn.Linear keeps [out, in]
+        layer.bias.copy_(self.bias + self.bias_s[index])
+        return layer
+
+
+class FoldedLinear(nn.Linear):
+    """One scenario's ``StarLinear`` with its weights folded (``StarLinear.for_scenario``).
+    Takes (and ignores) the scenario so it stands in for the star layer in ``StarMLP``."""
+
+    def forward(self, x: Tensor, scenario: Tensor | None = None) -> Tensor:  # type: ignore[override]
+        return super().forward(x)  # [B, out]
 
 
 class StarMLP(nn.Module):
