@@ -12,6 +12,9 @@ candidate items, both drawn from the test split), then stops the server (SIGTERM
   combined into one model call (``--batch-rows 4096``, the default: ``serve.batch``);
 - ``int8-alone``: the same with ``--batch-rows 0`` (each request its own model call): what
   combining buys;
+- ``int8-inflight4`` / ``int8-inflight16``: ``int8`` with ``--max-in-flight`` 4 / 16: closed-loop
+  clients keep the admitted requests at the bound, so a request waits for about bound /
+  throughput: the bound trades latency against the clients answered 429 (16: none);
 - ``overload``: the int8 bundle, 64 clients, ``--max-in-flight 8``: 429s expected, never a 5xx;
 - ``pytorch`` / ``pytorch-alone``: the source model directory (plain PyTorch) under the
   ``int8`` run's load, with and without combining;
@@ -62,8 +65,10 @@ READY_S = 300
 ITEM_FIELDS = ("item_id", "top_category", "leaf_category", "brand", "position", "price")
 TARGET_P99_MS = 20.0
 MAX_ROWS = 4096  # the server's --batch-rows default (serve.batch.MAX_ROWS)
-RUNS = ("int8", "int8-alone", "int8-httpx", "overload", "pytorch", "pytorch-alone")
-DEFAULT_RUNS = ("int8", "int8-alone", "overload", "pytorch", "pytorch-alone")
+RUNS = ("int8", "int8-alone", "int8-inflight4", "int8-inflight16", "int8-httpx", "overload",
+        "pytorch", "pytorch-alone")
+DEFAULT_RUNS = ("int8", "int8-alone", "int8-inflight4", "int8-inflight16", "overload",
+                "pytorch", "pytorch-alone")
 # the ratios reported: (run a, run b) -> a's throughput / b's, b's p50 / a's, b's p99 / a's
 RATIOS = {"onnx_over_pytorch": ("int8", "pytorch"),
           "combined_over_alone": ("int8", "int8-alone"),
@@ -128,17 +133,18 @@ def cpu_seconds(pid: int) -> float:
 
 
 @contextmanager
-def server(model: Path, max_in_flight: int, log: Path, *args: str):
+def server(model: Path, max_in_flight: int, log: Path, *args: str, src: Path | None = None):
     """``python -m shopmtl serve MODEL ARGS`` on a free loopback port, ready; always
-    stopped."""
+    stopped. ``src``: the ``src`` folder of another checkout to serve with (``--src``)."""
     import httpx
 
     port = free_port()
+    env = {**os.environ, **({"PYTHONPATH": str(src.resolve())} if src is not None else {})}
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "shopmtl", "serve", str(model), "--port", str(port),
              "--max-in-flight", str(max_in_flight), *args], stdout=out,
-            stderr=subprocess.STDOUT)
+            stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + READY_S
@@ -241,7 +247,8 @@ async def drive(url: str, bodies: list[bytes], clients: int, seconds: float,
     try:
         async with httpx.AsyncClient(base_url=url, timeout=60) as check:
             first = await check.post("/v1/recommend", content=bodies[0], headers=headers)
-        if first.status_code != 200 or len(first.json()["items"]) != CANDIDATES:
+        want = len(json.loads(bodies[0])["candidates"])
+        if first.status_code != 200 or len(first.json()["items"]) != want:
             raise RuntimeError(f"the first request failed: {first.status_code} "
                                f"{first.text[:500]}")
         start = time.perf_counter()
@@ -303,13 +310,14 @@ class Run:
     client: str = "raw"
 
 
-def measure(name: str, run: Run, bodies: list[bytes], seconds: float, logs: Path
-            ) -> dict[str, Any]:
+def measure(name: str, run: Run, bodies: list[bytes], seconds: float, logs: Path,
+            src: Path | None = None) -> dict[str, Any]:
     import numpy as np
 
     log = logs / f"serve-{name}.log"
-    with server(run.model, run.max_in_flight, log, "--batch-rows", str(run.batch_rows)
-                ) as (url, proc):
+    # the option only when it is not the default: a --src checkout may predate it
+    extra = ["--batch-rows", str(run.batch_rows)] if run.batch_rows != MAX_ROWS else []
+    with server(run.model, run.max_in_flight, log, *extra, src=src) as (url, proc):
         cpu0, me0, load0 = cpu_seconds(proc.pid), time.process_time(), os.getloadavg()[0]
         got = run_async(drive(url, bodies, run.clients, seconds, run.client))
         cpu1, me1, load1 = cpu_seconds(proc.pid), time.process_time(), os.getloadavg()[0]
@@ -362,6 +370,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--overload-clients", type=int, default=64)
     ap.add_argument("--overload-in-flight", type=int, default=8)
     ap.add_argument("--runs", nargs="+", default=list(DEFAULT_RUNS), choices=list(RUNS))
+    ap.add_argument("--src", type=Path, default=None,
+                    help="serve with the src folder of another checkout (e.g. the code before "
+                    "a change, `git worktree add /tmp/before REF`), driven the same way")
     ap.add_argument("--out", type=Path, default=Path("bench/results/serve_load.json"))
     args = ap.parse_args(argv)
     load_before = os.getloadavg()[0]
@@ -370,13 +381,17 @@ def main(argv: list[str] | None = None) -> int:
     bodies = request_bodies(model_dir, args.run / "data" / "test.parquet", BODIES)
     plan = {"int8": Run(bundle, args.clients, 8, MAX_ROWS),
             "int8-alone": Run(bundle, args.clients, 8, 0),
+            "int8-inflight4": Run(bundle, args.clients, 4, MAX_ROWS),
+            "int8-inflight16": Run(bundle, args.clients, 16, MAX_ROWS),
             "int8-httpx": Run(bundle, args.clients, 8, MAX_ROWS, "httpx"),
             "overload": Run(bundle, args.overload_clients, args.overload_in_flight, MAX_ROWS),
             "pytorch": Run(model_dir, args.clients, 8, MAX_ROWS),
             "pytorch-alone": Run(model_dir, args.clients, 8, 0)}
     runs = []
     for name in args.runs:
-        r = measure(name, plan[name], bodies, args.seconds, args.run)
+        r = measure(name, plan[name], bodies, args.seconds, args.run, args.src)
+        if args.src is not None:  # another checkout: its options may differ from this one's
+            r["run"], r["batch_rows"] = f"{name} (--src)", "its default"
         r["model_kind"] = "onnx int8" if plan[name].model == bundle else "pytorch"
         runs.append(r)
         print(f"{name}: {r['throughput_ok_rps']:.1f} req/s, p50 {r['p50_ms']:.1f} ms, "
@@ -392,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
     result["env"] = {"cpu": cpu_model(), "cores": os.cpu_count(),
                      "load_average_before": load_before,
                      "load_average_after": os.getloadavg()[0], "quickstart_rows": args.rows,
+                     "server_src": str(args.src) if args.src is not None else "this checkout",
                      "client": "one process, uvloop, one keep-alive connection per client "
                      "(RawHTTP, or httpx.AsyncClient for the -httpx run), closed loop, 429 -> "
                      "sleep Retry-After; client and server share the cores"}

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import csv
 import random
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,6 +111,16 @@ def _offline_text_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     os.environ["HF_HUB_OFFLINE"] = "1"
     os.environ["TRANSFORMERS_OFFLINE"] = "1"
     os.environ["SHOPMTL_CACHE_DIR"] = str(tmp_path_factory.mktemp("shopmtl_cache"))
+
+
+@pytest.fixture(autouse=True)
+def _thawed_heap() -> Iterator[None]:
+    """A service started in this process freezes its heap once warm (``serve.reload.
+    settle_heap``): thawed after each test, so no later test finds its garbage frozen."""
+    yield
+    import gc
+
+    gc.unfreeze()
 
 
 @pytest.fixture
