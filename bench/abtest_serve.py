@@ -32,17 +32,15 @@ import asyncio
 import json
 import os
 import random
-import subprocess
 import sys
 import time
 from collections import Counter
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import yaml
 from export import cpu_model, ensure_run  # bench/export.py: the same quickstart run
-from serve_load import READY_S, cpu_seconds, free_port
+from serve_load import cpu_seconds, serving
 
 NAME = "bench"
 CANDIDATES = 100
@@ -84,39 +82,9 @@ def request_bodies(test: Path, n: int, seed: int = 0) -> list[bytes]:
     return out
 
 
-@contextmanager
 def server(cfg: Path, log: Path):
     """``python -m shopmtl serve --experiment CFG`` on a free loopback port; always stopped."""
-    import httpx
-
-    port = free_port()
-    with log.open("wb") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "shopmtl", "serve", "--experiment",
-                                 str(cfg), "--port", str(port)],
-                                stdout=out, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + READY_S
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"the server exited ({proc.returncode}): see {log}")
-            try:
-                if httpx.get(f"{url}/readyz", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"the server was not ready after {READY_S} s: see {log}")
-            time.sleep(0.2)
-        yield url, proc
-    finally:
-        if proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+    return serving(["--experiment", str(cfg)], log)
 
 
 async def drive(url: str, bodies: list[bytes], clients: int, seconds: float

@@ -133,18 +133,15 @@ def cpu_seconds(pid: int) -> float:
 
 
 @contextmanager
-def server(model: Path, max_in_flight: int, log: Path, *args: str, src: Path | None = None):
-    """``python -m shopmtl serve MODEL ARGS`` on a free loopback port, ready; always
-    stopped. ``src``: the ``src`` folder of another checkout to serve with (``--src``)."""
+def serving(args: list[str], log: Path, env: dict[str, str] | None = None):
+    """``python -m shopmtl serve ARGS --port P`` on a free loopback port, ready: (its URL, the
+    process); always stopped (SIGTERM: in-flight requests finish; killed after 60 s)."""
     import httpx
 
     port = free_port()
-    env = {**os.environ, **({"PYTHONPATH": str(src.resolve())} if src is not None else {})}
     with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "shopmtl", "serve", str(model), "--port", str(port),
-             "--max-in-flight", str(max_in_flight), *args], stdout=out,
-            stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen([sys.executable, "-m", "shopmtl", "serve", *args, "--port",
+                                 str(port)], stdout=out, stderr=subprocess.STDOUT, env=env)
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + READY_S
@@ -168,6 +165,13 @@ def server(model: Path, max_in_flight: int, log: Path, *args: str, src: Path | N
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(10)
+
+
+def server(model: Path, max_in_flight: int, log: Path, *args: str, src: Path | None = None):
+    """``serving`` the model with ``--max-in-flight`` and ``args``. ``src``: the ``src``
+    folder of another checkout to serve with (``--src``)."""
+    env = {**os.environ, **({"PYTHONPATH": str(src.resolve())} if src is not None else {})}
+    return serving([str(model), "--max-in-flight", str(max_in_flight), *args], log, env)
 
 
 class RawHTTP:
