@@ -14,7 +14,8 @@ task, parity, latency.
    STAR's star FC and partitioned norm are what ``--scenario`` slices to one scenario's copy.
 
 Each is exported with ``shopmtl export``'s own code (``shopmtl.export.bundle.export_bundle``):
-fp32, int8, ``--prune 0.5``, ``--prune 0.5 --finetune TRAIN`` (one epoch on the run's training
+fp32, int8, ``--int8 --prune-ids 0.5`` (the quickstart and census tables), ``--prune 0.5``,
+``--prune 0.5 --finetune TRAIN`` (one epoch on the run's training
 rows: the quickstart's ``OUT/data/train.parquet``, the census run's training part cut out of
 the CSV as its test part is, ``census_part``) and ``--scenario <first scenario>`` (whose AUC is
 on that scenario's rows, its tasks only). Prints the tables that docs/DEPLOY.md holds and writes
@@ -46,6 +47,7 @@ from bench.run_all import cpu_model  # noqa: E402  (the machine line every bench
 
 DENSE_ONLY = ("MatMul", "Gemm")
 PRUNE = 0.5
+PRUNE_IDS = 0.5  # --prune-ids: the rarest half of each learnt vocabulary, with --int8
 FINETUNE_EPOCHS = 1  # the pruned model's fine-tune (--finetune-epochs)
 CENSUS = Path(__file__).resolve().parent.parent / "examples" / "census.yaml"
 # the census MMoE: examples/census.yaml (a SharedBottom) with model MMoE, 8 experts as in the
@@ -188,10 +190,24 @@ def variant_row(name: str, meta: dict[str, Any], size: int) -> dict[str, Any]:
     return r
 
 
-def run(model_dir: Path, data: Path, train: Path, dense: bool = True) -> dict[str, Any]:
-    """The table of one model: fp32, int8 (and int8 with fp32 tables when ``dense``), pruned
-    by half, pruned by half and fine-tuned ``FINETUNE_EPOCHS`` on ``train`` (the run's
-    training rows), and the sub-model of its first scenario when it has several."""
+def ids_row(name: str, meta: dict[str, Any], size: int) -> dict[str, Any]:
+    """The int8 bundle with its rarest ids dropped: its graph's size, AUC, parity (against
+    its own pruned PyTorch model), latency; the vocabularies before / after."""
+    c, p = meta["checks"], meta["id_pruning"]
+    r = row(name, c["size_bytes"]["int8"], size, c["quality"]["onnx_int8"],
+            c["parity_int8"]["max"], c["latency"]["onnx_int8"])
+    r["id_pruning"] = {k: p[k] for k in ("params", "embedding_rows", "vocabularies")}
+    r["auc_unpruned"] = {t: q.get("auc") for t, q in
+                         c["quality"]["pytorch_fp32_unpruned"].items()}
+    return r
+
+
+def run(model_dir: Path, data: Path, train: Path, dense: bool = True, ids: bool = True
+        ) -> dict[str, Any]:
+    """The table of one model: fp32, int8 (and int8 with fp32 tables when ``dense``; int8
+    with the rarest half of the ids dropped when ``ids``), pruned by half, pruned by half and
+    fine-tuned ``FINETUNE_EPOCHS`` on ``train`` (the run's training rows), and
+    the sub-model of its first scenario when it has several."""
     from shopmtl.export.bundle import export_bundle, load_source
     from shopmtl.export.finetune import FineTune
 
@@ -202,6 +218,8 @@ def run(model_dir: Path, data: Path, train: Path, dense: bool = True) -> dict[st
         fp32 = export_bundle(model_dir, t / "fp32", data)
         int8 = export_bundle(model_dir, t / "int8", data, int8=True)
         d = dense_only(model_dir, data, t / "fp32" / "model.onnx", t) if dense else None
+        few = (export_bundle(model_dir, t / "ids", data, int8=True, prune_ids_fraction=PRUNE_IDS)
+               if ids else None)
         pruned = export_bundle(model_dir, t / "pruned", data, prune_ratio=PRUNE)
         tuned = export_bundle(model_dir, t / "tuned", data, prune_ratio=PRUNE,
                               fine=FineTune(train, FINETUNE_EPOCHS))
@@ -215,6 +233,8 @@ def run(model_dir: Path, data: Path, train: Path, dense: bool = True) -> dict[st
         rows.append(row("onnx int8, fp32 tables", cd["size_bytes"]["int8"], size,
                         cd["quality"]["onnx_int8"], cd["parity_int8"]["max"],
                         cd["latency"]["onnx_int8"]))
+    if few is not None:
+        rows.append(ids_row(f"onnx int8, pruned ids {PRUNE_IDS:.0%}", few, size))
     rows.append(variant_row(f"onnx fp32, pruned {PRUNE:.0%}", pruned, size))
     rows.append(variant_row(f"onnx fp32, pruned {PRUNE:.0%} + fine-tune {FINETUNE_EPOCHS} "
                             "epoch", tuned, size))
@@ -276,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
         result["census"] = census
     if "star" in args.tables:
         result["star"] = run(ensure_star(args.star), args.star / "data" / "test.parquet",
-                             args.star / "data" / "train.parquet", dense=False)
+                             args.star / "data" / "train.parquet", dense=False, ids=False)
     tables = [name for name in TABLES if name in result]
     result["env"] = {"cpu": cpu_model(), "cores": os.cpu_count(),
                      "load_average_before": load_before,

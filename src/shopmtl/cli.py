@@ -391,6 +391,10 @@ def export(
         "config; the fine-tuned model is exported and measured")] = None,
     finetune_epochs: Annotated[int, typer.Option(
         "--finetune-epochs", help="Epochs of the --finetune file")] = 1,
+    prune_ids: Annotated[float | None, typer.Option(
+        "--prune-ids", help="0 < F < 1: drop the embedding rows of the rarest F of each "
+        "learnt vocabulary (by training frequency); those values then read as unknown (id 0). "
+        "Hashed vocabularies are kept whole")] = None,
 ) -> None:
     """Export a zoo model to an ONNX bundle (fp32, or int8), loadable by `shopmtl predict` and
     `shopmtl.load`. Measured on --data and written into the bundle's meta.json: parity with
@@ -399,11 +403,14 @@ def export(
     from shopmtl.export.bundle import export_bundle
     from shopmtl.export.finetune import FineTune, summary_line
     from shopmtl.export.prune import summary
+    from shopmtl.export.prune_ids import summary as ids_summary
 
     fine = None if finetune is None else FineTune(finetune, finetune_epochs)
     meta = export_bundle(model_dir, out, data, int8=int8, prune_ratio=prune, scenario=scenario,
-                         fine=fine)
+                         fine=fine, prune_ids_fraction=prune_ids)
     _checks_table(meta)
+    if "id_pruning" in meta:
+        typer.echo(ids_summary(meta["id_pruning"]))
     if "pruning" in meta:
         typer.echo(summary(meta["pruning"]))
         if "finetune" in meta["pruning"]:
@@ -416,7 +423,7 @@ def export(
 
 
 def _pruned_name(meta: dict) -> str:
-    return ("pytorch_fp32_pruned_finetuned" if "finetune" in meta["pruning"]
+    return ("pytorch_fp32_pruned_finetuned" if "finetune" in meta.get("pruning", {})
             else "pytorch_fp32_pruned")
 
 
@@ -435,7 +442,8 @@ def _checks_table(meta: dict) -> None:
     table.add_column("measure")
     for col in variants:
         table.add_column(col.replace("pytorch_fp32", _pruned_name(meta))
-                         if "pruning" in meta and col == "pytorch_fp32" else col)
+                         if ("pruning" in meta or "id_pruning" in meta)
+                         and col == "pytorch_fp32" else col)
     dash = ["-"] * (len(variants) - 1)
     table.add_row("file size (MB)", *dash, f"{checks['size_bytes'][precision] / 1e6:.3f}")
     table.add_row("max |p - p_pytorch|", *dash, f"{checks[f'parity_{precision}']['max']:.2e}")

@@ -10,7 +10,9 @@ encoders as its source (``predict.score_chunks`` with ``runtime.OnnxForward``)::
                     sub-model's schema.json: its tasks, its one scenario)
     meta.json       kind onnx, precision, the graph's inputs and outputs, the source directory
                     and the SHA-256 of its manifest, the versions that wrote it, what int8
-                    quantised, what pruning removed (``pruning``), the scenario kept
+                    quantised, what pruning removed (``pruning``; the rare ids
+                    dropped: ``id_pruning``, and encoders.json then holds the shortened
+                    vocabularies), the scenario kept
                     (``scenario``; its ``sliced``: the per-scenario weights cut to S's),
                     and every check measured at export (export.checks)
     manifest.json   SHA-256 of every other file (the format every model directory has)
@@ -48,6 +50,7 @@ from shopmtl.export.checks import (
 from shopmtl.export.finetune import CRITERION, FineTune, check_finetune, finetune, training_rows
 from shopmtl.export.graph import UnsupportedModel, export_onnx, exportable
 from shopmtl.export.prune import check_ratio, prune
+from shopmtl.export.prune_ids import check_fraction, prune_ids, reencode, shortened_encoders
 from shopmtl.export.quantize import quantize_int8
 from shopmtl.export.runtime import OnnxForward, signature
 from shopmtl.export.scenario import (
@@ -129,14 +132,19 @@ def manifest_sha256(path: Path) -> str:
 class Variant:
     """What is exported: ``model`` (the source's, pruned and/or fixed to one scenario) on
     ``schema`` (the bundle's), measured on ``enc`` (encoded as the bundle's reader encodes);
-    ``unpruned``, when pruned, the same model before pruning (its AUC reported beside);
-    ``info`` the meta.json entries that say what was done (``pruning``, ``scenario``)."""
+    ``unpruned``, when pruned, the same model before pruning (its AUC reported beside), on
+    ``unpruned_enc`` when ids were pruned (the rows as the source's encoders read them);
+    ``keep_ids`` the real ids each vocabulary keeps when ids were pruned (``export.prune_ids``);
+    ``info`` the meta.json entries that say what was done (``pruning``, ``id_pruning``,
+    ``scenario``)."""
 
     model: MultiTaskModel
     schema: Schema
     enc: Encoded
     unpruned: MultiTaskModel | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    unpruned_enc: Encoded | None = None
+    keep_ids: dict[str, int] | None = None
 
 
 def measure(v: Variant, fp32: Path, graph: Path, precision: str) -> dict[str, Any]:
@@ -157,8 +165,9 @@ def measure(v: Variant, fp32: Path, graph: Path, precision: str) -> dict[str, An
     checks["quality"] = {"pytorch_fp32": quality(schema, enc, torch_forward(model)(enc)),
                          f"onnx_{precision}": quality(schema, enc, OnnxForward(graph, schema)(enc))}
     if v.unpruned is not None:
+        raw = enc if v.unpruned_enc is None else v.unpruned_enc
         checks["quality"]["pytorch_fp32_unpruned"] = quality(
-            schema, enc, torch_forward(v.unpruned)(enc))
+            schema, raw, torch_forward(v.unpruned)(raw))
     checks["size_bytes"] = {"fp32": fp32.stat().st_size, precision: graph.stat().st_size}
     checks["latency"] = {"pytorch_fp32": torch_latency(model, schema, enc),
                          f"onnx_{precision}": onnx_latency(graph, schema, enc)}
@@ -182,11 +191,15 @@ def finetuned(source: ZooModel, model: MultiTaskModel, enc: Encoded, fine: FineT
 
 def variant(source: ZooModel, enc: Encoded, prune_ratio: float | None = None,
             scenario: str | None = None, fine: FineTune | None = None,
-            fine_rows: Encoded | None = None) -> Variant:
-    """The model to export: the source's as it is, pruned by ``prune_ratio`` (a copy; gate
-    weights averaged over the rows it will serve) and then fine-tuned on ``fine_rows`` when
-    ``fine`` says so, and/or fixed to ``scenario`` (its tasks, its rows of ``enc``)."""
+            fine_rows: Encoded | None = None, prune_ids_fraction: float | None = None
+            ) -> Variant:
+    """The model to export: the source's as it is, its rarest ids dropped by
+    ``prune_ids_fraction`` (a copy; ``enc`` and ``fine_rows`` re-encoded to match), pruned by
+    ``prune_ratio`` (a copy; gate weights averaged over the rows it will serve) and then
+    fine-tuned on ``fine_rows`` when ``fine`` says so, and/or fixed to ``scenario`` (its tasks,
+    its rows of ``enc``)."""
     model, schema, info = source.model, source.schema, {}
+    raw_enc, keep_ids = None, None
     if scenario is not None:
         index = scenario_index(schema, scenario)
         rows = scenario_rows(enc, index)
@@ -195,8 +208,16 @@ def variant(source: ZooModel, enc: Encoded, prune_ratio: float | None = None,
                             f"checks need at least {MIN_ROWS} held-out labelled rows")
         enc = select(enc, rows, schema)
     unpruned = None
-    if prune_ratio is not None:
+    if prune_ids_fraction is not None:  # first: the gate means and fine-tune see pruned ids
         unpruned, model = model, copy.deepcopy(model)
+        keep_ids, info["id_pruning"] = prune_ids(model, schema, source.encoders.to_json(),
+                                                 prune_ids_fraction)
+        raw_enc, enc = enc, reencode(enc, schema, keep_ids)
+        if fine_rows is not None:
+            fine_rows = reencode(fine_rows, schema, keep_ids)
+    if prune_ratio is not None:
+        if unpruned is None:
+            unpruned, model = model, copy.deepcopy(model)
         info["pruning"] = prune(model, enc, prune_ratio)
         if fine is not None and fine_rows is not None:
             report = info["pruning"]  # its criteria: prune.CRITERIA itself, not a copy
@@ -206,6 +227,8 @@ def variant(source: ZooModel, enc: Encoded, prune_ratio: float | None = None,
     if scenario is not None:
         sub = scenario_schema(schema, scenario)
         enc_sub = select(enc, np.arange(len(enc)), source.schema, sub)
+        if raw_enc is not None:
+            raw_enc = select(raw_enc, np.arange(len(raw_enc)), source.schema, sub)
         full = ScenarioModel(model, sub, index).eval()  # every scenario's weights
         model, sliced = sub_model(model, sub, index)  # S's only
         sliced["parity_with_full"] = sliced_parity(full, model.eval(), enc_sub)
@@ -218,20 +241,24 @@ def variant(source: ZooModel, enc: Encoded, prune_ratio: float | None = None,
                                               "scenarios are bad rows (unknown scenario)",
                             "sliced": sliced}
         enc, schema = enc_sub, sub
-    return Variant(model.eval(), schema, enc, unpruned, info)
+    return Variant(model.eval(), schema, enc, unpruned, info, raw_enc, keep_ids)
 
 
 def export_bundle(model_dir: str | Path, out: str | Path, data: str | Path, int8: bool = False,
                   prune_ratio: float | None = None, scenario: str | None = None,
-                  fine: FineTune | None = None) -> dict[str, Any]:
+                  fine: FineTune | None = None, prune_ids_fraction: float | None = None
+                  ) -> dict[str, Any]:
     """Export the zoo model in ``model_dir`` to an ONNX bundle at ``out`` (fp32, or int8 with
     ``int8``; pruned by ``prune_ratio``, ``export.prune``, then fine-tuned as ``fine`` says,
     ``export.finetune``; one ``scenario``'s sub-model, ``export.scenario``), checked on the
-    labelled rows of ``data`` (the run's test split); returns the bundle's meta.json (its
-    ``checks`` the measurements)."""
+    labelled rows of ``data`` (the run's test split); the rarest ids dropped by
+    ``prune_ids_fraction`` (``export.prune_ids``: the bundle's encoders shortened); returns
+    the bundle's meta.json (its ``checks`` the measurements)."""
     model_dir, out, data = Path(model_dir), Path(out), Path(data)
     if prune_ratio is not None:
         check_ratio(prune_ratio)
+    if prune_ids_fraction is not None:
+        check_fraction(prune_ids_fraction)
     check_finetune(fine, prune_ratio, data)
     require_extra("export", "shopmtl export")  # before any work: one line naming the extra
     check_out(model_dir, out)
@@ -241,7 +268,7 @@ def export_bundle(model_dir: str | Path, out: str | Path, data: str | Path, int8
     enc = held_out_rows(source, data)
     fine_rows = None if fine is None else training_rows(source.schema, source.encoders,
                                                         source.cfg, fine.path)
-    v = variant(source, enc, prune_ratio, scenario, fine, fine_rows)
+    v = variant(source, enc, prune_ratio, scenario, fine, fine_rows, prune_ids_fraction)
     onnx = require("onnx", "export", "shopmtl export")
     precision = "int8" if int8 else "fp32"
     with tempfile.TemporaryDirectory() as tmp:
@@ -265,6 +292,8 @@ def export_bundle(model_dir: str | Path, out: str | Path, data: str | Path, int8
         jsons = {name: ck.read_json(model_dir, name) for name in SOURCE_FILES}
         if "scenario" in v.info:  # the sub-model's tasks and scenario: what its reader checks
             jsons["schema"] = to_dict(v.schema)
+        if v.keep_ids is not None:  # the dropped values read as unknown (id 0)
+            jsons["encoders"] = shortened_encoders(source.schema, jsons["encoders"], v.keep_ids)
         ck.write_dir(out, {}, {**jsons, "meta": meta},
                      files={MODEL_FILES[precision]: graph.read_bytes()})
     return meta
