@@ -202,6 +202,21 @@ def ids_row(name: str, meta: dict[str, Any], size: int) -> dict[str, Any]:
     return r
 
 
+def control(model_dir: Path, data: Path, train: Path) -> dict[str, Any]:
+    """The unpruned model given the same fine-tune as the pruned one (a copy; nothing is
+    exported): what the extra epoch alone does, so that "pruned + fine-tune" can be read.
+    The export's own ``finetuned`` on the export's own rows; its ``auc_after`` per task."""
+    import copy
+
+    from shopmtl.export.bundle import finetuned, held_out_rows, load_source
+    from shopmtl.export.finetune import FineTune, training_rows
+
+    source = load_source(model_dir)
+    rows = training_rows(source.schema, source.encoders, source.cfg, train)
+    return finetuned(source, copy.deepcopy(source.model), held_out_rows(source, data),
+                     FineTune(train, FINETUNE_EPOCHS), rows)
+
+
 def run(model_dir: Path, data: Path, train: Path, dense: bool = True, ids: bool = True
         ) -> dict[str, Any]:
     """The table of one model: fp32, int8 (and int8 with fp32 tables when ``dense``; int8
@@ -241,7 +256,7 @@ def run(model_dir: Path, data: Path, train: Path, dense: bool = True, ids: bool 
     if sub is not None:
         rows.append(variant_row(f"onnx fp32, scenario {first}", sub, size))
     return {"rows": c32["rows"], "tasks": fp32["tasks"], "model": fp32["model"],
-            "variants": rows,
+            "variants": rows, "control_unpruned_finetune": control(model_dir, data, train),
             "quantization": {"int8": int8["quantization"],
                              **({"int8_dense_only": d["quantization"]} if d else {})},
             "versions": int8["versions"]}
@@ -310,6 +325,11 @@ def main(argv: list[str] | None = None) -> int:
     for name in tables:
         print(f"{name} ({result[name]['model']}, {result[name]['rows']} test rows)")
         print(result[name]["markdown"])
+        ctl = result[name]["control_unpruned_finetune"]
+        print(f"control, the unpruned model + the same fine-tune ({ctl['epochs']} epoch, "
+              f"{ctl['steps']} steps): AUC " + ", ".join(
+                  f"{t} {ctl['auc_before'][t]:.4f} -> {ctl['auc_after'][t]:.4f}"
+                  for t in ctl["auc_after"]))
     print(f"load {load_before:.1f} -> "
           f"{result['env']['load_average_after']:.1f}; wrote {args.out}")
     return 0
