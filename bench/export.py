@@ -62,15 +62,21 @@ QUICKSTART = Path(__file__).resolve().parent.parent / "examples" / "quickstart.y
 TABLES = ("quickstart", "census", "star")
 
 
-def ensure_star(run: Path) -> Path:
-    """The STAR model directory of ``run``, trained first when absent (its world generated into
-    ``run/data``; ``run/data/test.parquet`` is what the table measures)."""
+def ensure_trained(run: Path, config: Path, sets: tuple[str, ...]) -> Path:
+    """The model directory of ``run``: ``shopmtl train CONFIG --out RUN --set ...`` first when
+    it holds none."""
     if not (run / "model" / "manifest.json").is_file():
-        cmd = [sys.executable, "-m", "shopmtl", "train", str(QUICKSTART), "--out", str(run)]
-        for s in STAR:
+        cmd = [sys.executable, "-m", "shopmtl", "train", str(config), "--out", str(run)]
+        for s in sets:
             cmd += ["--set", s]
         subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return run / "model"
+
+
+def ensure_star(run: Path) -> Path:
+    """The STAR model directory of ``run``, trained first when absent (its world generated into
+    ``run/data``; ``run/data/test.parquet`` is what the table measures)."""
+    return ensure_trained(run, QUICKSTART, STAR)
 
 
 def ensure_run(run: Path, rows: int) -> Path:
@@ -84,12 +90,7 @@ def ensure_run(run: Path, rows: int) -> Path:
 def ensure_census(run: Path) -> Path:
     """The census MMoE's model directory in ``run``, trained first when absent (the config's
     own split: its test part is what the table measures, ``run/test.parquet``)."""
-    if not (run / "model" / "manifest.json").is_file():
-        cmd = [sys.executable, "-m", "shopmtl", "train", str(CENSUS), "--out", str(run)]
-        for s in CENSUS_MMOE:
-            cmd += ["--set", s]
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
-    return run / "model"
+    return ensure_trained(run, CENSUS, CENSUS_MMOE)
 
 
 def census_parts(data: dict[str, Any], n: int) -> dict[str, list[int]]:

@@ -19,12 +19,12 @@ import pyarrow.parquet as pq
 import pytest
 
 import shopmtl
-from shopmtl.api import run_training
 from shopmtl.export.bundle import held_out_rows, load_source, variant
 from shopmtl.export.checks import FP32_TOLERANCE
 from shopmtl.export.finetune import FineTune, training_rows
 from shopmtl.predict import predict_in_memory
-from tests.helpers import assert_one_error_line, cli, small_world, world_config_yaml
+from tests.export.world import trained_zoo
+from tests.helpers import assert_one_error_line, cli
 
 TASKS = ("click", "conversion", "ad_click")
 BATCH = 256  # world_config_yaml's train.batch_size
@@ -42,11 +42,8 @@ class Tuned:
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory: pytest.TempPathFactory) -> Tuned:
     root = tmp_path_factory.mktemp("finetune")
-    small_world(root / "w", rows=20_000)
-    cfg = world_config_yaml(root / "w", root / "zoo.yaml", epochs=1)
-    run_training(cfg, root / "run", log=lambda *a, **k: None)
-    model, train, test = root / "run" / "model", root / "w" / "train.parquet", \
-        root / "w" / "test.parquet"
+    model = trained_zoo(root)
+    train, test = root / "w" / "train.parquet", root / "w" / "test.parquet"
     proc = cli("export", str(model), "--out", str(root / "ft"), "--data", str(test), "--prune",
                "0.5", "--finetune", str(train), check=True)
     return Tuned(model, train, test, root / "ft", proc.stdout)

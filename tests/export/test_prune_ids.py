@@ -18,16 +18,15 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-import yaml
 
 import shopmtl
-from shopmtl.api import run_training
 from shopmtl.config import ConfigError
 from shopmtl.export.bundle import export_bundle, held_out_rows, load_source, variant
 from shopmtl.export.checks import FP32_TOLERANCE
 from shopmtl.export.prune import n_params
 from shopmtl.predict import predict_in_memory
-from tests.helpers import assert_one_error_line, cli, small_world, world_config_yaml
+from tests.export.world import trained_zoo
+from tests.helpers import assert_one_error_line, cli
 
 TASKS = ("click", "conversion", "ad_click")
 HASHED = "brand"
@@ -47,15 +46,13 @@ class Pruned:
 @pytest.fixture(scope="module")
 def pruned(tmp_path_factory: pytest.TempPathFactory) -> Pruned:
     root = tmp_path_factory.mktemp("prune_ids")
-    small_world(root / "w", rows=20_000)
-    cfg = world_config_yaml(root / "w", root / "zoo.yaml", epochs=1)
-    raw = yaml.safe_load(cfg.read_text())
-    for f in raw["data"]["schema"]["features"]:
-        if f["name"] == HASHED:
-            f.update(vocab="hash", buckets=16)
-    cfg.write_text(yaml.safe_dump(raw, sort_keys=False))
-    run_training(cfg, root / "run", log=lambda *a, **k: None)
-    model, test = root / "run" / "model", root / "w" / "test.parquet"
+
+    def hashed(raw: dict) -> None:
+        for f in raw["data"]["schema"]["features"]:
+            if f["name"] == HASHED:
+                f.update(vocab="hash", buckets=16)
+
+    model, test = trained_zoo(root, hashed), root / "w" / "test.parquet"
     export_bundle(model, root / "full", test)
     proc = cli("export", str(model), "--out", str(root / "ids"), "--data", str(test),
                "--prune-ids", "0.5", check=True)
