@@ -147,6 +147,41 @@ def test_a_dropped_id_scores_as_an_unknown_one(pruned: Pruned) -> None:
     assert max_diff(bundle.predict(as_user(known)), bundle.predict(as_user(unknown))) > 1e-6
 
 
+def test_it_combines_with_units_fine_tune_int8_and_a_scenario(pruned: Pruned, tmp_path: Path
+                                                              ) -> None:
+    """``--prune-ids`` with ``--prune``, ``--finetune`` and ``--int8`` in one export, and with
+    ``--scenario``: each bundle records every part, passes the fp32 parity check and scores
+    raw rows; the scenario's sub-bundle answers as the id-pruned full bundle on its rows."""
+    import pyarrow.compute as pc
+
+    from shopmtl.export.finetune import FineTune
+
+    train = pruned.test.parent / "train.parquet"
+    every = export_bundle(pruned.model, tmp_path / "every", pruned.test, int8=True,
+                          prune_ratio=0.5, fine=FineTune(train, 1), prune_ids_fraction=0.5)
+    assert "finetune" in every["pruning"] and every["id_pruning"]["fraction"] == 0.5
+    assert every["checks"]["parity_fp32"]["max"] <= FP32_TOLERANCE
+    rows = pq.read_table(pruned.test).slice(0, 2_000)
+    got = shopmtl.load(tmp_path / "every").predict(rows)
+    for t in TASKS:
+        p = got.column(t).to_numpy()
+        assert len(p) == rows.num_rows and np.all((p >= 0) & (p <= 1))
+    # the test split has under 1,000 rows of any scenario: the training rows are the
+    # scenario export's checked rows (its parity and size are what this test reads)
+    counts = pc.value_counts(pq.read_table(train, columns=["scenario"]).column(0))
+    biggest = max(counts.to_pylist(), key=lambda c: c["counts"])["values"]
+    sub = export_bundle(pruned.model, tmp_path / "sub", train, scenario=biggest,
+                        prune_ids_fraction=0.5)
+    assert sub["scenario"]["name"] == biggest and sub["id_pruning"]["fraction"] == 0.5
+    assert sub["checks"]["parity_fp32"]["max"] <= FP32_TOLERANCE
+    home = rows.filter(pc.equal(rows.column("scenario"), biggest))
+    one, full = shopmtl.load(tmp_path / "sub"), shopmtl.load(pruned.bundle)
+    a, b = one.predict(home), full.predict(home)
+    assert home.num_rows > 100 and one.tasks
+    assert max(float(np.abs(a.column(t).to_numpy() - b.column(t).to_numpy()).max())
+               for t in one.tasks) <= FP32_TOLERANCE
+
+
 @pytest.mark.parametrize("value", ["0", "1"])
 def test_a_fraction_out_of_range_is_one_line(pruned: Pruned, tmp_path: Path, value: str
                                              ) -> None:
