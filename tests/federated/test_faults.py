@@ -304,7 +304,9 @@ def _reap(tree: list[psutil.Process]) -> None:
     for p in tree:
         with contextlib.suppress(psutil.NoSuchProcess):
             named.append((p, p.name()))
-    _, alive = psutil.wait_procs([p for p, n in named if n not in LINGER], timeout=15)
+    # Ray's workers notice their raylet's death by polling it: seconds on a quiet machine,
+    # more than 15 s once in a loaded CI run (2 cores, the suite beside it)
+    _, alive = psutil.wait_procs([p for p, n in named if n not in LINGER], timeout=60)
     left = [n for p, n in named if p in alive]
     for p, _ in named:
         with contextlib.suppress(psutil.NoSuchProcess):
