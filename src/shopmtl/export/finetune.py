@@ -32,9 +32,10 @@ from shopmtl.data.pipeline import PreparedData
 from shopmtl.data.schema import Schema
 from shopmtl.models.base import MultiTaskModel
 from shopmtl.predict import read_encoded
-from shopmtl.train.loop import Schedule, fit
+from shopmtl.train.loop import fit
 from shopmtl.train.select import MetricSelector
 from shopmtl.train.table import TableSource, id_dropout_table
+from shopmtl.train.trainer import epoch_schedule
 from shopmtl.weighting import build_weighting
 
 CRITERION = ("{epochs} epoch(s) of the source model's train config (optimizer, lr and its "
@@ -93,12 +94,7 @@ def finetune(model: MultiTaskModel, cfg: ExperimentConfig, schema: Schema, rows:
     source = TableSource(data, t.batch_size, embedding_weight_decay=t.embedding_weight_decay,
                          id_dropout=id_dropout_table(t.id_dropout, schema),
                          eval_batch_size=t.eval_batch_size)
-    n = source.num_batches()
-    schedule = Schedule(
-        steps=epochs * n, lr=t.batch_lr(), lr_decay=t.lr_decay, decay_every=n,
-        grad_clip=t.grad_clip, seed=t.seed, precision=t.precision,
-        divergence_factor=t.divergence_factor,
-        adversarial_epsilon=t.adversarial_epsilon if t.adversarial == "fgm" else 0.0)
+    schedule = epoch_schedule(t, source.num_batches(), epochs)
     weighting = build_weighting(cfg.weighting.name, cfg.weighting.args, schema.task_names)
     selector = MetricSelector(t.early_stopping.metric, t.early_stopping.mode, source.name)
     torch.manual_seed(t.seed)  # dropout's draws: the same fine-tune every time

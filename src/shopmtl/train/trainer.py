@@ -12,13 +12,21 @@ Layout of an output directory::
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from shopmtl.config import ConfigError, ExperimentConfig, check_tasks, from_dict, to_dict
+from shopmtl.config import (
+    ConfigError,
+    ExperimentConfig,
+    TrainConfig,
+    check_tasks,
+    from_dict,
+    to_dict,
+)
 from shopmtl.data.dataset import TensorTable
 from shopmtl.data.encoders import Encoders
 from shopmtl.data.pipeline import PreparedData
@@ -111,6 +119,17 @@ def load_model_dir(path: str | Path, verify: bool = True
     return model, cfg, schema, encoders
 
 
+def epoch_schedule(t: TrainConfig, batches: int, epochs: int) -> Schedule:
+    """The one-table run's steps for ``epochs`` epochs of ``batches`` batches: ``t``'s lr
+    (scaled to its batch), decayed once an epoch, clipping, seed, precision, divergence guard
+    and FGM; no evaluation before the end, no early stopping (the ``Trainer`` adds those; a
+    fine-tune of an exported model, ``export.finetune``, runs it as it is)."""
+    return Schedule(steps=epochs * batches, lr=t.batch_lr(), lr_decay=t.lr_decay,
+                    decay_every=batches, grad_clip=t.grad_clip, seed=t.seed,
+                    precision=t.precision, divergence_factor=t.divergence_factor,
+                    adversarial_epsilon=t.adversarial_epsilon if t.adversarial == "fgm" else 0.0)
+
+
 class Trainer:
     """Build the zoo model, its table source, weighting and loop from an experiment config."""
 
@@ -154,13 +173,10 @@ class Trainer:
         # one evaluation, one lr decay per epoch (a trainer driven step by step by a test may
         # have no training table)
         n = self.source.num_batches() if data.train is not None else 1
-        self.schedule = Schedule(
-            steps=t.epochs * n, lr=t.batch_lr(), eval_every=n, lr_decay=t.lr_decay,
-            decay_every=n, patience=t.early_stopping.patience,
-            checkpoint_every=t.checkpoint_every, grad_clip=t.grad_clip, log_every=t.log_every,
-            seed=t.seed, log_grad_cosine=t.log_grad_cosine, precision=t.precision,
-            divergence_factor=t.divergence_factor,
-            adversarial_epsilon=t.adversarial_epsilon if t.adversarial == "fgm" else 0.0)
+        self.schedule = dataclasses.replace(
+            epoch_schedule(t, n, t.epochs), eval_every=n, patience=t.early_stopping.patience,
+            checkpoint_every=t.checkpoint_every, log_every=t.log_every,
+            log_grad_cosine=t.log_grad_cosine)
         selector = MetricSelector(t.early_stopping.metric, t.early_stopping.mode,
                                   self.source.name)
         self.loop = Loop(self.model, [self.source], self.weighting, self.schedule, selector,
