@@ -140,7 +140,7 @@ class OnnxBundle(ZooModel):
 
     def __init__(self, path: Path, meta: dict[str, Any], threads: int = 0) -> None:
         from shopmtl.export.runtime import OnnxForward
-        from shopmtl.train.trainer import read_model_files
+        from shopmtl.train.modelfiles import read_model_files
 
         graph = meta.get("model_file")
         if graph not in self.MODEL_FILES:

@@ -11,6 +11,10 @@ becomes); an exported bundle's is an onnxruntime session (``shopmtl.export.runti
 go through the same reader and encoders, so an ONNX bundle cannot drift from its source model
 in how a row is parsed or encoded, only in the forward, and that is what export measures.
 
+torch is imported only by what needs a PyTorch model or tensors (``torch_forward``, the metrics
+of ``evaluate_rows``, ``evaluate_file``'s load): scoring rows with a ``Forward`` that is not
+PyTorch (an ONNX bundle's, the service's path) runs in a process that never imports torch.
+
 Row accounting is exact: every data row read is scored or set aside as a bad row (blank lines
 are skipped and counted), and ``RowReport`` says how many of each."""
 
@@ -19,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,13 +35,10 @@ import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 
 from shopmtl.config import ConfigError, DataConfig
-from shopmtl.data.dataset import TensorTable
 from shopmtl.data.encoders import Encoded
 from shopmtl.data.ingest import ROWS, BadRowLog, DataError, read_chunks
 from shopmtl.data.schema import Schema
 from shopmtl.jsonsafe import json_safe
-from shopmtl.train.evaluate import metrics_by_scenario, predict_table
-from shopmtl.train.trainer import load_model_dir
 
 BAD_ROWS = ("fail", "quarantine")
 # OUT's extension -> output format; any other extension writes the command's default format
@@ -55,6 +57,9 @@ Forward = Callable[[Encoded], dict[str, np.ndarray]]
 def torch_forward(model, batch_size: int = 4096) -> Forward:
     """A zoo model's forward as a ``Forward``: ``train.evaluate.predict_table`` (eval mode,
     no grad, batches of ``batch_size``)."""
+    from shopmtl.data.dataset import TensorTable  # torch: the module docstring
+    from shopmtl.train.evaluate import predict_table
+
     def forward(enc: Encoded) -> dict[str, np.ndarray]:
         return predict_table(model, TensorTable(enc), batch_size)
 
@@ -64,9 +69,12 @@ def torch_forward(model, batch_size: int = 4096) -> Forward:
 def as_forward(model) -> Forward:
     """``model`` as a ``Forward``: a PyTorch model (an ``nn.Module``) gets ``torch_forward``;
     anything else is already one (an exported bundle's onnxruntime forward)."""
-    import torch
-
-    return torch_forward(model) if isinstance(model, torch.nn.Module) else model
+    # an nn.Module exists only once torch is imported: a process without it (an ONNX bundle's
+    # server) holds none, and asking must not import torch (None: import blocked)
+    torch = sys.modules.get("torch")
+    if torch is not None and isinstance(model, torch.nn.Module):
+        return torch_forward(model)
+    return model
 
 
 @dataclass
@@ -131,6 +139,8 @@ class OptionError(ConfigError, DataError):
 
 
 def evaluate_file(model_dir: str | Path, path: str | Path) -> dict:
+    from shopmtl.train.trainer import load_model_dir  # torch: the module docstring
+
     return evaluate_rows(*load_model_dir(model_dir), path)[0]
 
 
@@ -140,6 +150,9 @@ def evaluate_rows(model, cfg, schema: Schema, encoders, path: str | Path, bad_ro
     and its rows. Under ``quarantine`` the bad rows go next to ``out`` (``quarantine_paths``)
     and past the run's ``data.max_bad_fraction`` of bad rows it stops: metrics over a small
     remainder would mislead."""
+    from shopmtl.data.dataset import TensorTable  # torch: the module docstring
+    from shopmtl.train.evaluate import metrics_by_scenario
+
     schema = dataclasses.replace(schema, slices=())  # slice columns are not needed here
     log = _log(bad_rows)
     enc = read_encoded(schema, encoders, path, log, cfg.data.chunk_rows)

@@ -8,7 +8,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,14 +66,16 @@ def stop(server: Server, timeout: float = 30) -> int:
 
 
 @contextmanager
-def serving(model_dir: Path, log: Path, *args: str) -> Iterator[Server]:
-    """The service of ``model_dir`` (extra CLI ``args``), ready; stopped on exit, always."""
+def serving(model_dir: Path, log: Path, *args: str, env: Mapping[str, str] | None = None
+            ) -> Iterator[Server]:
+    """The service of ``model_dir`` (extra CLI ``args``), ready; stopped on exit, always.
+    ``env``: the server's environment (default: this process's)."""
     port = free_port()
     with log.open("wb") as out:
         proc = subprocess.Popen(
             [sys.executable, "-m", "shopmtl", "serve", str(model_dir), "--port", str(port),
              *args], stdout=out, stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            env={**(os.environ if env is None else env), "PYTHONUNBUFFERED": "1"})
     server = Server(f"http://127.0.0.1:{port}", proc, log)
     try:
         wait_ready(server)

@@ -10,6 +10,9 @@ A malformed catalog (missing column, empty or duplicate key, a NaN in a vector, 
 wrong size) raises a ``DataError`` naming the file, the column and the row; cell values are never
 echoed (titles and ids may be sensitive). Saved with the model as JSON (the keys) plus
 safetensors (the matrices), never pickle.
+
+torch is imported only where a matrix becomes a tensor (``tensors``): reading and applying an
+encoder is numpy and pyarrow, so a torch-free process (an ONNX bundle's server) imports this.
 """
 
 from __future__ import annotations
@@ -17,16 +20,19 @@ from __future__ import annotations
 import csv
 import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
-import torch
 
 from shopmtl.data.ingest import DataError, _as_string, is_csv
 from shopmtl.data.schema import FeatureSpec
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -184,6 +190,8 @@ class ContentEncoder:
         return {"type": self.spec.kind, "keys": self.keys_, "arrays": sorted(self.arrays_)}
 
     def tensors(self) -> dict[str, torch.Tensor]:
+        import torch  # the model's copy of the matrices (module docstring: why here)
+
         return {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in self.arrays_.items()}
 
     @classmethod

@@ -3,6 +3,10 @@
 
 Id 0 of every categorical vocabulary is the OOV bucket: unseen, rare (below ``min_count``) and
 missing values all map there, so serving never fails on a new category.
+
+Encoding is numpy and pyarrow: ``Encoded`` holds numpy arrays, made tensors by the training and
+PyTorch paths (``data.dataset.TensorTable``). torch is imported only to write content matrices
+(``content_tensors``, ``save``), so a torch-free process (an ONNX bundle's server) imports this.
 """
 
 from __future__ import annotations
@@ -12,15 +16,18 @@ import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import torch
 
 from shopmtl.data.content import ContentEncoder
 from shopmtl.data.ingest import Parsed
 from shopmtl.data.schema import CONTENT_KINDS, FeatureSpec, Schema
+
+if TYPE_CHECKING:
+    import torch
 
 
 class CategoricalEncoder:

@@ -28,6 +28,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import logging
+import sys
 import threading
 import time
 from collections.abc import Callable, Mapping
@@ -56,6 +57,15 @@ def model_version(path: Path) -> str:
     if not manifest.is_file():
         return "unknown"
     return hashlib.sha256(manifest.read_bytes()).hexdigest()[:12]
+
+
+def runtime(kind: str) -> str:
+    """The served model's kind and whether this process has torch, for the log lines of
+    readiness and reload: an ONNX bundle is served without it (``shopmtl.load`` defers torch
+    to what a PyTorch model needs), so "torch not loaded" is what its server should say; a
+    PyTorch model directory loads it."""
+    torch = "torch loaded" if sys.modules.get("torch") is not None else "torch not loaded"
+    return f"kind {kind}; {torch}"
 
 
 @dataclass(frozen=True)
@@ -180,8 +190,8 @@ class Reloader:
                 return
             settle_heap()
             self._set_ready()
-            log.info("ready: model %s answered the warm-up on %d endpoints", served.version,
-                     len(served.endpoints))
+            log.info("ready: model %s answered the warm-up on %d endpoints (%s)",
+                     served.version, len(served.endpoints), runtime(served.kind))
 
     def _set_ready(self) -> None:
         self.state.warm_error = ""
@@ -212,8 +222,8 @@ class Reloader:
             if self.on_swap is not None:
                 self.on_swap(new)
             metrics.reloads.labels("ok").inc()
-            log.info("reloaded (%s): model %s -> %s in %.1f s", via, old.version, new.version,
-                     time.perf_counter() - start)
+            log.info("reloaded (%s): model %s -> %s in %.1f s (%s)", via, old.version,
+                     new.version, time.perf_counter() - start, runtime(new.kind))
             return old, new
         except ReloadError as e:
             metrics.reloads.labels(e.outcome).inc()

@@ -4,6 +4,11 @@ A checkpoint directory describes itself (a model can be rebuilt from it alone) a
 SHA-256 manifest, checked on load: a truncated or edited file is refused with a clear error.
 Directories are written under a temporary name and renamed into place; the ``latest`` pointer is
 replaced atomically last, so a crash at any point leaves the previous checkpoint usable.
+
+torch is imported by the functions that read or write tensors (``write_dir`` with tensors,
+``read_tensors``, the optimizer's state) and nowhere else: verifying a directory's manifest and
+reading its JSON need none, which is what lets ``shopmtl.load`` open an ONNX bundle (and
+``shopmtl serve`` serve it) in a process that never imports torch.
 """
 
 from __future__ import annotations
@@ -19,11 +24,12 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+
+if TYPE_CHECKING:
+    import torch
 
 MANIFEST = "manifest.json"
 FORMAT = 2  # meta.json's "format": 2 adds "kind", "shopmtl_version" and "tasks" to every kind
@@ -105,6 +111,13 @@ def remove_stale_temps(root: Path) -> list[Path]:
     return removed
 
 
+def _write_tensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file  # torch: module docstring
+
+    # CPU copies: a model trained on a GPU is written (and read back) the same
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+
+
 def write_dir(
     target: Path, tensors: dict[str, dict[str, torch.Tensor]], jsons: dict[str, Any],
     files: dict[str, bytes] | None = None,
@@ -129,11 +142,7 @@ def write_dir(
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         for name, tdict in tensors.items():
-            save_file(
-                # CPU copies: a model trained on a GPU is written (and read back) the same
-                {k: v.detach().cpu().contiguous() for k, v in tdict.items()},
-                str(tmp / f"{name}.safetensors"),
-            )
+            _write_tensors(tdict, tmp / f"{name}.safetensors")
         for name, obj in jsons.items():
             (tmp / f"{name}.json").write_text(json.dumps(obj, indent=1, allow_nan=False))
         for name, data in (files or {}).items():
@@ -219,6 +228,8 @@ def verify_dir(path: Path) -> dict[str, str]:
 
 
 def read_tensors(path: Path, name: str) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file  # torch: module docstring
+
     try:
         return load_file(str(Path(path) / f"{name}.safetensors"))
     except (SafetensorError, OSError) as e:
@@ -256,6 +267,8 @@ def write_pointer(directory: Path, name: str, value: str) -> None:
 
 def optimizer_to_tensors(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict]:
     """Optimizer state as flat tensors (safetensors) + param groups as JSON (no pickle)."""
+    import torch  # module docstring: why here
+
     sd = opt.state_dict()
     tensors = {}
     for idx, state in sd["state"].items():

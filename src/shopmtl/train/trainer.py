@@ -24,7 +24,6 @@ from shopmtl.config import (
     ExperimentConfig,
     TrainConfig,
     check_tasks,
-    from_dict,
     to_dict,
 )
 from shopmtl.data.dataset import TensorTable
@@ -38,6 +37,7 @@ from shopmtl.tasks import TASK_TYPES
 from shopmtl.train import checkpoint as ck
 from shopmtl.train.distributed import resolve_device, setup
 from shopmtl.train.loop import Loop, LoopState, Schedule, check_finite
+from shopmtl.train.modelfiles import read_model_files  # also its public home (tests, export)
 from shopmtl.train.select import MetricSelector
 from shopmtl.train.stages import Checkpointer, Stage, StageContext, run_stages
 from shopmtl.train.table import TableSource, id_dropout_table
@@ -88,16 +88,6 @@ def save_model_dir(
                                   **json_safe(extra or {})),
         },
     )
-
-
-def read_model_files(path: Path) -> tuple[ExperimentConfig, Schema, Encoders,
-                                          dict[str, torch.Tensor] | None]:
-    """The config, schema, encoders and content matrices of a model directory (or of an
-    exported bundle, which keeps the first three as its source wrote them), not verified."""
-    cfg = from_dict(ExperimentConfig, ck.read_json(path, "config"))
-    schema = from_dict(Schema, ck.read_json(path, "schema"))
-    content = ck.read_tensors(path, "content") if schema.content_features else None
-    return cfg, schema, Encoders.from_json(schema, ck.read_json(path, "encoders"), content), content
 
 
 def load_model_dir(path: str | Path, verify: bool = True
