@@ -15,9 +15,10 @@ alternated round by round so a change in the machine's load falls on all of them
 
 Per start: the seconds from ``Popen`` to the first 200 of ``/readyz`` (polled every 20 ms: the
 interpreter, the imports, the model's load and the warm-up of every endpoint), then the
-server's resident memory (``VmRSS``) and its peak (``VmHWM``) from ``/proc``, and whether
+server's CPU seconds so far (utime + stime: what the start cost, whatever else the machine
+runs), its resident memory (``VmRSS``) and its peak (``VmHWM``) from ``/proc``, and whether
 torch is in the process (its ``libtorch`` mapped, ``/proc/PID/maps``); then SIGTERM. Prints
-the medians as the table docs/DEPLOY.md ("Without torch") holds and writes ``--out``:
+the medians as the table docs/DEPLOY.md ("Serving without torch") holds and writes ``--out``:
 
     .venv/bin/python bench/serve_startup.py --before /tmp/before/src \\
         --out bench/results/serve_startup.json
@@ -38,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from export import cpu_model, ensure_run  # bench/export.py: the same quickstart run
-from serve_load import ensure_bundle, free_port  # bench/serve_load.py: the same bundle
+from serve_load import cpu_seconds, ensure_bundle, free_port  # bench/serve_load.py
 
 READY_S = 300
 POLL_S = 0.02
@@ -54,6 +55,7 @@ class Variant:
 @dataclass(frozen=True)
 class Start:
     ready_s: float
+    cpu_s: float  # the server's CPU seconds to ready: less at the mercy of the machine's load
     rss_mib: float
     peak_mib: float
     torch: bool
@@ -100,7 +102,7 @@ def start_once(v: Variant, log: Path) -> Start:
                 raise RuntimeError(f"{v.name}: not ready after {READY_S} s: see {log}")
             time.sleep(POLL_S)
         ready_s = time.perf_counter() - t0
-        return Start(ready_s, proc_kib(proc.pid, "VmRSS") / 1024,
+        return Start(ready_s, cpu_seconds(proc.pid), proc_kib(proc.pid, "VmRSS") / 1024,
                      proc_kib(proc.pid, "VmHWM") / 1024, has_torch(proc.pid))
     finally:
         if proc.poll() is None:
@@ -118,10 +120,12 @@ def summary(v: Variant, starts: list[Start]) -> dict[str, Any]:
         return statistics.median(xs)
 
     ready_s = [s.ready_s for s in starts]
+    cpu_s = [s.cpu_s for s in starts]
     rss = [s.rss_mib for s in starts]
     return {"variant": v.name, "model": str(v.model), "src": str(v.src or "this checkout"),
             "starts": len(starts), "ready_s_median": med(ready_s),
-            "ready_s_range": [min(ready_s), max(ready_s)], "rss_mib_median": med(rss),
+            "ready_s_range": [min(ready_s), max(ready_s)], "cpu_s_median": med(cpu_s),
+            "cpu_s_range": [min(cpu_s), max(cpu_s)], "rss_mib_median": med(rss),
             "rss_mib_range": [min(rss), max(rss)],
             "peak_rss_mib_median": med([s.peak_mib for s in starts]),
             "torch_loaded": sorted({s.torch for s in starts})}
@@ -129,14 +133,15 @@ def summary(v: Variant, starts: list[Start]) -> dict[str, Any]:
 
 def markdown(rows: list[dict[str, Any]]) -> str:
     """The table, then the torch-free bundle against each other variant."""
-    lines = ["| served | torch in the process | start to ready, s (median; range) | RSS, MiB "
-             "(median; range) | peak RSS, MiB |",
-             "|---|---|---|---|---|"]
+    lines = ["| served | torch in the process | start to ready, s (median; range) | CPU s to "
+             "ready (median; range) | RSS, MiB (median; range) | peak RSS, MiB |",
+             "|---|---|---|---|---|---|"]
     for r in rows:
         torch = "/".join("yes" if t else "no" for t in r["torch_loaded"])
         lines.append(
             f"| {r['variant']} | {torch} | {r['ready_s_median']:.2f} "
             f"({r['ready_s_range'][0]:.2f}-{r['ready_s_range'][1]:.2f}) | "
+            f"{r['cpu_s_median']:.2f} ({r['cpu_s_range'][0]:.2f}-{r['cpu_s_range'][1]:.2f}) | "
             f"{r['rss_mib_median']:.0f} ({r['rss_mib_range'][0]:.0f}-"
             f"{r['rss_mib_range'][1]:.0f}) | {r['peak_rss_mib_median']:.0f} |")
     lines.append("")
@@ -144,6 +149,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     for r in rows[1:]:
         lines.append(f"{first['variant']} / {r['variant']}: "
                      f"{first['ready_s_median'] / r['ready_s_median']:.2f}x the start time, "
+                     f"{first['cpu_s_median'] / r['cpu_s_median']:.2f}x the CPU seconds, "
                      f"{first['rss_mib_median'] / r['rss_mib_median']:.2f}x the RSS")
     return "\n".join(lines)
 
@@ -171,8 +177,8 @@ def main(argv: list[str] | None = None) -> int:
         for v in variants:
             s = start_once(v, args.run / f"serve-startup-{v.name}.log")
             starts[v.name].append(s)
-            print(f"round {i + 1} {v.name}: ready in {s.ready_s:.2f} s, RSS {s.rss_mib:.0f} "
-                  f"MiB, torch {'yes' if s.torch else 'no'}", flush=True)
+            print(f"round {i + 1} {v.name}: ready in {s.ready_s:.2f} s ({s.cpu_s:.2f} CPU s), "
+                  f"RSS {s.rss_mib:.0f} MiB, torch {'yes' if s.torch else 'no'}", flush=True)
     rows = [summary(v, starts[v.name]) for v in variants]
     result: dict[str, Any] = {
         "variants": rows, "starts": {k: [vars(s) for s in v] for k, v in starts.items()},
