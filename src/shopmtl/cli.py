@@ -534,9 +534,18 @@ def serve(
         from shopmtl.config import ConfigError
 
         raise ConfigError("give a model directory, --experiment CONFIG, or both")
+    if workers > 1:
+        from shopmtl.serve.workers import run_workers
+
+        run_workers(model_dir, workers=workers, host=host, port=port,
+                    max_in_flight=max_in_flight, max_body=max_body,
+                    admin_key_file=admin_key_file, features=features,
+                    features_redis=features_redis, batch_rows=batch_rows,
+                    experiment=experiment)
+        return
     run(model_dir, host=host, port=port, max_in_flight=max_in_flight, max_body=max_body,
         admin_key_file=admin_key_file, features=features, features_redis=features_redis,
-        experiment=experiment, batch_rows=batch_rows, workers=workers)
+        experiment=experiment, batch_rows=batch_rows)
 
 
 def _columns(text: str) -> tuple[str, ...]:

@@ -16,9 +16,9 @@ once, by ``JSONResponse`` (no second pass through FastAPI's ``jsonable_encoder``
 validation: the answer is plain JSON values already, and that pass cost about 1 ms of a
 100-candidate answer).
 
-``run(..., workers=N)`` with N > 1 hands over to ``serve.workers``: N worker processes, each
-building this app with ``worker`` set (its index in ``X-Shopmtl-Worker``, the metrics of every
-worker in ``/metrics``, a reload that passed here published to the other workers).
+``shopmtl serve --workers N`` (``serve.workers``) runs N worker processes, each building
+this app with ``worker`` set (its index in ``X-Shopmtl-Worker``, the metrics of every worker
+in ``/metrics``, a reload that passed here published to the other workers).
 
 Logging: one line per request (method, route, status, time: ``serve.gate``), the warm-up and
 the errors by type; never a request's text, its query string, ids or the client's address
@@ -390,9 +390,9 @@ def run(model_path: str | Path | None, *, host: str = "127.0.0.1", port: int = 8
         max_in_flight: int = 8, max_body: int = MAX_BODY,
         admin_key_file: str | Path | None = None, features: str | Path | None = None,
         features_redis: str | None = None, experiment: str | Path | None = None,
-        batch_rows: int = MAX_ROWS, workers: int = 1) -> None:
-    """``shopmtl serve``: the app under uvicorn, one process (``workers`` > 1: that many
-    worker processes under a supervisor, ``serve.workers``); SIGTERM stops accepting and lets
+        batch_rows: int = MAX_ROWS) -> None:
+    """``shopmtl serve``: the app under uvicorn, one process (``--workers N``:
+    ``serve.workers.run_workers``); SIGTERM stops accepting and lets
     in-flight requests finish (up to ``GRACEFUL_S``); SIGHUP reloads the model directory the
     server was started with (a hot reload, no key needed: whoever can signal the process
     runs it). The admin key: ``admin_key_from(admin_key_file)``. ``features``: a snapshot
@@ -402,19 +402,6 @@ def run(model_path: str | Path | None, *, host: str = "127.0.0.1", port: int = 8
     uvicorn = require("uvicorn", "serve", "shopmtl serve")
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if workers < 1:
-        raise ValueError("workers must be >= 1")
-    if workers > 1:
-        if experiment is not None or model_path is None:
-            raise ValueError("--workers > 1 serves a model directory without --experiment (an "
-                             "experiment's event queue and counts are one process's own)")
-        from shopmtl.serve.workers import run_workers
-
-        run_workers(Path(model_path), workers=workers, host=host, port=port,
-                    max_in_flight=max_in_flight, max_body=max_body,
-                    admin_key_file=admin_key_file, features=features,
-                    features_redis=features_redis, batch_rows=batch_rows, graceful_s=GRACEFUL_S)
-        return
     from shopmtl.serve.features import open_store
 
     key = admin_key_from(admin_key_file)

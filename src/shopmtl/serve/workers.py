@@ -50,6 +50,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from shopmtl.deps import require
+from shopmtl.serve.app import GRACEFUL_S, MAX_BODY, admin_key_from, create_app
+from shopmtl.serve.batch import MAX_ROWS
 
 ENV = "SHOPMTL_SERVE_WORKERS"  # the workers' options (JSON), from the supervisor
 PUBLISHED = "published.json"
@@ -176,7 +178,6 @@ _SLOT: list[IO[bytes]] = []  # the worker's slot lock, open for the process's li
 def worker_app() -> Any:
     """The uvicorn app factory each worker process calls: claims its index, builds the app
     of the published model directory (or the startup one) with the supervisor's options."""
-    from shopmtl.serve.app import admin_key_from, create_app
     from shopmtl.serve.features import open_store
 
     opts = json.loads(os.environ[ENV])
@@ -247,17 +248,24 @@ def _supervisor_class() -> type:
     return Supervisor
 
 
-def run_workers(model_path: Path, *, workers: int, host: str, port: int, max_in_flight: int,
-                max_body: int, admin_key_file: str | Path | None, features: str | Path | None,
-                features_redis: str | None, batch_rows: int, graceful_s: int) -> None:
+def run_workers(model_path: Path | None, *, workers: int, host: str = "127.0.0.1",
+                port: int = 8000, max_in_flight: int = 8, max_body: int = MAX_BODY,
+                admin_key_file: str | Path | None = None, features: str | Path | None = None,
+                features_redis: str | None = None, batch_rows: int = MAX_ROWS,
+                experiment: str | Path | None = None) -> None:
     """``shopmtl serve --workers N`` (the module docstring): the supervisor, until SIGTERM or
-    SIGINT; its private folder is removed when it returns."""
+    SIGINT; its private folder is removed when it returns. The options are ``serve.app.run``'s,
+    each worker's own (``max_in_flight``: per worker)."""
     uvicorn = require("uvicorn", "serve", "shopmtl serve")
-    from shopmtl.serve.app import admin_key_from
     from shopmtl.serve.reload import model_version
 
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if workers < 2:
-        raise ValueError("run_workers is for 2 or more workers (1: serve.app.run)")
+        raise ValueError("--workers N runs 2 or more workers (1: one process, serve.app.run)")
+    if experiment is not None or model_path is None:
+        raise ValueError("--workers serves a model directory, without --experiment (an "
+                         "experiment's event queue and counts are one process's own)")
     if model_version(Path(model_path)) == "unknown":  # fail here, not in a restart loop
         raise ValueError("the model directory has no manifest.json: give a model directory "
                          "(OUT/model, an export bundle)")
@@ -274,7 +282,7 @@ def run_workers(model_path: Path, *, workers: int, host: str, port: int, max_in_
             "features_redis": features_redis, "batch_rows": batch_rows})
         config = uvicorn.Config("shopmtl.serve.workers:worker_app", factory=True, host=host,
                                 port=port, workers=workers, access_log=False,
-                                server_header=False, timeout_graceful_shutdown=graceful_s,
+                                server_header=False, timeout_graceful_shutdown=GRACEFUL_S,
                                 log_level="info")
         server = uvicorn.Server(config)
         sock = config.bind_socket()
