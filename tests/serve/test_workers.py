@@ -18,6 +18,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -285,3 +286,23 @@ def test_sigterm_finishes_the_request_in_flight_and_leaves_no_process(
     log = server.log_text()
     assert log.index("Shutting down") < log.index("POST /v1/recommend 200"), log
     assert len(seen) > WORKERS  # the workers and the tracker were seen, and all ended
+
+
+def test_what_the_workers_cannot_serve_is_refused_before_any_starts(tmp_path: Path) -> None:
+    """No worker is spawned for what every worker would fail at (a restart loop otherwise):
+    a folder without a manifest, an experiment, a bad admin key; nothing is left in /tmp."""
+    from shopmtl.serve.workers import run_workers
+
+    before = set(Path(tempfile.gettempdir()).glob("shopmtl-serve-*"))
+    with pytest.raises(ValueError, match=r"no manifest\.json"):
+        run_workers(tmp_path, workers=2)
+    with pytest.raises(ValueError, match="without --experiment"):
+        run_workers(None, workers=2, experiment=tmp_path / "exp.yaml")
+    with pytest.raises(ValueError, match="2 or more workers"):
+        run_workers(tmp_path, workers=1)
+    short = tmp_path / "short.key"
+    short.write_text("short")
+    with pytest.raises(ValueError, match="admin key"):
+        run_workers(Path(__file__).parents[1] / "fixtures" / "format1" / "zoo_model",
+                    workers=2, admin_key_file=short)
+    assert set(Path(tempfile.gettempdir()).glob("shopmtl-serve-*")) == before
