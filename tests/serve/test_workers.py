@@ -131,8 +131,8 @@ def server(models: tuple[Path, Path, Path], key_file: Path,
     s = start(models[0], tmp_path_factory.mktemp("serve") / "workers.log", key_file)
     seen: set[int] = set()
     try:
-        wait_ready(s)
-        wait_for("both workers", lambda: len(workers_of(s)) == WORKERS)
+        wait_ready(s)  # one worker is
+        wait_for("both workers ready", lambda: metric(s, "shopmtl_ready") == WORKERS)
         seen |= descendants(s.proc.pid)
         yield s
     finally:
@@ -255,7 +255,7 @@ def test_sigterm_finishes_the_request_in_flight_and_leaves_no_process(
     seen: set[int] = set()
     try:
         wait_ready(server)
-        wait_for("both workers", lambda: len(workers_of(server)) == WORKERS)
+        wait_for("both workers ready", lambda: metric(server, "shopmtl_ready") == WORKERS)
         seen |= descendants(server.proc.pid)
 
         def ask() -> None:
