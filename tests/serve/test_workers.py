@@ -11,6 +11,7 @@ which one a worker serves).
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -69,6 +70,14 @@ def workers_of(server: Server) -> set[int]:
     """The worker processes (multiprocessing's resource tracker is the supervisor's child too)."""
     return {p for p in descendants(server.proc.pid) if alive(p) and b"spawn_main" in
             Path(f"/proc/{p}/cmdline").read_bytes()}
+
+
+def shared_dir(server: Server) -> Path:
+    """The supervisor's private folder, as a worker's environment names it (the supervisor
+    set it after its own start: its /proc environ does not show it)."""
+    env = Path(f"/proc/{min(workers_of(server))}/environ").read_bytes().split(b"\0")
+    opts = next(e for e in env if e.startswith(b"SHOPMTL_SERVE_WORKERS="))
+    return Path(json.loads(opts.split(b"=", 1)[1])["shared"])
 
 
 def wait_for(what: str, check: Callable[[], bool], timeout: float = 60) -> None:
@@ -213,6 +222,13 @@ def test_a_reload_reaches_every_worker_and_a_tampered_model_is_refused_by_all(
     assert metric(server, 'shopmtl_reloads_total{outcome="failed"}') == failed + 1
     assert metric(server, f'shopmtl_model_info{{kind="zoo",version="{version_of(b)}"}}') == 2
     assert metric(server, f'shopmtl_model_info{{kind="zoo",version="{version_of(a)}"}}') == 0
+
+    # a reload while another worker runs one (its lock held here): refused, nothing changes
+    with (shared_dir(server) / "reload.lock").open("ab") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        r = fresh(server, "POST", "/admin/reload", json={"path": str(a)}, headers=AUTH)
+    assert r.status_code == 409 and r.json()["error"]["code"] == "reload_in_progress", r.text
+    all_serve(server, version_of(b))
 
     # SIGHUP to the supervisor: the startup directory (A) again, on every worker
     server.proc.send_signal(signal.SIGHUP)

@@ -331,16 +331,18 @@ def _admin_routes(fastapi: Any, app: Any, reloader: Reloader, worker: Any) -> No
                 "invalid_request", f"the body is {{}} or {{\"path\": <a model directory, 1.."
                 f"{MAX_PATH} characters>}}", ["body"]), status_code=422)
         try:
-            old, new = await run_in_threadpool(reloader.reload, path, "admin")
+            if worker is None:
+                old, new = await run_in_threadpool(reloader.reload, path, "admin")
+            else:  # this worker's reload, then every other worker's (serve.workers)
+                old, new, counts = await run_in_threadpool(worker.reload_all, reloader, path,
+                                                            "admin")
         except ReloadError as e:
             return JSONResponse(error_json(e.code, e.message), status_code=e.status)
         request.scope[SERVED_KEY] = new  # this answer's X-Model-Version: the new model
         answer = {"status": "reloaded", "model_version": new.version,
                   "previous_version": old.version, "kind": new.kind}
         if worker is not None:
-            told = worker.publish(new.path, new.version)
-            serving = await run_in_threadpool(worker.wait_serving, new.version)
-            answer["workers"] = {"total": worker.count, "told": told, "serving": serving}
+            answer["workers"] = counts
         return answer
 
     reload.__annotations__["request"] = fastapi.Request

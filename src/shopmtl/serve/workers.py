@@ -29,7 +29,10 @@ published (an atomic rename) and the supervisor asked (SIGUSR1) to signal every 
 then reloads the published directory through its own ``Reloader`` (the manifest's hashes
 checked again, a warm-up again). The reply waits (up to ``SIBLING_WAIT_S``) until every
 worker's ``serving-<i>.json`` says the new version and reports the counts. A refused reload
-publishes nothing: every worker keeps its model.
+publishes nothing: every worker keeps its model. One service-wide reload runs at a time: the
+worker running one holds an exclusive ``flock`` on ``reload.lock`` until the others swapped,
+and a reload arriving on any worker meanwhile is refused (409 ``reload_in_progress``), as a
+second reload is in one process.
 """
 
 from __future__ import annotations
@@ -119,6 +122,26 @@ class Worker:
         os.kill(os.getppid(), signal.SIGUSR1)
         return self.count - 1
 
+    def reload_all(self, reloader: Any, path: str | Path | None, via: str
+                   ) -> tuple[Any, Any, dict[str, int]]:
+        """A service-wide reload from this worker: one at a time across the workers (a
+        second, on any worker, is refused as busy, as a second reload is in one process);
+        this worker's full reload, then the publish, then the wait for the others: (the old
+        ``Served``, the new one, the counts). Raises ``ReloadError``."""
+        from shopmtl.serve.reload import ReloadError
+
+        with (self.shared / "reload.lock").open("ab") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                reloader.state.metrics.reloads.labels("busy").inc()
+                raise ReloadError(409, "reload_in_progress", "another worker is running a "
+                                  "reload; retry when it is done", "busy") from None
+            old, new = reloader.reload(path, via)
+            told = self.publish(new.path, new.version)
+            serving = self.wait_serving(new.version)
+        return old, new, {"total": self.count, "told": told, "serving": serving}
+
     def wait_serving(self, version: str, timeout: float = SIBLING_WAIT_S) -> int:
         """Wait until every worker serves ``version`` (or ``timeout``): how many do."""
         deadline = time.monotonic() + timeout
@@ -161,11 +184,8 @@ def install_signals(worker: Worker, reloader: Any) -> None:
                          name="shopmtl-follow").start()
 
     def hup() -> None:
-        try:
-            _old, new = reloader.reload(None, "SIGHUP")
-        except ReloadError:  # logged and counted by the reloader; nothing is published
-            return
-        worker.publish(new.path, new.version)
+        with contextlib.suppress(ReloadError):  # logged and counted; nothing is published
+            worker.reload_all(reloader, None, "SIGHUP")
 
     signal.signal(signal.SIGUSR1, follow_in_thread)
     signal.signal(signal.SIGHUP, lambda _s, _f: threading.Thread(
