@@ -240,6 +240,9 @@ def test_a_reload_reaches_every_worker_and_a_tampered_model_is_refused_by_all(
 
 def test_a_killed_worker_is_replaced_and_counts_survive(server: Server,
                                                         models: tuple[Path, Path, Path]) -> None:
+    b = models[1]
+    r = fresh(server, "POST", "/admin/reload", json={"path": str(b)}, headers=AUTH)
+    assert r.status_code == 200, r.text
     pids = workers_of(server)
     assert len(pids) == WORKERS
     count = metric(server, score_sample())
@@ -247,10 +250,11 @@ def test_a_killed_worker_is_replaced_and_counts_survive(server: Server,
     os.kill(victim, signal.SIGKILL)
     wait_for("a new worker", lambda: len(workers_of(server)) == WORKERS
              and victim not in workers_of(server))
-    # the new worker loads the published model (A: the last reload) and warms it up
+    # the new worker loads the published model (B, not the startup directory A) and warms up
     wait_for("both ready", lambda: metric(server, "shopmtl_ready") == WORKERS)
-    all_serve(server, version_of(models[0]))
+    all_serve(server, version_of(b))
     assert metric(server, score_sample()) == count  # the dead worker's counts are kept
+    assert metric(server, f'shopmtl_model_info{{kind="zoo",version="{version_of(b)}"}}') == 2
 
 
 def test_sigterm_finishes_the_request_in_flight_and_leaves_no_process(
