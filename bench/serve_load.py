@@ -19,7 +19,14 @@ candidate items, both drawn from the test split), then stops the server (SIGTERM
 - ``pytorch`` / ``pytorch-alone``: the source model directory (plain PyTorch) under the
   ``int8`` run's load, with and without combining;
 - ``int8-httpx`` (not run by default): ``int8`` driven by httpx clients, the client of the
-  earlier tables.
+  earlier tables;
+- ``int8-workers2`` (not run by default): ``int8`` served by ``--workers 2`` with
+  ``--max-in-flight 4`` per worker (8 in all, as ``int8``); ``int8-workers2-inflight8``: 8 per
+  worker (16 in all). The server's CPU seconds are the supervisor's and its workers'. Run them
+  with ``int8`` as the baseline of the same invocation, into a file of their own:
+
+    .venv/bin/python bench/serve_load.py --runs int8 int8-workers2 int8-workers2-inflight8 \
+        --out bench/results/serve_load_workers.json
 
 Prints the table docs/DEPLOY.md ("## Load") holds and writes ``--out`` (JSON):
 
@@ -66,14 +73,16 @@ ITEM_FIELDS = ("item_id", "top_category", "leaf_category", "brand", "position", 
 TARGET_P99_MS = 20.0
 MAX_ROWS = 4096  # the server's --batch-rows default (serve.batch.MAX_ROWS)
 RUNS = ("int8", "int8-alone", "int8-inflight4", "int8-inflight16", "int8-httpx", "overload",
-        "pytorch", "pytorch-alone")
+        "pytorch", "pytorch-alone", "int8-workers2", "int8-workers2-inflight8")
 DEFAULT_RUNS = ("int8", "int8-alone", "int8-inflight4", "int8-inflight16", "overload",
                 "pytorch", "pytorch-alone")
 # the ratios reported: (run a, run b) -> a's throughput / b's, b's p50 / a's, b's p99 / a's
 RATIOS = {"onnx_over_pytorch": ("int8", "pytorch"),
           "combined_over_alone": ("int8", "int8-alone"),
           "pytorch_combined_over_alone": ("pytorch", "pytorch-alone"),
-          "raw_client_over_httpx": ("int8", "int8-httpx")}
+          "raw_client_over_httpx": ("int8", "int8-httpx"),
+          "workers2_over_one": ("int8-workers2", "int8"),
+          "workers2_inflight8_over_one": ("int8-workers2-inflight8", "int8")}
 GATE_LINE = re.compile(r"POST /v1/recommend 200 ([0-9.]+) ms")
 
 
@@ -130,6 +139,40 @@ def cpu_seconds(pid: int) -> float:
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     except (OSError, IndexError, ValueError):
         return float("nan")
+
+
+def process_tree(pid: int) -> list[int]:
+    """``pid`` and every process under it (``--workers``: the supervisor and its workers)."""
+    found, todo = [pid], [pid]
+    while todo:
+        p = todo.pop()
+        for task in Path(f"/proc/{p}/task").glob("*"):
+            try:
+                kids = [int(k) for k in (task / "children").read_text().split()]
+            except OSError:
+                continue
+            new = [k for k in kids if k not in found]
+            found += new
+            todo += new
+    return found
+
+
+def all_ready(url: str, workers: int) -> None:
+    """Wait until ``/metrics`` says every worker is ready (``shopmtl_ready`` sums them)."""
+    import httpx
+
+    deadline = time.monotonic() + READY_S
+    while time.monotonic() < deadline:
+        text = httpx.get(f"{url}/metrics", timeout=10).text
+        if re.search(rf"^shopmtl_ready {workers}\.0$", text, re.M):
+            return
+        time.sleep(0.2)
+    raise RuntimeError(f"{workers} workers were not ready after {READY_S} s")
+
+
+def tree_cpu_seconds(pids: list[int]) -> float:
+    """The CPU seconds of ``pids`` together (a process that ended counts as 0 here)."""
+    return sum(c for c in map(cpu_seconds, pids) if c == c)
 
 
 @contextmanager
@@ -312,6 +355,7 @@ class Run:
     max_in_flight: int
     batch_rows: int
     client: str = "raw"
+    workers: int = 1  # --workers: the in-flight bound is per worker
 
 
 def measure(name: str, run: Run, bodies: list[bytes], seconds: float, logs: Path,
@@ -321,10 +365,14 @@ def measure(name: str, run: Run, bodies: list[bytes], seconds: float, logs: Path
     log = logs / f"serve-{name}.log"
     # the option only when it is not the default: a --src checkout may predate it
     extra = ["--batch-rows", str(run.batch_rows)] if run.batch_rows != MAX_ROWS else []
+    extra += ["--workers", str(run.workers)] if run.workers > 1 else []
     with server(run.model, run.max_in_flight, log, *extra, src=src) as (url, proc):
-        cpu0, me0, load0 = cpu_seconds(proc.pid), time.process_time(), os.getloadavg()[0]
+        if run.workers > 1:  # /readyz answered from one worker: wait for every one
+            all_ready(url, run.workers)
+        pids = process_tree(proc.pid)
+        cpu0, me0, load0 = tree_cpu_seconds(pids), time.process_time(), os.getloadavg()[0]
         got = run_async(drive(url, bodies, run.clients, seconds, run.client))
-        cpu1, me1, load1 = cpu_seconds(proc.pid), time.process_time(), os.getloadavg()[0]
+        cpu1, me1, load1 = tree_cpu_seconds(pids), time.process_time(), os.getloadavg()[0]
     lat = np.asarray(got["latency_ok_s"]) * 1e3
     gate = np.asarray(gate_latencies(log))
     codes = got["codes"]
@@ -335,7 +383,7 @@ def measure(name: str, run: Run, bodies: list[bytes], seconds: float, logs: Path
     pct = (lambda q: float(np.percentile(lat, q))) if ok else (lambda q: float("nan"))
     return {"run": name, "model": str(run.model), "clients": run.clients,
             "max_in_flight": run.max_in_flight, "batch_rows": run.batch_rows,
-            "client": run.client,
+            "client": run.client, "workers": run.workers,
             "seconds": got["wall_s"], "requests": sum(codes.values()), "ok": ok,
             "throughput_ok_rps": ok / got["wall_s"], "p50_ms": pct(50), "p90_ms": pct(90),
             "p99_ms": pct(99), "max_ms": float(lat.max()) if ok else float("nan"),
@@ -354,7 +402,8 @@ def markdown(result: dict[str, Any]) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in result["runs"]:
         cells = [r["run"], r["model_kind"], str(r["batch_rows"]), r["client"],
-                 str(r["clients"]), str(r["max_in_flight"]),
+                 str(r["clients"]), str(r["max_in_flight"]) + (
+                     f" x {r['workers']} workers" if r.get("workers", 1) > 1 else ""),
                  f"{r['throughput_ok_rps']:.1f}", f"{r['p50_ms']:.1f}", f"{r['p99_ms']:.1f}",
                  f"{r['server_p50_ms']:.1f} / {r['server_p99_ms']:.1f}",
                  str(r["ok"]), str(r["n429"]), str(r["n5xx"]), str(r["connection_errors"]),
@@ -390,7 +439,9 @@ def main(argv: list[str] | None = None) -> int:
             "int8-httpx": Run(bundle, args.clients, 8, MAX_ROWS, "httpx"),
             "overload": Run(bundle, args.overload_clients, args.overload_in_flight, MAX_ROWS),
             "pytorch": Run(model_dir, args.clients, 8, MAX_ROWS),
-            "pytorch-alone": Run(model_dir, args.clients, 8, 0)}
+            "pytorch-alone": Run(model_dir, args.clients, 8, 0),
+            "int8-workers2": Run(bundle, args.clients, 4, MAX_ROWS, workers=2),
+            "int8-workers2-inflight8": Run(bundle, args.clients, 8, MAX_ROWS, workers=2)}
     runs = []
     for name in args.runs:
         r = measure(name, plan[name], bodies, args.seconds, args.run, args.src)

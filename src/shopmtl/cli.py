@@ -512,6 +512,9 @@ def serve(
         "--batch-rows", help="Most table rows of concurrent requests scored in one model "
         "call (/v1/score, /v1/recommend, /v1/ads/ctr); 0: each request alone", min=0)
     ] = 4096,
+    workers: Annotated[int, typer.Option(
+        "--workers", help="Worker processes on the one port (each loads the model; "
+        "--max-in-flight is per worker); 1: one process", min=1)] = 1,
 ) -> None:
     """Serve a model over HTTP (the serve extra): one JSON endpoint per subsystem the model
     has (/v1/score, /v1/recommend, /v1/ads/ctr, /v1/search, /v1/support/intent,
@@ -531,6 +534,15 @@ def serve(
         from shopmtl.config import ConfigError
 
         raise ConfigError("give a model directory, --experiment CONFIG, or both")
+    if workers > 1:
+        from shopmtl.serve.workers import run_workers
+
+        run_workers(model_dir, workers=workers, host=host, port=port,
+                    max_in_flight=max_in_flight, max_body=max_body,
+                    admin_key_file=admin_key_file, features=features,
+                    features_redis=features_redis, batch_rows=batch_rows,
+                    experiment=experiment)
+        return
     run(model_dir, host=host, port=port, max_in_flight=max_in_flight, max_body=max_body,
         admin_key_file=admin_key_file, features=features, features_redis=features_redis,
         experiment=experiment, batch_rows=batch_rows)

@@ -8,7 +8,9 @@
   header, metrics, logs;
 - ``serve.reload``: the served model and its hot reload (``POST /admin/reload``, SIGHUP);
 - ``serve.errors``: the one error shape, never a request value;
-- ``serve.metrics``: Prometheus metrics.
+- ``serve.metrics``: Prometheus metrics;
+- ``serve.workers``: ``--workers N``: N worker processes under uvicorn's supervisor, their
+  metrics shared, a reload published to every one.
 
 An app layer (tests/test_layering.py): it imports the layers below and ``modeldir``; nothing
 imports it but the CLI. Its optional packages (the ``serve`` extra) are imported where used,

@@ -16,6 +16,10 @@ once, by ``JSONResponse`` (no second pass through FastAPI's ``jsonable_encoder``
 validation: the answer is plain JSON values already, and that pass cost about 1 ms of a
 100-candidate answer).
 
+``shopmtl serve --workers N`` (``serve.workers``) runs N worker processes, each building
+this app with ``worker`` set (its index in ``X-Shopmtl-Worker``, the metrics of every worker
+in ``/metrics``, a reload that passed here published to the other workers).
+
 Logging: one line per request (method, route, status, time: ``serve.gate``), the warm-up and
 the errors by type; never a request's text, its query string, ids or the client's address
 (uvicorn's access log is off).
@@ -72,7 +76,7 @@ log = logging.getLogger("shopmtl.serve")
 
 def create_app(model_path: str | Path | None, *, max_in_flight: int = 8,
                max_body: int = MAX_BODY, admin_key: str | None = None, features: Any = None,
-               experiment: Any = None, batch_rows: int = MAX_ROWS) -> Any:
+               experiment: Any = None, batch_rows: int = MAX_ROWS, worker: Any = None) -> Any:
     """The FastAPI app serving ``model_path`` (any directory ``shopmtl.load`` reads).
     ``max_in_flight`` model requests are answered at once, the next ones get 429;
     ``max_body`` bytes bound a request body (413 beyond). ``admin_key``: the key of
@@ -83,13 +87,17 @@ def create_app(model_path: str | Path | None, *, max_in_flight: int = 8,
     whose arms load their own models (``serve.experiment``: its rank and feedback routes beside
     the model's); ``model_path`` may then be None (the experiment's routes only).
     ``batch_rows``: the most table rows of concurrent requests scored in one model call
-    (``serve.batch``); 0 scores each request on its own."""
+    (``serve.batch``); 0 scores each request on its own. ``worker``: a ``serve.workers.Worker``
+    when this app is one of several worker processes (None: the only one)."""
     if model_path is None and experiment is None:
         raise ValueError("give a model directory, an experiment, or both")
     if max_in_flight < 1 or max_body < 1:
         raise ValueError("max_in_flight and max_body must be >= 1")
     if batch_rows < 0:
         raise ValueError("batch_rows must be >= 0 (0: no combining)")
+    if worker is not None and experiment is not None:
+        raise ValueError("an experiment runs in one process (its event queue and counts are "
+                         "the process's own): serve it without --workers")
     if admin_key is not None:
         check_admin_key(admin_key)
     fastapi = require("fastapi", "serve", "the HTTP service")
@@ -109,8 +117,11 @@ def create_app(model_path: str | Path | None, *, max_in_flight: int = 8,
     exp_routes = [exp.path, FEEDBACK_PATH] if exp is not None else []
     routes = frozenset([*served.endpoints, *exp_routes, "/livez", "/readyz", "/metrics",
                         "/openapi.json", "/docs", RELOAD_PATH])
-    state = ServeState(served, ServeMetrics(served.version, served.kind), routes, max_in_flight,
-                       max_body, admin_key=admin_key.encode() if admin_key is not None else None)
+    metrics = ServeMetrics(served.version, served.kind,
+                           worker.metrics_dir if worker is not None else None)
+    state = ServeState(served, metrics, routes, max_in_flight, max_body,
+                       admin_key=admin_key.encode() if admin_key is not None else None,
+                       worker=worker.index if worker is not None else None)
     if exp is not None:
         exp.attach_metrics(state.metrics.registry)
     if store is not None:
@@ -132,6 +143,8 @@ def create_app(model_path: str | Path | None, *, max_in_flight: int = 8,
         if exp is not None and not warm_experiment(exp, state):
             return
         reloader.startup()
+        if worker is not None and state.ready.is_set():
+            worker.serving(state.version)
 
     app = fastapi.FastAPI(
         title="shopmtl", version=served.version, lifespan=lifespan,
@@ -143,6 +156,8 @@ def create_app(model_path: str | Path | None, *, max_in_flight: int = 8,
     def swapped(new: Served) -> None:  # OpenAPI's info.version follows the served model
         app.version = new.version
         app.openapi_schema = None
+        if worker is not None:
+            worker.serving(new.version)
 
     reloader = Reloader(state, path, on_swap=swapped, load=load)
     errors = error_responses()
@@ -153,7 +168,7 @@ def create_app(model_path: str | Path | None, *, max_in_flight: int = 8,
     if exp is not None:
         add_routes(fastapi, app, exp)
     _health_routes(fastapi, app, state)
-    _admin_routes(fastapi, app, reloader)
+    _admin_routes(fastapi, app, reloader, worker)
     _error_handlers(fastapi, app)
     app.add_middleware(Gate, state=state)
     app.state.serve = state
@@ -282,9 +297,11 @@ def _health_routes(fastapi: Any, app: Any, state: ServeState) -> None:
         return responses.Response(data, media_type=ctype)
 
 
-def _admin_routes(fastapi: Any, app: Any, reloader: Reloader) -> None:
+def _admin_routes(fastapi: Any, app: Any, reloader: Reloader, worker: Any) -> None:
     """``POST /admin/reload``: the gate has checked the admin key; the reload runs in a
-    worker thread (the event loop and the served model keep answering)."""
+    worker thread (the event loop and the served model keep answering). With ``worker``
+    (``serve.workers``), a reload that passed is published to the other workers and the
+    answer waits until they serve it too (``workers``: total, told, serving the new one)."""
     from starlette.concurrency import run_in_threadpool
 
     JSONResponse = fastapi.responses.JSONResponse
@@ -314,12 +331,19 @@ def _admin_routes(fastapi: Any, app: Any, reloader: Reloader) -> None:
                 "invalid_request", f"the body is {{}} or {{\"path\": <a model directory, 1.."
                 f"{MAX_PATH} characters>}}", ["body"]), status_code=422)
         try:
-            old, new = await run_in_threadpool(reloader.reload, path, "admin")
+            if worker is None:
+                old, new = await run_in_threadpool(reloader.reload, path, "admin")
+            else:  # this worker's reload, then every other worker's (serve.workers)
+                old, new, counts = await run_in_threadpool(worker.reload_all, reloader, path,
+                                                            "admin")
         except ReloadError as e:
             return JSONResponse(error_json(e.code, e.message), status_code=e.status)
         request.scope[SERVED_KEY] = new  # this answer's X-Model-Version: the new model
-        return {"status": "reloaded", "model_version": new.version,
-                "previous_version": old.version, "kind": new.kind}
+        answer = {"status": "reloaded", "model_version": new.version,
+                  "previous_version": old.version, "kind": new.kind}
+        if worker is not None:
+            answer["workers"] = counts
+        return answer
 
     reload.__annotations__["request"] = fastapi.Request
     app.add_api_route(RELOAD_PATH, reload, methods=["POST"], tags=["admin"],
@@ -369,7 +393,8 @@ def run(model_path: str | Path | None, *, host: str = "127.0.0.1", port: int = 8
         admin_key_file: str | Path | None = None, features: str | Path | None = None,
         features_redis: str | None = None, experiment: str | Path | None = None,
         batch_rows: int = MAX_ROWS) -> None:
-    """``shopmtl serve``: the app under uvicorn, one process; SIGTERM stops accepting and lets
+    """``shopmtl serve``: the app under uvicorn, one process (``--workers N``:
+    ``serve.workers.run_workers``); SIGTERM stops accepting and lets
     in-flight requests finish (up to ``GRACEFUL_S``); SIGHUP reloads the model directory the
     server was started with (a hot reload, no key needed: whoever can signal the process
     runs it). The admin key: ``admin_key_from(admin_key_file)``. ``features``: a snapshot

@@ -41,6 +41,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 MODEL_PREFIX = "/v1/"
 ADMIN_PREFIX = "/admin/"
 VERSION_HEADER = b"x-model-version"
+WORKER_HEADER = b"x-shopmtl-worker"  # with --workers N: the answering worker's index, 0..N-1
 SERVED_KEY = "shopmtl.served"  # the scope key of the request's Served
 log = logging.getLogger("shopmtl.serve")
 
@@ -59,6 +60,7 @@ class ServeState:
     warm_error: str = ""  # why the warm-up failed ("" while warming or once ready)
     in_flight: int = 0
     admin_key: bytes | None = field(default=None, repr=False)
+    worker: int | None = None  # with --workers N: this worker's index (serve.workers)
 
     @property
     def version(self) -> str:
@@ -80,12 +82,16 @@ class Gate:
         start = time.perf_counter()
         sent = {"status": 0}
         scope[SERVED_KEY] = self.state.current  # this request's model, whatever a reload does
+        # an index, never a pid: which worker answered, for a client or a test to tell apart
+        extra = (() if self.state.worker is None else
+                 ((WORKER_HEADER, str(self.state.worker).encode()),))
 
         async def send_versioned(message: Message) -> None:
             if message["type"] == "http.response.start":
                 sent["status"] = message["status"]
                 message["headers"] = [*message.get("headers", ()),
-                                      (VERSION_HEADER, scope[SERVED_KEY].version.encode())]
+                                      (VERSION_HEADER, scope[SERVED_KEY].version.encode()),
+                                      *extra]
             await send(message)
 
         try:

@@ -3,6 +3,15 @@
 A registry per app (not prometheus_client's global one) so that two apps in one process, as a
 test builds them, never collide. ``endpoint`` is a route's path or ``other``: a raw path could
 carry client text and would grow the label set without bound.
+
+With ``--workers N`` (``serve.workers``) every worker process writes its metrics into the
+supervisor's private ``PROMETHEUS_MULTIPROC_DIR`` and ``/metrics`` renders the whole service
+from those files (``MultiProcessCollector``): counters and histograms are summed over the
+workers (the dead ones' counts included, so a restart loses none); the in-flight and ready
+gauges are summed over the live workers (``livesum``: ``shopmtl_ready`` is then the number of
+ready workers); the served model, an Info metric that multiprocess mode cannot hold, becomes
+the gauge ``shopmtl_model_info{version, kind}``: the number of live workers serving it (the
+same sample name and labels as the Info's, so a query reads both).
 """
 
 from __future__ import annotations
@@ -23,9 +32,12 @@ class ServeMetrics:
 call of table rows (``serve.batch``) and the feature store's misses
     (``shopmtl_feature_misses_total{kind}``, ``serve.features``)."""
 
-    def __init__(self, version: str, kind: str) -> None:
+    def __init__(self, version: str, kind: str, multiprocess_dir: str | None = None) -> None:
         pc = require("prometheus_client", "serve", "the /metrics endpoint")
         self._pc = pc
+        # the workers' shared files (serve.workers), or None: this process's registry alone
+        self.multiprocess_dir = multiprocess_dir
+        live = {"multiprocess_mode": "livesum"} if multiprocess_dir is not None else {}
         self.registry = pc.CollectorRegistry(auto_describe=True)
         self.requests = pc.Counter("shopmtl_http_requests", "HTTP requests answered, by "
                                    "endpoint and status code", ["endpoint", "code"],
@@ -34,11 +46,17 @@ call of table rows (``serve.batch``) and the feature store's misses
                                     "request's arrival to its answer, by endpoint",
                                     ["endpoint"], buckets=BUCKETS, registry=self.registry)
         self.in_flight = pc.Gauge("shopmtl_http_in_flight", "Model requests being answered "
-                                  "(bounded by --max-in-flight)", registry=self.registry)
+                                  "(bounded by --max-in-flight)", registry=self.registry, **live)
         self.ready = pc.Gauge("shopmtl_ready", "1 once the model answered its warm-up",
-                              registry=self.registry)
-        self._info = pc.Info("shopmtl_model", "The served model: its manifest's short sha256 "
-                             "and kind", registry=self.registry)
+                              registry=self.registry, **live)
+        if multiprocess_dir is None:
+            self._info = pc.Info("shopmtl_model", "The served model: its manifest's short "
+                                 "sha256 and kind", registry=self.registry)
+        else:
+            self._info = pc.Gauge("shopmtl_model_info", "The served model: its manifest's "
+                                  "short sha256 and kind; the number of workers serving it",
+                                  ["version", "kind"], registry=self.registry, **live)
+        self._served: tuple[str, str] | None = None
         self.model(version, kind)
         self.reloads = pc.Counter("shopmtl_reloads", "Hot reloads (POST /admin/reload, "
                                   "SIGHUP) by outcome: ok, failed (the model did not load or "
@@ -65,7 +83,13 @@ call of table rows (``serve.batch``) and the feature store's misses
 
     def model(self, version: str, kind: str) -> None:
         """The served model's info (replaced, not added to, by a reload)."""
-        self._info.info({"version": version, "kind": kind})
+        if self.multiprocess_dir is None:
+            self._info.info({"version": version, "kind": kind})
+            return
+        if self._served is not None and self._served != (version, kind):
+            self._info.labels(*self._served).set(0)  # this worker serves it no more
+        self._info.labels(version, kind).set(1)
+        self._served = (version, kind)
 
     def model_call(self, requests: int, rows: int) -> None:
         self.call_requests.observe(requests)
@@ -76,8 +100,14 @@ call of table rows (``serve.batch``) and the feature store's misses
         self.latency.labels(endpoint).observe(seconds)
 
     def render(self) -> tuple[bytes, str]:
-        """The text exposition format and its content type."""
-        return self._pc.generate_latest(self.registry), self._pc.CONTENT_TYPE_LATEST
+        """The text exposition format and its content type (every worker's, with workers)."""
+        if self.multiprocess_dir is None:
+            return self._pc.generate_latest(self.registry), self._pc.CONTENT_TYPE_LATEST
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        registry = self._pc.CollectorRegistry()
+        MultiProcessCollector(registry, self.multiprocess_dir)
+        return self._pc.generate_latest(registry), self._pc.CONTENT_TYPE_LATEST
 
     def __repr__(self) -> str:
         return f"<ServeMetrics {self.registry!r}>"
