@@ -28,7 +28,7 @@ from shopmtl.data.pipeline import PreparedData, prepare_data, resolve_synthetic
 from shopmtl.deps import require
 from shopmtl.federated import dp as fdp
 from shopmtl.federated.client import Federation, make_client_app, nest_auc
-from shopmtl.federated.config import FederatedConfig, FederatedRun
+from shopmtl.federated.config import FederatedConfig, FederatedRun, JointFederatedRun
 from shopmtl.federated.faults import Guard
 from shopmtl.federated.resume import (
     int_keys,
@@ -354,19 +354,27 @@ def simulate(fed: Federation, data: PreparedData, log: Callable[[str], None] = p
              ) -> tuple[Any, Recorder, dict[int, dict[str, Any]], float]:
     """Run the federation on Flower's simulation engine (``serve`` in this process, one
     virtual SuperNode per silo). Returns what ``serve`` returns."""
+    return run_on_engine(lambda grid: serve(fed, data, grid, log, checkpointer, resume),
+                         make_client_app(fed), len(fed.silo_names), fed.federated)
+
+
+def run_on_engine(main: Callable[[Any], Any], client_app: Any, n_silos: int,
+                  cfg: FederatedConfig) -> Any:
+    """``main(grid)`` as the ``ServerApp`` in this process and ``client_app`` on
+    ``n_silos`` virtual SuperNodes of Flower's simulation engine; returns what ``main``
+    returned (the zoo's ``serve``, the joint model's ``federated.joint.serve``)."""
     require("flwr", "federated", "federated training")
     require("ray", "federated", "Flower's simulation engine")
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
-    cfg = fed.federated
     logging.getLogger("flwr").setLevel(logging.WARNING)  # our one line a round instead
     app = ServerApp()
     result: dict[str, Any] = {}
 
     @app.main()
     def _main(grid: Any, context: Any) -> None:
-        result["r"] = serve(fed, data, grid, log, checkpointer, resume)
+        result["r"] = main(grid)
 
     backend = {"client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": 0.0},
                "init_args": {"num_cpus": cfg.engine_cpus, "include_dashboard": False,
@@ -374,8 +382,7 @@ def simulate(fed: Federation, data: PreparedData, log: Callable[[str], None] = p
     saved = {k: os.environ.get(k) for k in ENV}
     os.environ.update(ENV)  # the engine's workers inherit them; ours are put back after
     try:
-        run_simulation(app, make_client_app(fed), num_supernodes=len(fed.silo_names),
-                       backend_config=backend)
+        run_simulation(app, client_app, num_supernodes=n_silos, backend_config=backend)
     finally:
         for k, v in saved.items():
             if v is None:
@@ -453,14 +460,18 @@ Engine = Callable[[Federation, PreparedData, Callable[[str], None], Checkpointer
                   tuple[Any, Recorder, dict[int, dict[str, Any]], float]]
 
 
-def run_federated(run: FederatedRun, out: str | Path, log: Callable[[str], None] = print,
-                  *, resume: bool = False, run_id: str | None = None,
-                  engine: Engine = simulate) -> dict[str, Any]:
+def run_federated(run: FederatedRun | JointFederatedRun, out: str | Path,
+                  log: Callable[[str], None] = print, *, resume: bool = False,
+                  run_id: str | None = None, engine: Engine = simulate) -> dict[str, Any]:
     """``shopmtl federate``: silos, the federation (``engine``: Flower's simulation engine by
     default; ``federated.deploy`` passes a SuperLink's grid), ``model/`` (the global model,
     unshared pieces zero), ``metrics.json`` and ``report.md`` in ``out``; a checkpoint after
     every round in ``out/checkpoints`` (``resume``: continue after the latest one; ``run_id``:
-    the output folder's, ``train.outdir``)."""
+    the output folder's, ``train.outdir``). A joint config: ``federated.joint``."""
+    if isinstance(run, JointFederatedRun):
+        from shopmtl.federated.joint import run_joint_federated
+
+        return run_joint_federated(run, out, log, resume=resume, run_id=run_id)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(run.federated.seed)
