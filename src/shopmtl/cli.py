@@ -684,6 +684,11 @@ def federate(
     from shopmtl.train.outlock import locked_output
 
     run = load_federated(config, sets or [])
+    if deployment and not hasattr(run, "experiment"):
+        from shopmtl.config import ConfigError
+
+        raise ConfigError("--deployment with a joint config: not built (a joint federation "
+                          "runs on the simulation engine)")
     if deployment:
         from shopmtl.federated.deploy import check_connection
 
@@ -708,7 +713,10 @@ def federate(
             metrics = run_federated(run, out, log=typer.echo, resume=action == "resume",
                                     run_id=run_id)
     final = metrics["final"]
-    for task, scopes in final["pooled"].items():
+    if metrics.get("kind") == "joint":  # each task on the silo that owns its source
+        for task, got in final.get("tasks", {}).items():
+            typer.echo(f"test {task} (silo {got['silo']}): {got['test']:.4f}")
+    for task, scopes in final.get("pooled", {}).items():
         typer.echo(f"pooled test AUC {task}: {scopes.get('all', float('nan')):.4f}")
     typer.echo(f"wrote {out / 'metrics.json'} and {out / 'report.md'}")
 

@@ -448,11 +448,13 @@ def serve(fed: JointFederation, grid: Any, log: Callable[[str], None] = print,
 
 
 def run_config(fed: JointFederation) -> dict[str, Any]:
-    """The config a round checkpoint must be resumed with (``rounds`` aside), as JSON."""
+    """The config a round checkpoint must be resumed with, as JSON: ``rounds`` included (a
+    zoo run may be resumed with more rounds; a joint round is ``steps / rounds`` steps, so
+    more rounds would change the rounds already run)."""
     from shopmtl.config import to_dict
 
-    cfg = {k: v for k, v in to_dict(fed.federated).items() if k != "rounds"}
-    return json.loads(json.dumps(json_safe({"joint": to_dict(fed.joint), "federated": cfg})))
+    return json.loads(json.dumps(json_safe({"joint": to_dict(fed.joint),
+                                            "federated": to_dict(fed.federated)})))
 
 
 def simulate(fed: JointFederation, log: Callable[[str], None] = print,
@@ -484,6 +486,10 @@ def summarise(fed: JointFederation, result: dict[str, Any]) -> dict[str, Any]:
             "sent_keys": result["sent_keys"].get(r, {}),
             "train_loss": {s: m["train_loss"] for s, m in train.items()},
             "dropped": rec.dropped.get(r, {}),
+            # a resumed run's clients: the round whose own state each one read back
+            **({"restored": {s: m["restored_from"] for s, m in train.items()
+                             if "restored_from" in m}}
+               if any("restored_from" in m for m in train.values()) else {}),
         })
     skipped = [s for s, on in (("refit", fed.joint.train.refit_steps > 0),
                                ("solve", fed.joint.train.solve_heads)) if on]
@@ -541,6 +547,10 @@ def run_joint_federated(run: JointFederatedRun, out: str | Path,
             "only, docs/FEDERATED.md)")
     log(f"{len(names)} silos: " + "; ".join(f"{n} ({', '.join(run.silos[n])})" for n in names))
     checkpointer = Checkpointer(out / "checkpoints", run_id=run_id)
+    if resume:  # a missing checkpoint or another config: refused before the engine starts
+        from shopmtl.federated.resume import load_round
+
+        load_round(checkpointer, run_config(fed))
     result = simulate(fed, log, checkpointer, resume)
     metrics = summarise(fed, result)
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1, allow_nan=False))
