@@ -678,13 +678,13 @@ def federate(
     --deployment): the rows split into silos that never pool them, one model trained by
     rounds of local training and aggregation; AUC per round per silo and on the pooled test
     split in OUT/metrics.json and OUT/report.md."""
-    from shopmtl.federated.config import load_federated
+    from shopmtl.federated.config import JointFederatedRun, load_federated
     from shopmtl.federated.server import run_federated
     from shopmtl.train.outdir import check_output, start_run
     from shopmtl.train.outlock import locked_output
 
     run = load_federated(config, sets or [])
-    if deployment and not hasattr(run, "experiment"):
+    if deployment and isinstance(run, JointFederatedRun):
         from shopmtl.config import ConfigError
 
         raise ConfigError("--deployment with a joint config: not built (a joint federation "
@@ -709,6 +709,11 @@ def federate(
 
             metrics = run_deployment(config, out, sets or [], deployment, insecure=insecure,
                                      root_certificates=root_certificates)
+        elif isinstance(run, JointFederatedRun):
+            from shopmtl.federated.joint import run_joint_federated
+
+            metrics = run_joint_federated(run, out, log=typer.echo,
+                                          resume=action == "resume", run_id=run_id)
         else:
             metrics = run_federated(run, out, log=typer.echo, resume=action == "resume",
                                     run_id=run_id)

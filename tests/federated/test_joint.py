@@ -46,18 +46,25 @@ def raw(**federated: Any) -> dict[str, Any]:
 
 @pytest.fixture(scope="module")
 def fed_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, Any]]:
-    from shopmtl.federated.server import run_federated
+    """The 2-round run through ``shopmtl federate`` (the CLI in this process)."""
+    from shopmtl.cli import app
 
-    out = tmp_path_factory.mktemp("fedjoint") / "run"
-    metrics = run_federated(federated_from_dict(raw()), out, log=lambda s: None)
-    return out, metrics
+    base = tmp_path_factory.mktemp("fedjoint")
+    cfg, out = base / "fed.yaml", base / "run"
+    cfg.write_text(json.dumps(raw()))  # JSON is YAML
+    res = CliRunner().invoke(app, ["federate", str(cfg), "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "test intent (silo service): " in res.output
+    return out, json.loads((out / "metrics.json").read_text())
 
 
 def test_every_task_is_scored_on_its_owner_silo_every_round(fed_run) -> None:
     out, metrics = fed_run
-    assert psutil.Process().children(recursive=True) == []  # the engine's workers are gone
-    back = json.loads((out / "metrics.json").read_text())
-    assert back == json.loads(json.dumps(metrics))
+    # the engine's workers are gone (Ray is shut down at the end of the run); Flower's
+    # telemetry thread may still be running ``file`` (platform.architecture) for a moment
+    _, alive = psutil.wait_procs(psutil.Process().children(recursive=True), timeout=30)
+    assert alive == []
+    back = metrics
     assert back["kind"] == "joint" and back["owner"] == OWNER
     assert [r["round"] for r in back["rounds"]] == [1, 2]
     for r in back["rounds"]:
@@ -111,7 +118,7 @@ def test_each_silo_model_dir_loads_holds_the_global_adapter_and_predicts(fed_run
 
 
 def test_a_resumed_run_continues_each_silo_where_it_stood(fed_run, tmp_path: Path) -> None:
-    from shopmtl.federated.server import run_federated
+    from shopmtl.federated.joint import run_joint_federated
 
     out, first = fed_run
     again = tmp_path / "run"
@@ -120,7 +127,7 @@ def test_a_resumed_run_continues_each_silo_where_it_stood(fed_run, tmp_path: Pat
     # clients' round-2 state files are there too: a resumed client reads its round-1 one)
     shutil.rmtree(again / "checkpoints" / "ckpt-00-000000002")
     (again / "checkpoints" / "latest").write_text("ckpt-00-000000001")
-    metrics = run_federated(federated_from_dict(raw()), again, log=lambda s: None,
+    metrics = run_joint_federated(federated_from_dict(raw()), again, log=lambda s: None,
                             resume=True)
     assert [r["round"] for r in metrics["rounds"]] == [1, 2]
     final = metrics["final"]
@@ -130,7 +137,7 @@ def test_a_resumed_run_continues_each_silo_where_it_stood(fed_run, tmp_path: Pat
     for task, got in final["tasks"].items():
         assert got["test"] == pytest.approx(first["final"]["tasks"][task]["test"], abs=1e-6)
     with pytest.raises(ConfigError, match=r"federated\.rounds differs"):
-        run_federated(federated_from_dict(raw(rounds=3)), again, log=lambda s: None,
+        run_joint_federated(federated_from_dict(raw(rounds=3)), again, log=lambda s: None,
                       resume=True)
 
 

@@ -28,7 +28,7 @@ from shopmtl.data.pipeline import PreparedData, prepare_data, resolve_synthetic
 from shopmtl.deps import require
 from shopmtl.federated import dp as fdp
 from shopmtl.federated.client import Federation, make_client_app, nest_auc
-from shopmtl.federated.config import FederatedConfig, FederatedRun, JointFederatedRun
+from shopmtl.federated.config import FederatedConfig, FederatedRun
 from shopmtl.federated.faults import Guard
 from shopmtl.federated.resume import (
     int_keys,
@@ -460,18 +460,14 @@ Engine = Callable[[Federation, PreparedData, Callable[[str], None], Checkpointer
                   tuple[Any, Recorder, dict[int, dict[str, Any]], float]]
 
 
-def run_federated(run: FederatedRun | JointFederatedRun, out: str | Path,
-                  log: Callable[[str], None] = print, *, resume: bool = False,
-                  run_id: str | None = None, engine: Engine = simulate) -> dict[str, Any]:
+def run_federated(run: FederatedRun, out: str | Path, log: Callable[[str], None] = print,
+                  *, resume: bool = False, run_id: str | None = None,
+                  engine: Engine = simulate) -> dict[str, Any]:
     """``shopmtl federate``: silos, the federation (``engine``: Flower's simulation engine by
     default; ``federated.deploy`` passes a SuperLink's grid), ``model/`` (the global model,
     unshared pieces zero), ``metrics.json`` and ``report.md`` in ``out``; a checkpoint after
     every round in ``out/checkpoints`` (``resume``: continue after the latest one; ``run_id``:
     the output folder's, ``train.outdir``). A joint config: ``federated.joint``."""
-    if isinstance(run, JointFederatedRun):
-        from shopmtl.federated.joint import run_joint_federated
-
-        return run_joint_federated(run, out, log, resume=resume, run_id=run_id)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(run.federated.seed)
