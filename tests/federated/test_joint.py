@@ -211,3 +211,41 @@ def test_the_step_plan_gives_each_source_its_joint_sampler_share() -> None:
     assert plan_steps(cfg, 4, sizes) == [8, 17]
     joint["sampling"] = {"method": "round_robin"}  # two sources of three -> 25 * 2 / 3
     assert plan_steps(joint_config_from_dict(joint), 4, sizes) == [17, 8]
+
+
+def test_the_adapter_average_weighs_each_silo_by_its_steps(identity) -> None:
+    """FedProx, row-aware, as a joint run builds it: a dense array is the steps-weighted mean
+    of the silos' arrays (not the rows-weighted one), an n-gram row the steps-weighted mean
+    over the silos that moved it."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+
+    from shopmtl.federated.config import FederatedConfig
+    from shopmtl.federated.server import make_strategy
+
+    def keep(replies, key):
+        return MetricRecord({"clients": len(replies)})
+
+    s = make_strategy(FederatedConfig(strategy="fedprox", mu=1e-4), 2, keep, keep,
+                      weighted_by="steps")
+    table = np.zeros((3, 2), np.float32)
+
+    class Grid:  # configure_train asks the grid for its nodes
+        def get_node_ids(self):
+            return [1, 2]
+
+    s.configure_train(1, ArrayRecord({"text.ngram.weight[rows]": Array(table),
+                                      "text.vec_in.bias": Array(np.zeros(2, np.float32))}),
+                      ConfigRecord(), Grid())
+    moved = [np.array([[1, 1], [0, 0], [0, 0]], np.float32),
+             np.array([[4, 4], [0, 0], [6, 6]], np.float32)]
+    replies = [Message(content=RecordDict({
+        "arrays": ArrayRecord({"text.ngram.weight[rows]": Array(m),
+                               "text.vec_in.bias": Array(np.full(2, b, np.float32))}),
+        "metrics": MetricRecord({"num-examples": rows, "steps": steps})}),
+        dst_node_id=i + 1, message_type="train")
+        for i, (m, b, rows, steps) in enumerate([(moved[0], 1.0, 24000, 30),
+                                                 (moved[1], 4.0, 150, 10)])]
+    arrays, _ = s.aggregate_train(1, replies)
+    np.testing.assert_allclose(arrays["text.vec_in.bias"].numpy(), [1.75, 1.75])  # 3:1
+    np.testing.assert_allclose(arrays["text.ngram.weight[rows]"].numpy(),
+                               [[1.75, 1.75], [0, 0], [6, 6]])

@@ -58,10 +58,12 @@ ENV = {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
        "OMP_NUM_THREADS": "1", "RAY_DEDUP_LOGS": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
 
 
-def make_strategy(fed: FederatedConfig, n_clients: int, on_train: Callable, on_eval: Callable
-                  ) -> Any:
+def make_strategy(fed: FederatedConfig, n_clients: int, on_train: Callable, on_eval: Callable,
+                  weighted_by: str = "num-examples") -> Any:
     """Flower's strategy for ``fed.strategy``; ``on_train`` / ``on_eval`` receive every
-    round's client replies (the per-silo record) and return the aggregated metrics."""
+    round's client replies (the per-silo record) and return the aggregated metrics;
+    ``weighted_by``: the reply metric a client's update weighs by (the joint model's silos:
+    their steps)."""
     from flwr.serverapp import strategy as st
 
     common = dict(fraction_train=fed.fraction, fraction_evaluate=1.0,
@@ -69,7 +71,7 @@ def make_strategy(fed: FederatedConfig, n_clients: int, on_train: Callable, on_e
                   min_evaluate_nodes=n_clients, min_available_nodes=n_clients,
                   train_metrics_aggr_fn=on_train, evaluate_metrics_aggr_fn=on_eval,
                   # DP: a uniform mean (every client weighs 1), what the accountant assumes
-                  **({"weighted_by_key": fdp.UNIT_WEIGHT} if fed.dp.mode != "none" else {}))
+                  weighted_by_key=fdp.UNIT_WEIGHT if fed.dp.mode != "none" else weighted_by)
     if fed.strategy in ("fedavg", "fedprox"):
         base = st.FedAvg if fed.strategy == "fedavg" else st.FedProx
         if fed.row_aware:
@@ -130,8 +132,8 @@ def row_aware(base: type) -> type:
                 return arrays, metrics
             ok = [m.content for m in replies if not m.has_error()]
             for key, sent in getattr(self, "_sent", {}).items():  # {}: configured elsewhere
-                updates = [(c["arrays"][key].numpy(), float(c["metrics"]["num-examples"]))
-                           for c in ok]
+                updates = [(c["arrays"][key].numpy(),
+                            float(c["metrics"][self.weighted_by_key])) for c in ok]
                 arrays[key] = Array(row_mean(sent, updates))
             return arrays, metrics
 
