@@ -148,6 +148,7 @@ def test_a_resumed_run_continues_each_silo_where_it_stood(fed_run, tmp_path: Pat
     ({"service": ["bitext", "search"], "merch": ["reviews", "retail"]},
      r"\['search'\] are not sources of the joint config"),
     ({"service": [], "merch": ["bitext", "reviews", "retail"]}, r"groups\.service: a silo needs"),
+    ({"../up": ["bitext"], "merch": ["reviews", "retail"]}, "a silo's name is letters"),
 ])
 def test_a_bad_silo_assignment_is_refused(groups: dict[str, list[str]], message: str) -> None:
     bad = raw()

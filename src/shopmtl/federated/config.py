@@ -10,6 +10,7 @@ raised before any data is read.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -254,6 +255,7 @@ def federated_from_dict(raw: dict[str, Any], overrides: list[str] | None = None,
 
 # a joint model shares its text adapter; a head is trained by the one silo owning its source
 JOINT_SHARE = ("text",)
+_SILO_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 JOINT_STRATEGIES = ("fedavg", "fedprox")
 
 
@@ -288,6 +290,9 @@ def check_silo_sources(groups: dict[str, tuple[str, ...]], sources: list[str]) -
     naming the source and the silos)."""
     where: dict[str, list[str]] = {}
     for silo, names in groups.items():
+        if not _SILO_NAME.fullmatch(silo):  # it names the silo's folder under OUT/silos
+            raise ConfigError(f"federated.silos.groups: a silo's name is letters, digits, _ "
+                              f"and - (at most 64, a letter or digit first), got {silo!r}")
         if not names:
             raise ConfigError(f"federated.silos.groups.{silo}: a silo needs at least one "
                               f"source")
