@@ -13,7 +13,7 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from shopmtl.config import (
     ConfigError,
@@ -26,6 +26,9 @@ from shopmtl.config import (
 )
 from shopmtl.federated.faults import FaultConfig
 from shopmtl.keys import check_fields, key
+
+if TYPE_CHECKING:  # the zoo path does not import the joint model's config
+    from shopmtl.joint.config import JointConfig
 
 
 @dataclass(frozen=True)
@@ -264,7 +267,7 @@ class JointFederatedRun:
     """What ``shopmtl federate`` runs on a joint config: each silo owns some of its sources
     (``federated.silos``: by: source), the silos train the one joint model together."""
 
-    joint: Any  # joint.config.JointConfig (imported lazily: the zoo path does not need it)
+    joint: JointConfig
     federated: FederatedConfig
 
     @property
@@ -313,7 +316,7 @@ def check_silo_sources(groups: dict[str, tuple[str, ...]], sources: list[str]) -
                           f"give each source of the joint config to one silo")
 
 
-def check_joint(fed: FederatedConfig, joint: Any, given: set[str]) -> None:
+def check_joint(fed: FederatedConfig, joint: JointConfig, given: set[str]) -> None:
     """Refuse, one line naming the key, what a joint federation does not do."""
     if fed.silos.by != "source":
         raise ConfigError(f"federated.silos.by: a joint model's silos are groups of its "

@@ -208,7 +208,7 @@ def train_silo(model: JointModel, silo: Silo, *, steps: int, lr: float, seed: in
                    weight_decay=t.weight_decay, optimizer_state=optimizer_state)
 
 
-def test_metrics(silo: Silo, model: JointModel, split: str = "test") -> dict[str, float]:
+def owner_metrics(silo: Silo, model: JointModel, split: str = "test") -> dict[str, float]:
     """task -> its primary metric on the silo's ``split``."""
     types = {s.name: s.type for p in silo.parts for s in p.tasks}
     return primary({p.name: p.evaluate(model, split) for p in silo.parts}, types)
@@ -278,7 +278,7 @@ def client_evaluate(fed: JointFederation, msg: Any, context: Any) -> Any:
     restore_client_state(fed.state_file(i), rnd + 1, context.state)
     model, _, _ = silo_model(fed, silo, context.state,
                              {k: v.numpy() for k, v in msg.content["arrays"].items()})
-    test = test_metrics(silo, model)
+    test = owner_metrics(silo, model)
     if rnd == fed.federated.rounds:  # the silo's own deliverable, on its own disk
         save_joint_dir(fed.silo_dir(i) / "model", model, silo.cfg, silo.parts)
     metrics = {"num-examples": sum(len(p.splits["test"]) if hasattr(p, "splits")
