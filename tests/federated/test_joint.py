@@ -186,6 +186,16 @@ def test_the_config_file_names_a_joint_config_and_takes_overrides(tmp_path: Path
                              "federated": {"share": ["text"]}})
 
 
+def test_bad_source_args_are_refused_before_the_engine_starts(tmp_path: Path) -> None:
+    from shopmtl.federated.joint import run_joint_federated
+
+    bad = raw()
+    bad["joint"]["sources"][0]["args"] = {"nonsense": 1}
+    with pytest.raises(ConfigError, match=r"source 'bitext': bad args \['nonsense'\]"):
+        run_joint_federated(federated_from_dict(bad), tmp_path / "o", log=lambda s: None)
+    assert not (tmp_path / "o" / "silos").exists()
+
+
 def test_cli_refuses_a_source_in_no_silo_with_exit_2(tmp_path: Path) -> None:
     from shopmtl.cli import app
 

@@ -356,12 +356,13 @@ class Planned:
         return self.inner.aggregate_evaluate(server_round, replies)
 
 
-def roll_call(grid: Any, n: int, timeout: float = 600.0
-              ) -> tuple[dict[int, str], list[dict[str, int]]]:
+def roll_call(grid: Any, names: tuple[str, ...], timeout: float = 600.0
+              ) -> tuple[dict[int, int], list[dict[str, int]]]:
     """Node id -> silo index, and each silo's batches per source (every silo must answer:
     the step plan needs every source's size)."""
     from flwr.app import Message, RecordDict
 
+    n = len(names)
     deadline = time.monotonic() + timeout
     nodes = list(grid.get_node_ids())
     while len(nodes) < n and time.monotonic() < deadline:  # the engine registers its nodes
@@ -370,16 +371,23 @@ def roll_call(grid: Any, n: int, timeout: float = 600.0
     replies = grid.send_and_receive(
         [Message(RecordDict(), dst_node_id=k, message_type="query") for k in nodes],
         timeout=max(1.0, deadline - time.monotonic()))
+    from shopmtl.federated.faults import error_reason
+
     index: dict[int, int] = {}
     sizes: dict[int, dict[str, int]] = {}
+    failed = []
     for m in replies:
-        if not m.has_error():
-            i = int(m.content["silo"]["silo"])
-            index[m.metadata.src_node_id] = i
-            sizes[i] = json.loads(str(m.content["sizes"]["json"]))
+        if m.has_error():  # a silo that cannot load its sources: the type, never the text
+            failed.append(error_reason(m))
+            continue
+        i = int(m.content["silo"]["silo"])
+        index[m.metadata.src_node_id] = i
+        sizes[i] = json.loads(str(m.content["sizes"]["json"]))
     if len(sizes) < n:
-        raise RuntimeError(f"roll call: {n - len(sizes)} of {n} silos did not answer (see the "
-                           "engine's log); the step plan needs every source's size")
+        missing = [name for i, name in enumerate(names) if i not in sizes]
+        why = "; ".join(failed) or "timed out"
+        raise RuntimeError(f"roll call: silos {missing} did not answer ({why}); the step plan "
+                           "needs every source's size")
     return index, [sizes[i] for i in range(n)]
 
 
@@ -419,7 +427,7 @@ def serve(fed: JointFederation, grid: Any, log: Callable[[str], None] = print,
     guard = Guard(inner, min(cfg.min_clients, n), cfg.round_timeout, log)
     guard.dropped = recorder.dropped
     restore_strategy(guard, moments)
-    index, sizes = roll_call(grid, n)
+    index, sizes = roll_call(grid, fed.silo_names)
     guard.names = {node: fed.silo_names[i] for node, i in index.items()}
     steps = plan_steps(fed.joint, cfg.rounds, sizes)
     per_round = fed.joint.train.steps / cfg.rounds
@@ -529,6 +537,23 @@ def write_report(out: Path, metrics: dict[str, Any]) -> None:
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
 
+def check_sources(joint: JointConfig) -> None:
+    """Every source's name and arguments, checked here (a ConfigError naming the source)
+    rather than in a silo's worker: the sources are built, none reads its data."""
+    from shopmtl.config import ConfigError
+    from shopmtl.joint.config import REC
+    from shopmtl.joint.parts import RecPart, build_source
+
+    for sc in joint.sources:
+        if sc.name != REC:
+            build_source(sc)
+            continue
+        unknown = sorted(set(sc.args) - set(RecPart.DEFAULTS))
+        if unknown:
+            raise ConfigError(f"source 'rec': unknown args {unknown}; known: "
+                              f"{sorted(RecPart.DEFAULTS)}")
+
+
 def run_joint_federated(run: JointFederatedRun, out: str | Path,
                         log: Callable[[str], None] = print, *, resume: bool = False,
                         run_id: str | None = None) -> dict[str, Any]:
@@ -551,6 +576,8 @@ def run_joint_federated(run: JointFederatedRun, out: str | Path,
         log("joint.train.refit_steps / solve_heads: not run in a federation (the joint stage "
             "only, docs/FEDERATED.md)")
     log(f"{len(names)} silos: " + "; ".join(f"{n} ({', '.join(run.silos[n])})" for n in names))
+    text_width(run.joint)  # the text extra and the encoder: one line here, not in the engine
+    check_sources(run.joint)
     checkpointer = Checkpointer(out / "checkpoints", run_id=run_id)
     if resume:  # a missing checkpoint or another config: refused before the engine starts
         from shopmtl.federated.resume import load_round

@@ -376,7 +376,10 @@ def run_on_engine(main: Callable[[Any], Any], client_app: Any, n_silos: int,
 
     @app.main()
     def _main(grid: Any, context: Any) -> None:
-        result["r"] = main(grid)
+        try:
+            result["r"] = main(grid)
+        except Exception as e:  # raised here after the engine stops, not lost in its log
+            result["error"] = e
 
     backend = {"client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": 0.0},
                "init_args": {"num_cpus": cfg.engine_cpus, "include_dashboard": False,
@@ -391,6 +394,8 @@ def run_on_engine(main: Callable[[Any], Any], client_app: Any, n_silos: int,
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+    if "error" in result:
+        raise result["error"]
     if "r" not in result:
         raise RuntimeError("the federated run did not finish (see the engine's log above)")
     return result["r"]
