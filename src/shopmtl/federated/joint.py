@@ -242,8 +242,11 @@ def client_train(fed: JointFederation, msg: Any, context: Any) -> Any:
             if cfg.keep_optimizer and "optimizer" in context.state else None)
     steps = json.loads(str(config["joint-steps"]))[i]
     done = json.loads(str(config["joint-done"]))
-    res = train_silo(model, silo, steps=steps, lr=round_lr(fed.joint, done),
-                     seed=fed.joint.train.seed * 1009 + i, start=start,
+    seed = fed.joint.train.seed * 1009 + i
+    # the dropout draws of this silo's round (the model was built from the run's seed)
+    torch.manual_seed(seed * 7919 + rnd)
+    res = train_silo(model, silo, steps=steps, lr=round_lr(fed.joint, done), seed=seed,
+                     start=start,
                      mu=float(config.get("proximal-mu", 0.0)), anchor=shared,
                      optimizer_state=kept)
     context.state["local"] = ArrayRecord({k: Array(v) for k, v in pack(model, local).items()})
