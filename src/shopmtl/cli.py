@@ -690,12 +690,17 @@ def federate(
     --deployment): the rows split into silos that never pool them, one model trained by
     rounds of local training and aggregation; AUC per round per silo and on the pooled test
     split in OUT/metrics.json and OUT/report.md."""
-    from shopmtl.federated.config import load_federated
+    from shopmtl.federated.config import JointFederatedRun, load_federated
     from shopmtl.federated.server import run_federated
     from shopmtl.train.outdir import check_output, start_run
     from shopmtl.train.outlock import locked_output
 
     run = load_federated(config, sets or [])
+    if deployment and isinstance(run, JointFederatedRun):
+        from shopmtl.config import ConfigError
+
+        raise ConfigError("--deployment with a joint config: not built (a joint federation "
+                          "runs on the simulation engine)")
     if deployment:
         from shopmtl.federated.deploy import check_connection
 
@@ -716,11 +721,19 @@ def federate(
 
             metrics = run_deployment(config, out, sets or [], deployment, insecure=insecure,
                                      root_certificates=root_certificates)
+        elif isinstance(run, JointFederatedRun):
+            from shopmtl.federated.joint import run_joint_federated
+
+            metrics = run_joint_federated(run, out, log=typer.echo,
+                                          resume=action == "resume", run_id=run_id)
         else:
             metrics = run_federated(run, out, log=typer.echo, resume=action == "resume",
                                     run_id=run_id)
     final = metrics["final"]
-    for task, scopes in final["pooled"].items():
+    if metrics.get("kind") == "joint":  # each task on the silo that owns its source
+        for task, got in final.get("tasks", {}).items():
+            typer.echo(f"test {task} (silo {got['silo']}): {got['test']:.4f}")
+    for task, scopes in final.get("pooled", {}).items():
         typer.echo(f"pooled test AUC {task}: {scopes.get('all', float('nan')):.4f}")
     typer.echo(f"wrote {out / 'metrics.json'} and {out / 'report.md'}")
 

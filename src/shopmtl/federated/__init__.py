@@ -7,4 +7,6 @@ the one loop), ``client`` (the ClientApp: local training is ``train.loop.fit``),
 (the strategy on Flower's simulation engine, per-round evaluation, metrics.json) and
 ``report``. An app: it sits at the top of the layers, beside ``run`` and ``serve``.
 ``dp``: client-level differential privacy (Flower's fixed-clipping wrappers, its accountant).
+``joint``: the joint model federated, one silo per group of its sources (the text adapter on
+the wire, every head in its owner's silo).
 """

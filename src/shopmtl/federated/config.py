@@ -10,9 +10,10 @@ raised before any data is read.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from shopmtl.config import (
     ConfigError,
@@ -26,19 +27,24 @@ from shopmtl.config import (
 from shopmtl.federated.faults import FaultConfig
 from shopmtl.keys import check_fields, key
 
+if TYPE_CHECKING:  # the zoo path does not import the joint model's config
+    from shopmtl.joint.config import JointConfig
+
 
 @dataclass(frozen=True)
 class SiloConfig:
     """How the pooled rows become silos (each keeps only its rows)."""
 
-    by: Literal["scenario", "column", "user_hash"] = key(
+    by: Literal["scenario", "column", "user_hash", "source"] = key(
         "scenario", "one silo per scenario (or per group of scenarios), per group of a "
-                    "categorical column's values, or by a hash of the user (an IID control)")
+                    "categorical column's values, by a hash of the user (an IID control), "
+                    "or (a joint config) per group of data sources")
     column: str | None = key(None, "by: column: the categorical column (e.g. a market)")
-    # silo name -> the scenarios (by: scenario) or column values (by: column) it holds;
-    # empty with by: scenario: one silo per scenario
-    groups: dict[str, tuple[str, ...]] = key(factory=dict, doc="silo name -> its scenarios "
-                                             "or column values ({}: one silo per scenario)")
+    # silo name -> the scenarios (by: scenario), column values (by: column) or joint sources
+    # (by: source) it holds; empty with by: scenario: one silo per scenario
+    groups: dict[str, tuple[str, ...]] = key(factory=dict, doc="silo name -> its scenarios, "
+                                             "column values or sources ({}: one silo per "
+                                             "scenario)")
     count: int = key(4, "by: user_hash: the number of silos", ge=2)
     # silo name -> the only tasks whose labels it keeps (a silo that does not log conversions)
     tasks: dict[str, tuple[str, ...]] = key(factory=dict, doc="silo name -> the tasks it has "
@@ -50,6 +56,8 @@ class SiloConfig:
             raise ValueError("federated.silos.column: by: column needs the column's name")
         if self.by == "column" and not self.groups:
             raise ValueError("federated.silos.groups: by: column needs the silos' values")
+        if self.by == "source" and not self.groups:
+            raise ValueError("federated.silos.groups: by: source needs each silo's sources")
         if self.by == "user_hash" and self.groups:
             raise ValueError("federated.silos.groups: not used with by: user_hash (use count)")
 
@@ -96,9 +104,10 @@ class DPConfig:
 @dataclass(frozen=True)
 class FederatedConfig:
     silos: SiloConfig = key(factory=SiloConfig, doc="how the rows are split into silos")
-    share: tuple[Literal["dense", "items", "towers", "users"], ...] = key(
+    share: tuple[Literal["dense", "items", "towers", "users", "text"], ...] = key(
         ("dense", "items", "towers"), "the parts of the model that cross the wire; users "
-        "(the user-id embedding rows) stay in their silo unless listed")
+        "(the user-id embedding rows) stay in their silo unless listed; a joint config "
+        "shares text (the shared text adapter, its default) and keeps every head local")
     strategy: Literal["fedavg", "fedprox", "fedadam", "trimmed_mean", "median", "krum",
                       "multikrum", "fedyogi"] = key("fedprox", "the server's aggregation")
     # small: under Adam the term is normalised like any gradient, so mu 0.01 already pins the
@@ -210,24 +219,137 @@ class FederatedRun:
 
 
 def federated_from_dict(raw: dict[str, Any], overrides: list[str] | None = None,
-                        base: str | Path = ".") -> FederatedRun:
-    """A federated run from a dict shaped like the YAML file, every key checked."""
+                        base: str | Path = ".") -> FederatedRun | JointFederatedRun:
+    """A federated run from a dict shaped like the YAML file, every key checked: an
+    experiment's (``data``, ``model``, ...) or, with a ``joint`` key, a joint model's."""
     if not isinstance(raw, dict):
         raise ConfigError(f"config: expected a mapping, got {type(raw).__name__}")
-    raw = apply_overrides(dict(raw), overrides or [])
+    raw = dict(raw)
+    if isinstance(raw.get("joint"), str):  # a path: read before the overrides (joint.x=...)
+        raw["joint"] = _joint_file(Path(base) / raw["joint"])
+    raw = apply_overrides(raw, overrides or [])
     fed_raw = raw.pop("federated", None)
     if fed_raw is None:
         raise ConfigError("federated: the section is missing (see examples/federated.yaml)")
+    joint_raw = raw.pop("joint", None)
+    if joint_raw is not None and isinstance(fed_raw, dict) and "share" not in fed_raw:
+        fed_raw = {**fed_raw, "share": list(JOINT_SHARE)}
     try:
         fed = from_dict(FederatedConfig, fed_raw, "federated")
     except ConfigError:
         raise
     except ValueError as e:  # a dataclass's own cross-key check
         raise ConfigError(str(e)) from None
-    return FederatedRun(config_from_dict(raw, None, base), fed)
+    if joint_raw is None:
+        if fed.silos.by == "source" or "text" in fed.share:
+            raise ConfigError("federated.silos.by: source and federated.share: text are for a "
+                              "joint model (a `joint:` key naming its config, "
+                              "examples/federated_joint.yaml)")
+        return FederatedRun(config_from_dict(raw, None, base), fed)
+    from shopmtl.joint.config import joint_config_from_dict
+
+    if raw:
+        raise ConfigError(f"a joint federated config has only `joint` and `federated`; "
+                          f"unknown top-level keys {sorted(raw)}")
+    joint = joint_config_from_dict(joint_raw, None, where="joint")
+    check_joint(fed, joint, set(fed_raw) if isinstance(fed_raw, dict) else set())
+    return JointFederatedRun(joint, fed)
 
 
-def load_federated(path: str | Path, overrides: list[str] | None = None) -> FederatedRun:
+# a joint model shares its text adapter; a head is trained by the one silo owning its source
+JOINT_SHARE = ("text",)
+_SILO_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
+JOINT_STRATEGIES = ("fedavg", "fedprox")
+
+
+@dataclass(frozen=True)
+class JointFederatedRun:
+    """What ``shopmtl federate`` runs on a joint config: each silo owns some of its sources
+    (``federated.silos``: by: source), the silos train the one joint model together."""
+
+    joint: JointConfig
+    federated: FederatedConfig
+
+    @property
+    def silos(self) -> dict[str, tuple[str, ...]]:
+        """silo name -> its sources, in the config's order."""
+        return {k: tuple(v) for k, v in self.federated.silos.groups.items()}
+
+
+def _joint_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"joint: config file not found: {path}")
+    try:
+        raw = _yaml_load(path.read_text()) or {}
+    except Exception as e:  # yaml.YAMLError: its problem and position, never the text
+        raise ConfigError(f"joint: {path} is not valid YAML: {yaml_problem(e)}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"joint: {path}: the top level must be a mapping")
+    return raw
+
+
+def check_silo_sources(groups: dict[str, tuple[str, ...]], sources: list[str]) -> None:
+    """Every source of the joint config in exactly one silo, and nothing else (one line
+    naming the source and the silos)."""
+    where: dict[str, list[str]] = {}
+    for silo, names in groups.items():
+        if not _SILO_NAME.fullmatch(silo):  # it names the silo's folder under OUT/silos
+            raise ConfigError(f"federated.silos.groups: a silo's name is letters, digits, _ "
+                              f"and - (at most 64, a letter or digit first), got {silo!r}")
+        if not names:
+            raise ConfigError(f"federated.silos.groups.{silo}: a silo needs at least one "
+                              f"source")
+        for n in names:
+            where.setdefault(n, []).append(silo)
+    unknown = sorted(set(where) - set(sources))
+    if unknown:
+        raise ConfigError(f"federated.silos.groups: {unknown} are not sources of the joint "
+                          f"config; its sources: {sources}")
+    twice = {n: s for n, s in where.items() if len(s) > 1}
+    if twice:
+        n = sorted(twice)[0]
+        raise ConfigError(f"federated.silos.groups: source '{n}' is in more than one silo "
+                          f"({twice[n]}); a source's rows belong to one silo")
+    missing = [n for n in sources if n not in where]
+    if missing:
+        raise ConfigError(f"federated.silos.groups: sources {missing} are in no silo; "
+                          f"give each source of the joint config to one silo")
+
+
+def check_joint(fed: FederatedConfig, joint: JointConfig, given: set[str]) -> None:
+    """Refuse, one line naming the key, what a joint federation does not do."""
+    if fed.silos.by != "source":
+        raise ConfigError(f"federated.silos.by: a joint model's silos are groups of its "
+                          f"sources (by: source), got '{fed.silos.by}'")
+    check_silo_sources(dict(fed.silos.groups), [s.name for s in joint.sources])
+    if fed.share != JOINT_SHARE:
+        raise ConfigError(f"federated.share: a joint model shares {list(JOINT_SHARE)} (the "
+                          f"text adapter); each head is trained by the one silo that owns its "
+                          f"source and stays there, got {list(fed.share)}")
+    if fed.strategy not in JOINT_STRATEGIES:
+        raise ConfigError(f"federated.strategy: a joint model takes {list(JOINT_STRATEGIES)}, "
+                          f"got '{fed.strategy}' (not built for joint: robust aggregation of "
+                          f"one adapter over a few business units is untested)")
+    if "local_epochs" in given:
+        raise ConfigError("federated.local_epochs: not used by a joint model: a round is "
+                          "joint.train.steps / rounds steps of the federation, shared by the "
+                          "silos as the joint sampler shares steps among sources")
+    refused = {"dp": fed.dp.mode != "none", "secagg": fed.secagg,
+               "attack": bool(fed.attack.silos)}
+    for name, on in refused.items():
+        if on:
+            raise ConfigError(f"federated.{name}: not built for a joint model")
+    unknown = sorted(set(fed.faults.silos) - set(fed.silos.groups))
+    if unknown:
+        raise ConfigError(f"federated.faults.silos: {unknown} are not silos; silos: "
+                          f"{list(fed.silos.groups)}")
+    if joint.text.mode != "frozen":
+        raise ConfigError("joint.text.mode: a joint federation needs the frozen encoder (LoRA "
+                          "would put the encoder's adapters on the wire: not built)")
+
+
+def load_federated(path: str | Path, overrides: list[str] | None = None
+                   ) -> FederatedRun | JointFederatedRun:
     """The federated run of a YAML file (with ``a.b=value`` overrides)."""
     path = Path(path)
     if not path.is_file():

@@ -58,10 +58,12 @@ ENV = {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
        "OMP_NUM_THREADS": "1", "RAY_DEDUP_LOGS": "0", "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0"}
 
 
-def make_strategy(fed: FederatedConfig, n_clients: int, on_train: Callable, on_eval: Callable
-                  ) -> Any:
+def make_strategy(fed: FederatedConfig, n_clients: int, on_train: Callable, on_eval: Callable,
+                  weighted_by: str = "num-examples") -> Any:
     """Flower's strategy for ``fed.strategy``; ``on_train`` / ``on_eval`` receive every
-    round's client replies (the per-silo record) and return the aggregated metrics."""
+    round's client replies (the per-silo record) and return the aggregated metrics;
+    ``weighted_by``: the reply metric a client's update weighs by (the joint model's silos:
+    their steps)."""
     from flwr.serverapp import strategy as st
 
     common = dict(fraction_train=fed.fraction, fraction_evaluate=1.0,
@@ -69,7 +71,7 @@ def make_strategy(fed: FederatedConfig, n_clients: int, on_train: Callable, on_e
                   min_evaluate_nodes=n_clients, min_available_nodes=n_clients,
                   train_metrics_aggr_fn=on_train, evaluate_metrics_aggr_fn=on_eval,
                   # DP: a uniform mean (every client weighs 1), what the accountant assumes
-                  **({"weighted_by_key": fdp.UNIT_WEIGHT} if fed.dp.mode != "none" else {}))
+                  weighted_by_key=fdp.UNIT_WEIGHT if fed.dp.mode != "none" else weighted_by)
     if fed.strategy in ("fedavg", "fedprox"):
         base = st.FedAvg if fed.strategy == "fedavg" else st.FedProx
         if fed.row_aware:
@@ -130,8 +132,8 @@ def row_aware(base: type) -> type:
                 return arrays, metrics
             ok = [m.content for m in replies if not m.has_error()]
             for key, sent in getattr(self, "_sent", {}).items():  # {}: configured elsewhere
-                updates = [(c["arrays"][key].numpy(), float(c["metrics"]["num-examples"]))
-                           for c in ok]
+                updates = [(c["arrays"][key].numpy(),
+                            float(c["metrics"][self.weighted_by_key])) for c in ok]
                 arrays[key] = Array(row_mean(sent, updates))
             return arrays, metrics
 
@@ -354,19 +356,30 @@ def simulate(fed: Federation, data: PreparedData, log: Callable[[str], None] = p
              ) -> tuple[Any, Recorder, dict[int, dict[str, Any]], float]:
     """Run the federation on Flower's simulation engine (``serve`` in this process, one
     virtual SuperNode per silo). Returns what ``serve`` returns."""
+    return run_on_engine(lambda grid: serve(fed, data, grid, log, checkpointer, resume),
+                         make_client_app(fed), len(fed.silo_names), fed.federated)
+
+
+def run_on_engine(main: Callable[[Any], Any], client_app: Any, n_silos: int,
+                  cfg: FederatedConfig) -> Any:
+    """``main(grid)`` as the ``ServerApp`` in this process and ``client_app`` on
+    ``n_silos`` virtual SuperNodes of Flower's simulation engine; returns what ``main``
+    returned (the zoo's ``serve``, the joint model's ``federated.joint.serve``)."""
     require("flwr", "federated", "federated training")
     require("ray", "federated", "Flower's simulation engine")
     from flwr.serverapp import ServerApp
     from flwr.simulation import run_simulation
 
-    cfg = fed.federated
     logging.getLogger("flwr").setLevel(logging.WARNING)  # our one line a round instead
     app = ServerApp()
     result: dict[str, Any] = {}
 
     @app.main()
     def _main(grid: Any, context: Any) -> None:
-        result["r"] = serve(fed, data, grid, log, checkpointer, resume)
+        try:
+            result["r"] = main(grid)
+        except Exception as e:  # raised here after the engine stops, not lost in its log
+            result["error"] = e
 
     backend = {"client_resources": {"num_cpus": cfg.client_cpus, "num_gpus": 0.0},
                "init_args": {"num_cpus": cfg.engine_cpus, "include_dashboard": False,
@@ -374,14 +387,15 @@ def simulate(fed: Federation, data: PreparedData, log: Callable[[str], None] = p
     saved = {k: os.environ.get(k) for k in ENV}
     os.environ.update(ENV)  # the engine's workers inherit them; ours are put back after
     try:
-        run_simulation(app, make_client_app(fed), num_supernodes=len(fed.silo_names),
-                       backend_config=backend)
+        run_simulation(app, client_app, num_supernodes=n_silos, backend_config=backend)
     finally:
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+    if "error" in result:
+        raise result["error"]
     if "r" not in result:
         raise RuntimeError("the federated run did not finish (see the engine's log above)")
     return result["r"]
@@ -460,7 +474,7 @@ def run_federated(run: FederatedRun, out: str | Path, log: Callable[[str], None]
     default; ``federated.deploy`` passes a SuperLink's grid), ``model/`` (the global model,
     unshared pieces zero), ``metrics.json`` and ``report.md`` in ``out``; a checkpoint after
     every round in ``out/checkpoints`` (``resume``: continue after the latest one; ``run_id``:
-    the output folder's, ``train.outdir``)."""
+    the output folder's, ``train.outdir``). A joint config: ``federated.joint``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(run.federated.seed)
