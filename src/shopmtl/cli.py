@@ -690,6 +690,11 @@ def federate(
     --deployment): the rows split into silos that never pool them, one model trained by
     rounds of local training and aggregation; AUC per round per silo and on the pooled test
     split in OUT/metrics.json and OUT/report.md."""
+    # Flower's usage telemetry reads this when it is first imported (below): a silo's run
+    # sends nothing anywhere unless its user sets FLWR_TELEMETRY_ENABLED=1 themselves
+    import os
+
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
     from shopmtl.federated.config import JointFederatedRun, load_federated
     from shopmtl.federated.server import run_federated
     from shopmtl.train.outdir import check_output, start_run

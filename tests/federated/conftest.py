@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
+
+# as `shopmtl federate` does (cli.federate): Flower reads it when first imported, and the
+# tests that run the engine in-process import it after this
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
 TINY = {
     "data": {"synthetic": {"rows": 30000, "seed": 0, "n_users": 300, "n_items": 200}},

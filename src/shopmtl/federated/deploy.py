@@ -230,7 +230,8 @@ def run_deployment(config: Path, out: Path, sets: list[str], address: str, *,
     metrics = out / "metrics.json"
     if metrics.exists():
         metrics.unlink()  # the run's own, or none
-    env = {**os.environ, **ENV, "FLWR_HOME": str(home)}
+    # Flower's usage telemetry off unless the user turned it on (cli.federate says why)
+    env = {"FLWR_TELEMETRY_ENABLED": "0", **os.environ, **ENV, "FLWR_HOME": str(home)}
     cmd = [*flwr_command(), "run", str(app), CONNECTION, "--run-config", str(rc), "--stream"]
     proc = subprocess.run(cmd, env=env, timeout=timeout, check=False)
     if proc.returncode != 0 or not metrics.is_file():
