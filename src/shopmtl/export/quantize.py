@@ -163,7 +163,7 @@ def calibration_batches(inputs: tuple[Input, ...], enc: Encoded
             for s in range(0, len(enc), CALIBRATE_BATCH)]
 
 
-def _calibration_reader(q, batches: Sequence[dict[str, np.ndarray]]):
+def calibration_reader(q, batches: Sequence[dict[str, np.ndarray]]):
     """A ``CalibrationDataReader`` over prepared ``runtime.feeds`` batches (onnxruntime asks
     for one batch at a time until it gets None)."""
 
@@ -182,10 +182,11 @@ def quantize_int8_static(fp32: Path, out: Path, batches: Sequence[dict[str, np.n
     """``fp32`` quantised into ``out`` with fixed activation scales taken from ``batches``
     (the graph's inputs, ``runtime.feeds`` of calibration rows): weights of ``op_types`` int8
     (symmetric, per tensor), their activations uint8 (asymmetric) with MinMax ranges, QDQ
-    format: onnxruntime's CPU kernels fuse it into uint8 x int8 integer MatMuls, the fastest
-    of the forms measured here (against QOperator, int8 activations, per-channel weights:
-    docs/DEPLOY.md); Percentile and Entropy ranges gave no better AUC on the quickstart
-    model. Returns what was quantised, as ``quantize_int8`` does."""
+    format: onnxruntime's CPU kernels fuse it into uint8 x int8 integer MatMuls (int8
+    activations ran up to 7x slower here; per-channel weights are refused at run time on
+    MMoE's batched expert MatMul; Percentile and Entropy ranges gave no better AUC:
+    bench/export_int8_forms.py, docs/DEPLOY.md). Returns what was quantised, as
+    ``quantize_int8`` does."""
     onnx = require("onnx", "export", "shopmtl export --int8 --calibrate")
     q = require("onnxruntime.quantization", "export", "shopmtl export --int8 --calibrate")
     model = onnx.load(str(fp32))
@@ -193,7 +194,7 @@ def quantize_int8_static(fp32: Path, out: Path, batches: Sequence[dict[str, np.n
     with tempfile.TemporaryDirectory() as tmp, _quiet():
         plain = Path(tmp) / "plain.onnx"
         onnx.save(model, str(plain))
-        q.quantize_static(str(plain), str(out), _calibration_reader(q, batches),
+        q.quantize_static(str(plain), str(out), calibration_reader(q, batches),
                           quant_format=q.QuantFormat.QDQ, op_types_to_quantize=list(op_types),
                           activation_type=q.QuantType.QUInt8, weight_type=q.QuantType.QInt8,
                           calibrate_method=q.CalibrationMethod.MinMax)
