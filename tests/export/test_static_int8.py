@@ -189,3 +189,23 @@ def test_the_calibration_refusals(exported: Exported, tmp_path: Path) -> None:
     with pytest.raises(DataError, match=f"--calibrate other.parquet: .*{missing}"):
         export(Calibration(tmp_path / "other.parquet"))
     assert not (tmp_path / "b").exists()
+
+
+def test_a_sub_model_calibrates_on_its_scenario_rows(exported: Exported) -> None:
+    """With ``--scenario S`` the sample is S's rows, encoded as the sub-bundle reads them (one
+    scenario, index 0), and the record counts S's rows of the file."""
+    from shopmtl.export.bundle import calibration_rows, variant
+
+    source = load_source(exported.model)
+    s = source.schema.scenario.values[0]
+    # the variant's own rows only need 1,000 of S's: the training file has them
+    v = variant(source, held_out_rows(source, exported.train), scenario=s)
+    rows, record = calibration_rows(source, v, Calibration(exported.train, ROWS))
+    column = source.schema.scenario.column
+    in_file = int((pq.read_table(exported.train).column(column).to_numpy() == s).sum())
+    assert 0 < in_file < pq.read_metadata(exported.train).num_rows
+    assert record["rows_in_file"] == in_file and record["rows"] == len(rows) == min(ROWS,
+                                                                                    in_file)
+    assert set(np.unique(rows.scenario)) == {0}
+    batches = calibration_batches(signature(v.schema), rows)
+    assert "scenario" not in batches[0]  # the sub-model's graph has no scenario input
