@@ -53,6 +53,7 @@ from shopmtl.export.graph import UnsupportedModel, export_onnx, exportable
 from shopmtl.export.prune import check_ratio, prune
 from shopmtl.export.prune_ids import check_fraction, prune_ids, reencode, shortened_encoders
 from shopmtl.export.quantize import (
+    MIN_CALIBRATION_ROWS,
     Calibration,
     calibration_batches,
     calibration_sample,
@@ -264,9 +265,10 @@ def calibration_rows(source: ZooModel, v: Variant, cal: Calibration
     if "scenario" in v.info:
         index = v.info["scenario"]["index_in_source"]
         enc = select(enc, scenario_rows(enc, index), source.schema, v.schema)
-    if len(enc) == 0:
-        raise DataError(f"--calibrate {cal.path.name}: no rows of scenario "
-                        f"{v.info['scenario']['name']}")
+    if len(enc) < MIN_CALIBRATION_ROWS:  # only S's rows count for a sub-model
+        raise DataError(f"--calibrate {cal.path.name}: {len(enc)} rows of scenario "
+                        f"{v.info['scenario']['name']}; calibration needs at least "
+                        f"{MIN_CALIBRATION_ROWS}")
     return calibration_sample(enc, v.schema, cal)
 
 
