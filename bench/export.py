@@ -14,7 +14,10 @@ task, parity, latency.
    STAR's star FC and partitioned norm are what ``--scenario`` slices to one scenario's copy.
 
 Each is exported with ``shopmtl export``'s own code (``shopmtl.export.bundle.export_bundle``):
-fp32, int8, ``--int8 --prune-ids 0.5`` (the quickstart and census tables), ``--prune 0.5``,
+fp32, int8, ``--int8 --calibrate TRAIN`` (static int8, calibrated on 2,048 training rows;
+with its batch invariance: the largest difference between a row scored alone and inside a
+call of 100 rows, over 200 rows, for dynamic and static int8),
+``--int8 --prune-ids 0.5`` (the quickstart and census tables), ``--prune 0.5``,
 ``--prune 0.5 --finetune TRAIN`` (one epoch on the run's training
 rows: the quickstart's ``OUT/data/train.parquet``, the census run's training part cut out of
 the CSV as its test part is, ``census_part``) and ``--scenario <first scenario>`` (whose AUC is
@@ -23,6 +26,11 @@ on that scenario's rows, its tasks only). Prints the tables that docs/DEPLOY.md 
 
     .venv/bin/python bench/export.py --out bench/results/export.json
     .venv/bin/python bench/export.py --tables star --out bench/results/export_star.json
+    .venv/bin/python bench/export.py --tables quickstart census --only-int8 \
+        --out bench/results/export_static.json
+
+``--only-int8`` measures the fp32, int8 and static int8 rows only (no pruning, no fine-tune:
+a minute instead of several).
 
 Latency is one onnxruntime call (one intra-op thread) on prepared inputs, p50 / p99 of 500
 single-row calls and 200 calls of 100 rows; "pytorch" is the source model on the same tensors
@@ -203,6 +211,34 @@ def ids_row(name: str, meta: dict[str, Any], size: int) -> dict[str, Any]:
     return r
 
 
+def static_row(name: str, meta: dict[str, Any], size: int) -> dict[str, Any]:
+    """The static int8 bundle: its graph's size, AUC, parity, latency; its calibration."""
+    c = meta["checks"]
+    r = row(name, c["size_bytes"]["int8"], size, c["quality"]["onnx_int8"],
+            c["parity_int8"]["max"], c["latency"]["onnx_int8"])
+    r["calibration"] = meta["quantization"]["calibration"]
+    return r
+
+
+def solo_vs_batch(bundle: Path, model_dir: Path, data: Path, rows: int = 200,
+                  batch: int = 100) -> float:
+    """The largest difference, over the first ``rows`` rows of ``data`` and every task,
+    between a row scored alone and the same row scored first in a call of ``batch`` rows (the
+    server combines concurrent requests into one call): 0 when answers are batch-invariant."""
+    from shopmtl.export.bundle import held_out_rows, load_source
+    from shopmtl.export.runtime import OnnxForward, feeds, signature
+
+    source = load_source(model_dir)
+    enc, inputs = held_out_rows(source, data), signature(source.schema)
+    forward = OnnxForward(bundle / "model.int8.onnx", source.schema, threads=1)
+    worst = 0.0
+    for i in range(rows):
+        solo = forward.run(feeds(inputs, enc, i, i + 1))
+        shared = forward.run(feeds(inputs, enc, i, i + batch))
+        worst = max(worst, *(float(abs(a[0] - b[0])) for a, b in zip(solo, shared, strict=True)))
+    return worst
+
+
 def control(model_dir: Path, data: Path, train: Path) -> dict[str, Any]:
     """The unpruned model given the same fine-tune as the pruned one (a copy; nothing is
     exported): what the extra epoch alone does, so that "pruned + fine-tune" can be read.
@@ -218,14 +254,19 @@ def control(model_dir: Path, data: Path, train: Path) -> dict[str, Any]:
                      FineTune(train, FINETUNE_EPOCHS), rows)
 
 
-def run(model_dir: Path, data: Path, train: Path, dense: bool = True, ids: bool = True
-        ) -> dict[str, Any]:
+def run(model_dir: Path, data: Path, train: Path, dense: bool = True, ids: bool = True,
+        only_int8: bool = False) -> dict[str, Any]:
     """The table of one model: fp32, int8 (and int8 with fp32 tables when ``dense``; int8
     with the rarest half of the ids dropped when ``ids``), pruned by half, pruned by half and
     fine-tuned ``FINETUNE_EPOCHS`` on ``train`` (the run's training rows), and
-    the sub-model of its first scenario when it has several."""
+    the sub-model of its first scenario when it has several; static int8 calibrated on
+    ``train`` in every table (only fp32, int8 and static int8 when ``only_int8``)."""
     from shopmtl.export.bundle import export_bundle, load_source
     from shopmtl.export.finetune import FineTune
+    from shopmtl.export.quantize import Calibration
+
+    if only_int8:
+        dense = ids = False
 
     schema = load_source(model_dir).schema
     first = schema.scenario.values[0] if schema.scenario is not None else None
@@ -233,17 +274,25 @@ def run(model_dir: Path, data: Path, train: Path, dense: bool = True, ids: bool 
         t = Path(tmp)
         fp32 = export_bundle(model_dir, t / "fp32", data)
         int8 = export_bundle(model_dir, t / "int8", data, int8=True)
+        static = export_bundle(model_dir, t / "static", data, int8=True,
+                               calibrate=Calibration(train))
+        invariance = {name: solo_vs_batch(t / name, model_dir, data)
+                      for name in ("int8", "static")}
         d = dense_only(model_dir, data, t / "fp32" / "model.onnx", t) if dense else None
         few = (export_bundle(model_dir, t / "ids", data, int8=True, prune_ids_fraction=PRUNE_IDS)
                if ids else None)
-        pruned = export_bundle(model_dir, t / "pruned", data, prune_ratio=PRUNE)
-        tuned = export_bundle(model_dir, t / "tuned", data, prune_ratio=PRUNE,
-                              fine=FineTune(train, FINETUNE_EPOCHS))
+        pruned = (None if only_int8 else
+                  export_bundle(model_dir, t / "pruned", data, prune_ratio=PRUNE))
+        tuned = (None if only_int8 else
+                 export_bundle(model_dir, t / "tuned", data, prune_ratio=PRUNE,
+                               fine=FineTune(train, FINETUNE_EPOCHS)))
         sub = (export_bundle(model_dir, t / "scenario", data, scenario=first)
-               if first is not None and len(schema.scenario_names) > 1 else None)
+               if first is not None and len(schema.scenario_names) > 1 and not only_int8
+               else None)
     c32, c8 = fp32["checks"], int8["checks"]
     size = c32["size_bytes"]["fp32"]
     rows = base_rows(c32, c8, size)
+    rows.append(static_row("onnx int8 static (calibrated)", static, size))
     if d is not None:
         cd = d["checks"]
         rows.append(row("onnx int8, fp32 tables", cd["size_bytes"]["int8"], size,
@@ -251,14 +300,17 @@ def run(model_dir: Path, data: Path, train: Path, dense: bool = True, ids: bool 
                         cd["latency"]["onnx_int8"]))
     if few is not None:
         rows.append(ids_row(f"onnx int8, pruned ids {PRUNE_IDS:.0%}", few, size))
-    rows.append(variant_row(f"onnx fp32, pruned {PRUNE:.0%}", pruned, size))
-    rows.append(variant_row(f"onnx fp32, pruned {PRUNE:.0%} + fine-tune {FINETUNE_EPOCHS} "
-                            "epoch", tuned, size))
+    if pruned is not None and tuned is not None:
+        rows.append(variant_row(f"onnx fp32, pruned {PRUNE:.0%}", pruned, size))
+        rows.append(variant_row(f"onnx fp32, pruned {PRUNE:.0%} + fine-tune "
+                                f"{FINETUNE_EPOCHS} epoch", tuned, size))
     if sub is not None:
         rows.append(variant_row(f"onnx fp32, scenario {first}", sub, size))
     return {"rows": c32["rows"], "tasks": fp32["tasks"], "model": fp32["model"],
-            "variants": rows, "control_unpruned_finetune": control(model_dir, data, train),
-            "quantization": {"int8": int8["quantization"],
+            "variants": rows, "solo_vs_batch_max_abs": invariance,
+            "control_unpruned_finetune": (None if only_int8 else
+                                          control(model_dir, data, train)),
+            "quantization": {"int8": int8["quantization"], "int8_static": static["quantization"],
                              **({"int8_dense_only": d["quantization"]} if d else {})},
             "versions": int8["versions"]}
 
@@ -294,6 +346,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="the STAR run folder (trained when it has no model)")
     ap.add_argument("--tables", nargs="+", choices=TABLES, default=list(TABLES),
                     help="which tables to measure (default: all)")
+    ap.add_argument("--only-int8", action="store_true",
+                    help="only the fp32, int8 and static int8 rows (no pruning, no fine-tune)")
     ap.add_argument("--out", type=Path, default=Path("bench/results/export.json"))
     args = ap.parse_args(argv)
     load_before = os.getloadavg()[0]
@@ -301,18 +355,20 @@ def main(argv: list[str] | None = None) -> int:
     if "quickstart" in args.tables:
         model_dir = ensure_run(args.run, args.rows)
         result["quickstart"] = run(model_dir, args.run / "data" / "test.parquet",
-                                   args.run / "data" / "train.parquet")
+                                   args.run / "data" / "train.parquet",
+                                   only_int8=args.only_int8)
     if "census" in args.tables:
         census_dir = ensure_census(args.census)
         census = run(census_dir, census_test(args.census), census_part(args.census, "train"),
-                     dense=False)
+                     dense=False, only_int8=args.only_int8)
         ran = json.loads((args.census / "metrics.json").read_text())["test"]
         for t, v in census["variants"][0]["auc"].items():  # the split cut out is the run's
             assert abs(v - ran[t]["all"]["auc"]) < 1e-6, (t, v, ran[t]["all"]["auc"])
         result["census"] = census
     if "star" in args.tables:
         result["star"] = run(ensure_star(args.star), args.star / "data" / "test.parquet",
-                             args.star / "data" / "train.parquet", dense=False, ids=False)
+                             args.star / "data" / "train.parquet", dense=False, ids=False,
+                             only_int8=args.only_int8)
     tables = [name for name in TABLES if name in result]
     result["env"] = {"cpu": cpu_model(), "cores": os.cpu_count(),
                      "load_average_before": load_before,
@@ -326,7 +382,12 @@ def main(argv: list[str] | None = None) -> int:
     for name in tables:
         print(f"{name} ({result[name]['model']}, {result[name]['rows']} test rows)")
         print(result[name]["markdown"])
+        inv = result[name]["solo_vs_batch_max_abs"]
+        print(f"a row alone vs first in a call of 100 rows, max abs over 200 rows: dynamic "
+              f"int8 {inv['int8']:.1e}, static int8 {inv['static']:.1e}")
         ctl = result[name]["control_unpruned_finetune"]
+        if ctl is None:
+            continue
         print(f"control, the unpruned model + the same fine-tune ({ctl['epochs']} epoch, "
               f"{ctl['steps']} steps): AUC " + ", ".join(
                   f"{t} {ctl['auc_before'][t]:.4f} -> {ctl['auc_after'][t]:.4f}"

@@ -395,6 +395,13 @@ def export(
         "--prune-ids", help="0 < F < 1: drop the embedding rows of the rarest F of each "
         "learnt vocabulary (by training frequency); those values then read as unknown (id 0). "
         "Hashed vocabularies are kept whole")] = None,
+    calibrate: Annotated[Path | None, typer.Option(
+        "--calibrate", help="With --int8: static quantisation, the activation ranges fixed on "
+        "a sample of this labelled file (CSV or Parquet, training rows, not --data); a row's "
+        "answer then does not depend on the other rows of its call")] = None,
+    calibration_rows: Annotated[int, typer.Option(
+        "--calibration-rows", help="Rows of --calibrate used (a seeded sample of a larger "
+        "file)")] = 2048,
 ) -> None:
     """Export a zoo model to an ONNX bundle (fp32, or int8), loadable by `shopmtl predict` and
     `shopmtl.load`. Measured on --data and written into the bundle's meta.json: parity with
@@ -404,10 +411,12 @@ def export(
     from shopmtl.export.finetune import FineTune, summary_line
     from shopmtl.export.prune import summary
     from shopmtl.export.prune_ids import summary as ids_summary
+    from shopmtl.export.quantize import Calibration
 
     fine = None if finetune is None else FineTune(finetune, finetune_epochs)
+    cal = None if calibrate is None else Calibration(calibrate, calibration_rows)
     meta = export_bundle(model_dir, out, data, int8=int8, prune_ratio=prune, scenario=scenario,
-                         fine=fine, prune_ids_fraction=prune_ids)
+                         fine=fine, prune_ids_fraction=prune_ids, calibrate=cal)
     _checks_table(meta)
     if "id_pruning" in meta:
         typer.echo(ids_summary(meta["id_pruning"]))
@@ -419,6 +428,9 @@ def export(
         sc = meta["scenario"]
         typer.echo(f"scenario {sc['name']}: tasks {', '.join(sc['tasks'])} "
                    f"(dropped: {', '.join(sc['dropped_tasks']) or 'none'})")
+    if (c := (meta.get("quantization") or {}).get("calibration")) is not None:
+        typer.echo(f"static int8, calibrated on {c['rows']:,} of {c['rows_in_file']:,} rows of "
+                   f"{c['file']} ({c['method']})")
     typer.echo(f"wrote {out} ({meta['model_file']}, {meta['precision']})")
 
 

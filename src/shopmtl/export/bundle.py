@@ -12,7 +12,8 @@ encoders as its source (``predict.score_chunks`` with ``runtime.OnnxForward``)::
                     and the SHA-256 of its manifest, the versions that wrote it, what int8
                     quantised, what pruning removed (``pruning``; the rare ids
                     dropped: ``id_pruning``, and encoders.json then holds the shortened
-                    vocabularies), the scenario kept
+                    vocabularies; a static int8's calibration rows: ``quantization.calibration``),
+                    the scenario kept
                     (``scenario``; its ``sliced``: the per-scenario weights cut to S's),
                     and every check measured at export (export.checks)
     manifest.json   SHA-256 of every other file (the format every model directory has)
@@ -51,7 +52,16 @@ from shopmtl.export.finetune import CRITERION, FineTune, check_finetune, finetun
 from shopmtl.export.graph import UnsupportedModel, export_onnx, exportable
 from shopmtl.export.prune import check_ratio, prune
 from shopmtl.export.prune_ids import check_fraction, prune_ids, reencode, shortened_encoders
-from shopmtl.export.quantize import quantize_int8
+from shopmtl.export.quantize import (
+    MIN_CALIBRATION_ROWS,
+    Calibration,
+    calibration_batches,
+    calibration_sample,
+    check_calibration,
+    quantize_int8,
+    quantize_int8_static,
+    read_calibration,
+)
 from shopmtl.export.runtime import OnnxForward, signature
 from shopmtl.export.scenario import (
     ScenarioModel,
@@ -244,22 +254,42 @@ def variant(source: ZooModel, enc: Encoded, prune_ratio: float | None = None,
     return Variant(model.eval(), schema, enc, unpruned, info, raw_enc, keep_ids)
 
 
+def calibration_rows(source: ZooModel, v: Variant, cal: Calibration
+                     ) -> tuple[Encoded, dict[str, Any]]:
+    """The calibration sample of ``v``: the file's rows as the bundle's reader encodes them
+    (its rarest ids dropped, its one scenario's rows), then sampled
+    (``quantize.calibration_sample``); with the record meta.json keeps."""
+    enc = read_calibration(source.schema, source.encoders, source.cfg.data.chunk_rows, cal)
+    if v.keep_ids is not None:
+        enc = reencode(enc, source.schema, v.keep_ids)
+    if "scenario" in v.info:
+        index = v.info["scenario"]["index_in_source"]
+        enc = select(enc, scenario_rows(enc, index), source.schema, v.schema)
+    if len(enc) < MIN_CALIBRATION_ROWS:  # only S's rows count for a sub-model
+        raise DataError(f"--calibrate {cal.path.name}: {len(enc)} rows of scenario "
+                        f"{v.info['scenario']['name']}; calibration needs at least "
+                        f"{MIN_CALIBRATION_ROWS}")
+    return calibration_sample(enc, v.schema, cal)
+
+
 def export_bundle(model_dir: str | Path, out: str | Path, data: str | Path, int8: bool = False,
                   prune_ratio: float | None = None, scenario: str | None = None,
-                  fine: FineTune | None = None, prune_ids_fraction: float | None = None
-                  ) -> dict[str, Any]:
+                  fine: FineTune | None = None, prune_ids_fraction: float | None = None,
+                  calibrate: Calibration | None = None) -> dict[str, Any]:
     """Export the zoo model in ``model_dir`` to an ONNX bundle at ``out`` (fp32, or int8 with
     ``int8``; pruned by ``prune_ratio``, ``export.prune``, then fine-tuned as ``fine`` says,
     ``export.finetune``; one ``scenario``'s sub-model, ``export.scenario``), checked on the
     labelled rows of ``data`` (the run's test split); the rarest ids dropped by
-    ``prune_ids_fraction`` (``export.prune_ids``: the bundle's encoders shortened); returns
-    the bundle's meta.json (its ``checks`` the measurements)."""
+    ``prune_ids_fraction`` (``export.prune_ids``: the bundle's encoders shortened); int8
+    with fixed activation scales when ``calibrate`` names training rows (static, ``export.
+    quantize``); returns the bundle's meta.json (its ``checks`` the measurements)."""
     model_dir, out, data = Path(model_dir), Path(out), Path(data)
     if prune_ratio is not None:
         check_ratio(prune_ratio)
     if prune_ids_fraction is not None:
         check_fraction(prune_ids_fraction)
     check_finetune(fine, prune_ratio, data)
+    check_calibration(calibrate, int8, data)
     require_extra("export", "shopmtl export")  # before any work: one line naming the extra
     check_out(model_dir, out)
     source = load_source(model_dir)
@@ -269,6 +299,8 @@ def export_bundle(model_dir: str | Path, out: str | Path, data: str | Path, int8
     fine_rows = None if fine is None else training_rows(source.schema, source.encoders,
                                                         source.cfg, fine.path)
     v = variant(source, enc, prune_ratio, scenario, fine, fine_rows, prune_ids_fraction)
+    cal_rows, cal_record = (None, None) if calibrate is None else calibration_rows(
+        source, v, calibrate)
     onnx = require("onnx", "export", "shopmtl export")
     precision = "int8" if int8 else "fp32"
     with tempfile.TemporaryDirectory() as tmp:
@@ -276,7 +308,12 @@ def export_bundle(model_dir: str | Path, out: str | Path, data: str | Path, int8
         graph, quantization = fp32, None
         if int8:
             graph = Path(tmp) / MODEL_FILES["int8"]
-            quantization = quantize_int8(fp32, graph)
+            if cal_rows is None:
+                quantization = quantize_int8(fp32, graph)
+            else:
+                quantization = quantize_int8_static(
+                    fp32, graph, calibration_batches(signature(v.schema), cal_rows))
+                quantization["calibration"] = cal_record
         checks = measure(v, fp32, graph, precision)
         opset = {o.domain or "ai.onnx": o.version for o in onnx.load(str(graph)).opset_import}
         meta = ck.model_meta(

@@ -21,6 +21,8 @@ numbers counted in its own rows. Results equal a request scored alone up to floa
 a row's forward reads only that row, except under onnxruntime's dynamic int8 quantisation,
 whose activation scale is taken over the whole call (so a row's int8 answer moves within the
 quantisation error with the rows scored beside it: already true of a request's candidates).
+A static int8 bundle (``shopmtl export --int8 --calibrate TRAIN``) fixes its scales at export,
+so its answers do not depend on the rows beside them (tests/export/test_static_int8.py).
 ``max_rows`` = 0 turns combining off: each request is one call under the lock.
 """
 
