@@ -25,7 +25,7 @@ candidate items, both drawn from the test split), then stops the server (SIGTERM
   worker (16 in all). The server's CPU seconds are the supervisor's and its workers'. Run them
   with ``int8`` as the baseline of the same invocation, into a file of their own:
 
-    .venv/bin/python bench/serve_load.py --runs int8 int8-workers2 int8-workers2-inflight8 \
+    .venv/bin/python bench/serve_load.py --runs int8 int8-workers2 int8-inflight4 \
         --out bench/results/serve_load_workers.json
 
 Prints the table docs/DEPLOY.md ("## Load") holds and writes ``--out`` (JSON):
