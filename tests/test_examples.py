@@ -60,9 +60,14 @@ def test_every_example_config_loads_strictly():
             load_abtest_config(EXAMPLES / name)
             continue
         if name.startswith("federated"):  # a federated run: its section has its own loader
-            from shopmtl.federated.config import load_federated
+            from shopmtl.federated.config import JointFederatedRun, load_federated
 
-            cfg = load_federated(EXAMPLES / name).experiment
+            run = load_federated(EXAMPLES / name)
+            if isinstance(run, JointFederatedRun):  # silos owning joint sources
+                assert {s for g in run.silos.values() for s in g} == {
+                    s.name for s in run.joint.sources}
+                continue
+            cfg = run.experiment
         else:
             cfg = load_config(EXAMPLES / name)  # unknown keys / wrong types would raise here
         if cfg.data.synthetic is not None:  # a generated world: its knobs are checked strictly
