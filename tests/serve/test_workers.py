@@ -310,14 +310,15 @@ def test_sigterm_finishes_the_request_in_flight_and_leaves_no_process(
 
 def test_what_the_workers_cannot_serve_is_refused_before_any_starts(tmp_path: Path) -> None:
     """No worker is spawned for what every worker would fail at (a restart loop otherwise):
-    a folder without a manifest, an experiment, a bad admin key; nothing is left in /tmp."""
+    a folder without a manifest, neither a model nor an experiment, a bad admin key; nothing
+    is left in /tmp (an experiment's store of another experiment: test_workers_experiment)."""
     from shopmtl.serve.workers import run_workers
 
     before = set(Path(tempfile.gettempdir()).glob("shopmtl-serve-*"))
     with pytest.raises(ValueError, match=r"no manifest\.json"):
         run_workers(tmp_path, workers=2)
-    with pytest.raises(ValueError, match="without --experiment"):
-        run_workers(None, workers=2, experiment=tmp_path / "exp.yaml")
+    with pytest.raises(ValueError, match="a model directory, an experiment, or both"):
+        run_workers(None, workers=2)
     with pytest.raises(ValueError, match="2 or more workers"):
         run_workers(tmp_path, workers=1)
     short = tmp_path / "short.key"

@@ -2,7 +2,9 @@
 ``abtest analyze`` (``read_events``). Two backends behind one interface (``EventStore``), chosen
 by where the store is:
 
-- a file path: one SQLite file in WAL mode (the default; one server process writes it);
+- a file path: one SQLite file in WAL mode (the default): the processes of one host
+  (``serve --workers N``: one server per worker) write it in turn, each waiting up to
+  ``BUSY_TIMEOUT_S`` for the write lock instead of failing with "database is locked";
 - a ``postgresql://user@host:port/db`` URL: a PostgreSQL database that several servers write
   into at once (psycopg 3, the ``abtest-pg`` extra). Give the password through ``PGPASSWORD``
   or ``~/.pgpass`` rather than the URL; wherever a URL is shown, its password is ``***``.
@@ -75,6 +77,9 @@ COUNTS = ("written", "dropped")  # the per-server meta counts (``written@SERVER`
 # would otherwise race in CREATE TABLE IF NOT EXISTS (a unique violation in pg_type)
 _DDL_LOCK = 0x5EED_E7E5
 CONNECT_TIMEOUT_S = 10
+# seconds a SQLite writer waits for another process's write transaction (sqlite3's busy
+# handler; its default, 5 s, is short when N workers' writers and a reader share one disk)
+BUSY_TIMEOUT_S = 30.0
 
 
 def ddl(dialect: str) -> list[str]:
@@ -227,9 +232,10 @@ class EventStore:
     """Appends events to a store (created with the schema when missing): a SQLite file (a
     path) or a PostgreSQL database (a ``postgresql://`` URL).
 
-    One connection per store. SQLite: one writer, the service's writer thread or the
-    simulator; WAL mode lets ``read_events`` read while it writes. PostgreSQL: any number of
-    stores (servers) write into one database at once. Each ``add_*`` call is one transaction.
+    One connection per store. SQLite: the writers of one host take turns (a busy timeout,
+    ``BUSY_TIMEOUT_S``); WAL mode lets ``read_events`` read while they write. PostgreSQL:
+    any number of stores (servers) write into one database at once. Each ``add_*`` call is
+    one transaction.
     """
 
     def __init__(self, where: str | Path) -> None:
@@ -249,7 +255,8 @@ class EventStore:
         else:
             path = Path(where)
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._con = sqlite3.connect(path, check_same_thread=False)
+            self._con = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S,
+                                        check_same_thread=False)
             self._con.execute("PRAGMA journal_mode=WAL")
             self._con.execute("PRAGMA synchronous=NORMAL")
             self._con.executescript(SCHEMA)

@@ -95,9 +95,6 @@ def create_app(model_path: str | Path | None, *, max_in_flight: int = 8,
         raise ValueError("max_in_flight and max_body must be >= 1")
     if batch_rows < 0:
         raise ValueError("batch_rows must be >= 0 (0: no combining)")
-    if worker is not None and experiment is not None:
-        raise ValueError("an experiment runs in one process (its event queue and counts are "
-                         "the process's own): serve it without --workers")
     if admin_key is not None:
         check_admin_key(admin_key)
     fastapi = require("fastapi", "serve", "the HTTP service")
@@ -123,7 +120,7 @@ def create_app(model_path: str | Path | None, *, max_in_flight: int = 8,
                        admin_key=admin_key.encode() if admin_key is not None else None,
                        worker=worker.index if worker is not None else None)
     if exp is not None:
-        exp.attach_metrics(state.metrics.registry)
+        exp.attach_metrics(state.metrics.registry, multiprocess=worker is not None)
     if store is not None:
         state.metrics.features(KINDS)
         store.on_miss = lambda kind, n: state.metrics.feature_misses.labels(kind).inc(n)

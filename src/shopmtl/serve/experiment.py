@@ -25,6 +25,13 @@ under its own keys, ``written@SERVER`` and ``dropped@SERVER`` ({exposures, feedb
 host, pid and a random suffix, so servers and restarts never overwrite each other's). Readers
 see their sums as ``written`` and ``dropped``, so events sent = stored + dropped can be checked
 over every server of the experiment.
+
+With ``--workers N`` (``serve.workers``) each worker process is one such server: its own
+queue, writer thread and ``written@SERVER`` / ``dropped@SERVER`` keys (a SQLite store's
+writers take turns: ``abtest.events``); the supervisor claims the store's meta once before
+the workers start (``claim_events``: a differing config fails there, not in a restart loop),
+and the experiment's metrics are written to the workers' shared files, so ``/metrics``
+counts every worker (the queue depth summed over the live ones).
 """
 
 from __future__ import annotations
@@ -174,6 +181,34 @@ class EventQueue:
 # -- the experiment in the service ------------------------------------------------------------
 
 
+def claim_store(store: EventStore, cfg: ExperimentConfig) -> None:
+    """An event store belongs to one experiment (and one salt): refuse another's. The
+    claim is atomic, so of several servers starting at once on one database the first
+    one's config is the store's and a differing one is refused (``ConfigError``)."""
+    salt = hashlib.sha256(cfg.salt.encode()).hexdigest()
+    held = store.claim_meta({"experiment": cfg.name, "salt_sha256": salt,
+                             "arms": cfg.shares})
+    where = describe(store.where)  # a URL's password hidden
+    if held["experiment"] != cfg.name or held["salt_sha256"] != salt:
+        raise ConfigError(f"{where}: this event store holds another experiment "
+                          "(another name or salt); give a new events path")
+    if held["arms"] != cfg.shares:
+        raise ConfigError(f"{where}: this event store's arms or shares differ "
+                          "from the config's; give a new events path")
+    store.set_meta("control", cfg.control)
+
+
+def claim_events(cfg: ExperimentConfig) -> None:
+    """Create ``cfg``'s event store and claim its meta, then close it: the ``--workers``
+    supervisor's check before any worker starts (each worker then claims it again and finds
+    the same values). Nothing to do for ``events: none``."""
+    if cfg.events is None:
+        return
+    with EventStore(cfg.events) as store:
+        claim_store(store, cfg)
+
+
+
 def _rank_body(pd: Any) -> type:
     cell = str | int | float | bool | None
     strict = pd.ConfigDict(extra="forbid", strict=True)
@@ -219,6 +254,7 @@ class Experiment:
         self.locks = {a: threading.Lock() for a in self.policies}  # scoring is CPU-bound
         self.path = rank_path(cfg.name)
         self.metrics: ExperimentMetrics | None = None
+        self._multiprocess = False
         # events: none (a dry run, the bench's baseline): no store, no queue, nothing logged
         self.store = EventStore(cfg.events) if cfg.events is not None else None
         self.queue = EventQueue(self.store, cfg.queue, self._count) if self.store else None
@@ -227,33 +263,27 @@ class Experiment:
         self.unattributed = 0  # refused requests whose user id could not be read
         self.server = server_id()  # this run's meta keys: written@SERVER, dropped@SERVER
 
-    def attach_metrics(self, registry: Any) -> None:
-        """The experiment's series in the service's Prometheus ``registry``."""
-        self.metrics = ExperimentMetrics(registry, self.arms)
-        if self.queue is not None:
+    def attach_metrics(self, registry: Any, multiprocess: bool = False) -> None:
+        """The experiment's series in the service's Prometheus ``registry``; ``multiprocess``:
+        one of several workers (``serve.metrics``: the values go to the shared files)."""
+        self.metrics = ExperimentMetrics(registry, self.arms, multiprocess)
+        self._multiprocess = multiprocess
+        if self.queue is not None and not multiprocess:
             self.metrics.depth.set_function(self.queue.depth)
 
     def _count(self, what: str, kind: str, n: int) -> None:
         if self.metrics is not None:
             self.metrics.count(what, kind, n)
+            if self._multiprocess and self.queue is not None:
+                # a callback gauge is read in this process only: the shared files hold values
+                self.metrics.depth.set(self.queue.depth())
 
     def _check_store(self, store: EventStore) -> None:
-        """An event store belongs to one experiment (and one salt): refuse another's. The
-        claim is atomic, so of several servers starting at once on one database the first
-        one's config is the store's and a differing one is refused."""
-        salt = hashlib.sha256(self.cfg.salt.encode()).hexdigest()
-        held = store.claim_meta({"experiment": self.cfg.name, "salt_sha256": salt,
-                                 "arms": self.cfg.shares})
-        where = describe(store.where)  # a URL's password hidden
-        if held["experiment"] != self.cfg.name or held["salt_sha256"] != salt:
+        try:
+            claim_store(store, self.cfg)
+        except ConfigError:
             store.close()
-            raise ConfigError(f"{where}: this event store holds another experiment "
-                             "(another name or salt); give a new events path")
-        if held["arms"] != self.cfg.shares:
-            store.close()
-            raise ConfigError(f"{where}: this event store's arms or shares differ "
-                             "from the config's; give a new events path")
-        store.set_meta("control", self.cfg.control)
+            raise
 
     def start(self) -> None:
         if self.queue is not None:
@@ -368,8 +398,10 @@ def _fields(message: str) -> list[str]:
 class ExperimentMetrics:
     """The experiment's Prometheus series, in the service's registry."""
 
-    def __init__(self, registry: Any, arms: list[tuple[str, float]]) -> None:
+    def __init__(self, registry: Any, arms: list[tuple[str, float]],
+                 multiprocess: bool = False) -> None:
         pc = require("prometheus_client", "serve", "the /metrics endpoint")
+        live = {"multiprocess_mode": "livesum"} if multiprocess else {}
         self.events = {what: pc.Counter(f"shopmtl_experiment_events_{what}", f"Experiment "
                                         f"events {what}, by kind (exposures, feedback)",
                                         ["kind"], registry=registry)
@@ -378,7 +410,7 @@ class ExperimentMetrics:
             for kind in KINDS:
                 counter.labels(kind)
         self.depth = pc.Gauge("shopmtl_experiment_queue_depth", "Events waiting for the "
-                              "writer", registry=registry)
+                              "writer", registry=registry, **live)
         self.requests = pc.Counter("shopmtl_experiment_requests", "Rank requests by arm and "
                                    "status", ["arm", "status"], registry=registry)
         for arm, _ in arms:

@@ -33,6 +33,14 @@ publishes nothing: every worker keeps its model. One service-wide reload runs at
 worker running one holds an exclusive ``flock`` on ``reload.lock`` until the others swapped,
 and a reload arriving on any worker meanwhile is refused (409 ``reload_in_progress``), as a
 second reload is in one process.
+
+With ``--experiment CONFIG`` (beside a model directory or alone) each worker builds its own
+experiment from the config (``serve.experiment``): its own event queue and writer, its counts
+under its own ``written@SERVER`` / ``dropped@SERVER`` keys, so the N workers are N servers of
+the experiment sharing one event store. The supervisor loads the config and claims the
+store's meta once before spawning them (a bad config or another experiment's store fails
+there, once). On SIGTERM each worker, after answering its requests in flight, writes its
+queued events and its counts before it exits; the supervisor waits for all of them.
 """
 
 from __future__ import annotations
@@ -210,12 +218,18 @@ def worker_app() -> Any:
     worker = Worker(index, opts["workers"], shared)
     pub = worker.published()
     path = pub["path"] if pub is not None else opts["model"]
+    experiment = None
+    if opts["experiment"] is not None:  # this worker's own queue, writer and counts
+        from shopmtl.abtest.experiment import load_experiment
+
+        experiment = load_experiment(opts["experiment"])
     app = create_app(path, max_in_flight=opts["max_in_flight"], max_body=opts["max_body"],
                      admin_key=admin_key_from(opts["admin_key_file"]),
                      features=open_store(opts["features"], opts["features_redis"]),
-                     batch_rows=opts["batch_rows"], worker=worker)
+                     experiment=experiment, batch_rows=opts["batch_rows"], worker=worker)
     reloader = app.state.reloader
-    reloader.start_path = Path(opts["model"])  # SIGHUP rereads the startup directory
+    if opts["model"] is not None:
+        reloader.start_path = Path(opts["model"])  # SIGHUP rereads the startup directory
     install_signals(worker, reloader)
     return app
 
@@ -283,19 +297,26 @@ def run_workers(model_path: Path | None, *, workers: int, host: str = "127.0.0.1
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     if workers < 2:
         raise ValueError("--workers N runs 2 or more workers (1: one process, serve.app.run)")
-    if experiment is not None or model_path is None:
-        raise ValueError("--workers serves a model directory, without --experiment (an "
-                         "experiment's event queue and counts are one process's own)")
-    if model_version(Path(model_path)) == "unknown":  # fail here, not in a restart loop
+    if experiment is None and model_path is None:
+        raise ValueError("give a model directory, an experiment, or both")
+    # each check below fails here, once, not in every worker's restart loop
+    if model_path is not None and model_version(Path(model_path)) == "unknown":
         raise ValueError("the model directory has no manifest.json: give a model directory "
                          "(OUT/model, an export bundle)")
-    admin_key_from(admin_key_file)  # a bad key fails here, once, not in every worker
+    admin_key_from(admin_key_file)
+    if experiment is not None:
+        from shopmtl.abtest.experiment import load_experiment
+        from shopmtl.serve.experiment import claim_events
+
+        claim_events(load_experiment(experiment))  # the store created, its meta claimed
     shared = Path(tempfile.mkdtemp(prefix="shopmtl-serve-"))
     try:
         (shared / "metrics").mkdir()
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(shared / "metrics")  # the spawned inherit
         os.environ[ENV] = json.dumps({
-            "shared": str(shared), "workers": workers, "model": os.path.abspath(model_path),
+            "shared": str(shared), "workers": workers,
+            "model": None if model_path is None else os.path.abspath(model_path),
+            "experiment": None if experiment is None else os.path.abspath(experiment),
             "max_in_flight": max_in_flight, "max_body": max_body,
             "admin_key_file": None if admin_key_file is None else os.path.abspath(admin_key_file),
             "features": None if features is None else os.path.abspath(features),
@@ -306,9 +327,10 @@ def run_workers(model_path: Path | None, *, workers: int, host: str = "127.0.0.1
                                 log_level="info")
         server = uvicorn.Server(config)
         sock = config.bind_socket()
-        log.info("serving %s with %d workers on http://%s:%d (--max-in-flight %d per worker: "
-                 "%d in all)", model_path, workers, host, port, max_in_flight,
-                 workers * max_in_flight)
+        log.info("serving %s%s with %d workers on http://%s:%d (--max-in-flight %d per "
+                 "worker: %d in all)", model_path or "no model directory",
+                 "" if experiment is None else " and an experiment (one event queue per "
+                 "worker)", workers, host, port, max_in_flight, workers * max_in_flight)
         try:
             _supervisor_class()(config, target=server.run, sockets=[sock]).run()
         finally:
