@@ -353,7 +353,7 @@ def test_a_stuck_writer_never_blocks_a_request(trained: Path, tmp_path: Path) ->
             with server.client() as c:
                 metrics = c.get("/metrics").text
         finally:
-            lock.execute("ROLLBACK")  # within the writer's 5 s busy wait: its batch goes in
+            lock.execute("ROLLBACK")  # within the writer's busy wait (30 s): its batch goes in
             lock.close()
         code = stop(server)
     assert code in (0, -signal.SIGTERM), server.log_text()
