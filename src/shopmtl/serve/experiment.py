@@ -208,7 +208,6 @@ def claim_events(cfg: ExperimentConfig) -> None:
         claim_store(store, cfg)
 
 
-
 def _rank_body(pd: Any) -> type:
     cell = str | int | float | bool | None
     strict = pd.ConfigDict(extra="forbid", strict=True)
@@ -255,6 +254,7 @@ class Experiment:
         self.path = rank_path(cfg.name)
         self.metrics: ExperimentMetrics | None = None
         self._multiprocess = False
+        self._depth_lock = threading.Lock()
         # events: none (a dry run, the bench's baseline): no store, no queue, nothing logged
         self.store = EventStore(cfg.events) if cfg.events is not None else None
         self.queue = EventQueue(self.store, cfg.queue, self._count) if self.store else None
@@ -275,8 +275,10 @@ class Experiment:
         if self.metrics is not None:
             self.metrics.count(what, kind, n)
             if self._multiprocess and self.queue is not None:
-                # a callback gauge is read in this process only: the shared files hold values
-                self.metrics.depth.set(self.queue.depth())
+                # a callback gauge is read in this process only: the shared files hold values.
+                # Read and set under one lock, so the last set is never an older depth.
+                with self._depth_lock:
+                    self.metrics.depth.set(self.queue.depth())
 
     def _check_store(self, store: EventStore) -> None:
         try:
