@@ -11,11 +11,13 @@ fast); the zoo model is served beside them.
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import re
 import subprocess
 import sys
-from concurrent.futures import ThreadPoolExecutor
+import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -165,3 +167,44 @@ def test_a_store_of_another_experiment_is_refused_before_any_worker_starts(
         store.set_meta("experiment", "someone-else")
     with pytest.raises(ConfigError, match=r"events\.db: this event store holds another"):
         run_workers(zoo_dir, workers=2, experiment=write_config(tmp_path))
+
+
+# -- N processes on one SQLite store at once ------------------------------------------------
+
+WRITERS = 4
+BATCHES = 20  # transactions per writer
+ROWS = 10  # exposures per transaction
+
+
+def _writer(where: str, index: int, start_at: float) -> dict[str, Any]:
+    """One process as a worker's writer: opens the store (a fresh file: the first one creates
+    it), claims the meta, writes its batches, then its own counts; what it claimed."""
+    from shopmtl.abtest.events import EventStore, Exposure
+
+    while time.time() < start_at:  # every process starts its writes at one moment
+        time.sleep(0.001)
+    with EventStore(where) as store:
+        held = store.claim_meta({"experiment": NAME, "arms": {"a": 0.5, "b": 0.5}})
+        for b in range(BATCHES):
+            store.add_exposures(Exposure(f"{index}-{b}-{r}", time.time(), NAME, "test", "a",
+                                         f"unit-{r}", "home_feed", "[]")
+                                for r in range(ROWS))
+        store.set_meta(f"written@w{index}", {"exposures": BATCHES * ROWS, "feedback": 0})
+    return held
+
+
+def test_n_processes_claim_and_write_one_fresh_sqlite_store_at_once(tmp_path: Path) -> None:
+    """The workers' writers without a server: created, claimed and written by 4 processes at
+    the same moment, the store holds every row once and the 4 counts (no "database is
+    locked": each writer waits for the lock, abtest.events.BUSY_TIMEOUT_S)."""
+    where = str(tmp_path / "events.db")
+    start_at = time.time() + 2.0  # after the spawned interpreters imported pyarrow
+    with ProcessPoolExecutor(WRITERS, mp_context=multiprocessing.get_context("spawn")) as pool:
+        held = list(pool.map(_writer, [where] * WRITERS, range(WRITERS),
+                             [start_at] * WRITERS))
+    assert held == [{"experiment": NAME, "arms": {"a": 0.5, "b": 0.5}}] * WRITERS
+    events = read_events(where)
+    ids = events.exposures.column("request_id").to_pylist()
+    assert len(ids) == len(set(ids)) == WRITERS * BATCHES * ROWS
+    assert events.meta["written"] == {"exposures": WRITERS * BATCHES * ROWS, "feedback": 0}
+    assert len(events.meta["servers"]) == WRITERS
