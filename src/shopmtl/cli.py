@@ -525,8 +525,9 @@ def serve(
         "call (/v1/score, /v1/recommend, /v1/ads/ctr); 0: each request alone", min=0)
     ] = 4096,
     workers: Annotated[int, typer.Option(
-        "--workers", help="Worker processes on the one port (each loads the model; "
-        "--max-in-flight is per worker); 1: one process", min=1)] = 1,
+        "--workers", help="Worker processes on the one port (each loads the model and, "
+        "with --experiment, writes its own events; --max-in-flight is per worker); 1: one "
+        "process", min=1)] = 1,
 ) -> None:
     """Serve a model over HTTP (the serve extra): one JSON endpoint per subsystem the model
     has (/v1/score, /v1/recommend, /v1/ads/ctr, /v1/search, /v1/support/intent,
