@@ -305,8 +305,11 @@ def _reap(tree: list[psutil.Process]) -> None:
         with contextlib.suppress(psutil.NoSuchProcess):
             named.append((p, p.name()))
     # Ray's workers notice their raylet's death by polling it: seconds on a quiet machine,
-    # more than 15 s once in a loaded CI run (2 cores, the suite beside it)
-    _, alive = psutil.wait_procs([p for p, n in named if n not in LINGER], timeout=60)
+    # more than 15 s once in a loaded CI run (2 cores, the suite beside it). Ray's head
+    # processes that are Python scripts (named "python3") end when a call to the dead GCS
+    # fails, and a GCS client retries for up to 60 s by default (Ray's
+    # gcs_rpc_server_reconnect_timeout_s): two outlived a 60 s wait once in a loaded CI run
+    _, alive = psutil.wait_procs([p for p, n in named if n not in LINGER], timeout=150)
     left = [n for p, n in named if p in alive]
     for p, _ in named:
         with contextlib.suppress(psutil.NoSuchProcess):
