@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import astuple, dataclass
@@ -80,6 +81,29 @@ CONNECT_TIMEOUT_S = 10
 # seconds a SQLite writer waits for another process's write transaction (sqlite3's busy
 # handler; its default, 5 s, is short when N workers' writers and a reader share one disk)
 BUSY_TIMEOUT_S = 30.0
+
+
+def _open_sqlite(path: Path) -> sqlite3.Connection:
+    """A connection to the SQLite store at ``path``, in WAL mode, its tables created. Processes
+    that open one fresh file at the same moment (``serve --workers N``) race in the switch to
+    WAL, and SQLite answers that race "database is locked" at once, without its busy handler
+    (measured: tests/serve/test_workers_experiment.py, 4 processes); so the opening is tried
+    again, with a growing pause, for up to ``BUSY_TIMEOUT_S``."""
+    deadline = time.monotonic() + BUSY_TIMEOUT_S
+    pause = 0.01
+    while True:
+        con = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S, check_same_thread=False)
+        try:
+            con.execute("PRAGMA journal_mode=WAL")
+            con.execute("PRAGMA synchronous=NORMAL")
+            con.executescript(SCHEMA)
+            return con
+        except sqlite3.OperationalError as e:
+            con.close()
+            if "locked" not in str(e) or time.monotonic() + pause > deadline:
+                raise
+        time.sleep(pause)
+        pause = min(pause * 2, 0.5)
 
 
 def ddl(dialect: str) -> list[str]:
@@ -255,11 +279,7 @@ class EventStore:
         else:
             path = Path(where)
             path.parent.mkdir(parents=True, exist_ok=True)
-            self._con = sqlite3.connect(path, timeout=BUSY_TIMEOUT_S,
-                                        check_same_thread=False)
-            self._con.execute("PRAGMA journal_mode=WAL")
-            self._con.execute("PRAGMA synchronous=NORMAL")
-            self._con.executescript(SCHEMA)
+            self._con = _open_sqlite(path)
 
     @property
     def path(self) -> Path:
