@@ -192,6 +192,32 @@ def save_client_state(silo_file: str, rnd: int, state: Any) -> Path:
     return dest
 
 
+def local_start(state: Any, keep_optimizer: bool
+                ) -> tuple[LoopState | None, dict[int, dict[str, torch.Tensor]] | None]:
+    """Where the client's loop stands (None: its first round) and, with ``keep_optimizer``,
+    its optimizer's moments (None: a fresh optimizer), from its ``Context.state``."""
+    start = (LoopState(**json.loads(str(state["loop"]["state"]))) if "loop" in state
+             else None)
+    kept = (optimizer_state(_arrays(state["optimizer"]))
+            if keep_optimizer and "optimizer" in state else None)
+    return start, kept
+
+
+def keep_local_state(state: Any, model: nn.Module, local: list[Piece], res: FitResult,
+                     keep_optimizer: bool, silo_file: str, rnd: int) -> None:
+    """After round ``rnd``'s local training: the unshared pieces, the optimizer's moments
+    (with ``keep_optimizer``) and the loop state into ``Context.state`` (never sent), and
+    the state onto the client's disk (``save_client_state``)."""
+    from flwr.app import Array, ArrayRecord, ConfigRecord
+
+    state["local"] = ArrayRecord({k: Array(v) for k, v in pack(model, local).items()})
+    if keep_optimizer:
+        state["optimizer"] = ArrayRecord(
+            {k: Array(v) for k, v in optimizer_arrays(res.optimizer).items()})
+    state["loop"] = ConfigRecord({"state": json.dumps(state_json(res.state))})
+    save_client_state(silo_file, rnd, state)
+
+
 def restore_client_state(silo_file: str, rnd: int, state: Any) -> int | None:
     """Fill an empty ``Context.state`` (a resumed run's fresh client) from the latest state
     file written before round ``rnd``; the round it came from, or None (nothing to do)."""
@@ -245,20 +271,12 @@ def client_train(fed: Federation, msg: Any, context: Any) -> Any:
     received = _arrays(msg.content["arrays"])
     model, shared, local = _model(fed, context.state, received)
     mu = float(msg.content["config"].get("proximal-mu", 0.0))
-    start = (LoopState(**json.loads(str(context.state["loop"]["state"])))
-             if "loop" in context.state else None)
-    kept = (optimizer_state(_arrays(context.state["optimizer"]))
-            if cfg.keep_optimizer and "optimizer" in context.state else None)
+    start, kept = local_start(context.state, cfg.keep_optimizer)
     k = local_steps(cfg, data, exp.train.batch_size)
     res = train_silo(model, data, exp, steps=k, lr=round_lr(exp, (rnd - 1) * cfg.local_epochs),
                      seed=cfg.seed * 1009 + i, start=start, mu=mu, anchor=shared,
                      optimizer_state=kept)
-    context.state["local"] = ArrayRecord({k: Array(v) for k, v in pack(model, local).items()})
-    if cfg.keep_optimizer:  # local state, never sent
-        context.state["optimizer"] = ArrayRecord(
-            {k: Array(v) for k, v in optimizer_arrays(res.optimizer).items()})
-    context.state["loop"] = ConfigRecord({"state": json.dumps(state_json(res.state))})
-    save_client_state(fed.silo_files[i], rnd, context.state)
+    keep_local_state(context.state, model, local, res, cfg.keep_optimizer, fed.silo_files[i], rnd)
     sent = pack(model, shared)
     if fed.silo_names[i] in cfg.attack.silos:  # the harness: a sign-flipped, scaled update
         sent = {n: received[n] - cfg.attack.scale * (v - received[n]) for n, v in sent.items()}

@@ -46,12 +46,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from shopmtl.federated.client import (
-    optimizer_arrays,
-    optimizer_state,
-    restore_client_state,
-    save_client_state,
-)
+from shopmtl.federated.client import keep_local_state, local_start, restore_client_state
 from shopmtl.federated.config import FederatedConfig, JointFederatedRun
 from shopmtl.federated.faults import fault_for, inject_after, inject_before
 from shopmtl.federated.proximal import ProximalSource, anchors_of
@@ -62,7 +57,7 @@ from shopmtl.joint.model import JointModel, SharedText
 from shopmtl.joint.parts import load_parts, text_bank, text_width
 from shopmtl.joint.train import build_joint_model, flushed_denormals
 from shopmtl.jsonsafe import json_safe
-from shopmtl.train.loop import FitResult, LoopState, Schedule, fit, state_json
+from shopmtl.train.loop import FitResult, LoopState, Schedule, fit
 from shopmtl.train.sampling import source_probs
 from shopmtl.train.select import GainSelector, primary
 from shopmtl.weighting import build_weighting
@@ -236,10 +231,7 @@ def client_train(fed: JointFederation, msg: Any, context: Any) -> Any:
     restored = restore_client_state(fed.state_file(i), rnd, context.state)
     received = {k: v.numpy() for k, v in msg.content["arrays"].items()}
     model, shared, local = silo_model(fed, silo, context.state, received)
-    start = (LoopState(**json.loads(str(context.state["loop"]["state"])))
-             if "loop" in context.state else None)
-    kept = (optimizer_state({k: v.numpy() for k, v in context.state["optimizer"].items()})
-            if cfg.keep_optimizer and "optimizer" in context.state else None)
+    start, kept = local_start(context.state, cfg.keep_optimizer)
     steps = json.loads(str(config["joint-steps"]))[i]
     done = json.loads(str(config["joint-done"]))
     seed = fed.joint.train.seed * 1009 + i
@@ -249,12 +241,7 @@ def client_train(fed: JointFederation, msg: Any, context: Any) -> Any:
                      start=start,
                      mu=float(config.get("proximal-mu", 0.0)), anchor=shared,
                      optimizer_state=kept)
-    context.state["local"] = ArrayRecord({k: Array(v) for k, v in pack(model, local).items()})
-    if cfg.keep_optimizer:  # local state, never sent
-        context.state["optimizer"] = ArrayRecord(
-            {k: Array(v) for k, v in optimizer_arrays(res.optimizer).items()})
-    context.state["loop"] = ConfigRecord({"state": json.dumps(state_json(res.state))})
-    save_client_state(fed.state_file(i), rnd, context.state)
+    keep_local_state(context.state, model, local, res, cfg.keep_optimizer, fed.state_file(i), rnd)
     sent = inject_after(fault, pack(model, shared))
     recent = [r for r in res.state.history if r.get("train_loss")]
     losses = recent[-1]["train_loss"] if recent else {}
