@@ -6,7 +6,9 @@ examples/federated.yaml, against centralised training of the same total epochs.
     python bench/federated_tuning.py --out runs/federated_tuning
 
 Writes federated_tuning.json and federated_tuning.md into --out (and bench/results/).
-About 40 s a variant and 2 minutes for the control on 2 cores.
+About 40 s a variant on 2 cores. Besides the variants: two controls of the loop (one silo
+holding every row must reproduce centralised training) and centralised training at the
+batch sizes federated averaging stands in for.
 """
 
 from __future__ import annotations
@@ -39,6 +41,25 @@ VARIANTS: dict[str, list[str]] = {
         "federated.silos={by: user_hash, count: 2}", "federated.keep_optimizer=true"],
     "IID control: 4 user-hash silos, keep_optimizer": [
         "federated.silos={by: user_hash, count: 4}", "federated.keep_optimizer=true"],
+    # the loop's control: one silo holding every row, plain FedAvg (no proximal term): the
+    # rounds then are centralised training cut into pieces and must land on its numbers
+    "control: 1 silo (every row), fedavg, keep_optimizer": [
+        "federated.silos={by: user_hash, count: 1}", "federated.strategy=fedavg",
+        "federated.mu=0", "federated.keep_optimizer=true"],
+    "control: 1 silo (every row), fedprox mu 1e-4, keep_optimizer": [
+        "federated.silos={by: user_hash, count: 1}", "federated.keep_optimizer=true"],
+    # twice the epochs (and a slower decay) for both: does federation catch up given time?
+    "keep_optimizer, lr_decay 0.7, 16 rounds (8 epochs)": [
+        "federated.keep_optimizer=true", "train.lr_decay=0.7", "federated.rounds=16"],
+}
+# centralised training at other batch sizes (same 4 epochs): the mean of K clients' steps
+# is one step of a K times larger batch, so these bound what averaging 4 silos can reach
+CENTRAL: dict[str, list[str]] = {
+    "centralised, batch 4096 (4 x 1024)": ["train.batch_size=4096"],
+    "centralised, batch 4096, lr x 4": ["train.batch_size=4096", "train.lr=0.008"],
+    "centralised, batch 256": ["train.batch_size=256"],
+    "centralised, lr_decay 0.7, 2 epochs": ["train.lr_decay=0.7", "federated.rounds=4"],
+    "centralised, lr_decay 0.7, 8 epochs": ["train.lr_decay=0.7", "federated.rounds=16"],
 }
 
 
@@ -67,6 +88,19 @@ def run(config: Path, seed: int, out: Path, only: list[str]) -> dict:
             res["centralised"] = {"pooled": {t: v["all"] for t, v in c["pooled"].items()},
                                   "seconds": time.perf_counter() - t0}
             print(f"centralised: {res['centralised']['pooled']}", flush=True)
+            for cname, csets in CENTRAL.items():
+                if only and cname not in only:
+                    continue
+                cfr = load_federated(config, [*base, *csets])
+                shutil.rmtree(work / "central", ignore_errors=True)
+                cdata, cfed, cinfo = prepare(cfr, work / "central", log=lambda s: None)
+                t0 = time.perf_counter()
+                c = centralised(cfed, cdata, cinfo["_silos"],
+                                cfr.federated.rounds * cfr.federated.local_epochs, seed)
+                res["variants"][cname] = {
+                    "overrides": csets, "pooled": {t: v["all"] for t, v in c["pooled"].items()},
+                    "seconds": time.perf_counter() - t0}
+                print(f"{cname}: {res['variants'][cname]['pooled']}", flush=True)
         t0 = time.perf_counter()
         _, _rec, pooled, _ = simulate(fed, data, log=lambda s: None)
         rounds = sorted(pooled)

@@ -325,7 +325,7 @@ def test_a_corrupt_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
     ck = Checkpointer(tmp_path / "checkpoints", run_id="r1")
     cfg = {"federated": {"strategy": "fedavg"}}
     save_round(ck, 1, {"w": np.ones((2, 2), np.float32)}, {}, {"pooled": {}}, cfg)
-    rnd, arrays, _, _ = load_round(Checkpointer(tmp_path / "checkpoints"), cfg)
+    rnd, arrays, _, _, _ = load_round(Checkpointer(tmp_path / "checkpoints"), cfg)
     assert rnd == 1 and np.array_equal(arrays["w"], np.ones((2, 2)))
     with pytest.raises(ConfigError, match=r"--resume: federated.strategy differs"):
         load_round(Checkpointer(tmp_path / "checkpoints"),

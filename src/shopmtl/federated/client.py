@@ -307,10 +307,12 @@ def client_evaluate(fed: Federation, msg: Any, context: Any) -> Any:
     source = TableSource(data, fed.experiment.train.batch_size,
                          eval_batch_size=fed.experiment.train.eval_batch_size)
     per_task = source.evaluate(model, "test")
-    metrics = {"num-examples": len(data.test), "silo": i,
+    # the validation rows too: what the server ranks rounds by (federated.select: best)
+    valid = nest_auc(source.evaluate(model, "valid")) if len(data.valid) else {}
+    metrics = {"num-examples": len(data.test), "num-valid": len(data.valid), "silo": i,
                "round": int(msg.content["config"]["server-round"]),
                **({UNIT_WEIGHT: 1} if fed.federated.dp.mode != "none" else {})}
-    detail = {"auc": nest_auc(per_task)}
+    detail = {"auc": nest_auc(per_task), "valid_auc": valid}
     return Message(RecordDict({"metrics": MetricRecord(metrics),
                                "detail": ConfigRecord({"json": json.dumps(detail)})}),
                    reply_to=msg)

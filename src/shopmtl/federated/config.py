@@ -45,7 +45,9 @@ class SiloConfig:
     groups: dict[str, tuple[str, ...]] = key(factory=dict, doc="silo name -> its scenarios, "
                                              "column values or sources ({}: one silo per "
                                              "scenario)")
-    count: int = key(4, "by: user_hash: the number of silos", ge=2)
+    # 1 is a control, not a federation: every row in one silo, so the rounds must reproduce
+    # centralised training (bench/federated_tuning.py)
+    count: int = key(4, "by: user_hash: the number of silos (1: the one-silo control)", ge=1)
     # silo name -> the only tasks whose labels it keeps (a silo that does not log conversions)
     tasks: dict[str, tuple[str, ...]] = key(factory=dict, doc="silo name -> the tasks it has "
                                             "labels for ({}: all its rows have)")
@@ -133,6 +135,12 @@ class FederatedConfig:
     malicious: int = key(1, "krum, multikrum: the number of attackers tolerated (multikrum "
                             "averages the clients - malicious updates Krum scores best)", ge=0)
     rounds: int = key(8, "rounds of training", ge=1)
+    # the one-table run keeps its best epoch; a federation's server sees no rows, so it ranks
+    # rounds by what the silos report of their own validation rows (federated.server)
+    select: Literal["last", "best"] = key(
+        "last", "the global model written: the last round's, or the round's with the best "
+        "validation score (the silos' mean task AUC on their validation rows, weighted by "
+        "those rows)")
     local_epochs: float = key(0.5, "each client's local training per round, in epochs of "
                                    "its own rows", gt=0)
     fraction: float = key(1.0, "the fraction of clients sampled each round", gt=0, le=1)
@@ -188,6 +196,10 @@ class FederatedConfig:
                                  "the clients that moved it is not bounded by clip / clients)")
         if self.secagg:
             check_secagg(self)
+        if self.select == "best" and self.dp.mode != "none":
+            raise ValueError("federated.select: best ranks rounds by the silos' plain "
+                             "validation AUC, which DP does not cover; use select: last "
+                             "with federated.dp")
 
 
 # secure aggregation reveals only the sum: these need each client's own update
@@ -335,7 +347,7 @@ def check_joint(fed: FederatedConfig, joint: JointConfig, given: set[str]) -> No
                           "joint.train.steps / rounds steps of the federation, shared by the "
                           "silos as the joint sampler shares steps among sources")
     refused = {"dp": fed.dp.mode != "none", "secagg": fed.secagg,
-               "attack": bool(fed.attack.silos)}
+               "attack": bool(fed.attack.silos), "select": fed.select != "last"}
     for name, on in refused.items():
         if on:
             raise ConfigError(f"federated.{name}: not built for a joint model")

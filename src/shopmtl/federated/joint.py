@@ -405,7 +405,7 @@ def serve(fed: JointFederation, grid: Any, log: Callable[[str], None] = print,
     config = run_config(fed)
     first, start, moments, keys = 1, initial_adapter(fed.joint), {}, {}
     if resume:
-        done, start, moments, records = load_round(checkpointer, config)
+        done, start, moments, records, _ = load_round(checkpointer, config)
         recorder.train, recorder.eval = int_keys(records["train"]), int_keys(records["eval"])
         recorder.dropped, keys = int_keys(records["dropped"]), int_keys(records["sent_keys"])
         first = done + 1

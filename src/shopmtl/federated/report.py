@@ -17,13 +17,15 @@ def _f(x: Any) -> str:
 
 
 def round_table(metrics: dict[str, Any]) -> list[str]:
-    """One row per round: pooled AUC per task, then each silo's AUC per task (all scopes)."""
+    """One row per round: the validation score (``federated.select``), pooled AUC per task,
+    then each silo's AUC per task (all scopes)."""
     tasks, silos = metrics["tasks"], list(metrics["silos"])
-    head = ["round", *(f"pooled {t}" for t in tasks),
+    head = ["round", "valid score", *(f"pooled {t}" for t in tasks),
             *(f"{s} {t}" for s in silos for t in tasks)]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in metrics["rounds"]:
-        row = [str(r["round"]), *(_f(r["pooled"].get(t, {}).get(ALL)) for t in tasks)]
+        row = [str(r["round"]), _f(r.get("valid_score")),
+               *(_f(r["pooled"].get(t, {}).get(ALL)) for t in tasks)]
         row += [_f(r["silos"].get(s, {}).get(t, {}).get(ALL)) for s in silos for t in tasks]
         lines.append("| " + " | ".join(row) + " |")
     return lines
@@ -73,6 +75,12 @@ def write_federated_report(out: Path, metrics: dict[str, Any]) -> Path:
               "server). Per silo: the global model with the silo's own pieces, on its test rows.",
               ""]
     lines += round_table(metrics)
+    sel = metrics.get("selected")
+    if sel:  # a joint run's metrics have none
+        lines += ["", f"`model/` holds round {sel['round']}'s global model (select: "
+                  f"{sel['rule']}; valid score: the silos' mean task AUC on their own "
+                  f"validation rows, weighted by those rows; best: round "
+                  f"{sel['best_round'] if sel['best_round'] is not None else '-'})."]
     if installed("matplotlib"):
         plot_rounds(metrics, out / "auc_rounds.png")
         lines += ["", "![AUC per round](auc_rounds.png)"]

@@ -82,19 +82,25 @@ def restore_strategy(strategy: Any, tensors: dict[str, torch.Tensor]) -> None:
 
 def save_round(checkpointer: Checkpointer, rnd: int, arrays: dict[str, np.ndarray],
                strategy: dict[str, torch.Tensor], records: dict[str, Any],
-               config: dict[str, Any]) -> Path:
-    """Round ``rnd``'s checkpoint: the global arrays, the strategy's state, the records."""
+               config: dict[str, Any], best: dict[str, np.ndarray] | None = None) -> Path:
+    """Round ``rnd``'s checkpoint: the global arrays, the strategy's state, the records, and
+    ``best``: the best round's global arrays (``federated.select: best``; none otherwise)."""
     tensors = {"arrays": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in
                           arrays.items()}}
     if strategy:
         tensors["strategy"] = strategy
+    if best:
+        tensors["best"] = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in
+                           best.items()}
     return checkpointer.save(f"00-{rnd:09d}", tensors,
                              {"round": rnd, "records": records, "config": config})
 
 
 def load_round(checkpointer: Checkpointer, config: dict[str, Any]
-               ) -> tuple[int, dict[str, np.ndarray], dict[str, torch.Tensor], dict[str, Any]]:
-    """The latest round checkpoint: (round, global arrays, strategy state, records). A
+               ) -> tuple[int, dict[str, np.ndarray], dict[str, torch.Tensor], dict[str, Any],
+                          dict[str, np.ndarray]]:
+    """The latest round checkpoint: (round, global arrays, strategy state, records, the best
+    round's arrays: empty unless ``select: best`` kept them). A
     missing or corrupt checkpoint is a ``CheckpointError``; one written under another config
     (``rounds`` aside: a run may be resumed with more) is a ``ConfigError`` naming the key."""
     path = checkpointer.latest()
@@ -108,7 +114,8 @@ def load_round(checkpointer: Checkpointer, config: dict[str, Any]
         raise ConfigError(f"--resume: {differs} differs from the checkpointed run's "
                           f"({path.name}); resume with the same config")
     arrays = {k: v.numpy() for k, v in tensors["arrays"].items()}
-    return int(meta["round"]), arrays, tensors.get("strategy", {}), meta["records"]
+    best = {k: v.numpy() for k, v in tensors.get("best", {}).items()}
+    return int(meta["round"]), arrays, tensors.get("strategy", {}), meta["records"], best
 
 
 def first_difference(a: Any, b: Any, where: str = "") -> str | None:

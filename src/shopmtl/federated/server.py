@@ -7,6 +7,10 @@ Evaluation per round: every silo scores the global shared weights with its own l
 on its own test rows (AUC per task x scenario x silo, ``client_evaluate``), and the server
 scores the global model on the pooled test split (``evaluate_fn``; unshared pieces are zero
 there: the server never sees a silo's users, so it scores every user as unknown).
+
+Which round's model is written (``federated.select``): the last, or, as the one-table run
+keeps its best epoch, the round with the best validation score: the silos' own validation
+AUC (``validation_score``), the only view of held-out rows a server that sees no rows has.
 """
 
 from __future__ import annotations
@@ -184,14 +188,34 @@ def server_stepped(base: type, step: float, momentum: float = 0.0) -> type:
     return Stepped
 
 
+def validation_score(silos: dict[str, dict[str, Any]], names: tuple[str, ...]
+                     ) -> float | None:
+    """A round's validation score: each silo's mean AUC over its tasks on its own validation
+    rows, averaged over the silos weighted by those rows. None unless every silo in ``names``
+    reported (a round missing a silo's evaluation is scored on other rows: not comparable)."""
+    if set(names) - set(silos):
+        return None
+    total = weight = 0.0
+    for m in silos.values():
+        aucs = [v["all"] for v in m.get("valid_auc", {}).values() if "all" in v]
+        n = float(m.get("num-valid", 0))
+        if aucs and n > 0:
+            total += n * float(np.mean(aucs))
+            weight += n
+    return total / weight if weight > 0 else None
+
+
 class Recorder:
-    """Every round's per-client replies (train and evaluate), by round and silo, and the
-    clients dropped from each round with the reason (``faults.Guard``)."""
+    """Every round's per-client replies (train and evaluate), by round and silo, the clients
+    dropped from each round with the reason (``faults.Guard``), and the rounds' validation
+    scores with the best round so far (``federated.select``)."""
 
     def __init__(self, names: tuple[str, ...]) -> None:
         self.names = names
         self.train: dict[int, dict[str, dict[str, float]]] = {}
         self.eval: dict[int, dict[str, dict[str, float]]] = {}
+        self.valid: dict[int, float] = {}  # round -> validation_score (rounds scored)
+        self.best: dict[str, Any] = {}  # {"round", "score"} of the best scored round
         self.dp: dict[str, Any] = {}  # the DP settings (federated.dp), empty when none
         self.privacy: dict[int, dict[str, float]] = {}  # round -> (epsilon, delta) spent
         self.dropped: dict[int, dict[str, str]] = {}
@@ -214,6 +238,18 @@ class Recorder:
 
     def on_eval(self, replies: list[Any], weighted_by: str) -> Any:
         return self._record(self.eval, replies)
+
+    def score(self, rnd: int) -> bool:
+        """Score round ``rnd`` from its evaluation replies; True when it is the best so far
+        (ties keep the earlier round)."""
+        score = validation_score(self.eval.get(rnd, {}), self.names)
+        if score is None:
+            return False
+        self.valid[rnd] = score
+        if self.best and score <= self.best["score"]:
+            return False
+        self.best = {"round": rnd, "score": score}
+        return True
 
 
 def prepare(run: FederatedRun, out: Path, log: Callable[[str], None] = print
@@ -289,12 +325,15 @@ def serve(fed: Federation, data: PreparedData, grid: Any, log: Callable[[str], N
         # resumed run would count epsilon from zero and under-report what was spent
         raise ConfigError("--resume with federated.dp: not supported (the privacy accountant's "
                           "state is not checkpointed); start the DP run again")
+    best: dict[str, np.ndarray] = {}  # the best round's global arrays (select: best)
     if resume:
         assert checkpointer is not None
-        done, start, moments, records = load_round(checkpointer, config)
+        done, start, moments, records, best = load_round(checkpointer, config)
         recorder.train, recorder.eval = (int_keys(records["train"]),
                                          int_keys(records["eval"]))
         recorder.dropped, pooled = int_keys(records["dropped"]), int_keys(records["pooled"])
+        recorder.valid = int_keys(records.get("valid", {}))
+        recorder.best = records.get("best", {})
         first = done + 1
         log(f"resuming after round {done} (checkpoint {checkpointer.latest()})")
     pooled_source = TableSource(data, fed.experiment.train.batch_size,
@@ -334,11 +373,19 @@ def serve(fed: Federation, data: PreparedData, grid: Any, log: Callable[[str], N
         grid = SecureGrid(grid, cfg, max_weight=float(len(data.train)))
 
     def after_round(rnd: int, arrays: Any) -> None:
+        now = {k: v.numpy() for k, v in arrays.items()}
+        if recorder.score(rnd) and cfg.select == "best":
+            best.clear()
+            best.update({k: v.copy() for k, v in now.items()})
+        if rnd in recorder.valid:
+            log(f"round {rnd}/{cfg.rounds}: validation score {recorder.valid[rnd]:.4f} "
+                f"(best: round {recorder.best['round']})")
         if checkpointer is not None:
             records = {"train": recorder.train, "eval": recorder.eval,
-                       "dropped": recorder.dropped, "pooled": pooled}
-            save_round(checkpointer, rnd, {k: v.numpy() for k, v in arrays.items()},
-                       strategy_state(strategy), records, config)
+                       "dropped": recorder.dropped, "pooled": pooled,
+                       "valid": recorder.valid, "best": recorder.best}
+            save_round(checkpointer, rnd, now, strategy_state(strategy), records, config,
+                       best=best)
 
     random.seed(cfg.seed + first - 1)  # Flower samples the round's clients with ``random``
     np.random.seed(cfg.seed + first - 1)  # and draws the DP noise with numpy's global one
@@ -347,7 +394,12 @@ def serve(fed: Federation, data: PreparedData, grid: Any, log: Callable[[str], N
     final_arrays = run_rounds(strategy, grid, initial, first=first, last=cfg.rounds,
                               timeout=cfg.round_timeout, evaluate_fn=evaluate_fn,
                               after_round=after_round)
-    unpack(model, shared, {k: v.numpy() for k, v in final_arrays.items()})
+    final = {k: v.numpy() for k, v in final_arrays.items()}
+    if cfg.select == "best" and best:
+        final = best
+        log(f"select: best: the model of round {recorder.best['round']} (validation score "
+            f"{recorder.best['score']:.4f}), not of round {cfg.rounds}")
+    unpack(model, shared, final)
     return model, recorder, pooled, time.perf_counter() - t0
 
 
@@ -440,6 +492,9 @@ def summarise(fed: Federation, recorder: Recorder, pooled: dict[int, dict[str, A
             "round": r,
             "pooled": pooled.get(r, {}).get("auc", {}),
             "silos": {s: m["auc"] for s, m in recorder.eval.get(r, {}).items()},
+            "valid_silos": {s: m.get("valid_auc", {}) for s, m in
+                            recorder.eval.get(r, {}).items()},
+            **({"valid_score": recorder.valid[r]} if r in recorder.valid else {}),
             "clients": sorted(train),
             "bytes_sent": {s: int(m["bytes-sent"]) for s, m in train.items()},
             "bytes_received": {s: int(m["bytes-received"]) for s, m in train.items()},
@@ -458,9 +513,18 @@ def summarise(fed: Federation, recorder: Recorder, pooled: dict[int, dict[str, A
         **info, "shared_bytes_per_client": shared_bytes,
         "initial_pooled": pooled.get(0, {}).get("auc", {}),
         "rounds": rounds, "final": rounds[-1] if rounds else {}, "seconds": seconds,
+        "selected": selected_round(cfg.select, recorder, cfg.rounds),
         **({"dp": {**recorder.dp, "spent": recorder.privacy[max(recorder.privacy)]}}
            if recorder.privacy else {}),
     })
+
+
+def selected_round(rule: str, recorder: Recorder, last: int) -> dict[str, Any]:
+    """Which round's global model ``model/`` holds, and why (``metrics.json`` ``selected``):
+    ``select: best`` falls back to the last round when no round was scored."""
+    chosen = recorder.best["round"] if rule == "best" and recorder.best else last
+    return {"rule": rule, "round": chosen, "valid_score": recorder.valid.get(chosen),
+            "best_round": recorder.best.get("round")}
 
 
 Engine = Callable[[Federation, PreparedData, Callable[[str], None], Checkpointer | None, bool],
@@ -492,6 +556,7 @@ def run_federated(run: FederatedRun, out: str | Path, log: Callable[[str], None]
     save_model_dir(out / "model", model, fed.experiment, fed.schema, data.encoders,
                    {"federated": {"strategy": run.federated.strategy,
                                   "rounds": run.federated.rounds,
+                                  "round": metrics["selected"]["round"],
                                   "share": list(run.federated.share)}})
     (out / "metrics.json").write_text(json.dumps(metrics, indent=1, allow_nan=False))
     from shopmtl.federated.report import write_federated_report
