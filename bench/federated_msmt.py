@@ -70,6 +70,7 @@ def run(config: Path, seeds: int, out: Path, overrides: list[str]) -> dict:
     res["silos"] = [s.name for s in silos]
     res["strategy"] = fr.federated.strategy
     res["server_step"] = fr.federated.server_step
+    res["cyclic"] = fr.federated.cyclic
     res["tasks"] = list(fed.schema.task_names)
     return res
 
@@ -86,6 +87,8 @@ def _f(x: float | None, signed: bool = False) -> str:
 def table(res: dict, command: str) -> str:
     seeds = list(res["seeds"].values())
     name = STRATEGY_NAMES.get(res.get("strategy", "fedprox"), res.get("strategy"))
+    if res.get("cyclic"):
+        name += " cyclic"
     lines = [f"Regenerate: `{command}`", "",
              "Pooled test AUC per task (mean over seeds):", "",
              f"| task | centralised | {name} global | gap | {name} private (users unknown) |",
@@ -117,17 +120,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--out", type=Path, default=Path("runs/federated_msmt"))
     ap.add_argument("--set", dest="sets", action="append", default=[])
+    ap.add_argument("--name", default=None, help="the results' file stem (default: "
+                    "federated_msmt, or federated_msmt_<config stem> for another config)")
     a = ap.parse_args(argv)
     a.out.mkdir(parents=True, exist_ok=True)
     res = run(a.config, a.seeds, a.out, a.sets)
     default = a.config.resolve() == DEFAULT_CONFIG
     command = "python bench/federated_msmt.py " + " ".join(
         [*([] if default else [f"--config {_shown(a.config)}"]), f"--seeds {a.seeds}",
-         *(f"--set {s}" for s in a.sets)])
+         *(f"--set {s}" for s in a.sets), *([f"--name {a.name}"] if a.name else [])])
     md = table(res, command)
     print(md)
     # the default world keeps its file names; another config's results sit beside them
-    stem = "federated_msmt" if default else f"federated_msmt_{a.config.stem}"
+    stem = a.name or ("federated_msmt" if default else f"federated_msmt_{a.config.stem}")
     for d in (a.out, ROOT / "bench" / "results"):
         (d / f"{stem}.json").write_text(json.dumps(res, indent=1))
         (d / f"{stem}.md").write_text(md)

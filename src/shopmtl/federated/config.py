@@ -131,6 +131,12 @@ class FederatedConfig:
     # (bias correction), which moves the weights of sparse, low-weight tasks by a full lr
     keep_optimizer: bool = key(False, "each client keeps its optimizer's state (Adam's "
                                       "moments) between rounds, in its own state; never sent")
+    # averaging K clients' parallel steps moves the model about as far as one client's
+    # (docs/FEDERATED.md, must-show 1); taking them one after another does not average
+    cyclic: bool = key(False, "fedavg / fedprox: in each round the silos train one after "
+                              "another (a seeded order, new each round), each from the model "
+                              "the one before returned (cyclic weight transfer), instead of "
+                              "in parallel from one model and averaged")
     trim: float = key(0.2, "trimmed_mean: the fraction cut from each end", ge=0, lt=0.5)
     malicious: int = key(1, "krum, multikrum: the number of attackers tolerated (multikrum "
                             "averages the clients - malicious updates Krum scores best)", ge=0)
@@ -196,6 +202,8 @@ class FederatedConfig:
                                  "the clients that moved it is not bounded by clip / clients)")
         if self.secagg:
             check_secagg(self)
+        if self.cyclic:
+            check_cyclic(self)
         if self.select == "best" and self.dp.mode != "none":
             raise ValueError("federated.select: best ranks rounds by the silos' plain "
                              "validation AUC, which DP does not cover; use select: last "
@@ -206,6 +214,21 @@ class FederatedConfig:
 SECAGG_STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedyogi")
 # a server optimiser on the weighted mean (Flower's FedOpt family): row_aware does not apply
 SERVER_OPTIMISERS = ("fedadam", "fedyogi")
+
+
+def check_cyclic(cfg: FederatedConfig) -> None:
+    """Refuse what cannot combine with ``cyclic`` (one line naming the key)."""
+    if cfg.strategy not in ("fedavg", "fedprox"):
+        raise ValueError(f"federated.cyclic: needs strategy fedavg or fedprox (one silo's "
+                         f"update at a time: nothing to aggregate robustly or with a server "
+                         f"optimiser), got {cfg.strategy}")
+    refused = {"server_step": cfg.server_step != 1.0, "server_momentum": cfg.server_momentum > 0,
+               "fraction": cfg.fraction < 1.0, "dp": cfg.dp.mode != "none",
+               "secagg": cfg.secagg}
+    for name, on in refused.items():
+        if on:
+            raise ValueError(f"federated.{name}: not with federated.cyclic (every silo trains "
+                             f"every round, one at a time, and the server sees each update)")
 
 
 def check_secagg(cfg: FederatedConfig) -> None:
@@ -347,7 +370,8 @@ def check_joint(fed: FederatedConfig, joint: JointConfig, given: set[str]) -> No
                           "joint.train.steps / rounds steps of the federation, shared by the "
                           "silos as the joint sampler shares steps among sources")
     refused = {"dp": fed.dp.mode != "none", "secagg": fed.secagg,
-               "attack": bool(fed.attack.silos), "select": fed.select != "last"}
+               "attack": bool(fed.attack.silos), "select": fed.select != "last",
+               "cyclic": fed.cyclic}
     for name, on in refused.items():
         if on:
             raise ConfigError(f"federated.{name}: not built for a joint model")

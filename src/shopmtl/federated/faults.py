@@ -193,6 +193,11 @@ class Guard:
         self._sent_to = [m.metadata.dst_node_id for m in messages]
         return messages
 
+    def expect(self, nodes: list[int]) -> None:
+        """The nodes the next ``aggregate_train`` waits for (a cyclic round sends its
+        messages one at a time: ``resume.cyclic_train``)."""
+        self._sent_to = list(nodes)
+
     def aggregate_train(self, server_round: int, replies: Iterable[Any]) -> tuple[Any, Any]:
         replies = list(replies)
         dropped: dict[str, str] = {}
@@ -209,7 +214,7 @@ class Guard:
                 dropped[self.name(m.metadata.src_node_id)] = reason
         for who, reason in sorted(dropped.items()):
             self.log(f"round {server_round}: dropped {who}: {reason}")
-        self.dropped[server_round] = dropped
+        self.dropped.setdefault(server_round, {}).update(dropped)  # a cyclic round: per step
         if len(valid) < self.min_replies:
             self.log(f"round {server_round}: {len(valid)} valid replies, fewer than "
                      f"federated.min_clients = {self.min_replies}: the previous global model "

@@ -19,6 +19,7 @@ afresh; with ``fraction`` < 1 the resumed rounds sample among new node ids.
 from __future__ import annotations
 
 import json
+import random
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -35,27 +36,65 @@ MOMENTS = ("m_t", "v_t", "velocity")  # FedOpt's server optimiser state; FedAvgM
 
 def run_rounds(strategy: Any, grid: Any, arrays: Any, *, first: int, last: int,
                timeout: float, evaluate_fn: Callable[[int, Any], Any],
-               after_round: Callable[[int, Any], None]) -> Any:
+               after_round: Callable[[int, Any], None], cyclic_seed: int | None = None,
+               log: Callable[[str], None] = print) -> Any:
     """Rounds ``first``..``last`` of ``strategy`` (Flower's ``Strategy.start`` loop, from any
     round); returns the final global arrays. A round whose aggregate is None (too few valid
-    replies) keeps the arrays it started with."""
+    replies) keeps the arrays it started with. ``cyclic_seed``: the round's training is
+    ``cyclic_train``'s (``federated.cyclic``)."""
     from flwr.app import ConfigRecord
 
     if first == 1:
         evaluate_fn(0, arrays)
     for rnd in range(first, last + 1):
-        replies = grid.send_and_receive(
-            messages=strategy.configure_train(rnd, arrays, ConfigRecord(), grid),
-            timeout=timeout)
-        new, _ = strategy.aggregate_train(rnd, replies)
-        if new is not None:
-            arrays = new
+        if cyclic_seed is not None:
+            arrays = cyclic_train(strategy, grid, arrays, rnd, timeout, cyclic_seed, log)
+        else:
+            replies = grid.send_and_receive(
+                messages=strategy.configure_train(rnd, arrays, ConfigRecord(), grid),
+                timeout=timeout)
+            new, _ = strategy.aggregate_train(rnd, replies)
+            if new is not None:
+                arrays = new
         replies = grid.send_and_receive(
             messages=strategy.configure_evaluate(rnd, arrays, ConfigRecord(), grid),
             timeout=timeout)
         strategy.aggregate_evaluate(rnd, replies)
         evaluate_fn(rnd, arrays)
         after_round(rnd, arrays)
+    return arrays
+
+
+def cyclic_order(silos: list[str], rnd: int, seed: int) -> list[str]:
+    """The order the silos train in round ``rnd`` of a cyclic run: seeded, new each round
+    (a fixed order would always leave the same silo's data freshest in the model)."""
+    order = sorted(silos)
+    random.Random(seed * 100_003 + rnd).shuffle(order)
+    return order
+
+
+def cyclic_train(strategy: Any, grid: Any, arrays: Any, rnd: int, timeout: float,
+                 seed: int, log: Callable[[str], None] = print) -> Any:
+    """Round ``rnd`` of cyclic weight transfer (``federated.cyclic``): every silo trains in
+    turn (``cyclic_order`` of the silos' names), each from the model the one before it
+    returned, through the strategy's own messages and reply checks; a dropped reply is
+    skipped (the model passes on as it was). One silo's update at a time, so nothing is
+    averaged: the model takes every silo's local steps one after another, as centralised
+    training takes its batches."""
+    from flwr.app import ConfigRecord
+
+    messages = {strategy.name(m.metadata.dst_node_id): m
+                for m in strategy.configure_train(rnd, arrays, ConfigRecord(), grid)}
+    order = cyclic_order(list(messages), rnd, seed)
+    log(f"round {rnd}: cyclic order " + " -> ".join(order))
+    for silo in order:
+        msg = messages[silo]
+        msg.content["arrays"] = arrays  # the model so far, not the round's first
+        strategy.expect([msg.metadata.dst_node_id])
+        replies = grid.send_and_receive(messages=[msg], timeout=timeout)
+        new, _ = strategy.aggregate_train(rnd, replies)
+        if new is not None:
+            arrays = new
     return arrays
 
 

@@ -363,7 +363,9 @@ def serve(fed: Federation, data: PreparedData, grid: Any, log: Callable[[str], N
             f"on the mean of {recorder.dp['clients_per_round']} clients")
     # the reply checks sit in front of everything else, DP's clipping and noise included
     # (under SecAgg+ every reply carries the unmasked mean: the checks see only the aggregate)
-    strategy = Guard(inner, min(cfg.min_clients, len(fed.silo_names)), cfg.round_timeout, log)
+    # cyclic: one reply at a time, each aggregated alone (a dropped one is skipped)
+    strategy = Guard(inner, 1 if cfg.cyclic else min(cfg.min_clients, len(fed.silo_names)),
+                     cfg.round_timeout, log)
     strategy.dropped = recorder.dropped
     restore_strategy(strategy, moments)
     if cfg.secagg:  # the strategy's training rounds through SecAgg+ (federated/secure.py)
@@ -393,7 +395,8 @@ def serve(fed: Federation, data: PreparedData, grid: Any, log: Callable[[str], N
     initial = ArrayRecord({n: Array(v) for n, v in start.items()})
     final_arrays = run_rounds(strategy, grid, initial, first=first, last=cfg.rounds,
                               timeout=cfg.round_timeout, evaluate_fn=evaluate_fn,
-                              after_round=after_round)
+                              after_round=after_round,
+                              cyclic_seed=cfg.seed if cfg.cyclic else None, log=log)
     final = {k: v.numpy() for k, v in final_arrays.items()}
     if cfg.select == "best" and best:
         final = best
