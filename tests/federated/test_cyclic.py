@@ -1,7 +1,7 @@
 """``federated.cyclic``: cyclic weight transfer. In each round the silos train one after
 another (a seeded order of their names, new each round), each from the model the one before
 returned; nothing is averaged. The end-to-end test replays round 1 by hand, silo after silo
-through ``client.train_silo``, and lands on the run's global model."""
+through ``client.train_silo``, lands on the run's global model, and resumes the run."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from shopmtl.config import ConfigError
 from shopmtl.federated.config import federated_from_dict, load_federated
@@ -60,8 +61,8 @@ def test_the_example_config_is_the_default_example_made_cyclic() -> None:
     assert not base.federated.cyclic
 
 
-def test_round_one_is_the_silos_trained_one_after_another(tiny_world: Path,
-                                                          tmp_path: Path) -> None:
+def test_round_one_is_the_silos_one_after_another_and_a_resume_continues(
+        tiny_world: Path, tmp_path: Path) -> None:
     from shopmtl.federated import client
     from shopmtl.federated.client import local_steps, round_lr, train_silo
     from shopmtl.federated.server import initial_model, prepare
@@ -113,3 +114,19 @@ def test_round_one_is_the_silos_trained_one_after_another(tiny_world: Path,
     mean = {k: np.mean([p[k] for p in parallel], axis=0) for k in got}
     far = max(float(np.abs(got[k] - mean[k]).max()) for k in got)
     assert far > 1e-2, far
+
+    # resumed: the finished 1-round run continued to 2 rounds ends where an uninterrupted
+    # 2-round run does (each silo goes on from the state file it wrote after round 1)
+    raw2 = tiny_raw(cyclic=True, rounds=2, local_epochs=0.5, share=ALL_SHARED)
+    resumed = run_federated(federated_from_dict(raw2), out, log=lines.append, resume=True)
+    assert "resuming after round 1" in " ".join(lines)
+    assert f"round 2: cyclic order {' -> '.join(cyclic_order(silos, 2, seed=0))}" in lines
+    assert resumed["rounds"][-1]["restored"] == {s: 1 for s in silos}
+    whole = tmp_path / "whole"
+    shutil.copytree(tiny_world / "data", whole / "data")
+    run_federated(federated_from_dict(raw2), whole, log=lambda s: None)
+    a = load_file(str(out / "model" / "model.safetensors"))
+    b = load_file(str(whole / "model" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=1e-4, atol=1e-5), k
