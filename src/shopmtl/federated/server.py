@@ -400,8 +400,10 @@ def serve(fed: Federation, data: PreparedData, grid: Any, log: Callable[[str], N
     final = {k: v.numpy() for k, v in final_arrays.items()}
     if cfg.select == "best" and best:
         final = best
-        log(f"select: best: the model of round {recorder.best['round']} (validation score "
-            f"{recorder.best['score']:.4f}), not of round {cfg.rounds}")
+        chosen = recorder.best["round"]
+        log(f"select: best: the model of round {chosen} (validation score "
+            f"{recorder.best['score']:.4f})"
+            + (f", not of the last round ({cfg.rounds})" if chosen != cfg.rounds else ""))
     unpack(model, shared, final)
     return model, recorder, pooled, time.perf_counter() - t0
 
