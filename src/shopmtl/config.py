@@ -251,16 +251,24 @@ def config_from_dict(raw: dict[str, Any], overrides: list[str] | None = None,
         raise ConfigError(f"config: {e}") from None
 
 
-def _load_config(path: Path, overrides: list[str] | None) -> ExperimentConfig:
+def read_yaml_mapping(path: str | Path, label: str = "") -> dict[str, Any]:
+    """A config file's top-level mapping (an empty file is {}); a missing file, bad YAML or
+    another top level is a ``ConfigError`` naming the path (``label``: a prefix, such as the
+    key that named the file), never the file's text."""
+    path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
+        raise ConfigError(f"{label}config file not found: {path}")
     try:
         raw = _yaml_load(path.read_text()) or {}
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {yaml_problem(e)}") from None
+        raise ConfigError(f"{label}{path}: not valid YAML: {yaml_problem(e)}") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
-    return _config_from_raw(raw, overrides, path.parent)
+        raise ConfigError(f"{label}{path}: the top level must be a mapping")
+    return raw
+
+
+def _load_config(path: Path, overrides: list[str] | None) -> ExperimentConfig:
+    return _config_from_raw(read_yaml_mapping(path), overrides, path.parent)
 
 
 def _config_from_raw(raw: dict[str, Any], overrides: list[str] | None, base: Path

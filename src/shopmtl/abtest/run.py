@@ -36,8 +36,8 @@ from shopmtl.config import (
     _yaml_load,
     apply_overrides,
     from_dict,
+    read_yaml_mapping,
     to_dict,
-    yaml_problem,
 )
 from shopmtl.data.synthetic import WorldConfig
 from shopmtl.jsonsafe import json_safe
@@ -132,16 +132,7 @@ def load_abtest_config(path: str | Path, overrides: list[str] | None = None) -> 
     """The config of a YAML file (``a.b=value`` overrides), every key checked (unknown keys are
     errors); a relative ``models`` path is relative to the file."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
-    try:
-        import yaml
-
-        raw = _yaml_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {yaml_problem(e)}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{p}: the top level must be a mapping")
+    raw = read_yaml_mapping(p)
     cfg = from_dict(AbConfig, apply_overrides(raw, overrides or []), "")
     if cfg.models is not None and not Path(cfg.models).is_absolute():
         cfg = dataclasses.replace(cfg, models=str((p.parent / cfg.models).resolve()))

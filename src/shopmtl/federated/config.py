@@ -18,11 +18,10 @@ from typing import TYPE_CHECKING, Any, Literal
 from shopmtl.config import (
     ConfigError,
     ExperimentConfig,
-    _yaml_load,
     apply_overrides,
     config_from_dict,
     from_dict,
-    yaml_problem,
+    read_yaml_mapping,
 )
 from shopmtl.federated.faults import FaultConfig
 from shopmtl.keys import check_fields, key
@@ -261,7 +260,7 @@ def federated_from_dict(raw: dict[str, Any], overrides: list[str] | None = None,
         raise ConfigError(f"config: expected a mapping, got {type(raw).__name__}")
     raw = dict(raw)
     if isinstance(raw.get("joint"), str):  # a path: read before the overrides (joint.x=...)
-        raw["joint"] = _joint_file(Path(base) / raw["joint"])
+        raw["joint"] = read_yaml_mapping(Path(base) / raw["joint"], "joint: ")
     raw = apply_overrides(raw, overrides or [])
     fed_raw = raw.pop("federated", None)
     if fed_raw is None:
@@ -309,18 +308,6 @@ class JointFederatedRun:
     def silos(self) -> dict[str, tuple[str, ...]]:
         """silo name -> its sources, in the config's order."""
         return {k: tuple(v) for k, v in self.federated.silos.groups.items()}
-
-
-def _joint_file(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise ConfigError(f"joint: config file not found: {path}")
-    try:
-        raw = _yaml_load(path.read_text()) or {}
-    except Exception as e:  # yaml.YAMLError: its problem and position, never the text
-        raise ConfigError(f"joint: {path} is not valid YAML: {yaml_problem(e)}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"joint: {path}: the top level must be a mapping")
-    return raw
 
 
 def check_silo_sources(groups: dict[str, tuple[str, ...]], sources: list[str]) -> None:
@@ -388,12 +375,4 @@ def load_federated(path: str | Path, overrides: list[str] | None = None
                    ) -> FederatedRun | JointFederatedRun:
     """The federated run of a YAML file (with ``a.b=value`` overrides)."""
     path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"config file not found: {path}")
-    try:
-        raw = _yaml_load(path.read_text()) or {}
-    except Exception as e:  # yaml.YAMLError: its problem and position, never the text
-        raise ConfigError(f"{path}: not valid YAML: {yaml_problem(e)}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
-    return federated_from_dict(raw, overrides, path.parent)
+    return federated_from_dict(read_yaml_mapping(path), overrides, path.parent)

@@ -20,7 +20,7 @@ from shopmtl.config import (
     _yaml_load,
     apply_overrides,
     from_dict,
-    yaml_problem,
+    read_yaml_mapping,
 )
 from shopmtl.data.schema import DEFAULT_TEXT_ENCODER
 from shopmtl.keys import check_fields, key
@@ -180,14 +180,7 @@ def is_joint_config(path: str | Path) -> bool:
 
 def load_joint_config(path: str | Path, overrides: list[str] | None = None) -> JointConfig:
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"config file not found: {p}")
-    try:
-        raw = _yaml_load(p.read_text())
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {yaml_problem(e)}") from None
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{p}: expected a mapping at the top level")
+    raw = read_yaml_mapping(p)
     return joint_config_from_dict(raw, overrides, where=str(p))
 
 
